@@ -1,0 +1,24 @@
+"""bptt_jax: Backpropagation Through Time for JAX, with the backward written by hand.
+
+Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`) run over time-major sequences with
+:func:`unroll` and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse
+``lax.scan`` (the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`.
+"""
+
+from bptt_jax.cells import (
+    GRU as GRU,
+    LSTM as LSTM,
+    Elman as Elman,
+    ElmanParams as ElmanParams,
+    GRUParams as GRUParams,
+    LSTMCarry as LSTMCarry,
+    LSTMParams as LSTMParams,
+)
+from bptt_jax.engine import unroll as unroll
+from bptt_jax.losses import (
+    ReadoutParams as ReadoutParams,
+    init_readout as init_readout,
+    sequence_loss as sequence_loss,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,120 @@
+"""What every cell shares: activations, initialisers and the engine contract.
+
+A cell is a frozen, hashable dataclass holding hyper-parameters only (sizes come from the
+params' shapes). It offers two faces:
+
+* the public one, for users: ``init``, ``zero_carry`` and ``step`` (one time step in
+  ``lax.scan`` order ``(carry, x_t) -> (carry, h_t)``);
+* the engine one, used by :mod:`bptt_jax.engine`: the input projection for all steps at once,
+  a forward step on the projected input that also returns what the backward needs, and the
+  hand-written backward of that step.
+
+The engine contract (``G`` is the number of gate blocks, ``H`` the hidden size)::
+
+    input_kernel(params)            -> (D, G*H)    x_t @ input_kernel + input_bias is
+    input_bias(params)              -> (G*H,)      the input side of every pre-activation
+    forward(params, carry, xp_t)    -> (carry_new, residual_t)
+    backward(params, residual_t, state_t, state_prev, dstate)
+                                    -> (dstate_prev, dxp_t, dhp_t or None)
+    hidden(state)                   -> h  (B, H)
+    add_to_hidden(dstate, dh)       -> dstate with dh added to its h part
+    assemble_grads(dw_x, db_x, dw_h, db_h) -> params-typed gradient
+
+``dxp_t`` is the gradient of the input-side pre-activations ``xp_t`` and ``dhp_t`` that of
+the recurrent-side ones ``h_{t-1} @ recurrent_kernel`` (``None`` when both are the same, as for
+Elman and LSTM). The engine turns them into weight gradients with single matmuls over all
+``T*B`` rows after the reverse scan.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Activation(NamedTuple):
+    """An activation whose derivative can be computed from its output.
+
+    Storing only ``h_t = f(a_t)`` (not ``a_t``) is what keeps the hand-written backward's
+    memory below autodiff's, so only such activations are offered.
+    """
+
+    fn: Callable[[jax.Array], jax.Array]
+    # f'(a) written as a function of y = f(a).
+    grad_from_output: Callable[[jax.Array], jax.Array]
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "tanh": Activation(jnp.tanh, lambda y: 1 - y * y),
+    "relu": Activation(jax.nn.relu, lambda y: (y > 0).astype(y.dtype)),
+    "identity": Activation(lambda a: a, lambda y: jnp.ones_like(y)),
+    "sigmoid": Activation(jax.nn.sigmoid, lambda y: y * (1 - y)),
+}
+
+INITS = ("uniform", "orthogonal")
+
+
+def check_hidden_size(cls_name: str, hidden_size) -> None:
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+        raise ValueError(
+            f"{cls_name}: hidden_size must be a positive int; got {hidden_size!r}"
+        )
+
+
+def check_init(cls_name: str, init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"{cls_name}: init must be one of {INITS}; got {init!r}")
+
+
+def check_input_size(cls_name: str, input_size) -> None:
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise ValueError(
+            f"{cls_name}.init: input_size must be a positive int; got {input_size!r}"
+        )
+
+
+def check_float_dtype(where: str, dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{where}: dtype must be a floating dtype; got {dtype}")
+    return dtype
+
+
+def uniform(key, shape, bound: float, dtype) -> jax.Array:
+    """U(-bound, bound): PyTorch's default for RNN/LSTM/GRU weights with bound=1/sqrt(H)."""
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+
+def orthogonal_blocks(key, hidden_size: int, n_blocks: int, dtype) -> jax.Array:
+    """``n_blocks`` independent orthogonal (H, H) matrices side by side: (H, n_blocks*H)."""
+    init = jax.nn.initializers.orthogonal()
+    keys = jax.random.split(key, n_blocks)
+    return jnp.concatenate(
+        [init(k, (hidden_size, hidden_size), dtype) for k in keys], axis=1
+    )
+
+
+def init_kernels(
+    key, input_size: int, hidden_size: int, n_blocks: int, init: str, dtype
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Input kernel, recurrent kernel and two biases for a cell with ``n_blocks`` gates.
+
+    ``"uniform"``: every entry U(-1/sqrt(H), 1/sqrt(H)), as PyTorch does.
+    ``"orthogonal"``: recurrent blocks orthogonal, input kernel LeCun-normal, biases zero.
+    """
+    kx, kh, kb1, kb2 = jax.random.split(key, 4)
+    g = n_blocks * hidden_size
+    if init == "uniform":
+        bound = 1.0 / math.sqrt(hidden_size)
+        return (
+            uniform(kx, (input_size, g), bound, dtype),
+            uniform(kh, (hidden_size, g), bound, dtype),
+            uniform(kb1, (g,), bound, dtype),
+            uniform(kb2, (g,), bound, dtype),
+        )
+    w_x = jax.nn.initializers.lecun_normal()(kx, (input_size, g), dtype)
+    w_h = orthogonal_blocks(kh, hidden_size, n_blocks, dtype)
+    return w_x, w_h, jnp.zeros((g,), dtype), jnp.zeros((g,), dtype)
