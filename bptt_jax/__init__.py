@@ -22,3 +22,7 @@ from bptt_jax.losses import (
 )
 
 __version__ = "0.1.0"
+from bptt_jax.verify import (
+    GradientReport as GradientReport,
+    check_gradients as check_gradients,
+)

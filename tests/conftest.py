@@ -1,0 +1,17 @@
+"""Test set-up: float64 available, strict dtype promotion, a fresh random key per test."""
+
+import jax
+import pytest
+
+# float64 is needed for the 1e-10 checks; float32 tests pass float32 arrays explicitly.
+jax.config.update("jax_enable_x64", True)
+# Silent upcasts (float32 params meeting a float64 constant) fail loudly instead.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def key(request):
+    """A PRNG key that differs per test (seeded by the test's id), deterministic across runs."""
+    import zlib
+
+    return jax.random.key(zlib.crc32(request.node.nodeid.encode()))
