@@ -7,22 +7,40 @@ Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`) run over time-major sequence
 
 from bptt_jax.cells import (
     GRU as GRU,
+)
+from bptt_jax.cells import (
     LSTM as LSTM,
+)
+from bptt_jax.cells import (
     Elman as Elman,
+)
+from bptt_jax.cells import (
     ElmanParams as ElmanParams,
+)
+from bptt_jax.cells import (
     GRUParams as GRUParams,
+)
+from bptt_jax.cells import (
     LSTMCarry as LSTMCarry,
+)
+from bptt_jax.cells import (
     LSTMParams as LSTMParams,
 )
 from bptt_jax.engine import unroll as unroll
 from bptt_jax.losses import (
     ReadoutParams as ReadoutParams,
+)
+from bptt_jax.losses import (
     init_readout as init_readout,
+)
+from bptt_jax.losses import (
     sequence_loss as sequence_loss,
 )
 
 __version__ = "0.1.0"
 from bptt_jax.verify import (
     GradientReport as GradientReport,
+)
+from bptt_jax.verify import (
     check_gradients as check_gradients,
 )

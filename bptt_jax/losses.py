@@ -217,5 +217,7 @@ def sequence_loss(
     o = validation.check_readout(fn, readout, cell.hidden_size, dtype)
     targets = validation.check_targets(fn, targets, loss, t, b, o, dtype, mask)
     impl = _loss_manual if backward == "manual" else _loss_autodiff
-    value, carry_t = impl(cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask)
+    value, carry_t = impl(
+        cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask
+    )
     return (value, carry_t) if return_carry else value

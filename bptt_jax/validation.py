@@ -185,8 +185,7 @@ def check_readout(fn: str, readout, h: int, dtype) -> int:
         )
     if b != (w[1],):
         raise ValueError(
-            f"{fn}: readout.b_y must have shape (O,) = ({w[1]},) to match readout.w_hy {w}; "
-            f"got {b}"
+            f"{fn}: readout.b_y must have shape (O,) = ({w[1]},) to match readout.w_hy {w}; got {b}"
         )
     for name, leaf in zip(ReadoutParams._fields, readout):
         if _dtype(leaf) != dtype:
@@ -207,9 +206,7 @@ def check_targets(fn: str, targets, loss: str, t: int, b: int, o: int, dtype, ma
                 f"({t}, {b}); got {_shape(targets)}"
             )
         if not jnp.issubdtype(dt, jnp.integer):
-            raise TypeError(
-                f"{fn}: targets for loss='xent' must have an integer dtype; got {dt}"
-            )
+            raise TypeError(f"{fn}: targets for loss='xent' must have an integer dtype; got {dt}")
         if not isinstance(targets, jax.core.Tracer) and (
             mask is None or not isinstance(mask, jax.core.Tracer)
         ):
@@ -246,4 +243,3 @@ def check_unroll_args(fn: str, cell, params, xs, carry0, mask, truncate):
     carry0 = check_carry(fn, cell, carry0, b, dtype)
     mask = check_mask(fn, mask, t, b)
     return xs, carry0, mask, dtype
-

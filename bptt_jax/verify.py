@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,9 @@ def _named_leaves(tree, prefix: str) -> dict[str, jax.Array]:
     return out
 
 
-def random_problem(cell, key, *, seq_len, batch_size, input_size, output_size, dtype, mask,
-                   random_carry, loss):
+def random_problem(
+    cell, key, *, seq_len, batch_size, input_size, output_size, dtype, mask, random_carry, loss
+):
     """Random params, readout, inputs, targets, initial carry and mask (never zeros)."""
     k = jax.random.split(key, 8)
     params = cell.init(k[0], input_size, dtype)
@@ -164,8 +165,16 @@ def check_gradients(
     key = jax.random.key(0) if key is None else key
     kp, kc, kv = jax.random.split(key, 3)
     params, readout, xs, targets, carry0, m = random_problem(
-        cell, kp, seq_len=seq_len, batch_size=batch_size, input_size=input_size,
-        output_size=output_size, dtype=dtype, mask=mask, random_carry=random_carry, loss=loss,
+        cell,
+        kp,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        input_size=input_size,
+        output_size=output_size,
+        dtype=dtype,
+        mask=mask,
+        random_carry=random_carry,
+        loss=loss,
     )
 
     if path == "loss":
@@ -175,8 +184,17 @@ def check_gradients(
         def make(backward):
             def f(p, ro, x, tg, c0):
                 return losses.sequence_loss(
-                    cell, p, ro, x, tg, c0, mask=m, loss=loss, reduction=reduction,
-                    truncate=truncate, backward=backward,
+                    cell,
+                    p,
+                    ro,
+                    x,
+                    tg,
+                    c0,
+                    mask=m,
+                    loss=loss,
+                    reduction=reduction,
+                    truncate=truncate,
+                    backward=backward,
                 )
 
             return f
@@ -191,16 +209,21 @@ def check_gradients(
         ct_leaves, ct_def = jax.tree.flatten(carry0)
         ct_carry = jax.tree.unflatten(
             ct_def,
-            [jax.random.normal(kk, c.shape, dtype)
-             for kk, c in zip(jax.random.split(k2, len(ct_leaves)), ct_leaves)],
+            [
+                jax.random.normal(kk, c.shape, dtype)
+                for kk, c in zip(jax.random.split(k2, len(ct_leaves)), ct_leaves)
+            ],
         )
 
         def make(backward):
             def f(p, x, c0):  # <(hs, carry_T), random cotangent>: its gradient is the VJP
-                hs, c_t = engine.unroll(cell, p, x, c0, mask=m, truncate=truncate,
-                                        backward=backward)
-                dots = [jnp.vdot(a, b) for a, b in zip(jax.tree.leaves((hs, c_t)),
-                                                       jax.tree.leaves((ct_hs, ct_carry)))]
+                hs, c_t = engine.unroll(
+                    cell, p, x, c0, mask=m, truncate=truncate, backward=backward
+                )
+                dots = [
+                    jnp.vdot(a, b)
+                    for a, b in zip(jax.tree.leaves((hs, c_t)), jax.tree.leaves((ct_hs, ct_carry)))
+                ]
                 return sum(dots)
 
             return f
@@ -276,12 +299,27 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
     for cell in cells:
         for dtype in (jnp.float64, jnp.float32):
             grid += [
-                (cell, dict(dtype=dtype, loss="xent", reduction="mean", mask=False,
-                            random_carry=False)),
-                (cell, dict(dtype=dtype, loss="mse", reduction="sum", mask=True,
-                            random_carry=True)),
-                (cell, dict(dtype=dtype, loss="xent", reduction="sum", mask=True,
-                            random_carry=True, truncate=4)),
+                (
+                    cell,
+                    dict(
+                        dtype=dtype, loss="xent", reduction="mean", mask=False, random_carry=False
+                    ),
+                ),
+                (
+                    cell,
+                    dict(dtype=dtype, loss="mse", reduction="sum", mask=True, random_carry=True),
+                ),
+                (
+                    cell,
+                    dict(
+                        dtype=dtype,
+                        loss="xent",
+                        reduction="sum",
+                        mask=True,
+                        random_carry=True,
+                        truncate=4,
+                    ),
+                ),
                 (cell, dict(dtype=dtype, path="unroll", mask=True, random_carry=True)),
             ]
     return grid
@@ -318,9 +356,14 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
         )
         if not report.passed:
             for name, e in report.autodiff.items():
-                print_fn(f"    {name:<20} vs autodiff {e:.2e}"
-                         + (f"  vs FD {report.finite_diff[name]:.2e}"
-                            if name in report.finite_diff else ""))
+                print_fn(
+                    f"    {name:<20} vs autodiff {e:.2e}"
+                    + (
+                        f"  vs FD {report.finite_diff[name]:.2e}"
+                        if name in report.finite_diff
+                        else ""
+                    )
+                )
     print_fn(
         f"\nworst relative error vs autodiff: float64 {worst['float64']:.1e}, "
         f"float32 {worst['float32']:.1e}; {time.perf_counter() - start:.1f} s"

@@ -14,8 +14,12 @@ from jax import lax
 
 import bptt_jax
 
-ACT = {"tanh": jnp.tanh, "relu": lambda a: jnp.maximum(a, 0), "identity": lambda a: a,
-       "sigmoid": lambda a: 1 / (1 + jnp.exp(-a))}
+ACT = {
+    "tanh": jnp.tanh,
+    "relu": lambda a: jnp.maximum(a, 0),
+    "identity": lambda a: a,
+    "sigmoid": lambda a: 1 / (1 + jnp.exp(-a)),
+}
 
 
 def sigmoid(a):
@@ -30,14 +34,14 @@ def step(cell, p, carry, x):
     if isinstance(cell, bptt_jax.LSTM):
         h, c = carry
         z = x @ p.w_x + h @ p.w_h + p.b
-        zi, zf, zg, zo = (z[..., k * h_size:(k + 1) * h_size] for k in range(4))
+        zi, zf, zg, zo = (z[..., k * h_size : (k + 1) * h_size] for k in range(4))
         i, f, g, o = sigmoid(zi), sigmoid(zf + cell.forget_bias), jnp.tanh(zg), sigmoid(zo)
         c = f * c + i * g
         return bptt_jax.LSTMCarry(o * jnp.tanh(c), c)
     h = carry
     gx = x @ p.w_x + p.b_x
     gh = h @ p.w_h + p.b_h
-    blk = lambda a, k: a[..., k * h_size:(k + 1) * h_size]  # noqa: E731
+    blk = lambda a, k: a[..., k * h_size : (k + 1) * h_size]  # noqa: E731
     r = sigmoid(blk(gx, 0) + blk(gh, 0))
     z = sigmoid(blk(gx, 1) + blk(gh, 1))
     n = jnp.tanh(blk(gx, 2) + r * blk(gh, 2))
@@ -80,8 +84,9 @@ def scan_unroll(cell, p, xs, carry, mask=None, truncate=None):
     return hs, carry_t
 
 
-def scan_loss(cell, p, ro, xs, targets, carry, mask=None, loss="xent", reduction="mean",
-              truncate=None):
+def scan_loss(
+    cell, p, ro, xs, targets, carry, mask=None, loss="xent", reduction="mean", truncate=None
+):
     """The documented loss, with optax's per-token losses, on top of ``scan_unroll``."""
     hs, _ = scan_unroll(cell, p, xs, carry, mask, truncate)
     ys = hs @ ro.w_hy + ro.b_y
@@ -132,10 +137,19 @@ CELLS = {
 }
 
 
-def problem(cell, key, dtype, *, t=7, b=3, d=4, o=5, mask=True, random_carry=True,
-            loss="xent"):
+def problem(cell, key, dtype, *, t=7, b=3, d=4, o=5, mask=True, random_carry=True, loss="xent"):
     """Random everything: params, readout, inputs, targets, initial carry and mask."""
     from bptt_jax.verify import random_problem
 
-    return random_problem(cell, key, seq_len=t, batch_size=b, input_size=d, output_size=o,
-                          dtype=dtype, mask=mask, random_carry=random_carry, loss=loss)
+    return random_problem(
+        cell,
+        key,
+        seq_len=t,
+        batch_size=b,
+        input_size=d,
+        output_size=o,
+        dtype=dtype,
+        mask=mask,
+        random_carry=random_carry,
+        loss=loss,
+    )

@@ -15,27 +15,41 @@ DT_IDS = ["f64", "f32"]
 
 def _grid():
     for name, dtype, mask, rc, loss, red, jit in itertools.product(
-        ref.CELLS, DTYPES, [True, False], [True, False], ["xent", "mse"], ["sum", "mean"],
+        ref.CELLS,
+        DTYPES,
+        [True, False],
+        [True, False],
+        ["xent", "mse"],
+        ["sum", "mean"],
         [True, False],
     ):
         yield pytest.param(
-            name, dtype, mask, rc, loss, red, jit,
+            name,
+            dtype,
+            mask,
+            rc,
+            loss,
+            red,
+            jit,
             id=f"{name}-{jnp.dtype(dtype).name}-{'mask' if mask else 'nomask'}-"
-               f"{'randcarry' if rc else 'zerocarry'}-{loss}-{red}-{'jit' if jit else 'nojit'}",
+            f"{'randcarry' if rc else 'zerocarry'}-{loss}-{red}-{'jit' if jit else 'nojit'}",
         )
 
 
 @pytest.mark.parametrize("name,dtype,mask,random_carry,loss,reduction,jit", list(_grid()))
-def test_sequence_loss_grads_match_autodiff(name, dtype, mask, random_carry, loss,
-                                            reduction, jit, key):
+def test_sequence_loss_grads_match_autodiff(
+    name, dtype, mask, random_carry, loss, reduction, jit, key
+):
     cell = ref.CELLS[name]
-    p, ro, xs, tg, c0, m = ref.problem(cell, key, dtype, mask=mask, random_carry=random_carry,
-                                       loss=loss)
+    p, ro, xs, tg, c0, m = ref.problem(
+        cell, key, dtype, mask=mask, random_carry=random_carry, loss=loss
+    )
     argnums = (0, 1, 2, 3, 4) if loss == "mse" else (0, 1, 2, 4)
 
     def manual(p, ro, xs, tg, c0):
-        return bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, mask=m, loss=loss,
-                                      reduction=reduction)
+        return bptt_jax.sequence_loss(
+            cell, p, ro, xs, tg, c0, mask=m, loss=loss, reduction=reduction
+        )
 
     def reference(p, ro, xs, tg, c0):
         return ref.scan_loss(cell, p, ro, xs, tg, c0, m, loss, reduction)
@@ -65,8 +79,9 @@ def test_unroll_vjp_matches_autodiff_under_random_cotangents(name, truncate, mas
     ref.assert_trees_close(out_m, out_r, dtype)
     ct_leaves, ct_def = jax.tree.flatten(out_r)
     ks = jax.random.split(k1, len(ct_leaves))
-    ct = jax.tree.unflatten(ct_def, [jax.random.normal(k, x.shape, dtype)
-                                     for k, x in zip(ks, ct_leaves)])
+    ct = jax.tree.unflatten(
+        ct_def, [jax.random.normal(k, x.shape, dtype) for k, x in zip(ks, ct_leaves)]
+    )
     ref.assert_trees_close(vjp_m(ct), vjp_r(ct), dtype)
     # A cotangent on the final carry alone (hs unused) must also flow back correctly.
     ct_carry_only = (jnp.zeros_like(ct[0]), ct[1])
@@ -78,8 +93,11 @@ def test_grads_match_finite_differences_in_float64(name, key):
     """Central differences along random directions, one argument leaf at a time."""
     cell = ref.CELLS[name]
     p, ro, xs, tg, c0, m = ref.problem(cell, key, jnp.float64, loss="mse")
-    f = jax.jit(lambda p, ro, xs, tg, c0: bptt_jax.sequence_loss(
-        cell, p, ro, xs, tg, c0, mask=m, loss="mse"))
+    f = jax.jit(
+        lambda p, ro, xs, tg, c0: bptt_jax.sequence_loss(
+            cell, p, ro, xs, tg, c0, mask=m, loss="mse"
+        )
+    )
     args = (p, ro, xs, tg, c0)
     grads = jax.grad(f, argnums=(0, 1, 2, 3, 4))(*args)
     eps = 1e-6
@@ -109,10 +127,11 @@ def test_truncated_grads_match_stop_gradient_reference(name, truncate, dtype, ke
     cell = ref.CELLS[name]
     p, ro, xs, tg, c0, m = ref.problem(cell, key, dtype, t=8)
     manual = jax.grad(
-        lambda *a: bptt_jax.sequence_loss(cell, *a, mask=m, truncate=truncate),
-        argnums=(0, 1, 2, 4))
+        lambda *a: bptt_jax.sequence_loss(cell, *a, mask=m, truncate=truncate), argnums=(0, 1, 2, 4)
+    )
     reference = jax.grad(
-        lambda *a: ref.scan_loss(cell, *a, mask=m, truncate=truncate), argnums=(0, 1, 2, 4))
+        lambda *a: ref.scan_loss(cell, *a, mask=m, truncate=truncate), argnums=(0, 1, 2, 4)
+    )
     ref.assert_trees_close(manual(p, ro, xs, tg, c0), reference(p, ro, xs, tg, c0), dtype)
 
 
@@ -141,8 +160,13 @@ def test_backward_autodiff_flag_is_the_reference(name, key):
     (vm, gm), (va, ga) = f("manual"), f("autodiff")
     assert ref.rel_err(vm, va) <= 1e-12
     ref.assert_trees_close(gm, ga, jnp.float64)
-    ref.assert_trees_close(ga, jax.grad(lambda *a: ref.scan_loss(cell, *a, mask=m),
-                                        argnums=(0, 1, 2, 4))(p, ro, xs, tg, c0), jnp.float64)
+    ref.assert_trees_close(
+        ga,
+        jax.grad(lambda *a: ref.scan_loss(cell, *a, mask=m), argnums=(0, 1, 2, 4))(
+            p, ro, xs, tg, c0
+        ),
+        jnp.float64,
+    )
 
 
 @pytest.mark.parametrize("name", list(ref.CELLS))
@@ -177,8 +201,13 @@ def test_grads_inside_user_jit_with_other_ops(key):
         hs, c = impl(p, jnp.tanh(xs) * 2.0)
         return jnp.mean(jnp.cumsum(hs, axis=0) ** 2) + jnp.sum(c.c * c.h)
 
-    manual = jax.jit(jax.grad(lambda p, xs: loss(
-        lambda p, x: bptt_jax.unroll(cell, p, x, c0, mask=m), p, xs), argnums=(0, 1)))
-    refg = jax.grad(lambda p, xs: loss(
-        lambda p, x: ref.scan_unroll(cell, p, x, c0, m), p, xs), argnums=(0, 1))
+    manual = jax.jit(
+        jax.grad(
+            lambda p, xs: loss(lambda p, x: bptt_jax.unroll(cell, p, x, c0, mask=m), p, xs),
+            argnums=(0, 1),
+        )
+    )
+    refg = jax.grad(
+        lambda p, xs: loss(lambda p, x: ref.scan_unroll(cell, p, x, c0, m), p, xs), argnums=(0, 1)
+    )
     ref.assert_trees_close(manual(p, xs), refg(p, xs), jnp.float32)

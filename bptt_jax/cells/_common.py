@@ -29,7 +29,8 @@ Elman and LSTM). The engine turns them into weight gradients with single matmuls
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +60,7 @@ INITS = ("uniform", "orthogonal")
 
 def check_hidden_size(cls_name: str, hidden_size) -> None:
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
-        raise ValueError(
-            f"{cls_name}: hidden_size must be a positive int; got {hidden_size!r}"
-        )
+        raise ValueError(f"{cls_name}: hidden_size must be a positive int; got {hidden_size!r}")
 
 
 def check_init(cls_name: str, init: str) -> None:
@@ -71,9 +70,7 @@ def check_init(cls_name: str, init: str) -> None:
 
 def check_input_size(cls_name: str, input_size) -> None:
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
-        raise ValueError(
-            f"{cls_name}.init: input_size must be a positive int; got {input_size!r}"
-        )
+        raise ValueError(f"{cls_name}.init: input_size must be a positive int; got {input_size!r}")
 
 
 def check_float_dtype(where: str, dtype) -> jnp.dtype:
@@ -92,9 +89,7 @@ def orthogonal_blocks(key, hidden_size: int, n_blocks: int, dtype) -> jax.Array:
     """``n_blocks`` independent orthogonal (H, H) matrices side by side: (H, n_blocks*H)."""
     init = jax.nn.initializers.orthogonal()
     keys = jax.random.split(key, n_blocks)
-    return jnp.concatenate(
-        [init(k, (hidden_size, hidden_size), dtype) for k in keys], axis=1
-    )
+    return jnp.concatenate([init(k, (hidden_size, hidden_size), dtype) for k in keys], axis=1)
 
 
 def init_kernels(

@@ -1,0 +1,200 @@
+"""Bad input gets a clear ValueError/TypeError at trace time, naming the argument and both
+shapes or dtypes; never an XLA trace."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import bptt_jax
+
+F32 = jnp.float32
+H, D, O, T, B = 6, 4, 5, 7, 3
+
+
+def _setup(cell=None, dtype=F32):
+    cell = cell or bptt_jax.Elman(H)
+    k = jax.random.split(jax.random.key(0), 4)
+    p = cell.init(k[0], D, dtype)
+    ro = bptt_jax.init_readout(k[1], H, O, dtype)
+    xs = jax.random.normal(k[2], (T, B, D), dtype)
+    tg = jax.random.randint(k[3], (T, B), 0, O)
+    return cell, p, ro, xs, tg
+
+
+def _raises(exc, *fragments):
+    """pytest.raises whose message must contain every fragment (escaped)."""
+    return pytest.raises(exc, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_xs_wrong_rank(jit):
+    cell, p, _, xs, _ = _setup()
+    f = jax.jit(bptt_jax.unroll, static_argnums=0) if jit else bptt_jax.unroll
+    with _raises(ValueError, "unroll", "xs", "(T, B, D)", "(7, 4)"):
+        f(cell, p, xs[:, 0])
+    with _raises(ValueError, "xs", "(1, 7, 3, 4)"):
+        f(cell, p, xs[None])
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_xs_wrong_input_size_names_both_shapes(jit):
+    cell, p, _, xs, _ = _setup()
+    f = jax.jit(bptt_jax.unroll, static_argnums=0) if jit else bptt_jax.unroll
+    with _raises(ValueError, "xs", "D=4", "params.w_xh (4, 6)", "(7, 3, 9)"):
+        f(cell, p, jnp.ones((T, B, 9), F32))
+
+
+def test_integer_xs_is_a_type_error():
+    cell, p, _, xs, _ = _setup()
+    with _raises(TypeError, "xs", "floating", "int32"):
+        bptt_jax.unroll(cell, p, xs.astype(jnp.int32))
+
+
+def test_xs_dtype_must_match_params():
+    cell, p, _, xs, _ = _setup()
+    with _raises(TypeError, "xs", "float64", "float32"):
+        bptt_jax.unroll(cell, p, xs.astype(jnp.float64))
+
+
+def test_float64_carry_with_float32_params():
+    cell, p, _, xs, _ = _setup()
+    with _raises(TypeError, "carry0", "float64", "float32"):
+        bptt_jax.unroll(cell, p, xs, jnp.zeros((B, H), jnp.float64))
+
+
+@pytest.mark.parametrize("shape", [(B, H + 1), (B + 1, H), (H,)])
+def test_carry_wrong_shape(shape):
+    cell, p, _, xs, _ = _setup()
+    with _raises(ValueError, "carry0", f"({B}, {H})", str(shape)):
+        bptt_jax.unroll(cell, p, xs, jnp.zeros(shape, F32))
+
+
+def test_lstm_carry_must_be_an_lstmcarry():
+    cell, p, _, xs, _ = _setup(bptt_jax.LSTM(H))
+    with _raises(TypeError, "carry0", "LSTMCarry", "ArrayImpl", f"({B}, {H})"):
+        bptt_jax.unroll(cell, p, xs, jnp.zeros((B, H), F32))
+    with _raises(ValueError, "carry0.c", f"({B}, {H})", f"({B}, 2)"):
+        bptt_jax.unroll(
+            cell, p, xs, bptt_jax.LSTMCarry(jnp.zeros((B, H), F32), jnp.zeros((B, 2), F32))
+        )
+
+
+def test_gru_carry_must_be_one_array():
+    cell, p, _, xs, _ = _setup(bptt_jax.GRU(H))
+    z = jnp.zeros((B, H), F32)
+    with _raises(TypeError, "carry0", "GRU", "one (B, H) array", "LSTMCarry"):
+        bptt_jax.unroll(cell, p, xs, bptt_jax.LSTMCarry(z, z))
+
+
+def test_params_of_another_cell():
+    _, p, _, xs, _ = _setup(bptt_jax.LSTM(H))
+    with _raises(TypeError, "params", "ElmanParams", "LSTMParams"):
+        bptt_jax.unroll(bptt_jax.Elman(H), p, xs)
+
+
+def test_params_hidden_size_mismatch():
+    _, p, _, xs, _ = _setup(bptt_jax.GRU(H))
+    with _raises(ValueError, "params.w_x", "(D, 24)", "hidden_size=8", "(4, 18)"):
+        bptt_jax.unroll(bptt_jax.GRU(8), p, xs)
+    bad = p._replace(w_h=jnp.zeros((H + 1, 3 * H), F32))
+    with _raises(ValueError, "params.w_h", "(6, 18)", "(7, 18)"):
+        bptt_jax.unroll(bptt_jax.GRU(H), bad, xs)
+
+
+def test_params_mixed_dtypes():
+    cell, p, _, xs, _ = _setup()
+    with _raises(TypeError, "params.b_h", "float64", "float32"):
+        bptt_jax.unroll(cell, p._replace(b_h=p.b_h.astype(jnp.float64)), xs)
+
+
+@pytest.mark.parametrize("shape", [(T, B + 1), (T + 1, B), (T,), (T, B, 1)])
+def test_mask_wrong_shape(shape):
+    cell, p, _, xs, _ = _setup()
+    with _raises(ValueError, "mask", f"({T}, {B})", str(shape)):
+        bptt_jax.unroll(cell, p, xs, mask=jnp.ones(shape, bool))
+
+
+def test_mask_of_strings_is_a_type_error():
+    cell, p, _, xs, _ = _setup()
+    import numpy as np
+
+    with _raises(TypeError, "mask"):
+        bptt_jax.unroll(cell, p, xs, mask=np.full((T, B), "a"))
+
+
+def test_readout_hidden_size_mismatch():
+    cell, p, _, xs, tg = _setup()
+    ro = bptt_jax.init_readout(jax.random.key(1), H + 2, O, F32)
+    with _raises(ValueError, "readout.w_hy", "H=6", "(8, 5)"):
+        bptt_jax.sequence_loss(cell, p, ro, xs, tg)
+
+
+def test_readout_bias_mismatch():
+    cell, p, ro, xs, tg = _setup()
+    with _raises(ValueError, "readout.b_y", "(5,)", "(3,)"):
+        bptt_jax.sequence_loss(cell, p, ro._replace(b_y=jnp.zeros(3, F32)), xs, tg)
+
+
+def test_xent_targets_shape_and_dtype():
+    cell, p, ro, xs, tg = _setup()
+    with _raises(ValueError, "targets", f"({T}, {B})", f"({T}, {B}, 1)"):
+        bptt_jax.sequence_loss(cell, p, ro, xs, tg[..., None])
+    with _raises(TypeError, "targets", "integer", "float32"):
+        bptt_jax.sequence_loss(cell, p, ro, xs, tg.astype(F32))
+
+
+@pytest.mark.parametrize("value", [-1, O])
+def test_xent_targets_out_of_range(value):
+    cell, p, ro, xs, tg = _setup()
+    with _raises(ValueError, "targets", f"[0, {O})", str(value), "(t, b) = (3, 2)"):
+        bptt_jax.sequence_loss(cell, p, ro, xs, tg.at[3, 2].set(value))
+
+
+def test_mse_targets_shape_and_dtype():
+    cell, p, ro, xs, _ = _setup()
+    with _raises(ValueError, "targets", f"({T}, {B}, {O})", f"({T}, {B}, 4)"):
+        bptt_jax.sequence_loss(cell, p, ro, xs, jnp.zeros((T, B, 4), F32), loss="mse")
+    with _raises(TypeError, "targets", "float32", "float64"):
+        bptt_jax.sequence_loss(cell, p, ro, xs, jnp.zeros((T, B, O), jnp.float64), loss="mse")
+
+
+@pytest.mark.parametrize(
+    "kw,exc,frag",
+    [
+        (dict(loss="l1"), ValueError, "loss"),
+        (dict(reduction="max"), ValueError, "reduction"),
+        (dict(backward="jvp"), ValueError, "backward"),
+        (dict(truncate=0), ValueError, "truncate"),
+        (dict(truncate=-3), ValueError, "truncate"),
+        (dict(truncate=2.5), TypeError, "truncate"),
+    ],
+)
+def test_bad_options(kw, exc, frag):
+    cell, p, ro, xs, tg = _setup()
+    with _raises(exc, "sequence_loss", frag, repr(next(iter(kw.values())))):
+        bptt_jax.sequence_loss(cell, p, ro, xs, tg, **kw)
+
+
+def test_not_a_cell():
+    _, p, _, xs, _ = _setup()
+    with _raises(TypeError, "cell", "Elman", "str"):
+        bptt_jax.unroll("elman", p, xs)
+
+
+@pytest.mark.parametrize(
+    "make,exc,frag",
+    [
+        (lambda: bptt_jax.Elman(0), ValueError, "hidden_size"),
+        (lambda: bptt_jax.Elman(4, "gelu"), ValueError, "activation"),
+        (lambda: bptt_jax.LSTM(4, init_scheme="xavier"), ValueError, "init"),
+        (lambda: bptt_jax.GRU(2.5), ValueError, "hidden_size"),
+        (lambda: bptt_jax.Elman(4).init(jax.random.key(0), 0), ValueError, "input_size"),
+        (lambda: bptt_jax.LSTM(4).init(jax.random.key(0), 3, jnp.int32), TypeError, "dtype"),
+        (lambda: bptt_jax.init_readout(jax.random.key(0), 4, 0), ValueError, "output_size"),
+    ],
+)
+def test_bad_constructor_arguments(make, exc, frag):
+    with pytest.raises(exc, match=frag):
+        make()

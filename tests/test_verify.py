@@ -1,0 +1,50 @@
+"""The verification users run: check_gradients and `bptt-jax verify`."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import bptt_jax
+from bptt_jax.cells import elman as elman_module
+from tests import reference as ref
+
+
+@pytest.mark.parametrize("name", list(ref.CELLS))
+@pytest.mark.parametrize("path", ["loss", "unroll"])
+def test_check_gradients_passes_for_every_cell(name, path, key):
+    report = bptt_jax.check_gradients(ref.CELLS[name], path=path, key=key, truncate=None)
+    assert report.passed, report
+    assert report.finite_diff  # float64 also ran finite differences
+    assert 0 < report.max_error <= 1e-10  # a real comparison: not identical, but close
+
+
+def test_check_gradients_catches_a_wrong_backward(monkeypatch, key):
+    """The verifier can fail: a 0.1% error in the Elman step backward is reported."""
+    original = elman_module.Elman.backward
+
+    def wrong(self, params, res, state, state_prev, dstate):
+        dprev, *rest = original(self, params, res, state, state_prev, dstate)
+        return (dprev * 1.001, *rest)
+
+    monkeypatch.setattr(elman_module.Elman, "backward", wrong)
+    report = bptt_jax.check_gradients(bptt_jax.Elman(5), key=key)
+    assert not report.passed
+    assert report.autodiff["params.w_hh"] > 1e-6
+    assert report.finite_diff["params.w_hh"] > 1e-6
+
+
+def test_check_gradients_float32_skips_finite_differences(key):
+    report = bptt_jax.check_gradients(bptt_jax.GRU(4), dtype=jnp.float32, key=key)
+    assert report.passed and not report.finite_diff and report.tolerance == 1e-5
+
+
+def test_verify_command_exits_zero_and_prints_the_table():
+    out = subprocess.run(
+        [sys.executable, "-m", "bptt_jax", "verify"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "PASSED" in out.stdout
+    for name in ("Elman(tanh)", "Elman(relu)", "Elman(identity)", "LSTM", "GRU", "truncate=4"):
+        assert name in out.stdout
