@@ -40,10 +40,28 @@ def truncation_cuts(length: int, truncate: int | None):
 
 
 def project_inputs(cell, params, xs):
-    """``xs @ W_x + b`` for every step at once: (T, B, D) -> (T, B, G*H)."""
+    """``xs @ W_x`` for every step at once: (T, B, D) -> (T, B, G*H).
+
+    The bias is added inside the step: adding it here would materialise a second
+    (T, B, G*H) buffer next to the matmul's output on XLA:CPU.
+    """
     t, b, d = xs.shape
-    xp = xs.reshape(t * b, d) @ cell.input_kernel(params) + cell.input_bias(params)
-    return xp.reshape(t, b, -1)
+    return (xs.reshape(t * b, d) @ cell.input_kernel(params)).reshape(t, b, -1)
+
+
+def _index(x, t):
+    return lax.dynamic_index_in_dim(x, t, 0, keepdims=False)
+
+
+def _write(buf, row, t):
+    return lax.dynamic_update_index_in_dim(buf, row, t, 0)
+
+
+# In-place loops. A step reads row t of a (T, B, W) buffer and overwrites row t with its
+# result. If the old buffer had any reader besides the write, XLA would copy the whole buffer
+# in every iteration (O(T^2) traffic), because it fuses the row read into consumers that it
+# cannot order before the write. So the row a step needs is read one iteration early, from
+# the buffer *after* that iteration's write (the neighbouring row is untouched), and carried.
 
 
 def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True):
@@ -51,20 +69,35 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True):
 
     Returns:
       ``(states, residuals, carry_T)``: ``states`` is the carry after every step, stacked on
-      a leading T axis (``cell.hidden(states)`` is ``hs``); ``residuals`` what the cell's
-      backward needs (``None`` when ``keep_residuals`` is False).
+      a leading T axis (``cell.hidden(states)`` is ``hs``); ``residuals`` (T, B, R) what the
+      cell's backward needs (``None`` when ``keep_residuals`` is False or the cell keeps
+      nothing but its state).
     """
     xp = project_inputs(cell, params, xs)
+    keep = keep_residuals and cell.residual_blocks > 0
+    # Residuals of the same width as xp_t overwrite it in place: one buffer, not two.
+    in_place = keep and cell.residual_blocks == cell.n_blocks
 
-    def body(carry, inputs):
-        xp_t, m_t = inputs
-        new, res = cell.forward(params, carry, xp_t)
+    t_last = xs.shape[0] - 1
+    bias = cell.input_bias(params)
+
+    def body(scan_carry, inputs):
+        carry, buf, xp_next = scan_carry
+        t, xp_t, m_t = inputs
+        if in_place:
+            xp_t = xp_next
+        new, res = cell.forward(params, carry, xp_t + bias)
         if m_t is not None:  # padded step: the carry passes through unchanged
             new = _select(m_t, new, carry)
-        return new, (new, res if keep_residuals else None)
+        if in_place:
+            buf, res = _write(buf, res, t), None
+            xp_next = _index(buf, jnp.minimum(t + 1, t_last))
+        return (new, buf, xp_next), (new, res if keep else None)
 
-    carry_t, (states, res) = lax.scan(body, carry0, (xp, mask))
-    return states, res, carry_t
+    ts = jnp.arange(xs.shape[0])
+    init = (carry0, xp, xp[0]) if in_place else (carry0, None, None)
+    (carry_t, buf, _), (states, res) = lax.scan(body, init, (ts, None if in_place else xp, mask))
+    return states, (buf if in_place else res), carry_t
 
 
 def backward(cell, params, xs, carry0, mask, states, res, dhs, dcarry_t, truncate):
@@ -81,41 +114,58 @@ def backward(cell, params, xs, carry0, mask, states, res, dhs, dcarry_t, truncat
       ``(dparams, dxs, dcarry0)``.
     """
     t_len, b, d = xs.shape
-    # The carry entering each step: carry0, then the states of steps 0..T-2.
-    prev = jax.tree.map(lambda c0, s: jnp.concatenate([c0[None], s[:-1]], 0), carry0, states)
+    h = cell.hidden_size
     cuts = truncation_cuts(t_len, truncate)
+    # Each step's pre-activation gradients overwrite its residuals in place (same width),
+    # so the backward allocates no second (T, B, G*H) buffer.
+    in_place = res is not None and cell.grad_blocks == cell.residual_blocks
+    if in_place:
+        buf = res
+    else:
+        buf = jnp.zeros((t_len, b, cell.grad_blocks * h), xs.dtype)
 
-    def body(dstate, inputs):
-        res_t, state_t, prev_t, dh_t, m_t, cut_t = inputs
+    def body(scan_carry, inputs):
+        dstate, buf, res_next = scan_carry
+        t, state_t, dh_t, m_t, cut_t = inputs
+        res_t = res_next if in_place else (None if res is None else _index(res, t))
+        # The carry entering step t: carry0 at t = 0, else the state after step t-1.
+        prev_t = jax.tree.map(
+            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0))),
+            carry0,
+            states,
+        )
         if dh_t is not None:
             dstate = cell.add_to_hidden(dstate, dh_t)
         if m_t is None:
-            dprev, dxp, dhp = cell.backward(params, res_t, state_t, prev_t, dstate)
+            dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate)
         else:  # padded step: its error goes straight to the previous carry
             zeros = jax.tree.map(jnp.zeros_like, dstate)
-            dnew = _select(m_t, dstate, zeros)
-            dprev, dxp, dhp = cell.backward(params, res_t, state_t, prev_t, dnew)
+            dprev, dcols = cell.backward(
+                params, res_t, state_t, prev_t, _select(m_t, dstate, zeros)
+            )
             dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
         if cut_t is not None:
             dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
-        return dprev, (dxp, dhp)
+        buf = _write(buf, dcols, t)
+        if in_place:  # the residuals of step t-1, read after this step's write
+            res_next = _index(buf, jnp.maximum(t - 1, 0))
+        return (dprev, buf, res_next), None
 
-    dcarry0, (dxp, dhp) = lax.scan(
-        body, dcarry_t, (res, states, prev, dhs, mask, cuts), reverse=True
-    )
+    ts = jnp.arange(t_len)
+    init = (dcarry_t, buf, res[-1] if in_place else None)
+    (dcarry0, dcols, _), _ = lax.scan(body, init, (ts, states, dhs, mask, cuts), reverse=True)
 
+    # Every shared-weight gradient, summed over all steps, as one matmul over T*B rows.
     rows = t_len * b
-    w_x = cell.input_kernel(params)
-    dxp2 = dxp.reshape(rows, -1)
-    dhp2 = dxp2 if dhp is None else dhp.reshape(rows, -1)
-    h_prev = cell.hidden(prev).reshape(rows, -1)
+    dcols = dcols.reshape(rows, -1)
+    h_prev = jnp.concatenate([cell.hidden(carry0)[None], cell.hidden(states)[:-1]], 0)
     grads = cell.assemble_grads(
-        xs.reshape(rows, d).T @ dxp2,  # dW_x = sum_t x_t^T dA_t
-        dxp2.sum(0),  # db   = sum_t dA_t
-        h_prev.T @ dhp2,  # dW_h = sum_t h_{t-1}^T dA_t
-        None if dhp is None else dhp2.sum(0),
+        params,
+        xs.reshape(rows, d).T @ dcols,  # sum_t x_t^T dA_t
+        h_prev.reshape(rows, h).T @ dcols,  # sum_t h_{t-1}^T dA_t
+        dcols.sum(0),  # sum_t dA_t
     )
-    dxs = (dxp2 @ w_x.T).reshape(t_len, b, d)
+    dxs = (dcols @ cell.dx_kernel(params).T).reshape(t_len, b, d)
     return grads, dxs, dcarry0
 
 

@@ -13,17 +13,20 @@ The engine contract (``G`` is the number of gate blocks, ``H`` the hidden size):
 
     input_kernel(params)            -> (D, G*H)    x_t @ input_kernel + input_bias is
     input_bias(params)              -> (G*H,)      the input side of every pre-activation
-    forward(params, carry, xp_t)    -> (carry_new, residual_t)
+    forward(params, carry, xp_t)    -> (carry_new, residual_t (B, residual_blocks*H) or None)
     backward(params, residual_t, state_t, state_prev, dstate)
-                                    -> (dstate_prev, dxp_t, dhp_t or None)
+                                    -> (dstate_prev, dcols_t (B, grad_blocks*H))
     hidden(state)                   -> h  (B, H)
     add_to_hidden(dstate, dh)       -> dstate with dh added to its h part
-    assemble_grads(dw_x, db_x, dw_h, db_h) -> params-typed gradient
+    dx_kernel(params)               -> (D, grad_blocks*H): dxs = dcols @ dx_kernel^T
+    assemble_grads(params, X^T dcols, H_prev^T dcols, sum(dcols)) -> params-typed gradient
 
-``dxp_t`` is the gradient of the input-side pre-activations ``xp_t`` and ``dhp_t`` that of
-the recurrent-side ones ``h_{t-1} @ recurrent_kernel`` (``None`` when both are the same, as for
-Elman and LSTM). The engine turns them into weight gradients with single matmuls over all
-``T*B`` rows after the reverse scan.
+``dcols_t`` holds the gradients of the step's pre-activations (``xp_t`` and the recurrent
+``h_{t-1} @ recurrent_kernel``); the engine stacks them over time and turns them into every
+weight gradient with single matmuls over all ``T*B`` rows after the reverse scan. When
+``grad_blocks == residual_blocks`` the engine writes ``dcols_t`` over ``residual_t`` in place,
+and when ``residual_blocks == n_blocks`` it writes ``residual_t`` over ``xp_t`` in place, so no
+full-length buffer is allocated twice.
 """
 
 from __future__ import annotations

@@ -56,6 +56,8 @@ class Elman:
     init_scheme: str = "uniform"
 
     n_blocks = 1  # gate blocks in the kernels: (D, n_blocks * H)
+    residual_blocks = 0  # nothing kept per step but h_t itself
+    grad_blocks = 1  # d a_t, (B, H)
 
     def __post_init__(self):
         _common.check_hidden_size("Elman", self.hidden_size)
@@ -109,14 +111,17 @@ class Elman:
 
     def forward(self, params: ElmanParams, carry: jax.Array, xp: jax.Array):
         f = _common.ACTIVATIONS[self.activation].fn
-        return f(xp + carry @ params.w_hh), ()  # h_t is the state: nothing else to keep
+        return f(xp + carry @ params.w_hh), None  # h_t is the state: nothing else to keep
 
     def backward(self, params: ElmanParams, res, state, state_prev, dstate):
         del res, state_prev
         # delta^a_t = (dL/dh_t) * f'(a_t), with f'(a_t) read off h_t.
         da = dstate * _common.ACTIVATIONS[self.activation].grad_from_output(state)
-        return da @ params.w_hh.T, da, None
+        return da @ params.w_hh.T, da
 
-    def assemble_grads(self, dw_x, db_x, dw_h, db_h) -> ElmanParams:
-        del db_h
-        return ElmanParams(dw_x, dw_h, db_x)
+    def dx_kernel(self, params: ElmanParams) -> jax.Array:
+        return params.w_xh
+
+    def assemble_grads(self, params, xd, hd, colsum) -> ElmanParams:
+        del params
+        return ElmanParams(xd, hd, colsum)

@@ -56,6 +56,9 @@ class GRU:
     init_scheme: str = "uniform"
 
     n_blocks = 3
+    residual_blocks = 4  # r, z, n and the recurrent n-projection h W_hn + b_hn
+    grad_blocks = 4  # [d r, d z, d n, r * d n]: the input side uses the first three,
+    # the recurrent side blocks 0, 1 and 3
 
     def __post_init__(self):
         _common.check_hidden_size("GRU", self.hidden_size)
@@ -114,9 +117,18 @@ class GRU:
         dn = dh * (1 - z) * (1 - n * n)  # d of n's pre-activation
         dz = dh * (state_prev - n) * z * (1 - z)
         dr = dn * hn * r * (1 - r)
-        dxp = jnp.concatenate([dr, dz, dn], axis=-1)
-        dhp = jnp.concatenate([dr, dz, dn * r], axis=-1)
-        return dh * z + dhp @ params.w_h.T, dxp, dhp
+        dhp = jnp.concatenate([dr, dz, dn * r], axis=-1)  # d of h_{t-1} W_h + b_h
+        return dh * z + dhp @ params.w_h.T, jnp.concatenate([dr, dz, dn, dn * r], axis=-1)
 
-    def assemble_grads(self, dw_x, db_x, dw_h, db_h) -> GRUParams:
-        return GRUParams(dw_x, dw_h, db_x, db_h)
+    def dx_kernel(self, params: GRUParams) -> jax.Array:
+        # d x_t = [dr, dz, dn, r dn] @ [W_x, 0]^T: the fourth block has no input side.
+        return jnp.pad(params.w_x, ((0, 0), (0, self.hidden_size)))
+
+    def assemble_grads(self, params, xd, hd, colsum) -> GRUParams:
+        del params
+        h = self.hidden_size
+
+        def rec(a):  # blocks r, z and r*dn: the recurrent side
+            return jnp.concatenate([a[..., : 2 * h], a[..., 3 * h :]], axis=-1)
+
+        return GRUParams(xd[:, : 3 * h], rec(hd), colsum[: 3 * h], rec(colsum))

@@ -67,6 +67,8 @@ class LSTM:
     init_scheme: str = "uniform"
 
     n_blocks = 4
+    residual_blocks = 4  # i, f, g, o after their nonlinearities
+    grad_blocks = 4  # d z, (B, 4H)
 
     def __post_init__(self):
         _common.check_hidden_size("LSTM", self.hidden_size)
@@ -143,8 +145,11 @@ class LSTM:
             ],
             axis=-1,
         )
-        return LSTMCarry(dz @ params.w_h.T, dc * f), dz, None
+        return LSTMCarry(dz @ params.w_h.T, dc * f), dz
 
-    def assemble_grads(self, dw_x, db_x, dw_h, db_h) -> LSTMParams:
-        del db_h
-        return LSTMParams(dw_x, dw_h, db_x)
+    def dx_kernel(self, params: LSTMParams) -> jax.Array:
+        return params.w_x
+
+    def assemble_grads(self, params, xd, hd, colsum) -> LSTMParams:
+        del params
+        return LSTMParams(xd, hd, colsum)
