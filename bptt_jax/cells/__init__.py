@@ -11,6 +11,4 @@ from bptt_jax.cells.lstm import LSTM as LSTM
 from bptt_jax.cells.lstm import LSTMCarry as LSTMCarry
 from bptt_jax.cells.lstm import LSTMParams as LSTMParams
 
-Cell = Elman | LSTM | GRU
-
 PARAMS_TYPES = {Elman: ElmanParams, LSTM: LSTMParams, GRU: GRUParams}
