@@ -1,15 +1,22 @@
-"""The ``bptt-jax`` command line (also ``python -m bptt_jax``)."""
+"""The ``bptt-jax`` command line (also ``python -m bptt_jax``).
+
+Each subcommand lives in the module of its concept, which provides ``add_cli_arguments(parser)``
+and ``cli_main(args) -> int`` (the exit status).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-
-def _verify(args) -> int:
-    from bptt_jax.verify import run_verify
-
-    return 0 if run_verify(seed=args.seed) else 1
+#: subcommand -> (module, one-line help)
+COMMANDS = {
+    "verify": (
+        "bptt_jax.verify",
+        "check the hand-written gradients against autodiff and finite differences",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,12 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Backpropagation Through Time for JAX, with hand-written backward passes.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser(
-        "verify",
-        help="check the hand-written gradients against autodiff and finite differences",
-    )
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for the random problems")
-    p.set_defaults(run=_verify)
+    for name, (module, help_text) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_cli_arguments(p)
+        p.set_defaults(run=mod.cli_main)
     return parser
 
 

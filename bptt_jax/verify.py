@@ -370,3 +370,12 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
     )
     print_fn("PASSED" if all_ok else "FAILED")
     return all_ok
+
+
+# ------------------------------------------------------------------------------- CLI
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for the random problems")
+
+
+def cli_main(args) -> int:
+    return 0 if run_verify(seed=args.seed) else 1

@@ -12,14 +12,12 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODULES = [
-    "bptt_jax.cells.elman",
-    "bptt_jax.cells.lstm",
-    "bptt_jax.cells.gru",
-    "bptt_jax.engine",
-    "bptt_jax.losses",
-    "bptt_jax.verify",
-]
+# Every library module with a docstring example.
+MODULES = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts)
+    for p in (ROOT / "bptt_jax").rglob("*.py")
+    if ">>> " in p.read_text()
+)
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
