@@ -1,154 +1,92 @@
-"""Hand-written BPTT vs jax.grad through the plain per-step lax.scan, side by side.
+"""Part 1: hand-written BPTT against jax.grad through the plain per-step lax.scan.
 
-For each cell and (T, B, D, H): check that the manual gradient agrees with autodiff, compile
-both outside the timed region (compile time reported separately), warm up, then time them
-interleaved (manual, autodiff, manual, ...) so machine drift cancels, with
-``jax.block_until_ready``. Reports the median and spread of each, the ratio, tokens/s (T*B per
-second) and XLA's temp memory from ``compile().memory_analysis()``.
+For each cell and ``[T, B, D, H]`` of ``[manual_vs_autodiff]``: every variant (by default
+``manual`` and ``autodiff``, names from ``harness.VARIANTS``) is compiled, checked against
+autodiff, then timed side by side. Reported per variant: median ms per gradient step and its
+spread, tokens/s (T*B per second), compile time, XLA temp memory; and per row
 
-    python benchmarks/manual_vs_autodiff.py                       # the default grid
-    python benchmarks/manual_vs_autodiff.py --sizes 256,64,128,256 --repeats 20 --out results
+* ``time_vs_manual[v]   = median(v) / median(manual)``: above 1, the hand-written path is
+  that many times faster (for ``autodiff`` this is the speedup of bptt_jax);
+* ``temp_vs_manual[v]   = temp(v) / temp(manual)``: above 1, the hand-written path needs less.
 
-Writes ``manual_vs_autodiff.json`` (every number) to ``--out``.
+    python benchmarks/manual_vs_autodiff.py                  # configs/bench.toml, this part
+    python benchmarks/manual_vs_autodiff.py bench_full manual_vs_autodiff.cells='["lstm"]'
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import time
+from typing import Any
 
-import jax
-import numpy as np
+import harness
 
-import bptt_jax
-
-CELLS = {
-    "elman": lambda h: bptt_jax.Elman(h),
-    "lstm": lambda h: bptt_jax.LSTM(h),
-    "gru": lambda h: bptt_jax.GRU(h),
-}
-OUTPUTS = 32  # readout size O
+BASELINE = "manual"
 
 
-def _problem(cell, t, b, d, key):
-    k = jax.random.split(key, 4)
-    params = cell.init(k[0], d)
-    readout = bptt_jax.init_readout(k[1], cell.hidden_size, OUTPUTS)
-    xs = jax.random.normal(k[2], (t, b, d))
-    targets = jax.random.randint(k[3], (t, b), 0, OUTPUTS)
-    return params, readout, xs, targets
-
-
-def _grad_fn(cell, targets, backward):
-    def loss(params, readout, xs):
-        return bptt_jax.sequence_loss(cell, params, readout, xs, targets, backward=backward)
-
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def measure(cell_name, t, b, d, h, repeats, key):
-    cell = CELLS[cell_name](h)
-    args = _problem(cell, t, b, d, key)
-    params, readout, xs, targets = args
-    variants = {}
-    for backward in ("manual", "autodiff"):
-        fn = _grad_fn(cell, targets, backward)
-        start = time.perf_counter()
-        compiled = fn.lower(params, readout, xs).compile()
-        compile_s = time.perf_counter() - start
-        mem = compiled.memory_analysis()
-        variants[backward] = dict(
-            fn=compiled,
-            compile_s=compile_s,
-            temp_bytes=int(mem.temp_size_in_bytes),
-            argument_bytes=int(mem.argument_size_in_bytes),
-            times=[],
-        )
-    # Check the answer before timing it: a wrong fast path is never reported.
-    out_m = variants["manual"]["fn"](params, readout, xs)
-    out_a = variants["autodiff"]["fn"](params, readout, xs)
-    err = max(_rel(x, y) for x, y in zip(jax.tree.leaves(out_m), jax.tree.leaves(out_a)))
-    if not err <= 1e-4:
-        raise SystemExit(f"{cell_name} {(t, b, d, h)}: manual disagrees with autodiff ({err:.2e})")
-    for v in variants.values():  # warm-up
-        jax.block_until_ready(v["fn"](params, readout, xs))
-    for _ in range(repeats):  # interleaved
-        for v in variants.values():
-            start = time.perf_counter()
-            jax.block_until_ready(v["fn"](params, readout, xs))
-            v["times"].append(time.perf_counter() - start)
-    row = dict(cell=cell_name, T=t, B=b, D=d, H=h, max_rel_err=err)
-    for name, v in variants.items():
-        med = statistics.median(v["times"])
-        row[name] = dict(
-            median_s=med,
-            min_s=min(v["times"]),
-            iqr_s=float(np.subtract(*np.percentile(v["times"], [75, 25]))),
-            tokens_per_s=t * b / med,
-            compile_s=v["compile_s"],
-            temp_bytes=v["temp_bytes"],
-            argument_bytes=v["argument_bytes"],
-        )
-    row["speedup"] = row["autodiff"]["median_s"] / row["manual"]["median_s"]
-    row["temp_ratio"] = row["manual"]["temp_bytes"] / max(row["autodiff"]["temp_bytes"], 1)
-    return row
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cells", default="elman,lstm,gru")
-    parser.add_argument(
-        "--sizes",
-        default="100,32,64,128;256,64,128,256",
-        help="semicolon-separated T,B,D,H tuples",
-    )
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results")
-    args = parser.parse_args(argv)
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";")]
-    key = jax.random.key(args.seed)
-    dev = jax.devices()[0]
-    print(
-        f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
-        f"{os.cpu_count()} CPUs, {platform.machine()}; float32; loss=xent O={OUTPUTS}; "
-        f"median of {args.repeats} interleaved runs"
-    )
-    head = (
-        f"{'cell':<6} {'T':>5} {'B':>4} {'D':>4} {'H':>4}  {'manual ms':>10} "
-        f"{'autodiff ms':>11} {'speedup':>8}  {'Mtok/s':>7}  {'temp MiB man/auto':>18}"
-    )
-    print(head)
-    print("-" * len(head))
+def run(session: harness.Session, cfg) -> list[dict[str, Any]]:
+    part = cfg.manual_vs_autodiff
+    session.print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     rows = []
-    for cell_name in args.cells.split(","):
-        for t, b, d, h in sizes:
-            r = measure(cell_name, t, b, d, h, args.repeats, key)
-            rows.append(r)
-            m, a = r["manual"], r["autodiff"]
-            print(
-                f"{cell_name:<6} {t:>5} {b:>4} {d:>4} {h:>4}  {m['median_s'] * 1e3:10.2f} "
-                f"{a['median_s'] * 1e3:11.2f} {r['speedup']:7.2f}x  "
-                f"{m['tokens_per_s'] / 1e6:7.3f}  "
-                f"{m['temp_bytes'] / 2**20:8.1f}/{a['temp_bytes'] / 2**20:<8.1f}",
-                flush=True,
-            )
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "manual_vs_autodiff.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(jax=jax.__version__, device=dev.platform, rows=rows), f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    for cell_name in part.cells:
+        for T, B, D, H in part.sizes:
+            problem = session.problem(cell_name, T, B, D, H)
+            try:
+                timed = {v: session.prepare(problem, v) for v in part.variants}
+            except harness.EntryFailed as e:
+                session.fail("manual_vs_autodiff", problem.label, e)
+                continue
+            variants = session.measure(problem, timed)
+            row = dict(cell=cell_name, **problem.shape, tokens=problem.tokens, variants=variants)
+            row.update(ratios(variants, BASELINE))
+            rows.append(row)
+            session.print(format_row(row), flush=True)
+    return rows
+
+
+def ratios(variants: dict[str, dict], baseline: str) -> dict[str, dict[str, float | None]]:
+    """``time_vs_<baseline>`` and ``temp_vs_<baseline>`` of every other variant."""
+    if baseline not in variants:
+        return {}
+    base = variants[baseline]
+    time_r, temp_r = {}, {}
+    for name, v in variants.items():
+        if name == baseline:
+            continue
+        time_r[name] = v["median_s"] / base["median_s"]
+        bt, vt = base["temp_bytes"], v["temp_bytes"]
+        temp_r[name] = vt / bt if bt and vt is not None else None
+    return {f"time_vs_{baseline}": time_r, f"temp_vs_{baseline}": temp_r}
+
+
+HEADER = (
+    f"{'cell':<6} {'T':>6} {'B':>4} {'D':>4} {'H':>4}  {'variant':<10} {'ms':>8} {'IQR ms':>7} "
+    f"{'Mtok/s':>7} {'compile s':>9} {'temp MiB':>9} {'x manual':>9} {'temp x':>7}"
+)
+
+
+def format_row(row: dict) -> str:
+    lines = []
+    for i, (name, v) in enumerate(row["variants"].items()):
+        head = (
+            f"{row['cell']:<6} {row['T']:>6} {row['B']:>4} {row['D']:>4} {row['H']:>4}"
+            if i == 0
+            else " " * 28
+        )
+        tr = row.get(f"time_vs_{BASELINE}", {}).get(name)
+        mr = row.get(f"temp_vs_{BASELINE}", {}).get(name)
+        lines.append(
+            f"{head}  {name:<10} {harness.fmt_ms(v['median_s']):>8} "
+            f"{harness.fmt_ms(v['iqr_s']):>7} {v['tokens_per_s'] / 1e6:7.3f} "
+            f"{v['compile_s']:9.2f} {harness.fmt_bytes(v['temp_bytes']):>9} "
+            f"{'' if tr is None else f'{tr:.2f}x':>9} {'' if mr is None else f'{mr:.2f}':>7}"
+        )
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> list[str]:
+    return [HEADER, "-" * len(HEADER), *(format_row(r) for r in rows)]
 
 
 if __name__ == "__main__":
-    main()
+    import run as runner
+
+    raise SystemExit(runner.main(parts=["manual_vs_autodiff"]))

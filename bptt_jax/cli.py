@@ -16,6 +16,10 @@ COMMANDS = {
         "bptt_jax.verify",
         "check the hand-written gradients against autodiff and finite differences",
     ),
+    "bench": (
+        "bptt_jax.bench",
+        "benchmark the hand-written BPTT: vs autodiff, truncation, peers, the floor",
+    ),
 }
 
 

@@ -1,0 +1,427 @@
+"""The timing harness every benchmark script shares: problems, variants, check, time, memory.
+
+A *variant* is one way to compute the gradient of the benchmark loss (the xent loss of a
+readout on every hidden state, ``bptt_jax.sequence_loss``) with respect to the params and the
+readout. :data:`VARIANTS` maps a name to a function building that loss; adding a gradient path
+to every benchmark is one entry there. Before anything is timed, :meth:`Session.prepare`
+checks its value and gradients against :data:`REFERENCE` (``backward="autodiff"`` with the same
+truncation): a path that disagrees raises :class:`CheckFailed` and is never timed.
+
+Timing (:func:`time_interleaved`): compile outside the timed region (compile time reported on
+its own), warm up, then take ``repeats`` samples of every variant in turn, rotating which goes
+first, each sample ending in ``jax.block_until_ready``; report median, quartiles and min. Ratios
+are taken between medians of the same run, so drift of the machine cancels.
+
+Memory (:func:`memory_of`): XLA's own account of the compiled program,
+``jax.jit(f).lower(*args).compile().memory_analysis()``: temp (scratch the program allocates),
+argument and output sizes; on a GPU also the device's ``peak_bytes_in_use``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bptt_jax
+from bptt_jax.verify import relative_error
+
+CELLS: dict[str, Callable[[int], Any]] = {
+    "elman": lambda h: bptt_jax.Elman(h),
+    "lstm": lambda h: bptt_jax.LSTM(h),
+    "gru": lambda h: bptt_jax.GRU(h),
+}
+#: Gate blocks per cell: the recurrent matmul is (B, H) @ (H, GATES * H).
+GATES = {"elman": 1, "lstm": 4, "gru": 3}
+
+
+# ------------------------------------------------------------------------------- problems
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """One benchmark problem: a cell, its params and readout, inputs ``xs`` and targets."""
+
+    cell_name: str
+    T: int
+    B: int
+    D: int
+    H: int
+    O: int
+    cell: Any
+    params: Any
+    readout: bptt_jax.ReadoutParams
+    xs: jax.Array  # (T, B, D) float32
+    targets: jax.Array  # (T, B) int32 classes in [0, O)
+
+    @property
+    def tokens(self) -> int:
+        return self.T * self.B
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dict(T=self.T, B=self.B, D=self.D, H=self.H, O=self.O)
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell_name} T={self.T} B={self.B} D={self.D} H={self.H}"
+
+
+def make_problem(cell_name: str, T: int, B: int, D: int, H: int, O: int, key) -> Problem:
+    """Random params (the cell's default init), readout, inputs ~ N(0, 1) and targets."""
+    cell = CELLS[cell_name](H)
+    k = jax.random.split(key, 4)
+    params = cell.init(k[0], D)
+    readout = bptt_jax.init_readout(k[1], H, O)
+    xs = jax.random.normal(k[2], (T, B, D), jnp.float32)
+    targets = jax.random.randint(k[3], (T, B), 0, O, jnp.int32)
+    return Problem(cell_name, T, B, D, H, O, cell, params, readout, xs, targets)
+
+
+# ------------------------------------------------------------------------------- variants
+#: A loss builder: ``build(cell, targets, truncate) -> loss(params, readout, xs) -> scalar``.
+LossBuilder = Callable[[Any, jax.Array, "int | None"], Callable[..., jax.Array]]
+
+
+def sequence_loss_variant(backward: str, **options) -> LossBuilder:
+    """The benchmark loss through ``bptt_jax.sequence_loss(..., backward=backward, **options)``."""
+
+    def build(cell, targets, truncate=None):
+        def loss(params, readout, xs):
+            return bptt_jax.sequence_loss(
+                cell, params, readout, xs, targets, truncate=truncate, backward=backward, **options
+            )
+
+        return loss
+
+    return build
+
+
+#: Every gradient path the benchmarks can time, by name; configs name them. A new path is one
+#: entry, e.g. ``"checkpointed": sequence_loss_variant("checkpointed", segment=64)``. An entry
+#: whose loss fails to trace (a backward the engine does not have yet) is reported unavailable
+#: and skipped where a config lists it (see :func:`unavailable`).
+VARIANTS: dict[str, LossBuilder] = {
+    "manual": sequence_loss_variant("manual"),
+    "autodiff": sequence_loss_variant("autodiff"),
+}
+#: The variant every other is checked against: ``jax.grad`` of the plain per-step scan.
+REFERENCE = "autodiff"
+
+_unavailable_cache: dict[str, str | None] = {}
+
+
+def unavailable(name: str) -> str | None:
+    """``None`` when variant ``name`` traces on a tiny problem; else why not (one line)."""
+    if name not in _unavailable_cache:
+        p = make_problem("elman", 4, 2, 3, 5, 3, jax.random.key(0))
+        loss = VARIANTS[name](p.cell, p.targets, None)
+        try:
+            jax.eval_shape(jax.grad(loss, argnums=(0, 1)), p.params, p.readout, p.xs)
+            _unavailable_cache[name] = None
+        except Exception as e:  # noqa: BLE001 - any failure to trace means "not available"
+            _unavailable_cache[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    return _unavailable_cache[name]
+
+
+def grad_function(problem: Problem, variant: str, truncate: int | None = None):
+    """``jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))``: (params, readout, xs) ->
+    ``(loss, (d params, d readout))``."""
+    loss = VARIANTS[variant](problem.cell, problem.targets, truncate)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+# ------------------------------------------------------------------------------- memory
+def memory_of(compiled) -> dict[str, int | None]:
+    """XLA's memory account of a compiled program, in bytes (``None`` where not reported)."""
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        mem = None
+    out: dict[str, int | None] = {}
+    for key, attr in (
+        ("temp_bytes", "temp_size_in_bytes"),
+        ("argument_bytes", "argument_size_in_bytes"),
+        ("output_bytes", "output_size_in_bytes"),
+        ("code_bytes", "generated_code_size_in_bytes"),
+    ):
+        v = getattr(mem, attr, None) if mem is not None else None
+        out[key] = int(v) if v is not None else None
+    return out
+
+
+def device_peak_bytes() -> int | None:
+    """The device's ``peak_bytes_in_use`` (GPU, TPU), or ``None`` (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
+
+
+# ------------------------------------------------------------------------------- timing
+@dataclasses.dataclass
+class Timed:
+    """Something ready to time: ``run()`` does one gradient step and blocks until it is done.
+
+    Built only after its check passed (``check`` records the error against the reference).
+    """
+
+    name: str
+    run: Callable[[], Any]
+    compile_s: float | None  # jit + compile (or, for eager peers, the first call)
+    memory: dict[str, int | None]
+    check: dict[str, Any]
+
+
+def time_interleaved(
+    runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, min_sample_s: float = 0.0
+) -> dict[str, dict[str, Any]]:
+    """Median, quartiles and min seconds per call of each ``run``, sampled in turn.
+
+    Each round takes one sample of every variant, rotating which goes first, so that drift of
+    the machine and the order within a round affect all alike. A sample is ``number`` calls
+    (``number`` grows until a sample lasts ``min_sample_s``); its time is per call.
+    """
+    names = list(runs)
+    number = {}
+    for name in names:
+        per_call = math.inf
+        for _ in range(max(warmup, 1)):
+            start = time.perf_counter()
+            runs[name]()
+            per_call = time.perf_counter() - start
+        number[name] = max(1, math.ceil(min_sample_s / per_call)) if min_sample_s > 0 else 1
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            run, n = runs[name], number[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                run()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: summarize(samples[name], number[name]) for name in names}
+
+
+def summarize(samples: list[float], number: int = 1) -> dict[str, Any]:
+    q25, q75 = (float(q) for q in np.percentile(samples, [25, 75]))
+    return dict(
+        median_s=statistics.median(samples),
+        q25_s=q25,
+        q75_s=q75,
+        iqr_s=q75 - q25,
+        min_s=min(samples),
+        max_s=max(samples),
+        repeats=len(samples),
+        calls_per_sample=number,
+        samples_s=list(samples),
+    )
+
+
+# ------------------------------------------------------------------------------- checking
+class EntryFailed(RuntimeError):
+    """An entry could not be prepared (compile error, out of memory, ...): it is not timed."""
+
+
+class CheckFailed(EntryFailed):
+    """A gradient path disagrees with the reference: it must not be timed."""
+
+
+def _leaves(out) -> list[tuple[str, Any]]:
+    paths, _ = jax.tree_util.tree_flatten_with_path(out)
+    return [(jax.tree_util.keystr(p), v) for p, v in paths]
+
+
+def compare(out, ref) -> tuple[float, str]:
+    """Max normwise relative error over the value and every gradient leaf, and where."""
+    got, want = _leaves(out), _leaves(ref)
+    if [k for k, _ in got] != [k for k, _ in want]:
+        raise CheckFailed(f"output structure {[k for k, _ in got]} != {[k for k, _ in want]}")
+    worst, where = 0.0, ""
+    for (name, a), (_, b) in zip(got, want):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            raise CheckFailed(f"{name}: shape {a.shape} != reference {b.shape}")
+        err = relative_error(a, b) if np.all(np.isfinite(a)) else math.inf
+        if not err <= worst:  # NaN and inf become the worst
+            worst, where = (err if not math.isnan(err) else math.inf), name
+    return worst, where
+
+
+# ------------------------------------------------------------------------------- session
+class Session:
+    """One benchmark run: the config, problems and checked, compiled variants (cached), and
+    the failures and notes collected on the way."""
+
+    def __init__(self, cfg, print_fn: Callable[..., None] = print):
+        self.cfg = cfg
+        self.print = print_fn
+        self.key = jax.random.key(cfg.seed)
+        self.failures: list[dict[str, str]] = []
+        self.notes: list[str] = []
+        self._problems: dict[tuple, Problem] = {}
+        self._compiled: dict[tuple, Timed] = {}
+        self._reference: dict[tuple, tuple] = {}  # (output, compile_s, compiled, args)
+
+    # -- problems and tolerance
+    def problem(self, cell_name: str, T: int, B: int, D: int, H: int) -> Problem:
+        k = (cell_name, T, B, D, H)
+        if k not in self._problems:
+            key = jax.random.fold_in(self.key, zlib.crc32(repr(k).encode()) % 2**31)
+            self._problems[k] = make_problem(cell_name, T, B, D, H, self.cfg.outputs, key)
+        return self._problems[k]
+
+    def tolerance(self, T: int) -> float:
+        c = self.cfg.check
+        return c.rtol * math.sqrt(max(1.0, T / c.long_T))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.print(f"  note: {text}", flush=True)
+
+    def fail(self, part: str, entry: str, error: BaseException | str) -> None:
+        msg = str(error)
+        self.failures.append(dict(part=part, entry=entry, error=msg))
+        bar = "!" * 78
+        print(f"{bar}\nFAILED {part}: {entry}\n  {msg}\n  (not timed)\n{bar}", file=sys.stderr)
+        sys.stderr.flush()
+
+    # -- compiled, checked gradient paths
+    def _compile(self, problem: Problem, variant: str, truncate: int | None):
+        fn = grad_function(problem, variant, truncate)
+        args = (problem.params, problem.readout, problem.xs)
+        start = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        return compiled, args, compile_s
+
+    def reference(self, problem: Problem, truncate: int | None) -> tuple:
+        """The reference output (autodiff, same truncation), computed once per problem."""
+        k = (id(problem), truncate)
+        if k not in self._reference:
+            compiled, args, compile_s = self._compile(problem, REFERENCE, truncate)
+            out = jax.block_until_ready(compiled(*args))
+            if not all(np.all(np.isfinite(np.asarray(v))) for _, v in _leaves(out)):
+                raise CheckFailed(f"{problem.label}: the reference ({REFERENCE}) is not finite")
+            self._reference[k] = (out, compile_s, compiled, args)
+        return self._reference[k]
+
+    def prepare(self, problem: Problem, variant: str, truncate: int | None = None) -> Timed:
+        """Compile ``variant`` on ``problem``, check it against the reference, return it ready
+        to time. Raises :class:`CheckFailed` (never returns) when it disagrees."""
+        k = (id(problem), variant, truncate)
+        if k not in self._compiled:
+            try:
+                self._compiled[k] = self._prepare(problem, variant, truncate)
+            except EntryFailed:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported as this entry's failure
+                what = problem.label + (f" truncate={truncate}" if truncate else "")
+                raise EntryFailed(f"{what}: '{variant}': {type(e).__name__}: {e}") from e
+        return self._compiled[k]
+
+    def _prepare(self, problem: Problem, variant: str, truncate: int | None) -> Timed:
+        ref_out, ref_compile_s, ref_compiled, ref_args = self.reference(problem, truncate)
+        if variant == REFERENCE:
+            compiled, args, compile_s = ref_compiled, ref_args, ref_compile_s
+            err, where = 0.0, ""
+        else:
+            compiled, args, compile_s = self._compile(problem, variant, truncate)
+            out = jax.block_until_ready(compiled(*args))
+            err, where = compare(out, ref_out)
+        tol = self.tolerance(problem.T)
+        what = f"{problem.label}" + (f" truncate={truncate}" if truncate else "")
+        if not err <= tol:
+            raise CheckFailed(
+                f"{what}: '{variant}' disagrees with '{REFERENCE}': max relative error "
+                f"{err:.3g} at {where} > tolerance {tol:.3g}"
+            )
+        memory = memory_of(compiled)
+        jax.block_until_ready(compiled(*args))
+        memory["device_peak_bytes"] = device_peak_bytes()
+        return Timed(
+            name=variant,
+            run=lambda: jax.block_until_ready(compiled(*args)),
+            compile_s=compile_s,
+            memory=memory,
+            check=dict(reference=REFERENCE, max_rel_err=err, tolerance=tol, passed=True),
+        )
+
+    def measure(self, problem: Problem, timed: dict[str, Timed]) -> dict[str, dict[str, Any]]:
+        """Time ``timed`` side by side (interleaved); one record per entry with every number."""
+        t = self.cfg.timing
+        stats = time_interleaved(
+            {name: v.run for name, v in timed.items()}, t.repeats, t.warmup, t.min_sample_s
+        )
+        out = {}
+        for name, v in timed.items():
+            s = stats[name]
+            out[name] = dict(
+                **{k: s[k] for k in ("median_s", "q25_s", "q75_s", "iqr_s", "min_s", "max_s")},
+                tokens_per_s=problem.tokens / s["median_s"],
+                compile_s=v.compile_s,
+                **v.memory,
+                check=v.check,
+                repeats=s["repeats"],
+                calls_per_sample=s["calls_per_sample"],
+                samples_s=s["samples_s"],
+            )
+        return out
+
+
+# ------------------------------------------------------------------------------- environment
+def environment() -> dict[str, Any]:
+    """The machine and versions the numbers were taken on."""
+    dev = jax.devices()[0]
+    env = dict(
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        jax=jax.__version__,
+        jaxlib=_version("jaxlib"),
+        bptt_jax=bptt_jax.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        backend=jax.default_backend(),
+        device_kind=dev.device_kind,
+        device_count=jax.device_count(),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        processor=platform.processor() or None,
+        dtype="float32",
+        matmul_precision=str(jax.config.jax_default_matmul_precision),
+    )
+    for lib in ("torch", "flax"):
+        mod = sys.modules.get(lib)
+        env[lib] = getattr(mod, "__version__", None) if mod else None
+    return env
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def fmt_ms(s: float | None) -> str:
+    if s is None:
+        return "-"
+    ms = s * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"

@@ -1,0 +1,345 @@
+"""Part 4: other implementations of the same loss and gradient, timed beside bptt_jax.
+
+For each cell and ``[T, B, D, H]`` of ``[peers]``, each library of ``peers.libraries`` that is
+installed gets bptt_jax's own params (mapped to its layout), computes the same loss (mean
+softmax cross-entropy of a linear readout on every hidden state, zero initial state) and its
+gradient with respect to every weight, and is timed side by side with bptt_jax's hand-written
+path:
+
+* ``torch``: PyTorch ``nn.RNN`` (tanh) / ``nn.LSTM`` / ``nn.GRU`` and ``nn.Linear``,
+  ``loss.backward()``, time-major, on the GPU when JAX runs on one and torch sees CUDA
+  (``torch.cuda.synchronize`` ends each call), else on the CPU with torch's default threads;
+* ``flax``: Flax ``nn.RNN`` (time-major) around ``nn.SimpleCell`` / ``nn.LSTMCell`` /
+  ``nn.GRUCell``, ``jax.jit(jax.value_and_grad(...))``;
+* ``cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN), LSTM on a GPU only.
+
+Before timing, each peer's loss and gradients (mapped back to bptt_jax's params) are checked
+against bptt_jax's autodiff reference, which also proves the two compute the same problem.
+A library that is not installed, or that does not apply (cuDNN on a CPU, or for Elman/GRU), is
+noted and skipped: ``pip install -e ".[bench]"`` installs torch and flax.
+
+``time_vs_bptt[peer] = median(peer) / median(bptt_jax)``: above 1, bptt_jax is that many
+times faster.
+
+    python benchmarks/peers.py                               # configs/bench.toml, this part
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import harness
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bptt_jax
+
+BASELINE = "bptt_jax"
+
+
+class Unavailable(Exception):
+    """This library cannot run this entry here (not installed, no GPU, no such cell)."""
+
+
+def _xent_mean(logits, targets):
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return jnp.mean(lse - picked)
+
+
+def _checked(session, problem, name, run_once, to_ours, compile_s, memory, runner):
+    """Run once, map the gradients to bptt_jax's layout, check, and return a Timed."""
+    ref_out = session.reference(problem, None)[0]
+    value, grads = run_once()
+    out = (jnp.asarray(value, jnp.float32), to_ours(grads))
+    err, where = harness.compare(out, ref_out)
+    tol = session.tolerance(problem.T)
+    if not err <= tol:
+        raise harness.CheckFailed(
+            f"{problem.label}: peer '{name}' disagrees with '{harness.REFERENCE}': max relative "
+            f"error {err:.3g} at {where} > tolerance {tol:.3g}"
+        )
+    return harness.Timed(
+        name=name,
+        run=runner,
+        compile_s=compile_s,
+        memory=memory,
+        check=dict(reference=harness.REFERENCE, max_rel_err=err, tolerance=tol, passed=True),
+    )
+
+
+# ------------------------------------------------------------------------------- PyTorch
+def torch_peer(session, p: harness.Problem) -> harness.Timed:
+    try:
+        import torch
+    except ImportError as e:
+        raise Unavailable(f"torch is not installed ({e}); pip install -e '.[bench]'") from None
+    cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    T, B, D, H, O = p.T, p.B, p.D, p.H, p.O
+
+    def t(x):
+        return torch.from_numpy(np.array(x, np.float32)).to(dev)
+
+    if p.cell_name == "elman":
+        rnn = torch.nn.RNN(D, H, nonlinearity="tanh")
+        w_ih, w_hh = p.params.w_xh.T, p.params.w_hh.T
+        b_ih, b_hh = p.params.b_h, jnp.zeros_like(p.params.b_h)
+    elif p.cell_name == "lstm":
+        rnn = torch.nn.LSTM(D, H)
+        w_ih, w_hh = p.params.w_x.T, p.params.w_h.T
+        b_ih, b_hh = p.params.b, jnp.zeros_like(p.params.b)
+    else:
+        rnn = torch.nn.GRU(D, H)
+        w_ih, w_hh = p.params.w_x.T, p.params.w_h.T
+        b_ih, b_hh = p.params.b_x, p.params.b_h
+    lin = torch.nn.Linear(H, O)
+    rnn, lin = rnn.to(dev), lin.to(dev)
+    with torch.no_grad():
+        rnn.weight_ih_l0.copy_(t(w_ih))
+        rnn.weight_hh_l0.copy_(t(w_hh))
+        rnn.bias_ih_l0.copy_(t(b_ih))
+        rnn.bias_hh_l0.copy_(t(b_hh))
+        lin.weight.copy_(t(p.readout.w_hy.T))
+        lin.bias.copy_(t(p.readout.b_y))
+    xs = t(p.xs)
+    targets = torch.from_numpy(np.asarray(p.targets, np.int64).reshape(-1)).to(dev)
+    weights = [*rnn.parameters(), *lin.parameters()]
+
+    def step():
+        for w in weights:
+            w.grad = None
+        hs, _ = rnn(xs)
+        loss = torch.nn.functional.cross_entropy(lin(hs.reshape(T * B, H)), targets)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return loss
+
+    def run_once():
+        loss = step()
+        return loss.item(), None
+
+    def to_ours(_):
+        g = {n: w.grad.detach().cpu().numpy() for n, w in rnn.named_parameters()}
+        if p.cell_name == "elman":
+            cell = bptt_jax.ElmanParams(g["weight_ih_l0"].T, g["weight_hh_l0"].T, g["bias_ih_l0"])
+        elif p.cell_name == "lstm":
+            cell = bptt_jax.LSTMParams(g["weight_ih_l0"].T, g["weight_hh_l0"].T, g["bias_ih_l0"])
+        else:
+            cell = bptt_jax.GRUParams(
+                g["weight_ih_l0"].T, g["weight_hh_l0"].T, g["bias_ih_l0"], g["bias_hh_l0"]
+            )
+        ro = bptt_jax.ReadoutParams(
+            lin.weight.grad.detach().cpu().numpy().T, lin.bias.grad.detach().cpu().numpy()
+        )
+        return cell, ro
+
+    start = time.perf_counter()
+    first = run_once()
+    first_s = time.perf_counter() - start
+    memory = dict(temp_bytes=None, argument_bytes=None, output_bytes=None, code_bytes=None)
+    memory["device_peak_bytes"] = int(torch.cuda.max_memory_allocated()) if cuda else None
+    return _checked(session, p, "torch", lambda: first, to_ours, first_s, memory, step)
+
+
+# ------------------------------------------------------------------------------- Flax
+def flax_peer(session, p: harness.Problem) -> harness.Timed:
+    try:
+        from flax import linen as nn
+    except ImportError as e:
+        raise Unavailable(f"flax is not installed ({e}); pip install -e '.[bench]'") from None
+    H = p.H
+    q = p.params
+    if p.cell_name == "elman":
+        cell = nn.SimpleCell(H)
+        variables = {"i": {"kernel": q.w_xh, "bias": q.b_h}, "h": {"kernel": q.w_hh}}
+    elif p.cell_name == "lstm":
+        cell = nn.LSTMCell(H)
+        wx, wh, b = (jnp.split(a, 4, axis=-1) for a in (q.w_x, q.w_h, q.b))
+        variables = {}
+        for j, g in enumerate("ifgo"):
+            variables[f"i{g}"] = {"kernel": wx[j]}
+            variables[f"h{g}"] = {"kernel": wh[j], "bias": b[j]}
+    else:
+        cell = nn.GRUCell(H)
+        wx, wh, bx, bh = (jnp.split(a, 3, axis=-1) for a in (q.w_x, q.w_h, q.b_x, q.b_h))
+        variables = {
+            "ir": {"kernel": wx[0], "bias": bx[0] + bh[0]},
+            "iz": {"kernel": wx[1], "bias": bx[1] + bh[1]},
+            "in": {"kernel": wx[2], "bias": bx[2]},
+            "hr": {"kernel": wh[0]},
+            "hz": {"kernel": wh[1]},
+            "hn": {"kernel": wh[2], "bias": bh[2]},
+        }
+    rnn = nn.RNN(cell, time_major=True)
+    variables = {"params": {"cell": variables}}
+    targets = p.targets.reshape(-1)
+
+    def loss(variables, readout, xs):
+        hs = rnn.apply(variables, xs)
+        logits = hs.reshape(-1, H) @ readout.w_hy + readout.b_y
+        return _xent_mean(logits, targets)
+
+    args = (variables, p.readout, p.xs)
+    start = time.perf_counter()
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+
+    def to_ours(grads):
+        g, g_ro = grads
+        g = g["params"]["cell"]
+        if p.cell_name == "elman":
+            ours = bptt_jax.ElmanParams(g["i"]["kernel"], g["h"]["kernel"], g["i"]["bias"])
+        elif p.cell_name == "lstm":
+            cat = lambda side, leaf: jnp.concatenate(  # noqa: E731
+                [g[f"{side}{x}"][leaf] for x in "ifgo"], -1
+            )
+            ours = bptt_jax.LSTMParams(cat("i", "kernel"), cat("h", "kernel"), cat("h", "bias"))
+        else:
+            w_x = jnp.concatenate([g[n]["kernel"] for n in ("ir", "iz", "in")], -1)
+            w_h = jnp.concatenate([g[n]["kernel"] for n in ("hr", "hz", "hn")], -1)
+            b_x = jnp.concatenate([g[n]["bias"] for n in ("ir", "iz", "in")], -1)
+            b_h = jnp.concatenate([g["ir"]["bias"], g["iz"]["bias"], g["hn"]["bias"]], -1)
+            ours = bptt_jax.GRUParams(w_x, w_h, b_x, b_h)
+        return ours, g_ro
+
+    memory = harness.memory_of(f)
+
+    def run_once():
+        return jax.block_until_ready(f(*args))
+
+    memory["device_peak_bytes"] = None
+    timed = _checked(
+        session, p, "flax", run_once, to_ours, compile_s, memory,
+        lambda: jax.block_until_ready(f(*args)),
+    )  # fmt: skip
+    timed.memory["device_peak_bytes"] = harness.device_peak_bytes()
+    return timed
+
+
+# ------------------------------------------------------------------------------- cuDNN
+def cudnn_peer(session, p: harness.Problem) -> harness.Timed:
+    if jax.default_backend() != "gpu":
+        raise Unavailable(f"jax.experimental.rnn needs a GPU (backend: {jax.default_backend()})")
+    if p.cell_name != "lstm":
+        raise Unavailable("jax.experimental.rnn has an LSTM only")
+    from jax.experimental import rnn as jrnn
+
+    T, B, D, H = p.T, p.B, p.D, p.H
+    q = p.params
+    # cuDNN layout, one layer, one direction: W_ih (4H, D), W_hh (4H, H), b_ih, b_hh, flat;
+    # gates i, f, g, o as bptt_jax's.
+    weights = jnp.concatenate([q.w_x.T.ravel(), q.w_h.T.ravel(), q.b, jnp.zeros_like(q.b)])
+    assert weights.size == jrnn.get_num_params_in_lstm(D, H, 1, False)
+    zeros = jnp.zeros((1, B, H), jnp.float32)
+    lengths = jnp.full((B,), T, jnp.int32)
+    targets = p.targets.reshape(-1)
+
+    def loss(weights, readout, xs):
+        y, _, _ = jrnn.lstm(xs.swapaxes(0, 1), zeros, zeros, weights, lengths, D, H, 1, 0.0, False)
+        hs = y.swapaxes(0, 1).reshape(-1, H)
+        return _xent_mean(hs @ readout.w_hy + readout.b_y, targets)
+
+    args = (weights, p.readout, p.xs)
+    start = time.perf_counter()
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+
+    def to_ours(grads):
+        g, g_ro = grads
+        n_ih, n_hh = 4 * H * D, 4 * H * H
+        w_ih = g[:n_ih].reshape(4 * H, D)
+        w_hh = g[n_ih : n_ih + n_hh].reshape(4 * H, H)
+        b_ih = g[n_ih + n_hh : n_ih + n_hh + 4 * H]
+        return bptt_jax.LSTMParams(w_ih.T, w_hh.T, b_ih), g_ro
+
+    memory = harness.memory_of(f)
+    timed = _checked(
+        session, p, "cudnn", lambda: jax.block_until_ready(f(*args)), to_ours, compile_s, memory,
+        lambda: jax.block_until_ready(f(*args)),
+    )  # fmt: skip
+    timed.memory["device_peak_bytes"] = harness.device_peak_bytes()
+    return timed
+
+
+#: library name -> builder ``(session, problem) -> Timed`` (checked), or raises Unavailable.
+PEERS = {"torch": torch_peer, "flax": flax_peer, "cudnn": cudnn_peer}
+
+
+def run(session: harness.Session, cfg) -> list[dict[str, Any]]:
+    part = cfg.peers
+    session.print(HEADER + "\n" + "-" * len(HEADER), flush=True)
+    rows, noted = [], set()
+    for cell_name in part.cells:
+        for T, B, D, H in part.sizes:
+            problem = session.problem(cell_name, T, B, D, H)
+            try:
+                timed = {BASELINE: session.prepare(problem, "manual")}
+            except harness.EntryFailed as e:
+                session.fail("peers", problem.label, e)
+                continue
+            skipped = {}
+            for lib in part.libraries:
+                try:
+                    timed[lib] = PEERS[lib](session, problem)
+                except Unavailable as e:
+                    skipped[lib] = str(e)
+                    if (lib, str(e)) not in noted:
+                        noted.add((lib, str(e)))
+                        session.note(f"peers: {lib} skipped: {e}")
+                except harness.CheckFailed as e:
+                    session.fail("peers", f"{problem.label} {lib}", e)
+                except Exception as e:  # noqa: BLE001 - a peer's crash fails its entry only
+                    session.fail("peers", f"{problem.label} {lib}", f"{type(e).__name__}: {e}")
+            if len(timed) == 1:
+                continue
+            measured = session.measure(problem, timed)
+            base = measured[BASELINE]["median_s"]
+            ratio = {n: v["median_s"] / base for n, v in measured.items() if n != BASELINE}
+            row = dict(
+                cell=cell_name,
+                **problem.shape,
+                tokens=problem.tokens,
+                variants=measured,
+                skipped=skipped,
+                time_vs_bptt=ratio,
+            )
+            rows.append(row)
+            session.print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = (
+    f"{'cell':<6} {'T':>6} {'B':>4} {'D':>4} {'H':>4}  {'library':<9} {'ms':>8} {'IQR ms':>7} "
+    f"{'Mtok/s':>7} {'x bptt_jax':>10}"
+)
+
+
+def format_row(row: dict) -> str:
+    lines = []
+    for i, (name, v) in enumerate(row["variants"].items()):
+        head = (
+            f"{row['cell']:<6} {row['T']:>6} {row['B']:>4} {row['D']:>4} {row['H']:>4}"
+            if i == 0
+            else " " * 28
+        )
+        r = row["time_vs_bptt"].get(name)
+        lines.append(
+            f"{head}  {name:<9} {harness.fmt_ms(v['median_s']):>8} "
+            f"{harness.fmt_ms(v['iqr_s']):>7} {v['tokens_per_s'] / 1e6:7.3f} "
+            f"{'' if r is None else f'{r:.2f}x':>10}"
+        )
+    return "\n".join(lines)
+
+
+def table(rows: list[dict]) -> list[str]:
+    return [HEADER, "-" * len(HEADER), *(format_row(r) for r in rows)]
+
+
+if __name__ == "__main__":
+    import run as runner
+
+    raise SystemExit(runner.main(parts=["peers"]))

@@ -1,0 +1,121 @@
+"""PNG plots of a results dict (matplotlib, no display needed).
+
+* ``tokens_per_s_vs_T.png``: the ``scaling`` part, tokens/s of each variant against T;
+* ``memory_vs_T.png``: the ``scaling`` part, XLA temp memory (and the device's peak, on a GPU)
+  of each variant against T;
+* ``tokens_per_s_vs_k.png``: the ``truncation`` part, tokens/s against k, full BPTT as a line;
+* ``ratios.png``: the speedups of the hand-written path: autodiff/manual per cell and size, and
+  each peer's time over bptt_jax's.
+
+A plot whose part did not run (or has no timings) is not drawn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _title(results: dict, what: str) -> str:
+    env = results["environment"]
+    return f"{what}\n{env['device_kind']} ({env['backend']}), jax {env['jax']}, float32"
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def tokens_vs_T(results: dict, out: Path) -> str | None:
+    rows = results.get("scaling") or []
+    if not rows or "median_s" not in next(iter(rows[0]["variants"].values())):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in rows[0]["variants"]:
+        pts = [(r["T"], r["variants"][name]["tokens_per_s"]) for r in rows if name in r["variants"]]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    r0 = rows[0]
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="tokens/s (T*B / s)")
+    ax.set_title(_title(results, f"{r0['cell']} B={r0['B']} D={r0['D']} H={r0['H']}"), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, out / "tokens_per_s_vs_T.png")
+
+
+def memory_vs_T(results: dict, out: Path) -> str | None:
+    rows = results.get("scaling") or []
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in rows[0]["variants"]:
+        for key, style, label in (
+            ("temp_bytes", "-", "XLA temp"),
+            ("device_peak_bytes", "--", "device peak"),
+        ):
+            pts = [
+                (r["T"], r["variants"][name][key] / 2**20)
+                for r in rows
+                if name in r["variants"] and r["variants"][name].get(key)
+            ]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", label=f"{name} ({label})")
+    r0 = rows[0]
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="MiB")
+    ax.set_title(_title(results, f"memory, {r0['cell']} B={r0['B']} H={r0['H']}"), fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "memory_vs_T.png")
+
+
+def tokens_vs_k(results: dict, out: Path) -> str | None:
+    res = results.get("truncation")
+    if not res:
+        return None
+    entries = res["entries"]
+    ks = [(v["truncate"], v["tokens_per_s"]) for v in entries.values() if v["truncate"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if ks:
+        ax.plot(*zip(*sorted(ks)), marker="o", label=f"truncate=k ({res['variant']})")
+    ax.axhline(entries["full"]["tokens_per_s"], color="k", ls="--", label="full BPTT")
+    ax.set(xscale="log", xlabel="truncation length k", ylabel="tokens/s (T*B / s)")
+    ax.set_xscale("log", base=2)
+    ax.set_title(
+        _title(results, f"{res['cell']} T={res['T']} B={res['B']} D={res['D']} H={res['H']}"),
+        fontsize=9,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, out / "tokens_per_s_vs_k.png")
+
+
+def ratios(results: dict, out: Path) -> str | None:
+    bars: list[tuple[str, float]] = []
+    for r in results.get("manual_vs_autodiff") or []:
+        for name, v in r.get("time_vs_manual", {}).items():
+            bars.append((f"{r['cell']} {r['T']},{r['B']},{r['D']},{r['H']}\n{name}/manual", v))
+    for r in results.get("peers") or []:
+        for name, v in r["time_vs_bptt"].items():
+            bars.append((f"{r['cell']} {r['T']},{r['B']},{r['D']},{r['H']}\n{name}/bptt_jax", v))
+    if not bars:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(bars)), 4.6))
+    labels, values = zip(*bars)
+    ax.bar(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("time(other) / time(bptt_jax manual)  (>1: bptt_jax faster)")
+    ax.set_title(_title(results, "speedup of the hand-written BPTT"), fontsize=9)
+    return _save(fig, out / "ratios.png")
+
+
+def make(results: dict[str, Any], out: Path) -> list[str]:
+    """Draw every plot the results have data for; return the paths written."""
+    paths = [f(results, out) for f in (tokens_vs_T, tokens_vs_k, memory_vs_T, ratios)]
+    return [p for p in paths if p]

@@ -1,0 +1,231 @@
+"""The benchmark runner: read a config, run its parts, print tables, write JSON and plots.
+
+    python benchmarks/run.py                        # configs/bench.toml (= `bptt-jax bench`)
+    python benchmarks/run.py bench_gpu out=results/gpu timing.repeats=20
+
+Parts, in the order ``parts`` lists them (each is a script here, also runnable alone):
+``manual_vs_autodiff``, ``scaling`` (tokens/s and memory vs T), ``truncation``, ``peers``,
+``floor``. Every timed gradient path is checked against autodiff first; an entry that fails
+its check is reported loudly and never timed, and the run exits 1.
+
+Writes to the config's ``out`` folder: ``bench.json`` (every number: environment, config,
+each part's rows with all samples, the targets of issue 5 and whether they were met,
+failures, notes) and the PNG plots of ``plots.py``. A single part run as a script writes
+``<part>.json`` instead, so it does not overwrite a whole run's results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import floor
+import harness
+import jax
+import manual_vs_autodiff
+import peers
+import plots
+import scaling
+import truncation
+
+from bptt_jax import bench, config
+
+PARTS = {
+    "manual_vs_autodiff": (manual_vs_autodiff, "hand-written BPTT vs jax.grad of the plain scan"),
+    "scaling": (scaling, "tokens/s and memory against sequence length T"),
+    "truncation": (truncation, "full BPTT vs truncated BPTT (truncate=k)"),
+    "peers": (peers, "other implementations of the same loss and gradient"),
+    "floor": (floor, "bptt_jax against the matmuls it cannot avoid"),
+}
+SCHEMA_VERSION = 1
+
+
+def check_names(cfg) -> None:
+    """Every variant a config names exists in ``harness.VARIANTS`` (else a ConfigError)."""
+    known = ", ".join(harness.VARIANTS)
+    named = [
+        (f"{part}.variants[{i}]", v)
+        for part in ("manual_vs_autodiff", "scaling")
+        for i, v in enumerate(getattr(cfg, part).variants)
+    ]
+    named.append(("truncation.variant", cfg.truncation.variant))
+    for key, v in named:
+        if v not in harness.VARIANTS:
+            raise config.ConfigError(f"config: '{key}' = {v!r} is not a variant; known: {known}")
+
+
+# ----------------------------------------------------------------------------- targets
+#: Issue 5's targets, as (name, threshold, kind): each is checked where the results have it.
+TARGETS = {
+    "elman_vs_autodiff": 1.3,  # autodiff/manual time, Elman, H <= 256
+    "gated_vs_autodiff": 1.1,  # LSTM and GRU, H <= 256
+    "never_below": 0.95,  # autodiff/manual at any size
+    "temp_vs_autodiff": 1.0,  # temp(autodiff)/temp(manual) >= 1: never more memory
+    "truncation_k64": 1.4,  # tokens/s(k)/tokens/s(full) for k >= 64
+    "torch_small": 1.4,  # torch/bptt_jax, Elman and GRU, small B*H (per-step cost dominates)
+    "torch_large": 0.8,  # torch/bptt_jax, Elman and GRU, large B*H
+    "torch_lstm": 1 / 1.3,  # torch/bptt_jax for LSTM: bptt_jax within 1.3x of oneDNN's LSTM
+}
+#: B*H at or below which a size counts as "small" (per-step cost dominates) for the torch
+#: targets; an assumption of this suite, stated in benchmarks/README.md.
+SMALL_BH = 32 * 128
+
+
+def targets(results: dict) -> list[dict[str, Any]]:
+    out = []
+
+    def add(target, entry, value, threshold):
+        if value is not None:
+            out.append(
+                dict(
+                    target=target,
+                    entry=entry,
+                    value=value,
+                    threshold=threshold,
+                    met=bool(value >= threshold),
+                )
+            )
+
+    for r in results.get("manual_vs_autodiff") or []:
+        entry = f"{r['cell']} T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
+        speed = r.get("time_vs_manual", {}).get("autodiff")
+        temp = r.get("temp_vs_manual", {}).get("autodiff")
+        if r["H"] <= 256:
+            key = "elman_vs_autodiff" if r["cell"] == "elman" else "gated_vs_autodiff"
+            add(key, entry, speed, TARGETS[key])
+        add("never_below", entry, speed, TARGETS["never_below"])
+        add("temp_vs_autodiff", entry, temp, TARGETS["temp_vs_autodiff"])
+    tr = results.get("truncation")
+    if tr:
+        for name, v in tr["entries"].items():
+            if v["truncate"] and v["truncate"] >= 64:
+                entry = f"{tr['cell']} T={tr['T']} B={tr['B']} H={tr['H']} {name}"
+                add("truncation_k64", entry, tr["tokens_per_s_vs_full"][name], 1.4)
+    for r in results.get("peers") or []:
+        ratio = r["time_vs_bptt"].get("torch")
+        entry = f"{r['cell']} T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
+        if r["cell"] == "lstm":
+            add("torch_lstm", entry, ratio, TARGETS["torch_lstm"])
+        elif r["B"] * r["H"] <= SMALL_BH:
+            add("torch_small", entry, ratio, TARGETS["torch_small"])
+        else:
+            add("torch_large", entry, ratio, TARGETS["torch_large"])
+    return out
+
+
+# ----------------------------------------------------------------------------- running
+def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
+    """Run the parts of ``cfg``; return the results dict (also what goes to JSON)."""
+    start = time.perf_counter()
+    precision = None if cfg.matmul_precision == "default" else cfg.matmul_precision
+    jax.config.update("jax_default_matmul_precision", precision)
+    session = harness.Session(cfg, print_fn)
+    env = harness.environment()
+    for lib in ("torch", "flax"):  # versions of the peers, when installed
+        if "peers" in cfg.parts and lib in cfg.peers.libraries and env.get(lib) is None:
+            try:
+                env[lib] = __import__(lib).__version__
+            except ImportError:
+                pass
+    print_fn(
+        f"bptt-jax bench: jax {env['jax']} on {env['backend']} ({env['device_kind']}), "
+        f"{env['cpu_count']} CPUs, {env['machine']}; float32, loss xent O={cfg.outputs}, "
+        f"matmul precision {cfg.matmul_precision}\n"
+        f"config {config_file or '(defaults)'}: parts {', '.join(cfg.parts)}; median of "
+        f"{cfg.timing.repeats} interleaved runs after {cfg.timing.warmup} warm-up; gradients "
+        f"checked against '{harness.REFERENCE}' (rtol {cfg.check.rtol:g}) before timing",
+        flush=True,
+    )
+    results: dict[str, Any] = dict(
+        schema_version=SCHEMA_VERSION,
+        config_file=None if config_file is None else str(config_file),
+        config=config.to_dict(cfg),
+        environment=env,
+        part_seconds={},
+    )
+    for name in cfg.parts:
+        module, what = PARTS[name]
+        print_fn(f"\n== {name}: {what}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name] = module.run(session, cfg)
+        except Exception as e:  # noqa: BLE001 - a crashed part is a failure, the rest runs
+            session.fail(name, "(the whole part)", f"{type(e).__name__}: {e}")
+            results[name] = None
+        results["part_seconds"][name] = time.perf_counter() - t0
+    results["targets"] = targets(results)
+    results["failures"] = session.failures
+    results["notes"] = session.notes
+    results["passed"] = not session.failures
+    results["wall_s"] = time.perf_counter() - start
+    return results
+
+
+def summary(results: dict) -> list[str]:
+    lines = ["", "== summary"]
+    if results["targets"]:
+        lines.append("issue 5 targets (ratio >= threshold; times are medians of this run):")
+        for t in results["targets"]:
+            lines.append(
+                f"  {'met ' if t['met'] else 'MISS'} {t['target']:<18} {t['entry']:<40} "
+                f"{t['value']:6.2f} >= {t['threshold']:.2f}"
+            )
+    for n in results["notes"]:
+        lines.append(f"note: {n}")
+    for f in results["failures"]:
+        lines.append(f"FAILED {f['part']}: {f['entry']}: {f['error']}")
+    secs = ", ".join(f"{k} {v:.0f}s" for k, v in results["part_seconds"].items())
+    lines.append(f"wall time {results['wall_s']:.0f} s ({secs})")
+    return lines
+
+
+def write_json(results: dict, path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def main_with_config(cfg, config_file: str | None = None, name: str = "bench") -> int:
+    """Run ``cfg``, write ``<out>/<name>.json`` and the plots, print a summary; exit status."""
+    check_names(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run(cfg, config_file)
+    results["plots"] = plots.make(results, out) if cfg.plots else []
+    path = out / f"{name}.json"
+    write_json(results, path)
+    for line in summary(results):
+        print(line)
+    print(f"wrote {path}" + "".join(f", {Path(p).name}" for p in results["plots"]))
+    if not results["passed"]:
+        print(f"{len(results['failures'])} entries FAILED (not timed): see above", file=sys.stderr)
+    return 0 if results["passed"] else 1
+
+
+def main(argv: list[str] | None = None, parts: list[str] | None = None) -> int:
+    """Command line of the runner and of each part's script (``parts`` fixes which run)."""
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0]
+        + (f" Runs only: {', '.join(parts)}." if parts else "")
+    )
+    config.add_arguments(parser, default="bench")
+    args = parser.parse_args(argv)
+    try:
+        cfg = bench.check_config(config.from_args(bench.BenchConfig, args))
+        if parts:
+            cfg = dataclasses.replace(cfg, parts=tuple(parts))
+        return main_with_config(cfg, args.config, name=parts[0] if parts else "bench")
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""``bptt-jax bench``: the benchmark suite's config schema and command-line entry point.
+
+The suite itself is the plain scripts in the repository's ``benchmarks/`` folder (a timing
+harness, one script per measurement, one runner); this module only describes what a config may
+say, checks it, and hands it to ``benchmarks/run.py``. The scripts stay outside the package so
+that they read as what they are, programs that time the library from the outside, and so that
+each still runs on its own (``python benchmarks/truncation.py``). They are found next to the
+package, as ``configs/`` is, so ``bptt-jax bench`` needs the repository (an editable install,
+``pip install -e .``).
+
+    bptt-jax bench                                  # configs/bench.toml
+    bptt-jax bench bench_gpu                        # configs/bench_gpu.toml
+    bptt-jax bench bench_tiny out=/tmp/b timing.repeats=3 parts='["floor"]'
+
+Exit status: 0 when every entry was checked and timed, 1 when a gradient check failed or an
+entry could not run (it is reported, never timed), 2 for a config error (the message names the
+key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Literal
+
+from bptt_jax import config
+
+Cell = Literal["elman", "lstm", "gru"]
+Part = Literal["manual_vs_autodiff", "scaling", "truncation", "peers", "floor"]
+Library = Literal["torch", "flax", "cudnn"]
+PARTS: tuple[str, ...] = ("manual_vs_autodiff", "scaling", "truncation", "peers", "floor")
+
+#: Where the benchmark scripts live (``<repo>/benchmarks``), beside ``configs/``.
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+#: Sizes are ``[T, B, D, H]``: sequence length, batch, input size, hidden size.
+Size = tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How every timed entry is measured (the same for all parts)."""
+
+    repeats: int = 10  # timed samples per variant, interleaved round-robin across variants
+    warmup: int = 2  # untimed calls per variant after compiling, before timing
+    min_sample_s: float = 0.0  # calls per sample are batched until a sample lasts this long
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The check that runs before any timing: each gradient path against autodiff."""
+
+    rtol: float = 1e-4  # max normwise relative error of value and every gradient leaf...
+    long_T: int = 1024  # ...times sqrt(T / long_T) for T above this (float32 sums grow with T)
+
+
+@dataclasses.dataclass(frozen=True)
+class ManualVsAutodiff:
+    """Part 1: the hand-written BPTT against ``jax.grad`` of the plain per-step scan."""
+
+    cells: tuple[Cell, ...] = ("elman", "lstm", "gru")
+    sizes: tuple[Size, ...] = ((100, 32, 64, 128),)  # [T, B, D, H] each
+    variants: tuple[str, ...] = ("manual", "autodiff")  # names in harness.VARIANTS
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling:
+    """Part 2: one cell over a sweep of sequence lengths: tokens/s and memory vs T."""
+
+    cell: Cell = "elman"
+    T: tuple[int, ...] = (128, 512, 2048)
+    B: int = 32
+    D: int = 32
+    H: int = 128
+    variants: tuple[str, ...] = ("manual", "autodiff")  # unavailable ones are noted, skipped
+    time: bool = True  # false: compile, check and memory only (large T on a small machine)
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncation:
+    """Part 3: full BPTT against ``truncate=k`` on one long sequence."""
+
+    cell: Cell = "elman"
+    T: int = 4096
+    B: int = 8
+    D: int = 32
+    H: int = 64
+    k: tuple[int, ...] = (16, 32, 64, 128, 256)
+    variant: str = "manual"
+
+
+@dataclasses.dataclass(frozen=True)
+class Peers:
+    """Part 4: other implementations of the same loss and gradient, when installed."""
+
+    cells: tuple[Cell, ...] = ("elman", "lstm", "gru")
+    sizes: tuple[Size, ...] = ((100, 32, 64, 128),)
+    libraries: tuple[Library, ...] = ("torch", "flax", "cudnn")  # cudnn: GPU and LSTM only
+
+
+@dataclasses.dataclass(frozen=True)
+class Floor:
+    """Part 5: bptt_jax against the matmuls it cannot avoid, at the machine's matmul rate."""
+
+    cells: tuple[Cell, ...] = ("elman", "lstm", "gru")
+    sizes: tuple[Size, ...] = ((100, 32, 64, 128),)
+    matmul_size: int = 1024  # n of the n x n @ n x n matmul that measures the rate
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Everything ``bptt-jax bench`` runs; each table is one part (see ``benchmarks/``)."""
+
+    out: str = "results/bench"  # output folder: bench.json and the PNG plots
+    parts: tuple[Part, ...] = PARTS  # which parts run, in this order
+    seed: int = 0
+    outputs: int = 32  # O, the readout size (classes of the cross-entropy loss)
+    matmul_precision: Literal["default", "high", "highest"] = "default"
+    plots: bool = True
+    timing: Timing = Timing()
+    check: Check = Check()
+    manual_vs_autodiff: ManualVsAutodiff = ManualVsAutodiff()
+    scaling: Scaling = Scaling()
+    truncation: Truncation = Truncation()
+    peers: Peers = Peers()
+    floor: Floor = Floor()
+
+
+def _positive(key: str, value, minimum: int | float = 1) -> None:
+    if value < minimum:
+        raise config.ConfigError(f"config: '{key}' must be >= {minimum}; got {value!r}")
+
+
+def check_config(cfg: BenchConfig) -> BenchConfig:
+    """The checks a schema's types cannot express; each :class:`ConfigError` names its key."""
+    _positive("outputs", cfg.outputs)
+    _positive("timing.repeats", cfg.timing.repeats)
+    _positive("timing.warmup", cfg.timing.warmup, 0)
+    _positive("timing.min_sample_s", cfg.timing.min_sample_s, 0)
+    if not cfg.check.rtol > 0:
+        raise config.ConfigError(f"config: 'check.rtol' must be > 0; got {cfg.check.rtol!r}")
+    _positive("check.long_T", cfg.check.long_T)
+    for part in ("manual_vs_autodiff", "peers", "floor"):
+        for i, size in enumerate(getattr(cfg, part).sizes):
+            if len(size) != 4 or min(size) < 1:
+                raise config.ConfigError(
+                    f"config: '{part}.sizes[{i}]' must be [T, B, D, H], four positive ints; "
+                    f"got {list(size)}"
+                )
+    for name in ("B", "D", "H"):
+        _positive(f"scaling.{name}", getattr(cfg.scaling, name))
+    for i, t in enumerate(cfg.scaling.T):
+        _positive(f"scaling.T[{i}]", t)
+    for name in ("T", "B", "D", "H"):
+        _positive(f"truncation.{name}", getattr(cfg.truncation, name))
+    for i, k in enumerate(cfg.truncation.k):
+        _positive(f"truncation.k[{i}]", k)
+    _positive("floor.matmul_size", cfg.floor.matmul_size)
+    if len(set(cfg.parts)) != len(cfg.parts):
+        raise config.ConfigError(f"config: 'parts' lists a part twice: {list(cfg.parts)}")
+    return cfg
+
+
+def load_config(name_or_path=None, overrides=()) -> BenchConfig:
+    """A checked :class:`BenchConfig` from a TOML file (or defaults) and overrides."""
+    return check_config(config.load(BenchConfig, name_or_path, overrides))
+
+
+def load_runner():
+    """Import ``benchmarks/run.py`` from the repository (its folder goes on ``sys.path``)."""
+    run_py = BENCHMARKS_DIR / "run.py"
+    if not run_py.is_file():
+        raise FileNotFoundError(
+            f"bptt-jax bench: the benchmark scripts were not found at {BENCHMARKS_DIR}; they "
+            "live in the repository, not in the installed package: run from a clone installed "
+            "with `pip install -e .`"
+        )
+    if str(BENCHMARKS_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS_DIR))
+    if "run" in sys.modules and Path(sys.modules["run"].__file__ or "") == run_py:
+        return sys.modules["run"]
+    spec = importlib.util.spec_from_file_location("run", run_py)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def add_cli_arguments(parser) -> None:
+    config.add_arguments(parser, default="bench")
+
+
+def cli_main(args) -> int:
+    try:
+        cfg = check_config(config.from_args(BenchConfig, args))
+        runner = load_runner()
+        return runner.main_with_config(cfg, config_file=args.config)
+    except config.ConfigError as e:
+        print(f"bptt-jax bench: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
