@@ -31,6 +31,27 @@ def _select(m, a, b):
     return jax.tree.map(lambda x, y: jnp.where(m[:, None], x, y), a, b)
 
 
+def _zeros_like(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def _reset(r_t, carry):
+    """The carry entering a step, with examples whose ``r_t`` (B,) is set reset to zeros."""
+    return carry if r_t is None else _select(r_t, _zeros_like(carry), carry)
+
+
+def clip_delta(dstate, threshold):
+    """Scale each example's error ``delta_t`` (all carry parts together) to norm <= threshold.
+
+    ``delta * min(1, threshold / ||delta||)`` per example, the norm taken over every leaf of
+    the carry (``h`` and ``c`` for the LSTM).
+    """
+    sq = sum(jnp.sum(g * g, axis=-1) for g in jax.tree.leaves(dstate))  # (B,)
+    norm = jnp.sqrt(sq)
+    scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1)
+    return jax.tree.map(lambda g: g * scale[:, None].astype(g.dtype), dstate)
+
+
 def truncation_cuts(length: int, truncate: int | None):
     """Boolean (T,): step t's incoming carry is cut from the gradient (t = k, 2k, ...)."""
     if truncate is None or truncate >= length:
@@ -64,8 +85,10 @@ def _write(buf, row, t):
 # the buffer *after* that iteration's write (the neighbouring row is untouched), and carried.
 
 
-def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True):
+def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, resets=None):
     """Run the forward scan.
+
+    ``resets`` (T, B) bool, optional: where set, the carry entering step t is zeros.
 
     Returns:
       ``(states, residuals, carry_T)``: ``states`` is the carry after every step, stacked on
@@ -83,9 +106,10 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True):
 
     def body(scan_carry, inputs):
         carry, buf, xp_next = scan_carry
-        t, xp_t, m_t = inputs
+        t, xp_t, m_t, r_t = inputs
         if in_place:
             xp_t = xp_next
+        carry = _reset(r_t, carry)
         new, res = cell.forward(params, carry, xp_t + bias)
         if m_t is not None:  # padded step: the carry passes through unchanged
             new = _select(m_t, new, carry)
@@ -96,11 +120,125 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True):
 
     ts = jnp.arange(xs.shape[0])
     init = (carry0, xp, xp[0]) if in_place else (carry0, None, None)
-    (carry_t, buf, _), (states, res) = lax.scan(body, init, (ts, None if in_place else xp, mask))
+    (carry_t, buf, _), (states, res) = lax.scan(
+        body, init, (ts, None if in_place else xp, mask, resets)
+    )
     return states, (buf if in_place else res), carry_t
 
 
-def backward(cell, params, xs, carry0, mask, states, res, dhs, dcarry_t, truncate):
+def reverse_scan(
+    cell,
+    params,
+    carry0,
+    mask,
+    states,
+    res,
+    dhs,
+    dcarry_t,
+    cuts,
+    *,
+    resets=None,
+    delta_clip=None,
+    keep_deltas=False,
+):
+    """The reverse ``lax.scan`` of BPTT: ``delta`` from step T-1 down to 0.
+
+    Returns:
+      ``(dcarry0, dcols, deltas)``: the error on ``carry0``; each step's pre-activation
+      gradients ``dA_t`` (T, B, grad_blocks*H), written over ``res`` when the widths match;
+      and ``delta^h_t`` (T, B, H), the error reaching each hidden state (after clipping), when
+      ``keep_deltas`` (else ``None``).
+    """
+    t_len, b = cell.hidden(states).shape[:2]
+    h = cell.hidden_size
+    # Each step's pre-activation gradients overwrite its residuals in place (same width),
+    # so the backward allocates no second (T, B, G*H) buffer.
+    in_place = res is not None and cell.grad_blocks == cell.residual_blocks
+    if in_place:
+        buf = res
+    else:
+        buf = jnp.zeros((t_len, b, cell.grad_blocks * h), cell.hidden(states).dtype)
+
+    def body(scan_carry, inputs):
+        dstate, buf, res_next = scan_carry
+        t, state_t, dh_t, m_t, cut_t, r_t = inputs
+        res_t = res_next if in_place else (None if res is None else _index(res, t))
+        # The carry entering step t: carry0 at t = 0, else the state after step t-1.
+        prev_t = jax.tree.map(
+            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0))),
+            carry0,
+            states,
+        )
+        prev_t = _reset(r_t, prev_t)
+        if dh_t is not None:
+            dstate = cell.add_to_hidden(dstate, dh_t)
+        if delta_clip is not None:
+            dstate = clip_delta(dstate, delta_clip)
+        delta_h = cell.hidden(dstate) if keep_deltas else None
+        if m_t is None:
+            dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate)
+        else:  # padded step: its error goes straight to the previous carry
+            zeros = _zeros_like(dstate)
+            dprev, dcols = cell.backward(
+                params, res_t, state_t, prev_t, _select(m_t, dstate, zeros)
+            )
+            dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
+        if cut_t is not None:
+            dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
+        if r_t is not None:  # the carry was replaced by zeros: nothing flows further back
+            dprev = _select(r_t, _zeros_like(dprev), dprev)
+        buf = _write(buf, dcols, t)
+        if in_place:  # the residuals of step t-1, read after this step's write
+            res_next = _index(buf, jnp.maximum(t - 1, 0))
+        return (dprev, buf, res_next), delta_h
+
+    ts = jnp.arange(t_len)
+    init = (dcarry_t, buf, res[-1] if in_place else None)
+    (dcarry0, dcols, _), deltas = lax.scan(
+        body, init, (ts, states, dhs, mask, cuts, resets), reverse=True
+    )
+    return dcarry0, dcols, deltas
+
+
+def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
+    """Every shared-weight gradient, summed over all steps, as one matmul over T*B rows.
+
+    Returns ``(dparams, dxs)``: ``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, ``db = sum dA``
+    (assembled by the cell) and ``dX = dA W_x^T``.
+    """
+    t_len, b, d = xs.shape
+    h = cell.hidden_size
+    rows = t_len * b
+    dcols = dcols.reshape(rows, -1)
+    h_prev = jnp.concatenate([cell.hidden(carry0)[None], cell.hidden(states)[:-1]], 0)
+    if resets is not None:
+        h_prev = jnp.where(resets[..., None], 0, h_prev)
+    grads = cell.assemble_grads(
+        params,
+        xs.reshape(rows, d).T @ dcols,  # sum_t x_t^T dA_t
+        h_prev.reshape(rows, h).T @ dcols,  # sum_t h_{t-1}^T dA_t
+        dcols.sum(0),  # sum_t dA_t
+    )
+    dxs = (dcols @ cell.dx_kernel(params).T).reshape(t_len, b, d)
+    return grads, dxs
+
+
+def backward(
+    cell,
+    params,
+    xs,
+    carry0,
+    mask,
+    states,
+    res,
+    dhs,
+    dcarry_t,
+    truncate,
+    *,
+    resets=None,
+    delta_clip=None,
+    return_deltas=False,
+):
     """The hand-written BPTT: reverse scan over time, then the summed weight gradients.
 
     Args:
@@ -109,112 +247,131 @@ def backward(cell, params, xs, carry0, mask, states, res, dhs, dcarry_t, truncat
       dcarry_t: cotangent of the final carry.
       truncate: ``None`` (full BPTT) or k: the error on the carry entering steps k, 2k, ...
         is dropped, exactly as ``lax.stop_gradient`` on those carries would.
+      resets: optional (T, B) bool; the carry entering a reset step was zeros, so no error
+        flows back across it.
+      delta_clip: optional threshold: each example's error on the carry, ``delta_t`` (the
+        external ``dL/dh_t`` plus the error from step t+1), is scaled to norm at most this
+        before it enters step t's backward (see :func:`clip_delta`).
+      return_deltas: also return ``delta^h_t`` (T, B, H).
 
     Returns:
-      ``(dparams, dxs, dcarry0)``.
+      ``(dparams, dxs, dcarry0)``, plus ``deltas`` when ``return_deltas``.
     """
-    t_len, b, d = xs.shape
-    h = cell.hidden_size
-    cuts = truncation_cuts(t_len, truncate)
-    # Each step's pre-activation gradients overwrite its residuals in place (same width),
-    # so the backward allocates no second (T, B, G*H) buffer.
-    in_place = res is not None and cell.grad_blocks == cell.residual_blocks
-    if in_place:
-        buf = res
-    else:
-        buf = jnp.zeros((t_len, b, cell.grad_blocks * h), xs.dtype)
-
-    def body(scan_carry, inputs):
-        dstate, buf, res_next = scan_carry
-        t, state_t, dh_t, m_t, cut_t = inputs
-        res_t = res_next if in_place else (None if res is None else _index(res, t))
-        # The carry entering step t: carry0 at t = 0, else the state after step t-1.
-        prev_t = jax.tree.map(
-            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0))),
-            carry0,
-            states,
-        )
-        if dh_t is not None:
-            dstate = cell.add_to_hidden(dstate, dh_t)
-        if m_t is None:
-            dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate)
-        else:  # padded step: its error goes straight to the previous carry
-            zeros = jax.tree.map(jnp.zeros_like, dstate)
-            dprev, dcols = cell.backward(
-                params, res_t, state_t, prev_t, _select(m_t, dstate, zeros)
-            )
-            dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
-        if cut_t is not None:
-            dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
-        buf = _write(buf, dcols, t)
-        if in_place:  # the residuals of step t-1, read after this step's write
-            res_next = _index(buf, jnp.maximum(t - 1, 0))
-        return (dprev, buf, res_next), None
-
-    ts = jnp.arange(t_len)
-    init = (dcarry_t, buf, res[-1] if in_place else None)
-    (dcarry0, dcols, _), _ = lax.scan(body, init, (ts, states, dhs, mask, cuts), reverse=True)
-
-    # Every shared-weight gradient, summed over all steps, as one matmul over T*B rows.
-    rows = t_len * b
-    dcols = dcols.reshape(rows, -1)
-    h_prev = jnp.concatenate([cell.hidden(carry0)[None], cell.hidden(states)[:-1]], 0)
-    grads = cell.assemble_grads(
+    cuts = truncation_cuts(xs.shape[0], truncate)
+    dcarry0, dcols, deltas = reverse_scan(
+        cell,
         params,
-        xs.reshape(rows, d).T @ dcols,  # sum_t x_t^T dA_t
-        h_prev.reshape(rows, h).T @ dcols,  # sum_t h_{t-1}^T dA_t
-        dcols.sum(0),  # sum_t dA_t
+        carry0,
+        mask,
+        states,
+        res,
+        dhs,
+        dcarry_t,
+        cuts,
+        resets=resets,
+        delta_clip=delta_clip,
+        keep_deltas=return_deltas,
     )
-    dxs = (dcols @ cell.dx_kernel(params).T).reshape(t_len, b, d)
+    grads, dxs = weight_grads(cell, params, xs, carry0, states, dcols, resets)
+    if return_deltas:
+        return grads, dxs, dcarry0, deltas
     return grads, dxs, dcarry0
 
 
 # ---------------------------------------------------------------------------- unroll
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _unroll_manual(cell, truncate, params, xs, carry0, mask):
-    states, _, carry_t = forward(cell, params, xs, carry0, mask, keep_residuals=False)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _unroll_manual(cell, truncate, delta_clip, params, xs, carry0, mask, resets):
+    states, _, carry_t = forward(
+        cell, params, xs, carry0, mask, keep_residuals=False, resets=resets
+    )
     return cell.hidden(states), carry_t
 
 
-def _unroll_fwd(cell, truncate, params, xs, carry0, mask):
-    states, res, carry_t = forward(cell, params, xs, carry0, mask)
-    return (cell.hidden(states), carry_t), (params, xs, carry0, mask, states, res)
+def _unroll_fwd(cell, truncate, delta_clip, params, xs, carry0, mask, resets):
+    states, res, carry_t = forward(cell, params, xs, carry0, mask, resets=resets)
+    return (cell.hidden(states), carry_t), (params, xs, carry0, mask, resets, states, res)
 
 
-def _unroll_bwd(cell, truncate, saved, cotangents):
-    params, xs, carry0, mask, states, res = saved
+def _unroll_bwd(cell, truncate, delta_clip, saved, cotangents):
+    params, xs, carry0, mask, resets, states, res = saved
     dhs, dcarry_t = cotangents
     grads, dxs, dcarry0 = backward(
-        cell, params, xs, carry0, mask, states, res, dhs, dcarry_t, truncate
+        cell,
+        params,
+        xs,
+        carry0,
+        mask,
+        states,
+        res,
+        dhs,
+        dcarry_t,
+        truncate,
+        resets=resets,
+        delta_clip=delta_clip,
     )
-    return grads, dxs, dcarry0, None
+    return grads, dxs, dcarry0, None, None
 
 
 _unroll_manual.defvjp(_unroll_fwd, _unroll_bwd)
 
 
-def unroll_autodiff(cell, params, xs, carry0, mask=None, truncate=None):
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _clip_cotangent(carry, threshold):
+    """Identity whose VJP clips the cotangent like :func:`clip_delta` (autodiff reference)."""
+    return carry
+
+
+def _clip_cotangent_fwd(carry, threshold):
+    return carry, None
+
+
+def _clip_cotangent_bwd(threshold, _, g):
+    return (clip_delta(g, threshold),)
+
+
+_clip_cotangent.defvjp(_clip_cotangent_fwd, _clip_cotangent_bwd)
+
+
+def unroll_autodiff(
+    cell, params, xs, carry0, mask=None, truncate=None, resets=None, delta_clip=None
+):
     """The reference: a plain per-step ``lax.scan`` with no custom rule.
 
     This is the loop a user would write; ``jax.grad`` derives its backward. Truncation is
-    ``lax.stop_gradient`` on the carry entering steps k, 2k, ...
+    ``lax.stop_gradient`` on the carry entering steps k, 2k, ...; a reset replaces the
+    carry by zeros; ``delta_clip`` wraps each new carry in an identity whose VJP clips the
+    error arriving at it.
     """
     cuts = truncation_cuts(xs.shape[0], truncate)
 
     def body(carry, inputs):
-        x_t, m_t, cut_t = inputs
+        x_t, m_t, cut_t, r_t = inputs
         if cut_t is not None:
             carry = jax.tree.map(lambda c: jnp.where(cut_t, lax.stop_gradient(c), c), carry)
+        carry = _reset(r_t, carry)
         new, _ = cell.step(params, carry, x_t)
         if m_t is not None:
             new = _select(m_t, new, carry)
+        if delta_clip is not None:
+            new = _clip_cotangent(new, delta_clip)
         return new, cell.hidden(new)
 
-    carry_t, hs = lax.scan(body, carry0, (xs, mask, cuts))
+    carry_t, hs = lax.scan(body, carry0, (xs, mask, cuts, resets))
     return hs, carry_t
 
 
-def unroll(cell, params, xs, carry0=None, *, mask=None, truncate=None, backward="manual"):
+def unroll(
+    cell,
+    params,
+    xs,
+    carry0=None,
+    *,
+    mask=None,
+    resets=None,
+    truncate=None,
+    delta_clip=None,
+    backward="manual",
+):
     """Run ``cell`` over a time-major sequence; ``jax.grad`` uses the hand-written BPTT.
 
     Equivalent to::
@@ -241,10 +398,18 @@ def unroll(cell, params, xs, carry0=None, *, mask=None, truncate=None, backward=
       mask: optional ``(T, B)`` 0/1 or bool. Sequences are right-padded: at a step where the
         mask is 0 the carry passes through unchanged, so ``hs[t]`` repeats the last valid
         state and ``carry_T`` is each sequence's last valid state.
+      resets: optional ``(T, B)`` bool, for streams of concatenated sequences: where set, a
+        new sequence starts at step t, so the carry entering step t is replaced by zeros
+        (before the mask applies) and no error flows back across it.
       truncate: ``None`` for full BPTT, or k: truncated BPTT in chunks ``[0, k), [k, 2k),
         ...``; the forward is unchanged and the backward drops the error on the carry
         entering steps k, 2k, ... (exactly ``lax.stop_gradient`` there). ``carry0`` still
         gets the first chunk's gradient. ``truncate >= T`` is full BPTT.
+      delta_clip: optional positive threshold for per-step clipping of the error inside the
+        backward: at every step t, each example's ``delta_t`` (``dL/dh_t`` from outside plus
+        the error from step t+1; ``h`` and ``c`` together for the LSTM) is scaled to norm at
+        most ``delta_clip`` before it travels further back. Tames exploding gradients at
+        their source; the result is then no longer the exact gradient. ``None``: off.
       backward: ``"manual"`` (the hand-written BPTT) or ``"autodiff"`` (a plain
         ``lax.scan`` that JAX differentiates; the reference).
 
@@ -267,10 +432,11 @@ def unroll(cell, params, xs, carry0=None, *, mask=None, truncate=None, backward=
     References:
       Werbos, "Backpropagation through time: what it does and how to do it", Proc. IEEE 1990.
     """
-    validation.check_choice("unroll", "backward", backward, ("manual", "autodiff"))
-    xs, carry0, mask, _ = validation.check_unroll_args(
-        "unroll", cell, params, xs, carry0, mask, truncate
-    )
+    fn = "unroll"
+    validation.check_choice(fn, "backward", backward, ("manual", "autodiff"))
+    xs, carry0, mask, _ = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, truncate)
+    resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
+    validation.check_positive(fn, "delta_clip", delta_clip)
     if backward == "autodiff":
-        return unroll_autodiff(cell, params, xs, carry0, mask, truncate)
-    return _unroll_manual(cell, truncate, params, xs, carry0, mask)
+        return unroll_autodiff(cell, params, xs, carry0, mask, truncate, resets, delta_clip)
+    return _unroll_manual(cell, truncate, delta_clip, params, xs, carry0, mask, resets)

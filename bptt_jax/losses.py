@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,52 +102,191 @@ def _flat_targets(loss, targets):
     return targets.reshape(-1) if loss == "xent" else targets.reshape(-1, targets.shape[-1])
 
 
+def _valid(mask, loss_mask):
+    """Tokens that count in the loss: ``mask & loss_mask`` (either may be ``None``)."""
+    if loss_mask is None:
+        return mask
+    return loss_mask if mask is None else mask & loss_mask
+
+
 # ---------------------------------------------------------------- fused manual path
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _loss_manual(cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask):
-    states, _, carry_t = engine.forward(cell, params, xs, carry0, mask, keep_residuals=False)
-    logits = _readout(readout, cell.hidden(states))
-    l = token_losses(loss, logits, _flat_targets(loss, targets))
-    return reduce_losses(l, mask, reduction), carry_t
+def _forward(cell, loss, reduction, params, readout, xs, targets, carry0, mask, valid, resets):
+    """Forward scan, readout and loss; keeps ``delta^y_t = dL/dy_t`` instead of the logits.
 
-
-def _loss_fwd(cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask):
-    states, res, carry_t = engine.forward(cell, params, xs, carry0, mask)
+    Returns ``(value, carry_T, (states, res, dy))``.
+    """
+    states, res, carry_t = engine.forward(cell, params, xs, carry0, mask, resets=resets)
     logits = _readout(readout, cell.hidden(states))
     flat = _flat_targets(loss, targets)
     l = token_losses(loss, logits, flat)
-    value = reduce_losses(l, mask, reduction)
-    # delta^y_t = dL/dy_t for a unit cotangent on L, kept instead of the logits.
-    w = _weights(mask, reduction, l.shape[0], l.dtype)
+    value = reduce_losses(l, valid, reduction)
+    w = _weights(valid, reduction, l.shape[0], l.dtype)
     dy = _token_loss_grads(loss, logits, flat)
-    dy = jnp.where(mask.reshape(-1, 1), dy, 0) if mask is not None else dy
+    dy = jnp.where(valid.reshape(-1, 1), dy, 0) if valid is not None else dy
     dy = (w[:, None] if jnp.ndim(w) else w) * dy
-    saved = (params, readout, xs, carry0, mask, states, res, dy)
-    return (value, carry_t), saved
+    return value, carry_t, (states, res, dy)
 
 
-def _loss_bwd(cell, loss, reduction, truncate, saved, cotangents):
-    params, readout, xs, carry0, mask, states, res, dy = saved
-    g_loss, g_carry = cotangents
+def _backward(
+    cell,
+    truncate,
+    delta_clip,
+    params,
+    readout,
+    xs,
+    carry0,
+    mask,
+    resets,
+    saved,
+    g_loss,
+    g_carry,
+    return_deltas=False,
+):
+    """The hand-written backward from ``dL/dy_t`` down to every parameter."""
+    states, res, dy = saved
     t, b, _ = xs.shape
     dy = g_loss * dy  # (T*B, O)
     hs = cell.hidden(states).reshape(t * b, -1)
     d_readout = ReadoutParams(hs.T @ dy, dy.sum(0))  # dW_hy = sum_t h_t^T delta^y_t
     dhs = (dy @ readout.w_hy.T).reshape(t, b, -1)  # W_hy^T delta^y_t, into delta^h_t
-    grads, dxs, dcarry0 = engine.backward(
-        cell, params, xs, carry0, mask, states, res, dhs, g_carry, truncate
+    out = engine.backward(
+        cell,
+        params,
+        xs,
+        carry0,
+        mask,
+        states,
+        res,
+        dhs,
+        g_carry,
+        truncate,
+        resets=resets,
+        delta_clip=delta_clip,
+        return_deltas=return_deltas,
     )
-    d_targets = None if loss == "xent" else (-dy).reshape(t, b, -1)
-    return grads, d_readout, dxs, d_targets, dcarry0, None
+    return (d_readout, dy, *out)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _loss_manual(
+    cell,
+    loss,
+    reduction,
+    truncate,
+    delta_clip,
+    params,
+    readout,
+    xs,
+    targets,
+    carry0,
+    mask,
+    valid,
+    resets,
+):
+    states, _, carry_t = engine.forward(
+        cell, params, xs, carry0, mask, keep_residuals=False, resets=resets
+    )
+    logits = _readout(readout, cell.hidden(states))
+    l = token_losses(loss, logits, _flat_targets(loss, targets))
+    return reduce_losses(l, valid, reduction), carry_t
+
+
+def _loss_fwd(
+    cell,
+    loss,
+    reduction,
+    truncate,
+    delta_clip,
+    params,
+    readout,
+    xs,
+    targets,
+    carry0,
+    mask,
+    valid,
+    resets,
+):
+    value, carry_t, saved = _forward(
+        cell, loss, reduction, params, readout, xs, targets, carry0, mask, valid, resets
+    )
+    return (value, carry_t), (params, readout, xs, carry0, mask, resets, saved)
+
+
+def _loss_bwd(cell, loss, reduction, truncate, delta_clip, residuals, cotangents):
+    params, readout, xs, carry0, mask, resets, saved = residuals
+    g_loss, g_carry = cotangents
+    d_readout, dy, grads, dxs, dcarry0 = _backward(
+        cell,
+        truncate,
+        delta_clip,
+        params,
+        readout,
+        xs,
+        carry0,
+        mask,
+        resets,
+        saved,
+        g_loss,
+        g_carry,
+    )
+    d_targets = None if loss == "xent" else (-dy).reshape(*xs.shape[:2], -1)
+    return grads, d_readout, dxs, d_targets, dcarry0, None, None, None
 
 
 _loss_manual.defvjp(_loss_fwd, _loss_bwd)
 
 
-def _loss_autodiff(cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask):
-    hs, carry_t = engine.unroll_autodiff(cell, params, xs, carry0, mask, truncate)
+def _loss_autodiff(
+    cell,
+    loss,
+    reduction,
+    truncate,
+    delta_clip,
+    params,
+    readout,
+    xs,
+    targets,
+    carry0,
+    mask,
+    valid,
+    resets,
+):
+    hs, carry_t = engine.unroll_autodiff(
+        cell, params, xs, carry0, mask, truncate, resets, delta_clip
+    )
     l = token_losses(loss, _readout(readout, hs), _flat_targets(loss, targets))
-    return reduce_losses(l, mask, reduction), carry_t
+    return reduce_losses(l, valid, reduction), carry_t
+
+
+def _check_loss_args(
+    fn,
+    cell,
+    params,
+    readout,
+    xs,
+    targets,
+    carry0,
+    mask,
+    loss_mask,
+    resets,
+    loss,
+    reduction,
+    truncate,
+    delta_clip,
+):
+    validation.check_choice(fn, "loss", loss, LOSSES)
+    validation.check_choice(fn, "reduction", reduction, REDUCTIONS)
+    xs, carry0, mask, dtype = validation.check_unroll_args(
+        fn, cell, params, xs, carry0, mask, truncate
+    )
+    t, b, _ = xs.shape
+    loss_mask = validation.check_mask(fn, loss_mask, t, b, name="loss_mask")
+    resets = validation.check_mask(fn, resets, t, b, name="resets")
+    validation.check_positive(fn, "delta_clip", delta_clip)
+    valid = _valid(mask, loss_mask)
+    o = validation.check_readout(fn, readout, cell.hidden_size, dtype)
+    targets = validation.check_targets(fn, targets, loss, t, b, o, dtype, valid)
+    return xs, targets, carry0, mask, valid, resets
 
 
 def sequence_loss(
@@ -159,9 +298,12 @@ def sequence_loss(
     carry0=None,
     *,
     mask=None,
+    loss_mask=None,
+    resets=None,
     loss: str = "xent",
     reduction: str = "mean",
     truncate: int | None = None,
+    delta_clip: float | None = None,
     backward: str = "manual",
     return_carry: bool = False,
 ):
@@ -173,15 +315,20 @@ def sequence_loss(
     reverse scan over ``delta^h_t``, and the weight sums as single matmuls over ``T*B`` rows.
 
     Args:
-      cell, params, xs, carry0, mask, truncate: as in :func:`bptt_jax.unroll`.
+      cell, params, xs, carry0, mask, resets, truncate, delta_clip: as in
+        :func:`bptt_jax.unroll`.
+      loss_mask: optional ``(T, B)`` 0/1 or bool: tokens where it is 0 have no loss, but the
+        carry runs through them as usual (unlike ``mask``). The counted tokens are
+        ``mask & loss_mask``. E.g. only the last step of the adding problem, or the last k1
+        steps of a TBPTT(k1, k2) window.
       readout: :class:`ReadoutParams` ``(w_hy (H, O), b_y (O,))``.
       targets: ``loss="xent"``: integer classes ``(T, B)`` in ``[0, O)``;
         ``loss="mse"``: ``(T, B, O)`` in the params' dtype (it gets a gradient too).
       loss: ``"xent"``: softmax cross-entropy ``logsumexp(y) - y[target]`` (stable);
         ``"mse"``: ``mean_o (y_o - target_o)^2``.
-      reduction: ``"sum"``: ``L = sum`` of ``l_{t,b}`` over valid tokens (mask set, or all);
-        ``"mean"``: that sum divided by the number of valid tokens (``T*B`` without a mask;
-        ``max(sum(mask), 1)`` with one): the mean loss per valid token.
+      reduction: ``"sum"``: ``L = sum`` of ``l_{t,b}`` over counted tokens (``mask`` and
+        ``loss_mask`` set, or all); ``"mean"``: that sum divided by the number of counted
+        tokens (``T*B`` without masks, else at least 1): the mean loss per counted token.
       backward: ``"manual"`` or ``"autodiff"`` (the same loss through a plain ``lax.scan``
         with no custom rule, which ``jax.grad`` differentiates: the reference).
       return_carry: also return the final carry (for streams carried across chunks).
@@ -207,17 +354,145 @@ def sequence_loss(
       ((16, 16), (16, 7))
     """
     fn = "sequence_loss"
-    validation.check_choice(fn, "loss", loss, LOSSES)
-    validation.check_choice(fn, "reduction", reduction, REDUCTIONS)
     validation.check_choice(fn, "backward", backward, ("manual", "autodiff"))
-    xs, carry0, mask, dtype = validation.check_unroll_args(
-        fn, cell, params, xs, carry0, mask, truncate
+    xs, targets, carry0, mask, valid, resets = _check_loss_args(
+        fn,
+        cell,
+        params,
+        readout,
+        xs,
+        targets,
+        carry0,
+        mask,
+        loss_mask,
+        resets,
+        loss,
+        reduction,
+        truncate,
+        delta_clip,
     )
-    t, b, _ = xs.shape
-    o = validation.check_readout(fn, readout, cell.hidden_size, dtype)
-    targets = validation.check_targets(fn, targets, loss, t, b, o, dtype, mask)
     impl = _loss_manual if backward == "manual" else _loss_autodiff
     value, carry_t = impl(
-        cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask
+        cell,
+        loss,
+        reduction,
+        truncate,
+        delta_clip,
+        params,
+        readout,
+        xs,
+        targets,
+        carry0,
+        mask,
+        valid,
+        resets,
     )
     return (value, carry_t) if return_carry else value
+
+
+class LossAndGrads(NamedTuple):
+    """What :func:`loss_and_grads` returns."""
+
+    value: jax.Array  # () the loss L
+    params: Any  # dL/dparams, the cell params' own type
+    readout: ReadoutParams  # dL/dreadout
+    carry: Any  # the carry after step ``carry_index`` (forward only, no gradient)
+    deltas: jax.Array | None  # (T, B, H) delta^h_t = dL/dh_t, when ``return_deltas``
+
+
+def loss_and_grads(
+    cell,
+    params,
+    readout: ReadoutParams,
+    xs,
+    targets,
+    carry0=None,
+    *,
+    mask=None,
+    loss_mask=None,
+    resets=None,
+    loss: str = "xent",
+    reduction: str = "mean",
+    truncate: int | None = None,
+    delta_clip: float | None = None,
+    carry_index: int | None = None,
+    return_deltas: bool = False,
+) -> LossAndGrads:
+    """The loss of :func:`sequence_loss` and its hand-written gradients, in one call.
+
+    The same forward and backward as ``jax.value_and_grad(sequence_loss, argnums=(1, 2))``,
+    called directly rather than through ``jax.grad``, so it can also hand back what the
+    backward sees on the way: the carry after any step (a TBPTT(k1, k2) window passes on the
+    carry after its k1-th step) and the error ``delta^h_t`` reaching every hidden state.
+
+    Args:
+      cell, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
+        truncate, delta_clip: as in :func:`sequence_loss`.
+      carry_index: the step whose resulting carry to return, in ``[0, T)``; ``None`` for the
+        last (``carry_T``).
+      return_deltas: also return ``delta^h_t`` (T, B, H): ``dL/dh_t`` in total, from the
+        readout at step t and from every later step through the recurrence (after
+        ``delta_clip``; what the reverse scan carries back in time).
+
+    Returns:
+      A :class:`LossAndGrads` ``(value, params, readout, carry, deltas)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bptt_jax
+      >>> from bptt_jax.losses import loss_and_grads
+      >>> cell = bptt_jax.GRU(8)
+      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      >>> params, ro = cell.init(k1, 3), bptt_jax.init_readout(k2, 8, 5)
+      >>> xs, ys = jax.random.normal(k3, (10, 2, 3)), jnp.ones((10, 2), jnp.int32)
+      >>> out = loss_and_grads(cell, params, ro, xs, ys, carry_index=3, return_deltas=True)
+      >>> out.params.w_h.shape, out.carry.shape, out.deltas.shape
+      ((8, 24), (2, 8), (10, 2, 8))
+    """
+    fn = "loss_and_grads"
+    xs, targets, carry0, mask, valid, resets = _check_loss_args(
+        fn,
+        cell,
+        params,
+        readout,
+        xs,
+        targets,
+        carry0,
+        mask,
+        loss_mask,
+        resets,
+        loss,
+        reduction,
+        truncate,
+        delta_clip,
+    )
+    t = xs.shape[0]
+    if carry_index is not None and (
+        isinstance(carry_index, bool)
+        or not isinstance(carry_index, int)
+        or not 0 <= carry_index < t
+    ):
+        raise ValueError(
+            f"{fn}: carry_index must be an int in [0, T) = [0, {t}) or None; got {carry_index!r}"
+        )
+    value, carry_t, saved = _forward(
+        cell, loss, reduction, params, readout, xs, targets, carry0, mask, valid, resets
+    )
+    g_carry = jax.tree.map(jnp.zeros_like, carry_t)
+    d_readout, _, grads, _, _, *deltas = _backward(
+        cell,
+        truncate,
+        delta_clip,
+        params,
+        readout,
+        xs,
+        carry0,
+        mask,
+        resets,
+        saved,
+        jnp.ones((), value.dtype),
+        g_carry,
+        return_deltas=return_deltas,
+    )
+    if carry_index is not None and carry_index != t - 1:
+        carry_t = jax.tree.map(lambda s: s[carry_index], saved[0])
+    return LossAndGrads(value, grads, d_readout, carry_t, deltas[0] if deltas else None)

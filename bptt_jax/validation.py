@@ -154,18 +154,18 @@ def check_carry(fn: str, cell, carry, batch: int, dtype):
     return carry
 
 
-def check_mask(fn: str, mask, t: int, b: int):
-    """Check a (T, B) 0/1 mask; return it as bool, or None."""
+def check_mask(fn: str, mask, t: int, b: int, name: str = "mask"):
+    """Check a (T, B) 0/1 mask (``mask``, ``loss_mask``, ``resets``); return it as bool."""
     if mask is None:
         return None
-    mask = as_array(fn, "mask", mask)
+    mask = as_array(fn, name, mask)
     if _shape(mask) != (t, b):
         raise ValueError(
-            f"{fn}: mask must have shape (T, B) = ({t}, {b}) to match xs; got {_shape(mask)}"
+            f"{fn}: {name} must have shape (T, B) = ({t}, {b}) to match xs; got {_shape(mask)}"
         )
     dt = mask.dtype
     if not (dt == jnp.bool_ or jnp.issubdtype(dt, jnp.number)):
-        raise TypeError(f"{fn}: mask must be bool or 0/1 numbers; got dtype {dt}")
+        raise TypeError(f"{fn}: {name} must be bool or 0/1 numbers; got dtype {dt}")
     return mask if dt == jnp.bool_ else mask != 0
 
 
@@ -230,6 +230,19 @@ def check_targets(fn: str, targets, loss: str, t: int, b: int, o: int, dtype, ma
                 f"{fn}: targets for loss='mse' must have the params' dtype {dtype}; got {dt}"
             )
     return targets
+
+
+def check_positive(fn: str, name: str, value, kind=float, allow_none: bool = True):
+    """``value`` is a positive ``kind`` (int or float), or None when allowed."""
+    if value is None and allow_none:
+        return None
+    ok_types = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types) or not value > 0:
+        what = "a positive int" if kind is int else "a positive number"
+        raise ValueError(
+            f"{fn}: {name} must be {what}{' or None' if allow_none else ''}; got {value!r}"
+        )
+    return value
 
 
 def check_unroll_args(fn: str, cell, params, xs, carry0, mask, truncate):

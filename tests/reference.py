@@ -6,6 +6,8 @@ the cell with itself. ``scan_unroll`` is the plain ``lax.scan`` a user would wri
 ``jax.grad``/``jax.vjp`` of it is the autodiff reference for every gradient test.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,37 +66,79 @@ def python_loop(cell, p, xs, carry, mask=None):
     return jnp.stack(hs), carry
 
 
-def scan_unroll(cell, p, xs, carry, mask=None, truncate=None):
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def clip_error(carry, threshold):
+    """Identity; its VJP rescales each example's cotangent (all carry leaves together) to
+    norm <= threshold: the documented per-step ``delta_clip``."""
+    return carry
+
+
+def _clip_error_fwd(carry, threshold):
+    return carry, None
+
+
+def _clip_error_bwd(threshold, _, g):
+    leaves = jax.tree.leaves(g)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=1) for x in leaves))
+    factor = jnp.minimum(1.0, threshold / jnp.maximum(norm, 1e-300))
+    return (jax.tree.map(lambda x: x * factor[:, None].astype(x.dtype), g),)
+
+
+clip_error.defvjp(_clip_error_fwd, _clip_error_bwd)
+
+
+def scan_unroll(cell, p, xs, carry, mask=None, truncate=None, resets=None, delta_clip=None):
     """The plain ``lax.scan`` unroll; truncation is ``stop_gradient`` on the carry entering
-    steps k, 2k, ... (the definition of truncated BPTT the library promises)."""
+    steps k, 2k, ... (the definition of truncated BPTT the library promises); a reset
+    replaces the entering carry by zeros; ``delta_clip`` clips the error on each new carry."""
     t_len = xs.shape[0]
     ts = jnp.arange(t_len)
     m = jnp.ones((t_len, xs.shape[1]), bool) if mask is None else mask
+    r = jnp.zeros((t_len, xs.shape[1]), bool) if resets is None else resets
 
     def body(carry, inp):
-        t, x, m_t = inp
+        t, x, m_t, r_t = inp
         if truncate is not None:
             cut = (t % truncate == 0) & (t > 0)
             carry = jax.tree.map(lambda c: jnp.where(cut, lax.stop_gradient(c), c), carry)
+        carry = jax.tree.map(lambda c: jnp.where(r_t[:, None], 0.0, c).astype(c.dtype), carry)
         new = step(cell, p, carry, x)
         new = jax.tree.map(lambda a, b: jnp.where(m_t[:, None], a, b), new, carry)
+        if delta_clip is not None:
+            new = clip_error(new, delta_clip)
         return new, hidden(new)
 
-    carry_t, hs = lax.scan(body, carry, (ts, xs, m))
+    carry_t, hs = lax.scan(body, carry, (ts, xs, m, r))
     return hs, carry_t
 
 
 def scan_loss(
-    cell, p, ro, xs, targets, carry, mask=None, loss="xent", reduction="mean", truncate=None
+    cell,
+    p,
+    ro,
+    xs,
+    targets,
+    carry,
+    mask=None,
+    loss="xent",
+    reduction="mean",
+    truncate=None,
+    *,
+    loss_mask=None,
+    resets=None,
+    delta_clip=None,
 ):
-    """The documented loss, with optax's per-token losses, on top of ``scan_unroll``."""
-    hs, _ = scan_unroll(cell, p, xs, carry, mask, truncate)
+    """The documented loss, with optax's per-token losses, on top of ``scan_unroll``;
+    tokens count where ``mask`` and ``loss_mask`` are both set."""
+    hs, _ = scan_unroll(cell, p, xs, carry, mask, truncate, resets, delta_clip)
     ys = hs @ ro.w_hy + ro.b_y
     if loss == "xent":
         per = optax.softmax_cross_entropy_with_integer_labels(ys, targets)
     else:
         per = jnp.mean(optax.squared_error(ys, targets), axis=-1)
     m = jnp.ones(per.shape, per.dtype) if mask is None else mask.astype(per.dtype)
+    if loss_mask is not None:
+        m = m * loss_mask.astype(per.dtype)
     total = jnp.sum(per * m)
     return total if reduction == "sum" else total / jnp.maximum(jnp.sum(m), 1)
 
