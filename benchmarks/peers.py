@@ -8,7 +8,8 @@ path:
 
 * ``torch``: PyTorch ``nn.RNN`` (tanh) / ``nn.LSTM`` / ``nn.GRU`` and ``nn.Linear``,
   ``loss.backward()``, time-major, on the GPU when JAX runs on one and torch sees CUDA
-  (``torch.cuda.synchronize`` ends each call), else on the CPU with torch's default threads;
+  (``torch.cuda.synchronize`` ends each call), else on the CPU with torch's default threads
+  (``peers.torch_threads`` sets them; the count is in the JSON's environment);
 * ``flax``: Flax ``nn.RNN`` (time-major) around ``nn.SimpleCell`` / ``nn.LSTMCell`` /
   ``nn.GRUCell``, ``jax.jit(jax.value_and_grad(...))``;
 * ``cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN), LSTM on a GPU only.

@@ -133,6 +133,12 @@ def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
                 env[lib] = __import__(lib).__version__
             except ImportError:
                 pass
+    if env.get("torch"):
+        import torch
+
+        if cfg.peers.torch_threads:
+            torch.set_num_threads(cfg.peers.torch_threads)
+        env["torch_threads"] = torch.get_num_threads()
     print_fn(
         f"bptt-jax bench: jax {env['jax']} on {env['backend']} ({env['device_kind']}), "
         f"{env['cpu_count']} CPUs, {env['machine']}; float32, loss xent O={cfg.outputs}, "
