@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None, parts: list[str] | None = None) -> int:
         cfg = bench.check_config(config.from_args(bench.BenchConfig, args))
         if parts:
             cfg = dataclasses.replace(cfg, parts=tuple(parts))
-        return main_with_config(cfg, args.config, name=parts[0] if parts else "bench")
+        return main_with_config(cfg, bench.config_name(args), name=parts[0] if parts else "bench")
     except config.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -194,14 +194,26 @@ def add_cli_arguments(parser) -> None:
     config.add_arguments(parser, default="bench")
 
 
+def config_name(args) -> str | None:
+    """The config file parsed ``args`` name (the default when only overrides were given)."""
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        return getattr(args, "config_default", None)
+    return args.config
+
+
 def cli_main(args) -> int:
     try:
         cfg = check_config(config.from_args(BenchConfig, args))
-        runner = load_runner()
-        return runner.main_with_config(cfg, config_file=args.config)
     except config.ConfigError as e:
         print(f"bptt-jax bench: error: {e}", file=sys.stderr)
         return 2
+    try:
+        runner = load_runner()
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
+        return 2
+    try:
+        return runner.main_with_config(cfg, config_file=config_name(args))
+    except config.ConfigError as e:  # a variant name the harness does not know
+        print(f"bptt-jax bench: error: {e}", file=sys.stderr)
         return 2
