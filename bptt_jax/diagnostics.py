@@ -1,0 +1,912 @@
+"""Gradient-flow diagnostics: how far back in time the error of BPTT reaches.
+
+Everything here is read off the hand-written backward (no autodiff of the model):
+
+* :func:`gradient_flow` gives, per time step, ``||delta^h_t||`` (the error that reaches each
+  hidden state, ``dL/dh_t`` in total), ``||dh_T/dh_t||`` (how much the last state depends on
+  state t, independent of the loss) and one number, the effective horizon;
+* :func:`jacobian_norms` and :func:`effective_horizon` give the last two alone, cheap enough
+  to log from a training loop;
+* :func:`spectral_norms` gives the largest singular value of the recurrent kernel, whole and
+  per gate block;
+* :func:`truncation_bias` compares truncated-k gradients with the full gradient over a sweep
+  of k (cosine similarity and norm ratio).
+
+``bptt-jax diagnose [CONFIG] [KEY=VALUE ...]`` (default ``configs/diagnose.toml``) trains
+Elman, LSTM and GRU briefly on the adding problem and writes plots of all of it, an exploding
+case with and without per-step clipping of ``delta^h_t``, and a text summary.
+
+References:
+  Werbos, "Backpropagation through time: what it does and how to do it", Proc. IEEE 1990.
+  Bengio, Simard & Frasconi, "Learning long-term dependencies with gradient descent is
+  difficult", IEEE Trans. Neural Networks 1994.
+  Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks",
+  ICML 2013.
+  Williams & Peng, "An efficient gradient-based algorithm for on-line training of recurrent
+  network trajectories", Neural Computation 1990.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bptt_jax import config, engine, losses, validation
+from bptt_jax.cells import GRU, LSTM, Elman
+
+#: Probes per vectorised batch of reverse scans in :func:`jacobian_norms` (memory vs speed).
+PROBE_BATCH = 16
+
+#: Gate-block names of each cell's recurrent kernel, in the kernel's column order.
+BLOCK_NAMES: dict[type, tuple[str, ...]] = {
+    Elman: ("h",),
+    LSTM: ("i", "f", "g", "o"),
+    GRU: ("r", "z", "n"),
+}
+
+
+# ------------------------------------------------------------------------ the horizon
+def horizon_from_norms(norms, fraction: float = 0.01) -> jax.Array:
+    """The effective horizon of a curve of error norms over time.
+
+    With ``n_s = norms[T-1-s]`` the norm ``s`` steps back from the last step and
+    ``peak_s = max(n_0, ..., n_s)`` its running peak, the horizon is the smallest ``s`` with
+    ``n_s < fraction * peak_s``: the number of most recent steps (the last one included) that
+    the error reaches before it first falls below ``fraction`` of the largest it has been.
+    If it never does (the error does not vanish within the sequence, e.g. it explodes), the
+    horizon is ``T``, which then means "at least T". NaN never counts as below.
+
+    Args:
+      norms: ``(T,)`` or ``(T, B)``, e.g. :func:`jacobian_norms` or ``||delta^h_t||``.
+      fraction: in ``(0, 1)``.
+
+    Returns:
+      int32 array: ``()`` for a ``(T,)`` curve, ``(B,)`` for ``(T, B)``; values in
+      ``[1, T]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> norms = 0.5 ** jnp.arange(10.0)[::-1]    # halves with every step back from T
+      >>> int(horizon_from_norms(norms, fraction=0.1))   # 0.5**4 = 0.0625 < 0.1
+      4
+      >>> int(horizon_from_norms(2.0 ** jnp.arange(10.0)[::-1]))   # grows going back
+      10
+    """
+    _check_fraction("horizon_from_norms", fraction)
+    norms = validation.as_array("horizon_from_norms", "norms", norms)
+    if norms.ndim not in (1, 2) or norms.shape[0] < 1:
+        raise ValueError(
+            f"horizon_from_norms: norms must have shape (T,) or (T, B) with T >= 1; "
+            f"got {norms.shape}"
+        )
+    back = norms[::-1]  # s = 0, 1, ..., T-1 steps back from the last step
+    peak = lax.cummax(back, axis=0)
+    below = back < fraction * peak
+    first = jnp.argmax(below, axis=0)
+    return jnp.where(jnp.any(below, axis=0), first, norms.shape[0]).astype(jnp.int32)
+
+
+def _check_fraction(fn: str, fraction) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
+        raise ValueError(f"{fn}: fraction must be a number in (0, 1), e.g. 0.01; got {fraction!r}")
+
+
+def _check_probes(fn: str, probes, key) -> None:
+    validation.check_positive(fn, "probes", probes, kind=int, allow_none=True)
+    if probes is not None and key is None:
+        raise ValueError(
+            f"{fn}: key is required with probes={probes} (random probes); pass "
+            "key=jax.random.key(0), or probes=None for the exact norm"
+        )
+
+
+def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
+    """``||dh_T/dh_t||_F`` per step and example from one forward and P reverse scans."""
+    t_len, b, _ = xs.shape
+    h = cell.hidden_size
+    states, res, carry_t = engine.forward(cell, params, xs, carry0, mask, resets=resets)
+    zeros = jax.tree.map(jnp.zeros_like, carry_t)
+    if probes is None:  # the one-hot basis: the rows of every example's Jacobian
+        vs = jnp.broadcast_to(jnp.eye(h, dtype=xs.dtype)[:, None, :], (h, b, h))
+    else:
+        vs = jax.random.normal(key, (probes, b, h), xs.dtype)
+
+    def one_probe(v):  # v (B, H): deltas[t] = v^T dh_T/dh_t, by the hand-written backward
+        dcarry = cell.add_to_hidden(zeros, v)
+        _, _, deltas = engine.reverse_scan(
+            cell, params, carry0, mask, states, res, None, dcarry, None,
+            resets=resets, keep_deltas=True,
+        )  # fmt: skip
+        return jnp.sum(deltas * deltas, axis=-1)  # (T, B)
+
+    sq = lax.map(one_probe, vs, batch_size=min(vs.shape[0], PROBE_BATCH))  # (P, T, B)
+    total = jnp.sum(sq, axis=0) if probes is None else jnp.mean(sq, axis=0)
+    return jnp.sqrt(total)
+
+
+_jacobian_norms = jax.jit(_jacobian_norms_impl, static_argnums=(0, 1))
+
+
+def jacobian_norms(
+    cell,
+    params,
+    xs,
+    carry0=None,
+    *,
+    mask=None,
+    resets=None,
+    probes: int | None = None,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``||dh_T/dh_t||_F`` for every step t and example: how much the last state hears of h_t.
+
+    ``dh_T/dh_t`` is the ``(H, H)`` Jacobian of the final hidden state with respect to a
+    perturbation added to ``h_t`` (for the LSTM, ``c_t`` held fixed). Its rows are what the
+    hand-written backward carries back from a probe ``v`` on ``h_T``:
+    ``v^T dh_T/dh_t = delta^h_t`` for the loss ``v . h_T``. It depends on the params and
+    inputs only, not on a loss or readout. ``t = T-1`` gives ``||I|| = sqrt(H)``.
+
+    Args:
+      cell, params, xs, carry0, mask, resets: as in :func:`bptt_jax.unroll`. With a mask,
+        ``h_T`` is each sequence's last valid state and padded steps pass it on unchanged
+        (norm ``sqrt(H)`` there); a reset at step t cuts every Jacobian across it to 0.
+      probes: ``None`` (default): exact, with the ``H`` one-hot probes (``||J||_F^2`` is
+        the sum of its squared rows), so H reverse scans. An int P: the Hutchinson estimate
+        ``sqrt(mean_p ||v_p^T J||^2)`` with P Gaussian probes ``v_p ~ N(0, I)``, whose
+        square is unbiased with relative standard deviation at most ``sqrt(2 / P)``; P
+        reverse scans.
+      key: PRNG key for the random probes (required when ``probes`` is an int).
+
+    Returns:
+      ``(T, B)`` in the params' dtype.
+
+    Cost: one forward scan plus ``H`` (exact) or ``P`` reverse scans over the batch, run 16
+    at a time under ``vmap`` (no weight-gradient matmuls).
+
+    Example:
+      >>> import jax, bptt_jax
+      >>> from bptt_jax.diagnostics import jacobian_norms
+      >>> cell = bptt_jax.GRU(8)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> xs = jax.random.normal(jax.random.key(1), (20, 4, 3))
+      >>> norms = jacobian_norms(cell, params, xs)
+      >>> norms.shape, round(float(norms[-1, 0]) ** 2, 3)    # ||I||^2 = H at t = T-1
+      ((20, 4), 8.0)
+    """
+    fn = "jacobian_norms"
+    xs, carry0, mask, dtype = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, None)
+    resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
+    _check_probes(fn, probes, key)
+    return _jacobian_norms(cell, probes, params, xs, carry0, mask, resets, key)
+
+
+def effective_horizon(
+    cell,
+    params,
+    xs,
+    carry0=None,
+    *,
+    mask=None,
+    resets=None,
+    fraction: float = 0.01,
+    probes: int | None = None,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """The number of steps back from T that the recurrence carries the error.
+
+    ``horizon_from_norms(jacobian_norms(...).mean(axis=1), fraction)``: the batch-mean
+    ``||dh_T/dh_t||_F``, counted back from the last step until it first falls below
+    ``fraction`` of its running peak (see :func:`horizon_from_norms`); ``T`` if it never does.
+    Meant for logging from a training loop on a small sub-batch with a few random probes.
+
+    Args:
+      cell, params, xs, carry0, mask, resets, probes, key: as in :func:`jacobian_norms`.
+      fraction: in ``(0, 1)``; default 0.01.
+
+    Returns:
+      int32 array ``()`` in ``[1, T]``.
+
+    Example:
+      >>> import jax, bptt_jax
+      >>> from bptt_jax.diagnostics import effective_horizon
+      >>> cell = bptt_jax.Elman(16)
+      >>> params = cell.init(jax.random.key(0), input_size=2)
+      >>> xs = jax.random.normal(jax.random.key(1), (40, 4, 2))
+      >>> int(effective_horizon(cell, params, xs, probes=8, key=jax.random.key(2))) < 40
+      True
+    """
+    _check_fraction("effective_horizon", fraction)
+    norms = jacobian_norms(
+        cell, params, xs, carry0, mask=mask, resets=resets, probes=probes, key=key
+    )
+    return horizon_from_norms(jnp.mean(norms, axis=1), fraction)
+
+
+# ------------------------------------------------------------------- gradient flow
+class GradientFlow(NamedTuple):
+    """What :func:`gradient_flow` returns (T steps, B examples)."""
+
+    value: jax.Array  # () the loss L
+    delta_norms: jax.Array  # (T, B) ||delta^h_t|| = ||dL/dh_t|| per example (after delta_clip)
+    delta_norm: jax.Array  # (T,) batch mean of delta_norms
+    jacobian_norms: jax.Array  # (T, B) ||dh_T/dh_t||_F per example
+    jacobian_norm: jax.Array  # (T,) batch mean of jacobian_norms
+    horizon: jax.Array  # () int32: horizon_from_norms(jacobian_norm, fraction), in [1, T]
+
+
+def gradient_flow(
+    cell,
+    params,
+    readout: losses.ReadoutParams,
+    xs,
+    targets,
+    carry0=None,
+    *,
+    mask=None,
+    loss_mask=None,
+    resets=None,
+    loss: str = "xent",
+    reduction: str = "mean",
+    delta_clip: float | None = None,
+    fraction: float = 0.01,
+    probes: int | None = None,
+    key: jax.Array | None = None,
+) -> GradientFlow:
+    """How the error of BPTT travels back in time, per step, for one batch.
+
+    * ``delta_norms[t, b] = ||delta^h_t||``, the error reaching hidden state t in total
+      (``dL/dh_t`` from the readout at step t and from every later step through the
+      recurrence), exactly what the hand-written reverse scan carries (after ``delta_clip``
+      when set, so the effect of clipping is visible). For a loss on the last step only
+      (``loss_mask``), its decay going back is the vanishing gradient itself.
+    * ``jacobian_norms[t, b] = ||dh_T/dh_t||_F`` (see :func:`jacobian_norms`): the same
+      question without the loss, and ``horizon``, one number from it
+      (:func:`horizon_from_norms` of the batch mean).
+
+    Args:
+      cell, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
+        delta_clip: as in :func:`bptt_jax.sequence_loss`.
+      fraction: the horizon's threshold, in ``(0, 1)``; default 0.01.
+      probes, key: as in :func:`jacobian_norms` (default: exact).
+
+    Returns:
+      A :class:`GradientFlow`.
+
+    Cost: one forward and backward (as ``jax.grad`` of the loss), then one forward and
+    ``H`` (or ``probes``) reverse scans for the Jacobian norms.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bptt_jax
+      >>> from bptt_jax.diagnostics import gradient_flow
+      >>> cell = bptt_jax.LSTM(8, forget_bias=1.0)
+      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      >>> params, ro = cell.init(k1, 3), bptt_jax.init_readout(k2, 8, 4)
+      >>> xs, ys = jax.random.normal(k3, (30, 2, 3)), jnp.ones((30, 2), jnp.int32)
+      >>> last = jnp.arange(30)[:, None] == 29             # loss on the last step only
+      >>> flow = gradient_flow(cell, params, ro, xs, ys, loss_mask=jnp.broadcast_to(last, (30, 2)))
+      >>> flow.delta_norm.shape, flow.jacobian_norms.shape, flow.horizon.dtype
+      ((30,), (30, 2), dtype('int32'))
+      >>> bool(flow.delta_norm[0] < flow.delta_norm[-1])  # the error vanishes going back
+      True
+    """
+    fn = "gradient_flow"
+    _check_fraction(fn, fraction)
+    _check_probes(fn, probes, key)
+    xs, carry0, mask, _ = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, None)
+    resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
+    loss_mask = validation.check_mask(fn, loss_mask, *xs.shape[:2], name="loss_mask")
+    return _gradient_flow(
+        cell, loss, reduction, delta_clip, probes, fraction,
+        params, readout, xs, targets, carry0, mask, loss_mask, resets, key,
+    )  # fmt: skip
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _gradient_flow(
+    cell, loss, reduction, delta_clip, probes, fraction,
+    params, readout, xs, targets, carry0, mask, loss_mask, resets, key,
+):  # fmt: skip
+    out = losses.loss_and_grads(
+        cell, params, readout, xs, targets, carry0,
+        mask=mask, loss_mask=loss_mask, resets=resets, loss=loss, reduction=reduction,
+        delta_clip=delta_clip, return_deltas=True,
+    )  # fmt: skip
+    delta_norms = jnp.linalg.norm(out.deltas, axis=-1)
+    jac = _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key)
+    jac_mean = jnp.mean(jac, axis=1)
+    return GradientFlow(
+        out.value,
+        delta_norms,
+        jnp.mean(delta_norms, axis=1),
+        jac,
+        jac_mean,
+        horizon_from_norms(jac_mean, fraction),
+    )
+
+
+# -------------------------------------------------------------------- spectral norms
+class SpectralNorms(NamedTuple):
+    """What :func:`spectral_norms` returns."""
+
+    kernel: jax.Array  # () largest singular value of the whole recurrent kernel (H, G*H)
+    blocks: dict[str, jax.Array]  # gate name -> () largest singular value of its (H, H) block
+
+
+def spectral_norms(cell, params) -> SpectralNorms:
+    """The largest singular value of the recurrent kernel, whole and per gate block.
+
+    For the Elman cell, ``||dh_t/dh_{t-1}|| <= sigma_max(W_hh) max|f'|``, so
+    ``sigma_max < 1`` (tanh) guarantees vanishing errors; ``> 1`` is necessary, not
+    sufficient, for exploding ones (Pascanu et al. 2013). For gated cells the block of the
+    candidate (LSTM ``g``, GRU ``n``) plays that role, modulated by the gates.
+
+    Args:
+      cell: a :class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM` or :class:`~bptt_jax.GRU`.
+      params: its params.
+
+    Returns:
+      A :class:`SpectralNorms`; ``blocks`` keys are the gate names in column order: ``h``
+      (Elman), ``i, f, g, o`` (LSTM), ``r, z, n`` (GRU).
+
+    Example:
+      >>> import jax, bptt_jax
+      >>> from bptt_jax.diagnostics import spectral_norms
+      >>> cell = bptt_jax.LSTM(16, init_scheme="orthogonal")
+      >>> s = spectral_norms(cell, cell.init(jax.random.key(0), input_size=4))
+      >>> list(s.blocks), round(float(s.blocks["f"]), 4), round(float(s.kernel), 4)
+      (['i', 'f', 'g', 'o'], 1.0, 2.0)
+    """
+    fn = "spectral_norms"
+    validation.check_cell(fn, cell)
+    validation.check_params(fn, cell, params)
+    w = cell.recurrent_kernel(params)
+    h = cell.hidden_size
+
+    def sigma_max(a):
+        return jnp.linalg.svd(a, compute_uv=False)[0]
+
+    names = BLOCK_NAMES[type(cell)]
+    blocks = {n: sigma_max(w[:, i * h : (i + 1) * h]) for i, n in enumerate(names)}
+    return SpectralNorms(sigma_max(w), blocks)
+
+
+# ------------------------------------------------------------------- truncation bias
+class TruncationBias(NamedTuple):
+    """What :func:`truncation_bias` returns (K truncation lengths)."""
+
+    ks: jax.Array  # (K,) int32, the truncation lengths k
+    cosine: jax.Array  # (K,) cos(g_k, g): 1 means the truncated gradient points the same way
+    norm_ratio: jax.Array  # (K,) ||g_k|| / ||g||
+    full_norm: jax.Array  # () ||g||, the full-BPTT gradient's norm
+
+
+def _flat(tree) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _truncation_bias(cell, ks, loss, reduction, params, readout, xs, targets, carry0, mask,
+                     loss_mask, resets):  # fmt: skip
+    # The error arriving at each h_t from outside the recurrence (the readout): what the
+    # reverse scan carries when every carry is cut, i.e. the deltas of truncate=1.
+    dhs = losses.loss_and_grads(
+        cell, params, readout, xs, targets, carry0,
+        mask=mask, loss_mask=loss_mask, resets=resets, loss=loss, reduction=reduction,
+        truncate=1, return_deltas=True,
+    ).deltas  # fmt: skip
+    states, res, carry_t = engine.forward(cell, params, xs, carry0, mask, resets=resets)
+    zeros = jax.tree.map(jnp.zeros_like, carry_t)
+    t = np.arange(xs.shape[0])
+    # One reverse scan per k, all in one program: k only changes which carries are cut.
+    cuts = np.stack([(t % k == 0) & (t > 0) for k in (*ks, xs.shape[0])])  # last: full BPTT
+
+    def grads(cut):
+        _, dcols, _ = engine.reverse_scan(
+            cell, params, carry0, mask, states, res, dhs, zeros, cut, resets=resets
+        )
+        return _flat(engine.weight_grads(cell, params, xs, carry0, states, dcols, resets)[0])
+
+    g = lax.map(grads, jnp.asarray(cuts), batch_size=min(len(cuts), PROBE_BATCH))  # (K+1, N)
+    g, full = g[:-1], g[-1]
+    full_norm = jnp.linalg.norm(full)
+    norms = jnp.linalg.norm(g, axis=1)
+    denom = norms * full_norm
+    cosine = jnp.where(denom > 0, (g @ full) / jnp.where(denom > 0, denom, 1), 0)
+    ratio = norms / jnp.where(full_norm > 0, full_norm, 1)
+    return TruncationBias(jnp.asarray(ks, jnp.int32), cosine, ratio, full_norm)
+
+
+def truncation_bias(
+    cell,
+    params,
+    readout: losses.ReadoutParams,
+    xs,
+    targets,
+    carry0=None,
+    *,
+    ks,
+    mask=None,
+    loss_mask=None,
+    resets=None,
+    loss: str = "xent",
+    reduction: str = "mean",
+) -> TruncationBias:
+    """How far truncated-k gradients are from the full-BPTT gradient, for a sweep of k.
+
+    ``g`` is the gradient of the loss with respect to the cell's params (all leaves flattened
+    into one vector; the readout's gradient does not depend on truncation and is left out),
+    by full BPTT; ``g_k`` the same with ``truncate=k`` (chunks ``[0, k), [k, 2k), ...``, see
+    :func:`bptt_jax.sequence_loss`). Returns ``cos(g_k, g) = <g_k, g> / (||g_k|| ||g||)``
+    and ``||g_k|| / ||g||``; ``k >= T`` gives exactly 1 and 1. A cosine of 0 (not NaN) is
+    returned when either gradient is zero.
+
+    Args:
+      cell, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction:
+        as in :func:`bptt_jax.sequence_loss`.
+      ks: a non-empty sequence of positive ints, the truncation lengths.
+
+    Returns:
+      A :class:`TruncationBias`.
+
+    Cost: two forward scans, ``len(ks) + 2`` reverse scans and ``len(ks) + 1`` sets of
+    weight-gradient matmuls, all compiled as one program (one compile per tuple of ks).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bptt_jax
+      >>> from bptt_jax.diagnostics import truncation_bias
+      >>> cell = bptt_jax.Elman(8)
+      >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      >>> params, ro = cell.init(k1, 3), bptt_jax.init_readout(k2, 8, 4)
+      >>> xs, ys = jax.random.normal(k3, (16, 2, 3)), jnp.ones((16, 2), jnp.int32)
+      >>> bias = truncation_bias(cell, params, ro, xs, ys, ks=[1, 4, 16])
+      >>> bias.ks.tolist(), [round(float(c), 4) for c in bias.cosine][-1]
+      ([1, 4, 16], 1.0)
+    """
+    fn = "truncation_bias"
+    if isinstance(ks, int) or not hasattr(ks, "__len__") or len(ks) == 0:
+        raise ValueError(f"{fn}: ks must be a non-empty sequence of positive ints; got {ks!r}")
+    ks = [
+        validation.check_positive(fn, f"ks[{i}]", int(k) if isinstance(k, np.integer) else k, int)
+        for i, k in enumerate(ks)
+    ]
+    xs, carry0, mask, _ = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, None)
+    resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
+    loss_mask = validation.check_mask(fn, loss_mask, *xs.shape[:2], name="loss_mask")
+    return _truncation_bias(
+        cell, tuple(ks), loss, reduction,
+        params, readout, xs, targets, carry0, mask, loss_mask, resets,
+    )  # fmt: skip
+
+
+# ====================================================================================
+# ``bptt-jax diagnose``: plots and a summary for Elman, LSTM and GRU on the adding problem
+# ====================================================================================
+CellName = Literal["elman", "lstm", "gru"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The adding problem (Hochreiter & Schmidhuber 1997), loss on the last step only.
+
+    Inputs ``(T, B, 2)``: a value ``U(0, 1)`` and a marker that is 1 at one step in the first
+    half and one in the second; the target at the last step is the sum of the two marked
+    values (mse, readout size 1). Predicting the mean scores mse 1/6 ~ 0.167; doing better
+    needs the error to reach at least T/2 steps back.
+    """
+
+    T: int = 50  # sequence length
+    batch: int = 32  # examples per training step and in the diagnosed batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    hidden: int = 32  # H, the same for the three cells
+    init: Literal["uniform", "orthogonal"] = "uniform"
+    forget_bias: float = 1.0  # LSTM
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """The short training run between the two diagnoses: Adam on a fresh batch per step."""
+
+    steps: int = 300
+    lr: float = 0.01
+    clip: float = 1.0  # optax.clip_by_global_norm threshold
+    log_every: int = 50  # print loss, pre-clip gradient norm and horizon every this many steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Exploding:
+    """An Elman (tanh) network with ``W_hh ~ N(0, gain^2 / H)`` (spectral radius ~ gain)."""
+
+    gain: float = 3.0
+    delta_clip: float = 1.0  # per-step clipping threshold for delta^h_t
+
+
+@dataclasses.dataclass(frozen=True)
+class Truncation:
+    # With the loss on the last step only, truncate=k sees the last chunk, T - k*((T-1)//k)
+    # steps: ks that divide T keep that equal to k.
+    ks: tuple[int, ...] = (1, 2, 5, 10, 25, 50)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnoseConfig:
+    """Everything ``bptt-jax diagnose`` runs."""
+
+    out: str = "results/diagnose"  # output folder: PNGs, summary.txt, summary.json
+    seed: int = 0
+    cells: tuple[CellName, ...] = ("elman", "lstm", "gru")
+    fraction: float = 0.01  # the horizon threshold (see horizon_from_norms)
+    probes: int | None = None  # None (leave out): exact ||dh_T/dh_t||; else random probes
+    plots: bool = True
+    task: Task = Task()
+    model: Model = Model()
+    train: Train = Train()
+    exploding: Exploding = Exploding()
+    truncation: Truncation = Truncation()
+
+
+def _at_least(key: str, value, minimum) -> None:
+    if not value >= minimum:
+        raise config.ConfigError(f"config: '{key}' must be >= {minimum}; got {value!r}")
+
+
+def check_config(cfg: DiagnoseConfig) -> DiagnoseConfig:
+    """The checks a schema's types cannot express; each :class:`ConfigError` names its key."""
+    _at_least("task.T", cfg.task.T, 2)
+    _at_least("task.batch", cfg.task.batch, 1)
+    _at_least("model.hidden", cfg.model.hidden, 1)
+    _at_least("train.steps", cfg.train.steps, 0)
+    _at_least("train.log_every", cfg.train.log_every, 1)
+    for key, v in (("train.lr", cfg.train.lr), ("train.clip", cfg.train.clip),
+                   ("exploding.gain", cfg.exploding.gain),
+                   ("exploding.delta_clip", cfg.exploding.delta_clip)):  # fmt: skip
+        if not v > 0:
+            raise config.ConfigError(f"config: '{key}' must be > 0; got {v!r}")
+    if not 0 < cfg.fraction < 1:
+        raise config.ConfigError(f"config: 'fraction' must be in (0, 1); got {cfg.fraction!r}")
+    if cfg.probes is not None:
+        _at_least("probes", cfg.probes, 1)
+    if not cfg.cells:
+        raise config.ConfigError("config: 'cells' must name at least one of elman, lstm, gru")
+    if len(set(cfg.cells)) != len(cfg.cells):
+        raise config.ConfigError(f"config: 'cells' lists a cell twice: {list(cfg.cells)}")
+    if not cfg.truncation.ks:
+        raise config.ConfigError("config: 'truncation.ks' must list at least one k")
+    for i, k in enumerate(cfg.truncation.ks):
+        _at_least(f"truncation.ks[{i}]", k, 1)
+    return cfg
+
+
+def adding_batch(key, seq_len: int, batch: int, dtype=jnp.float32):
+    """One batch of the adding problem: ``(xs (T, B, 2), targets (T, B, 1), loss_mask)``."""
+    kv, k1, k2 = jax.random.split(key, 3)
+    values = jax.random.uniform(kv, (seq_len, batch), dtype)
+    half = seq_len // 2
+    first = jax.random.randint(k1, (batch,), 0, half)
+    second = jax.random.randint(k2, (batch,), half, seq_len)
+    steps = jnp.arange(seq_len)[:, None]
+    marks = ((steps == first) | (steps == second)).astype(dtype)
+    xs = jnp.stack([values, marks], axis=-1)
+    total = jnp.sum(values * marks, axis=0)
+    targets = jnp.zeros((seq_len, batch, 1), dtype).at[-1, :, 0].set(total)
+    loss_mask = jnp.broadcast_to(steps == seq_len - 1, (seq_len, batch))
+    return xs, targets, loss_mask
+
+
+def _make_cell(name: str, model: Model):
+    if name == "elman":
+        return Elman(model.hidden, "tanh", init_scheme=model.init)
+    if name == "lstm":
+        return LSTM(model.hidden, forget_bias=model.forget_bias, init_scheme=model.init)
+    return GRU(model.hidden, init_scheme=model.init)
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _train(cell, params, readout, cfg: DiagnoseConfig, key):
+    """Adam with global-norm clipping; gradients from the hand-written ``loss_and_grads``.
+
+    Logs, every ``train.log_every`` steps, the loss, the pre-clip global gradient norm and the
+    effective horizon (8 random probes on 8 examples of the current batch).
+    """
+    import optax
+
+    opt = optax.chain(optax.clip_by_global_norm(cfg.train.clip), optax.adam(cfg.train.lr))
+    state = opt.init((params, readout))
+    t_len, batch = cfg.task.T, cfg.task.batch
+
+    @jax.jit
+    def step(params, readout, state, k):
+        xs, tg, lm = adding_batch(k, t_len, batch)
+        out = losses.loss_and_grads(cell, params, readout, xs, tg, loss="mse", loss_mask=lm)
+        grads = (out.params, out.readout)
+        updates, state = opt.update(grads, state, (params, readout))
+        params, readout = optax.apply_updates((params, readout), updates)
+        return params, readout, state, out.value, optax.global_norm(grads), xs
+
+    horizon = jax.jit(
+        lambda p, xs, k: effective_horizon(
+            cell, p, xs[:, :8], fraction=cfg.fraction, probes=8, key=k
+        )
+    )
+    history = []
+    for i in range(cfg.train.steps):
+        k = jax.random.fold_in(key, i)
+        params, readout, state, value, gnorm, xs = step(params, readout, state, k)
+        history.append(float(value))
+        if (i + 1) % cfg.train.log_every == 0 or i + 1 == cfg.train.steps:
+            h = int(horizon(params, xs, jax.random.fold_in(k, 1)))
+            _log(
+                f"    step {i + 1:4d}  loss {float(value):.4f}  "
+                f"grad norm (pre-clip) {float(gnorm):.3g}  horizon {h}"
+            )
+    return params, readout, history
+
+
+def _flow_numbers(flow: GradientFlow, fraction: float) -> dict:
+    d, j = np.asarray(flow.delta_norm), np.asarray(flow.jacobian_norm)
+    return {
+        "loss": float(flow.value),
+        "horizon": int(flow.horizon),
+        "delta_horizon": int(horizon_from_norms(flow.delta_norm, fraction)),
+        "delta_norm_first": float(d[0]),
+        "delta_norm_last": float(d[-1]),
+        "jacobian_norm_first": float(j[0]),
+        "jacobian_norm_last": float(j[-1]),
+        "delta_norm": d.tolist(),
+        "jacobian_norm": j.tolist(),
+    }
+
+
+def run(cfg: DiagnoseConfig) -> dict:
+    """Run every diagnosis of ``bptt-jax diagnose``; write the files; return the numbers."""
+    cfg = check_config(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_len, batch, hid = cfg.task.T, cfg.task.batch, cfg.model.hidden
+    key = jax.random.key(cfg.seed)
+    k_eval, k_cells, k_train, k_probe, k_exp = jax.random.split(key, 5)
+    xs, tg, lm = adding_batch(k_eval, t_len, batch)
+    ks = tuple(cfg.truncation.ks)
+    flow_kw = dict(loss="mse", loss_mask=lm, fraction=cfg.fraction, probes=cfg.probes,
+                   key=None if cfg.probes is None else k_probe)  # fmt: skip
+    results: dict[str, Any] = {"config": config.to_dict(cfg), "cells": {}}
+    _log(f"bptt-jax diagnose: adding problem T={t_len}, B={batch}, H={hid} -> {out}")
+
+    for i, name in enumerate(cfg.cells):
+        t0 = time.perf_counter()
+        cell = _make_cell(name, cfg.model)
+        kp, kr = jax.random.split(jax.random.fold_in(k_cells, i))
+        params, readout = cell.init(kp, 2), losses.init_readout(kr, hid, 1)
+        entry: dict[str, Any] = {}
+        for stage in ("init", "trained"):
+            if stage == "trained":
+                _log(f"  {name}: training {cfg.train.steps} steps")
+                params, readout, entry["train_loss"] = _train(
+                    cell, params, readout, cfg, jax.random.fold_in(k_train, i)
+                )
+            flow = gradient_flow(cell, params, readout, xs, tg, **flow_kw)
+            bias = truncation_bias(cell, params, readout, xs, tg, ks=ks, loss="mse", loss_mask=lm)
+            spec = spectral_norms(cell, params)
+            entry[stage] = _flow_numbers(flow, cfg.fraction) | {
+                "spectral_norm": float(spec.kernel),
+                "spectral_norm_blocks": {g: float(v) for g, v in spec.blocks.items()},
+                "truncation_cosine": np.asarray(bias.cosine).tolist(),
+                "truncation_norm_ratio": np.asarray(bias.norm_ratio).tolist(),
+            }
+            e = entry[stage]
+            _log(
+                f"  {name} {stage:7s}: loss {e['loss']:.4f}  horizon {e['horizon']}  "
+                f"|delta_0| {e['delta_norm_first']:.3g}  |delta_T| {e['delta_norm_last']:.3g}  "
+                f"sigma_max(W_h) {e['spectral_norm']:.3g}"
+            )
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        results["cells"][name] = entry
+
+    _log(f"  exploding: Elman, W_hh ~ N(0, {cfg.exploding.gain}^2/H)")
+    cell = Elman(hid, "tanh", init_scheme=cfg.model.init)
+    kp, kw, kr = jax.random.split(k_exp, 3)
+    params = cell.init(kp, 2)
+    w_hh = cfg.exploding.gain * jax.random.normal(kw, (hid, hid)) / math.sqrt(hid)
+    params = params._replace(w_hh=w_hh)
+    readout = losses.init_readout(kr, hid, 1)
+    exploding: dict[str, Any] = {"spectral_norm": float(spectral_norms(cell, params).kernel)}
+    for label, clip in (("no_clip", None), ("clip", cfg.exploding.delta_clip)):
+        flow = gradient_flow(cell, params, readout, xs, tg, delta_clip=clip, **flow_kw)
+        exploding[label] = _flow_numbers(flow, cfg.fraction)
+        e = exploding[label]
+        _log(
+            f"  exploding {label:7s}: |delta_0| {e['delta_norm_first']:.3g}  "
+            f"|delta_T| {e['delta_norm_last']:.3g}  horizon {e['horizon']}"
+        )
+    results["exploding"] = exploding
+
+    summary = _summary_text(cfg, results)
+    (out / "summary.txt").write_text(summary)
+    with open(out / "summary.json", "w") as f:
+        json.dump(results, f, indent=1)
+    files = ["summary.txt", "summary.json"]
+    if cfg.plots:
+        files += _plot(cfg, results, out)
+    _log("\n" + summary)
+    _log("wrote " + ", ".join(str(out / f) for f in files))
+    return results
+
+
+def _summary_text(cfg: DiagnoseConfig, results: dict) -> str:
+    t_len = cfg.task.T
+    lines = [
+        f"Gradient flow on the adding problem: T={t_len}, B={cfg.task.batch}, "
+        f"H={cfg.model.hidden}, init={cfg.model.init}, {cfg.train.steps} training steps "
+        f"(Adam lr={cfg.train.lr}); loss on the last step only (mse; predicting the mean: "
+        "0.167).",
+        f"horizon: steps back from T until ||dh_T/dh_t|| first falls below {cfg.fraction} "
+        f"of its running peak ({t_len} = never); delta horizon: the same for ||delta^h_t||.",
+        "",
+        f"{'cell':6s} {'stage':8s} {'loss':>7s} {'horizon':>8s} {'d-hor.':>7s} "
+        f"{'|delta_0|':>10s} {'|delta_T|':>10s} {'sigma_max':>9s}",
+    ]
+    for name, entry in results["cells"].items():
+        for stage in ("init", "trained"):
+            e = entry[stage]
+            lines.append(
+                f"{name:6s} {stage:8s} {e['loss']:7.4f} {e['horizon']:8d} "
+                f"{e['delta_horizon']:7d} {e['delta_norm_first']:10.3g} "
+                f"{e['delta_norm_last']:10.3g} {e['spectral_norm']:9.3g}"
+            )
+    ks = cfg.truncation.ks
+    lines += ["", "Truncation bias of the trained models: cosine(g_k, g) / ||g_k|| / ||g||"]
+    lines.append(f"{'cell':6s} " + " ".join(f"{'k=' + str(k):>11s}" for k in ks))
+    for name, entry in results["cells"].items():
+        e = entry["trained"]
+        lines.append(
+            f"{name:6s} "
+            + " ".join(
+                f"{c:5.2f}/{r:5.2f}"
+                for c, r in zip(e["truncation_cosine"], e["truncation_norm_ratio"])
+            )
+        )
+    ex = results["exploding"]
+    lines += [
+        "",
+        f"Exploding: Elman tanh, W_hh ~ N(0, {cfg.exploding.gain}^2/H), "
+        f"sigma_max(W_hh) = {ex['spectral_norm']:.3g}",
+    ]
+    for label, text in (("no_clip", "without clipping"),
+                        ("clip", f"delta_clip={cfg.exploding.delta_clip}")):  # fmt: skip
+        e = ex[label]
+        lines.append(
+            f"  {text:18s}: |delta_0| = {e['delta_norm_first']:.3g}, "
+            f"|delta_T-1| = {e['delta_norm_last']:.3g}, "
+            f"ratio {e['delta_norm_first'] / max(e['delta_norm_last'], 1e-30):.3g}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+COLORS = {"elman": "tab:blue", "lstm": "tab:orange", "gru": "tab:green"}
+
+
+def _plot(cfg: DiagnoseConfig, results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t_len = cfg.task.T
+    steps = np.arange(t_len)
+    cells = results["cells"]
+
+    # (a) error norms and Jacobian norms per cell, at init and after training
+    fig, axes = plt.subplots(2, len(cells), figsize=(4.2 * len(cells), 6.4), squeeze=False)
+    for col, (name, entry) in enumerate(cells.items()):
+        for stage, style in (("init", "--"), ("trained", "-")):
+            e = entry[stage]
+            axes[0, col].semilogy(
+                steps, e["delta_norm"], style, color=COLORS[name],
+                label=f"{stage} (loss {e['loss']:.3f})",
+            )  # fmt: skip
+            axes[1, col].semilogy(
+                steps, e["jacobian_norm"], style, color=COLORS[name],
+                label=f"{stage}: horizon {e['horizon']}",
+            )  # fmt: skip
+            axes[1, col].axvline(t_len - e["horizon"], ls=style, color="gray", lw=0.8)
+        axes[0, col].set_title(f"{name.upper() if name != 'elman' else 'Elman'}")
+        axes[1, col].set_xlabel("time step t")
+        for row in (0, 1):
+            axes[row, col].legend(fontsize=8)
+            axes[row, col].grid(True, which="major", alpha=0.3)
+    axes[0, 0].set_ylabel("||delta^h_t|| = ||dL/dh_t||  (batch mean)")
+    axes[1, 0].set_ylabel("||dh_T/dh_t||_F  (batch mean)")
+    fig.suptitle(
+        f"Error flowing back in time, adding problem T={t_len} (loss at the last step): "
+        f"init (dashed) vs after {cfg.train.steps} Adam steps (solid)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "gradient_flow.png", dpi=110)
+    plt.close(fig)
+
+    # (b) the exploding case, with and without per-step clipping
+    ex = results["exploding"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.semilogy(steps, ex["no_clip"]["delta_norm"], color="tab:red", label="no clipping")
+    ax.semilogy(
+        steps, ex["clip"]["delta_norm"], color="tab:blue",
+        label=f"delta_clip={cfg.exploding.delta_clip}",
+    )  # fmt: skip
+    ax.axhline(cfg.exploding.delta_clip, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("||delta^h_t||  (batch mean)")
+    ax.set_title(f"Exploding: Elman tanh, sigma_max(W_hh) = {ex['spectral_norm']:.2f}", fontsize=10)
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "exploding.png", dpi=110)
+    plt.close(fig)
+
+    # (c) truncation bias vs k
+    ks = cfg.truncation.ks
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, entry in cells.items():
+        for stage, style in (("init", "--"), ("trained", "-")):
+            e = entry[stage]
+            axes[0].plot(ks, e["truncation_cosine"], style + "o", ms=3, color=COLORS[name],
+                         label=f"{name} {stage}")  # fmt: skip
+            axes[1].plot(ks, e["truncation_norm_ratio"], style + "o", ms=3, color=COLORS[name],
+                         label=f"{name} {stage}")  # fmt: skip
+    axes[0].set_ylabel("cosine(g_k, g_full)")
+    axes[1].set_ylabel("||g_k|| / ||g_full||")
+    for ax in axes:
+        ax.set_xlabel("truncation length k")
+        ax.set_xscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Truncation bias, adding problem T={t_len}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "truncation_bias.png", dpi=110)
+    plt.close(fig)
+
+    # training curves
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name, entry in cells.items():
+        if entry.get("train_loss"):
+            ax.semilogy(entry["train_loss"], color=COLORS[name], label=name, lw=0.8)
+    ax.axhline(1 / 6, color="gray", ls=":", lw=0.8, label="predict the mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mse)")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+    return ["gradient_flow.png", "exploding.png", "truncation_bias.png", "training.png"]
+
+
+def add_cli_arguments(parser) -> None:
+    config.add_arguments(parser, default="diagnose")
+
+
+def cli_main(args) -> int:
+    """``bptt-jax diagnose [CONFIG] [KEY=VALUE ...]``: 0 on success, 2 for a config error."""
+    try:
+        cfg = check_config(config.from_args(DiagnoseConfig, args))
+    except config.ConfigError as e:
+        print(f"bptt-jax diagnose: error: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
