@@ -33,6 +33,14 @@ def _save(fig, path: Path) -> str:
     return str(path)
 
 
+def _t_axis(ax, rows) -> None:
+    ts = sorted({r["T"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ts, [str(t) for t in ts])
+    ax.minorticks_off()
+    ax.set_xlabel("sequence length T")
+
+
 def tokens_vs_T(results: dict, out: Path) -> str | None:
     rows = results.get("scaling") or []
     if not rows or "median_s" not in next(iter(rows[0]["variants"].values())):
@@ -42,7 +50,8 @@ def tokens_vs_T(results: dict, out: Path) -> str | None:
         pts = [(r["T"], r["variants"][name]["tokens_per_s"]) for r in rows if name in r["variants"]]
         ax.plot(*zip(*pts), marker="o", label=name)
     r0 = rows[0]
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="tokens/s (T*B / s)")
+    _t_axis(ax, rows)
+    ax.set(yscale="log", ylabel="tokens/s (T*B / s)")
     ax.set_title(_title(results, f"{r0['cell']} B={r0['B']} D={r0['D']} H={r0['H']}"), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -67,7 +76,8 @@ def memory_vs_T(results: dict, out: Path) -> str | None:
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", label=f"{name} ({label})")
     r0 = rows[0]
-    ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="MiB")
+    _t_axis(ax, rows)
+    ax.set(yscale="log", ylabel="MiB")
     ax.set_title(_title(results, f"memory, {r0['cell']} B={r0['B']} H={r0['H']}"), fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -84,8 +94,12 @@ def tokens_vs_k(results: dict, out: Path) -> str | None:
     if ks:
         ax.plot(*zip(*sorted(ks)), marker="o", label=f"truncate=k ({res['variant']})")
     ax.axhline(entries["full"]["tokens_per_s"], color="k", ls="--", label="full BPTT")
-    ax.set(xscale="log", xlabel="truncation length k", ylabel="tokens/s (T*B / s)")
     ax.set_xscale("log", base=2)
+    if ks:
+        ax.set_xticks([k for k, _ in sorted(ks)], [str(k) for k, _ in sorted(ks)])
+        ax.minorticks_off()
+    ax.set(xlabel="truncation length k", ylabel="tokens/s (T*B / s)")
+    ax.set_ylim(bottom=0)
     ax.set_title(
         _title(results, f"{res['cell']} T={res['T']} B={res['B']} D={res['D']} H={res['H']}"),
         fontsize=9,
@@ -107,11 +121,15 @@ def ratios(results: dict, out: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(bars)), 4.6))
     labels, values = zip(*bars)
-    ax.bar(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.bar(range(len(values)), [v - 1 for v in values], bottom=1, color=colors)  # bars from 1
     ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
     ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
-    ax.set_ylabel("time(other) / time(bptt_jax manual)  (>1: bptt_jax faster)")
-    ax.set_title(_title(results, "speedup of the hand-written BPTT"), fontsize=9)
+    ax.set_ylabel("time(other) / time(bptt_jax)")
+    ax.set_title(
+        _title(results, "speedup of the hand-written BPTT (above 1: bptt_jax faster)"), fontsize=9
+    )
     return _save(fig, out / "ratios.png")
 
 

@@ -123,6 +123,10 @@ def targets(results: dict) -> list[dict[str, Any]]:
 def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
     """Run the parts of ``cfg``; return the results dict (also what goes to JSON)."""
     start = time.perf_counter()
+    if "peers" in cfg.parts and "torch" in cfg.peers.libraries:
+        # on a GPU, JAX would otherwise take 75% of its memory up front and leave PyTorch
+        # little (no effect once JAX's backend has started, nor on a CPU)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     precision = None if cfg.matmul_precision == "default" else cfg.matmul_precision
     jax.config.update("jax_default_matmul_precision", precision)
     session = harness.Session(cfg, print_fn)

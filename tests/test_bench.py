@@ -203,3 +203,9 @@ def test_a_wrong_gradient_path_is_refused_and_never_timed(
     assert "'wrong' disagrees with 'autodiff'" in failure["error"]
     assert res[part] in ([], None)  # nothing of the failing entry was timed or reported
     assert "FAILED" in capsys.readouterr().err
+
+
+def test_bench_without_the_repository_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "BENCHMARKS_DIR", tmp_path / "benchmarks")
+    with pytest.raises(FileNotFoundError, match=r"pip install -e \."):
+        bench.load_runner()
