@@ -322,7 +322,8 @@ class Session:
 
     def prepare(self, problem: Problem, variant: str, truncate: int | None = None) -> Timed:
         """Compile ``variant`` on ``problem``, check it against the reference, return it ready
-        to time. Raises :class:`CheckFailed` (never returns) when it disagrees."""
+        to time (cached). Raises :class:`CheckFailed` when it disagrees, :class:`EntryFailed`
+        when it cannot compile or run: either way the entry is reported, never timed."""
         k = (id(problem), variant, truncate)
         if k not in self._compiled:
             try:
