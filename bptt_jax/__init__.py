@@ -38,6 +38,18 @@ from bptt_jax.losses import (
 )
 
 __version__ = "0.1.0"
+from bptt_jax.train import (
+    TrainState as TrainState,
+)
+from bptt_jax.train import (
+    trainer as trainer,
+)
+from bptt_jax.truncated import (
+    Batch as Batch,
+)
+from bptt_jax.truncated import (
+    tbptt as tbptt,
+)
 from bptt_jax.verify import (
     GradientReport as GradientReport,
 )

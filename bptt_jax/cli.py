@@ -20,6 +20,14 @@ COMMANDS = {
         "bptt_jax.bench",
         "benchmark the hand-written BPTT: vs autodiff, truncation, peers, the floor",
     ),
+    "diagnose": (
+        "bptt_jax.diagnostics",
+        "plot gradient flow: error norms vs time, horizons, exploding vs clipped, truncation bias",
+    ),
+    "train": (
+        "bptt_jax.train",
+        "train a model on a built-in task (adding, recall, charlm) from a TOML config",
+    ),
 }
 
 

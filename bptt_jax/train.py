@@ -1,0 +1,542 @@
+"""Training with optax on the hand-written BPTT: the train step, the loop and ``bptt-jax train``.
+
+The gradients come from :func:`bptt_jax.losses.loss_and_grads` (the hand-written backward),
+never from ``jax.grad``. One jit-compiled train step takes a :class:`TrainState` and a
+:class:`~bptt_jax.truncated.Batch` and returns the new state and metrics:
+
+* **full BPTT** (``k1=None``): one update over the whole batch;
+* **TBPTT(k1, k2)**: ``ceil(T / k1)`` updates over the batch's windows (exact semantics in
+  :mod:`bptt_jax.truncated`), one ``lax.scan`` with the optimizer update inside.
+
+Either way the step starts from ``state.carry`` and returns the carry after the batch's last
+step, so a stream's state survives across steps (``resets`` zero it where sequences start).
+The optimizer is ``optax.chain(clipping, optimizer)``, optionally inside
+``optax.apply_if_finite`` so a non-finite gradient skips the update and is counted.
+
+Example:
+  >>> import jax, bptt_jax
+  >>> from bptt_jax import tasks, train
+  >>> task = tasks.AddingTask(seq_len=20)
+  >>> t = train.trainer(bptt_jax.LSTM(16), train.OptimConfig(learning_rate=1e-2), loss="mse", k1=5)
+  >>> state = t.init(jax.random.key(0), task.input_size, task.output_size, batch_size=8)
+  >>> state, metrics = t.step(state, task.batch(state.key, 0, 8))
+  >>> sorted(metrics), metrics["loss"].shape           # one entry per update: 20 / 5 = 4
+  (['clipped', 'grad_norm', 'loss', 'skipped'], (4,))
+
+References:
+  Williams & Peng (1990) for TBPTT(k1, k2); Pascanu, Mikolov & Bengio, "On the difficulty of
+  training recurrent neural networks", ICML 2013, for gradient clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bptt_jax import config as config_lib
+from bptt_jax import losses, tasks, truncated
+from bptt_jax.cells import GRU, LSTM, Elman
+from bptt_jax.config import ConfigError
+from bptt_jax.truncated import Batch
+
+
+# ---------------------------------------------------------------------------- configs
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The recurrent cell (table ``[model]``)."""
+
+    cell: Literal["lstm", "gru", "elman"] = "lstm"
+    hidden_size: int = 128
+    activation: Literal["tanh", "relu", "identity", "sigmoid"] = "tanh"  # elman only
+    forget_bias: float = 1.0  # lstm only
+    init: Literal["uniform", "orthogonal"] = "uniform"
+    dtype: Literal["float32", "float64"] = "float32"
+
+
+#: Optimizers with their own handling; any other optax alias taking ``learning_rate`` as its
+#: first argument (``adamw``, ``lion``, ``nadam``, ...) is also accepted by name.
+OPTIMIZERS = ("adam", "sgd", "adagrad", "rmsprop")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Clipping and optimizer (table ``[optim]``)."""
+
+    name: str = "adam"  # adam, sgd, adagrad, rmsprop, or another optax alias by name
+    learning_rate: float = 1e-3
+    momentum: float = 0.9  # sgd and rmsprop; 0 for none
+    clip: Literal["global_norm", "value", "none"] = "global_norm"
+    max_norm: float = 1.0  # global_norm: max global norm; value: max |g| per element
+    skip_nonfinite: bool = True  # optax.apply_if_finite: skip (and count) non-finite updates
+    max_consecutive_skips: int = 100  # after this many skips in a row, apply anyway
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The loop (table ``[train]``)."""
+
+    steps: int = 1000  # train steps (batches / stream chunks)
+    batch_size: int = 32
+    k1: int | None = None  # None: full BPTT per batch; else TBPTT(k1, k2)
+    k2: int | None = None  # backpropagation depth, >= k1; None: k1
+    eval_every: int = 200  # steps between evaluations (0: only at the end)
+    log_every: int = 10  # steps between progress-bar updates and log records
+    progress: bool = True  # show a tqdm progress bar
+    log_file: str = ""  # write the log records as JSON lines here ("" for none)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints (table ``[checkpoint]``)."""
+
+    dir: str = ""  # "" for no checkpoints
+    every: int = 0  # steps between checkpoints (0: only at the end)
+    keep: int = 3  # most recent checkpoints kept
+    resume: bool = True  # continue from the latest checkpoint in dir, if any
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything ``bptt-jax train`` reads; each task's settings are in its own table."""
+
+    seed: int = 0
+    task: Literal["adding", "recall", "charlm"] = "adding"
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    adding: tasks.AddingConfig = tasks.AddingConfig()
+    recall: tasks.RecallConfig = tasks.RecallConfig()
+    charlm: tasks.CharLMConfig = tasks.CharLMConfig()
+
+
+def _optax_alias(name: str):
+    fn = getattr(optax, name, None) if not name.startswith("_") else None
+    if not callable(fn) or isinstance(fn, type):
+        return None
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return fn if params[:1] == ["learning_rate"] else None
+
+
+def check_config(cfg: Config) -> None:
+    """Range and consistency checks beyond types; ``ConfigError`` naming the key."""
+    t, m, o, c = cfg.train, cfg.model, cfg.optim, cfg.checkpoint
+    for key, value in (
+        ("model.hidden_size", m.hidden_size),
+        ("optim.learning_rate", o.learning_rate),
+        ("optim.max_norm", o.max_norm),
+        ("optim.max_consecutive_skips", o.max_consecutive_skips),
+        ("train.batch_size", t.batch_size),
+        ("train.log_every", t.log_every),
+        ("checkpoint.keep", c.keep),
+    ):
+        if value <= 0:
+            raise ConfigError(f"config: '{key}' must be positive; got {value!r}")
+    for key, value in (
+        ("train.steps", t.steps),
+        ("train.eval_every", t.eval_every),
+        ("checkpoint.every", c.every),
+        ("optim.momentum", o.momentum),
+    ):
+        if value < 0:
+            raise ConfigError(f"config: '{key}' must be >= 0; got {value!r}")
+    if o.name not in OPTIMIZERS and _optax_alias(o.name) is None:
+        raise ConfigError(
+            f"config: 'optim.name' must be one of {', '.join(OPTIMIZERS)} or an optax "
+            f"optimizer taking learning_rate (e.g. adamw, lion); got {o.name!r}"
+        )
+    for key, k in (("train.k1", t.k1), ("train.k2", t.k2)):
+        if k is not None and k <= 0:
+            raise ConfigError(f"config: '{key}' must be a positive int (or none); got {k}")
+    if t.k1 is None and t.k2 is not None:
+        raise ConfigError("config: 'train.k2' needs 'train.k1' (TBPTT(k1, k2)); set train.k1")
+    if t.k1 is not None and t.k2 is not None and t.k1 > t.k2:
+        raise ConfigError(
+            f"config: 'train.k1' ({t.k1}) must be <= 'train.k2' ({t.k2}): each update "
+            "backpropagates k2 >= k1 steps"
+        )
+    if c.every and not c.dir:
+        raise ConfigError("config: 'checkpoint.every' needs 'checkpoint.dir'")
+
+
+# ---------------------------------------------------------------------------- pieces
+def make_cell(cfg: ModelConfig):
+    """The cell of a :class:`ModelConfig`."""
+    if cfg.cell == "lstm":
+        return LSTM(cfg.hidden_size, forget_bias=cfg.forget_bias, init_scheme=cfg.init)
+    if cfg.cell == "gru":
+        return GRU(cfg.hidden_size, init_scheme=cfg.init)
+    return Elman(cfg.hidden_size, cfg.activation, init_scheme=cfg.init)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """``[apply_if_finite](chain(clip, optimizer))`` from an :class:`OptimConfig`.
+
+    Clipping: ``"global_norm"`` rescales the whole gradient to global norm ``<= max_norm``
+    (Pascanu et al. 2013); ``"value"`` clips every element to ``[-max_norm, max_norm]``;
+    ``"none"``. Optimizer: ``adam``, ``sgd`` (with ``momentum``), ``adagrad``, ``rmsprop``
+    (with ``momentum``), or any optax alias taking ``learning_rate`` first, by name.
+
+    Example:
+      >>> from bptt_jax.train import OptimConfig, make_optimizer
+      >>> tx = make_optimizer(OptimConfig(name="sgd", learning_rate=0.1, clip="value"))
+    """
+    lr, mom = cfg.learning_rate, (cfg.momentum or None)
+    if cfg.name == "adam":
+        opt = optax.adam(lr)
+    elif cfg.name == "sgd":
+        opt = optax.sgd(lr, momentum=mom)
+    elif cfg.name == "adagrad":
+        opt = optax.adagrad(lr)
+    elif cfg.name == "rmsprop":
+        opt = optax.rmsprop(lr, momentum=mom)
+    else:
+        alias = _optax_alias(cfg.name)
+        if alias is None:
+            raise ValueError(f"make_optimizer: unknown optimizer name {cfg.name!r}")
+        opt = alias(lr)
+    clip = {
+        "global_norm": lambda: optax.clip_by_global_norm(cfg.max_norm),
+        "value": lambda: optax.clip(cfg.max_norm),
+        "none": optax.identity,
+    }[cfg.clip]()
+    tx = optax.chain(clip, opt)
+    if cfg.skip_nonfinite:
+        tx = optax.apply_if_finite(tx, cfg.max_consecutive_skips)
+    return tx
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue exactly: what a checkpoint holds."""
+
+    params: Any  # the cell's params (ElmanParams / LSTMParams / GRUParams)
+    readout: losses.ReadoutParams  # the output layer (w_hy (H, O), b_y (O,))
+    opt_state: Any  # optax state of the pair (params, readout)
+    carry: Any  # (B, H) or LSTMCarry: the carry after the last step, entering the next batch
+    step: jax.Array  # int32 (): train steps (batches) done
+    key: jax.Array  # PRNG key of the run's data: batch s is drawn from (key, s)
+
+
+def skipped_updates(opt_state) -> jax.Array:
+    """Total updates skipped by ``optax.apply_if_finite`` (0 without it)."""
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        return opt_state.total_notfinite
+    return jnp.zeros((), jnp.int32)
+
+
+#: ``metrics_fn(params, readout, window, lg) -> dict`` adds metrics computed inside the jitted
+#: step, per update, from the params before the update, the update's window (a
+#: :class:`~bptt_jax.truncated.Batch`) and its :class:`~bptt_jax.losses.LossAndGrads`.
+MetricsFn = Callable[[Any, Any, Batch, losses.LossAndGrads], dict]
+
+
+class Trainer(NamedTuple):
+    """What :func:`trainer` returns."""
+
+    tx: optax.GradientTransformation  # the optimizer (clipping included)
+    init: Callable[..., TrainState]  # init(key, input_size, output_size, batch_size, dtype)
+    step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jit-compiled
+
+
+def trainer(
+    cell,
+    optim: OptimConfig = OptimConfig(),
+    *,
+    loss: str = "xent",
+    reduction: str = "mean",
+    k1: int | None = None,
+    k2: int | None = None,
+    metrics_fn: MetricsFn | None = None,
+) -> Trainer:
+    """A jit-compiled train step for full BPTT (``k1=None``) or TBPTT(k1, k2).
+
+    ``step(state, batch) -> (state, metrics)`` runs from ``state.carry`` over the batch
+    ``(T, B, ...)``: one update (full BPTT) or ``ceil(T / k1)`` (TBPTT), each from the
+    hand-written gradients of :func:`bptt_jax.losses.loss_and_grads`. ``metrics`` is a dict
+    of ``(U,)`` arrays, one entry per update ``U``:
+
+    * ``loss``: the update's loss (before the update);
+    * ``grad_norm``: the global norm of its gradient, before clipping;
+    * ``clipped``: whether clipping changed the gradient;
+    * ``skipped``: total updates skipped so far by ``apply_if_finite``;
+    * whatever ``metrics_fn`` adds.
+
+    Args:
+      cell: the cell.
+      optim: clipping and optimizer (:func:`make_optimizer`).
+      loss, reduction: as in :func:`bptt_jax.sequence_loss` (per update).
+      k1, k2: ``None`` for full BPTT, else TBPTT(k1, k2) (``k2=None``: k1).
+      metrics_fn: extra per-update metrics (see :data:`MetricsFn`).
+
+    Raises:
+      ValueError: ``k1``/``k2`` not positive or ``k1 > k2`` (naming the argument).
+    """
+    if k1 is not None:
+        k1, k2 = truncated.check_k1_k2("trainer", k1, k2)
+    elif k2 is not None:
+        raise ValueError("trainer: k2 needs k1 (TBPTT(k1, k2)); got k1=None")
+    tx = make_optimizer(optim)
+
+    def init(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
+        k_cell, k_ro, k_data = jax.random.split(key, 3)
+        params = cell.init(k_cell, input_size, dtype)
+        readout = losses.init_readout(k_ro, cell.hidden_size, output_size, dtype)
+        return TrainState(
+            params=params,
+            readout=readout,
+            opt_state=tx.init((params, readout)),
+            carry=cell.zero_carry(batch_size, dtype),
+            step=jnp.zeros((), jnp.int32),
+            key=k_data,
+        )
+
+    def update(opt_state, params, readout, lg, window):
+        grads = (lg.params, lg.readout)
+        norm = optax.tree.norm(grads)
+        if optim.clip == "global_norm":
+            clipped = norm > optim.max_norm
+        elif optim.clip == "value":
+            leaves = jax.tree.leaves(grads)
+            clipped = jnp.any(jnp.stack([jnp.any(jnp.abs(g) > optim.max_norm) for g in leaves]))
+        else:
+            clipped = jnp.zeros((), bool)
+        updates, opt_state = tx.update(grads, opt_state, (params, readout))
+        new_params, new_readout = optax.apply_updates((params, readout), updates)
+        metrics = {
+            "loss": lg.value,
+            "grad_norm": norm,
+            "clipped": clipped,
+            "skipped": skipped_updates(opt_state),
+        }
+        if metrics_fn is not None:
+            metrics.update(metrics_fn(params, readout, window, lg))
+        return opt_state, new_params, new_readout, metrics
+
+    def step(state: TrainState, batch: Batch):
+        common = dict(mask=batch.mask, loss_mask=batch.loss_mask, resets=batch.resets)
+        if k1 is None:
+            lg = losses.loss_and_grads(
+                cell,
+                state.params,
+                state.readout,
+                batch.xs,
+                batch.targets,
+                state.carry,
+                loss=loss,
+                reduction=reduction,
+                **common,
+            )
+            opt_state, params, readout, metrics = update(
+                state.opt_state, state.params, state.readout, lg, batch
+            )
+            carry = lg.carry
+            metrics = jax.tree.map(lambda x: x[None], metrics)
+        else:
+            out = truncated.tbptt(
+                cell,
+                state.params,
+                state.readout,
+                batch.xs,
+                batch.targets,
+                state.carry,
+                k1=k1,
+                k2=k2,
+                update=update,
+                update_state=state.opt_state,
+                loss=loss,
+                reduction=reduction,
+                **common,
+            )
+            opt_state, params, readout, carry, metrics = out
+        new = TrainState(params, readout, opt_state, carry, state.step + 1, state.key)
+        return new, metrics
+
+    return Trainer(tx, init, jax.jit(step))
+
+
+# ---------------------------------------------------------------------------- the loop
+class FitResult(NamedTuple):
+    """What :func:`fit` returns."""
+
+    state: TrainState  # the final state
+    history: list  # the log records (dicts), as written to train.log_file
+    task: Any  # the task (e.g. to sample from a char-LM)
+    cell: Any  # the cell
+
+
+#: ``hook(step, record)`` is called with every log record (a dict of Python numbers) after
+#: it is made; ``record["kind"]`` is ``"train"`` or ``"eval"``.
+Hook = Callable[[int, dict], None]
+
+
+def build(cfg: Config):
+    """Check ``cfg`` and build ``(task, cell, trainer)``: every error before any work."""
+    check_config(cfg)
+    task = tasks.make_task(cfg.task, getattr(cfg, cfg.task), cfg.model.dtype)
+    cell = make_cell(cfg.model)
+    t = trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2)
+    return task, cell, t
+
+
+def fit(
+    cfg: Config,
+    *,
+    hooks: Sequence[Hook] = (),
+    out=None,
+) -> FitResult:
+    """Train as ``cfg`` says: the loop behind ``bptt-jax train``.
+
+    Deterministic given ``cfg.seed``: batch ``s`` is a function of ``(key, s)`` only, so a run
+    resumed from a checkpoint (``checkpoint.dir``, ``checkpoint.resume``) ends with exactly
+    the params of an uninterrupted one. Evaluates every ``train.eval_every`` steps and at the
+    end; logs every ``train.log_every`` steps (progress bar, ``hooks``, ``train.log_file``).
+
+    Raises:
+      ConfigError: a bad value, naming the key, before any work starts.
+    """
+    from bptt_jax import checkpoint
+
+    out = sys.stdout if out is None else out
+    task, cell, t = build(cfg)
+    tc, cc = cfg.train, cfg.checkpoint
+    dtype = jnp.dtype(cfg.model.dtype)
+    state = t.init(
+        jax.random.key(cfg.seed), task.input_size, task.output_size, tc.batch_size, dtype
+    )
+    ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep) if cc.dir else None
+    if ckpt is not None and cc.resume and ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(state)
+        print(f"resumed from {cc.dir} at step {int(state.step)}", file=out)
+    batch_fn = jax.jit(lambda key, s: task.batch(key, s, tc.batch_size))
+    tokens_per_step = tc.batch_size * task.seq_len
+    history: list[dict] = []
+    log = open(tc.log_file, "a") if tc.log_file else None  # noqa: SIM115
+
+    def record(rec: dict):
+        history.append(rec)
+        if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        for hook in hooks:
+            hook(rec["step"], rec)
+
+    def evaluate(step: int):
+        rec = {"kind": "eval", "step": step, **task.evaluate(cell, state.params, state.readout)}
+        if isinstance(task, tasks.CharLMTask) and task.sample_len:
+            key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
+            rec["sample"] = task.sample(cell, state.params, state.readout, key)
+        text = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float))
+        _write(bar, out, f"[eval step {step}] {text}")
+        if "sample" in rec:
+            _write(bar, out, "sample: " + repr(rec["sample"]))
+        record(rec)
+
+    start = int(state.step)
+    bar = _progress(tc, start, out)
+    window: list[dict] = []
+    t_last, step_last = time.perf_counter(), start
+    try:
+        for s in range(start, tc.steps):
+            state, metrics = t.step(state, batch_fn(state.key, s))
+            window.append(metrics)
+            done = s + 1
+            if done % tc.log_every == 0 or done == tc.steps:
+                host = jax.device_get(window)
+                now = time.perf_counter()
+                rate = tokens_per_step * (done - step_last) / (now - t_last)
+                rec = _train_record(done, host, rate)
+                t_last, step_last, window = now, done, []
+                if bar is not None:
+                    bar.update(done - bar.n)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                record(rec)
+            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+                evaluate(done)
+            if ckpt is not None and cc.every and done % cc.every == 0:
+                ckpt.save(state, {"config": config_lib.to_dict(cfg)})
+        evaluate(int(state.step))
+        if ckpt is not None and (not cc.every or int(state.step) % cc.every):
+            ckpt.save(state, {"config": config_lib.to_dict(cfg)})
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        if ckpt is not None:
+            ckpt.close()
+    return FitResult(state, history, task, cell)
+
+
+def _train_record(step: int, window: list[dict], tokens_per_s: float) -> dict:
+    """One log record from the per-update metrics of the steps since the last record."""
+    cat = {k: np.concatenate([np.ravel(m[k]) for m in window]) for k in window[0]}
+    rec = {"kind": "train", "step": step}
+    for k, v in cat.items():
+        if k == "skipped":
+            rec[k] = int(v[-1])
+        elif k == "clipped":
+            rec["clipped_frac"] = float(np.mean(v))
+        elif k == "grad_norm":
+            rec[k] = float(np.mean(v))
+            rec["grad_norm_max"] = float(np.max(v))
+        else:
+            rec[k] = float(np.mean(v))
+    rec["updates"] = int(cat["loss"].size)
+    rec["tokens_per_s"] = float(tokens_per_s)
+    return rec
+
+
+def _progress(tc: TrainConfig, start: int, out):
+    if not tc.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=tc.steps, initial=start, file=sys.stderr, dynamic_ncols=True, unit="step")
+
+
+def _write(bar, out, text: str):
+    if bar is not None and out is sys.stdout:
+        bar.write(text, file=out)
+    else:
+        print(text, file=out, flush=True)
+
+
+# ---------------------------------------------------------------------------- CLI
+def add_cli_arguments(parser) -> None:
+    config_lib.add_arguments(parser)
+
+
+def cli_main(args) -> int:
+    """``bptt-jax train CONFIG [KEY=VALUE ...]``: 0 on success, 2 on a config error."""
+    if args.config is None:
+        print("bptt-jax train: error: give a config (e.g. adding, charlm, recall)", file=sys.stderr)
+        return 2
+    try:
+        cfg = config_lib.from_args(Config, args)
+        build(cfg)  # every check (and the corpus read) before any work
+    except ConfigError as e:
+        print(f"bptt-jax train: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"bptt-jax train: task={cfg.task} cell={cfg.model.cell} H={cfg.model.hidden_size} "
+        f"k1={cfg.train.k1} k2={cfg.train.k2} optim={cfg.optim.name} seed={cfg.seed}"
+    )
+    t0 = time.perf_counter()
+    result = fit(cfg)
+    last = [r for r in result.history if r["kind"] == "eval"][-1]
+    text = " ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
+    print(f"done: {int(result.state.step)} steps in {time.perf_counter() - t0:.1f} s; {text}")
+    return 0

@@ -1,0 +1,398 @@
+"""Training: the optax step on the hand-written gradients, tasks, configs, checkpoints, CLI."""
+
+import io
+import math
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bptt_jax
+from bptt_jax import checkpoint, config, losses, tasks, train, truncated
+from bptt_jax.config import ConfigError
+from tests.reference import TOL, assert_trees_close
+from tests.test_truncated import LR, ref_tbptt, stream
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SGD = train.OptimConfig(name="sgd", learning_rate=LR, momentum=0.0, clip="none")
+
+
+def batch_of(xs, ys, mask=None, loss_mask=None, resets=None):
+    return truncated.Batch(xs, ys, mask, loss_mask, resets)
+
+
+def state_from(t, cell, p, ro, carry, dtype=jnp.float64):
+    s = t.init(jax.random.key(0), 1, 1, 1, dtype)
+    return s._replace(params=p, readout=ro, opt_state=t.tx.init((p, ro)), carry=carry)
+
+
+@pytest.fixture
+def optax_promotion():
+    """optax's adam computes ``b1 ** count`` (float ** int32), which the suite's strict dtype
+    promotion rejects; users run with JAX's standard promotion, and so do these tests."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+def cfg_of(*overrides):
+    return config.load(train.Config, None, ["train.progress=false", *overrides])
+
+
+# ----------------------------------------------------------------- the train step
+def test_full_bptt_step_applies_the_hand_written_gradient_and_passes_the_carry_on(key):
+    cell, dtype = bptt_jax.LSTM(5, forget_bias=1.0), jnp.float64
+    p, ro, xs, ys, carry, mask, loss_mask, resets = stream(cell, key, dtype)
+    t = train.trainer(cell, SGD)
+    state = state_from(t, cell, p, ro, carry)
+    new, metrics = t.step(state, batch_of(xs, ys, mask, loss_mask, resets))
+
+    def f(p_, ro_):  # the autodiff reference: jax.grad through a plain lax.scan
+        return bptt_jax.sequence_loss(
+            cell, p_, ro_, xs, ys, carry, mask=mask, loss_mask=loss_mask, resets=resets,
+            backward="autodiff",
+        )  # fmt: skip
+
+    value, (gp, gro) = jax.value_and_grad(f, argnums=(0, 1))(p, ro)
+    assert_trees_close(new.params, jax.tree.map(lambda w, g: w - LR * g, p, gp), dtype)
+    assert_trees_close(new.readout, jax.tree.map(lambda w, g: w - LR * g, ro, gro), dtype)
+    _, carry_ref = bptt_jax.unroll(cell, p, xs, carry, mask=mask, resets=resets)
+    assert_trees_close(new.carry, carry_ref, dtype)
+    assert int(new.step) == 1
+    assert {k: v.shape for k, v in metrics.items()} == {
+        "loss": (1,), "grad_norm": (1,), "clipped": (1,), "skipped": (1,)
+    }  # fmt: skip
+    np.testing.assert_allclose(metrics["loss"][0], value, rtol=TOL[dtype])
+    np.testing.assert_allclose(metrics["grad_norm"][0], optax.tree.norm((gp, gro)), rtol=1e-10)
+    assert not metrics["clipped"][0] and metrics["skipped"][0] == 0
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(3, 3), (4, 7)])
+def test_tbptt_step_is_tbptt_of_the_definition(k1, k2, key):
+    cell, dtype = bptt_jax.GRU(5), jnp.float64
+    p, ro, xs, ys, carry, mask, loss_mask, resets = stream(cell, key, dtype)
+    t = train.trainer(cell, SGD, k1=k1, k2=k2)
+    new, metrics = t.step(
+        state_from(t, cell, p, ro, carry), batch_of(xs, ys, mask, loss_mask, resets)
+    )
+    p_ref, ro_ref, carry_ref, values = ref_tbptt(
+        cell, p, ro, xs, ys, carry, mask, loss_mask, resets, k1, k2, "xent"
+    )
+    assert metrics["loss"].shape == (math.ceil(11 / k1),)
+    assert_trees_close(metrics["loss"], values, dtype)
+    assert_trees_close(new.params, p_ref, dtype)
+    assert_trees_close(new.readout, ro_ref, dtype)
+    assert_trees_close(new.carry, carry_ref, dtype)
+
+
+def test_clip_by_global_norm_scales_the_update_to_max_norm_and_reports_it(key):
+    cell, dtype = bptt_jax.Elman(5), jnp.float64
+    p, ro, xs, ys, carry, *_ = stream(cell, key, dtype)
+    lg = losses.loss_and_grads(cell, p, ro, xs, ys, carry)
+    norm = float(optax.tree.norm((lg.params, lg.readout)))
+    for max_norm, clipped in [(norm / 10, True), (norm * 10, False)]:
+        opt = train.OptimConfig(name="sgd", learning_rate=1.0, momentum=0.0, max_norm=max_norm)
+        t = train.trainer(cell, opt)
+        new, m = t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys))
+        step = jax.tree.map(jnp.subtract, (p, ro), (new.params, new.readout))
+        assert bool(m["clipped"][0]) is clipped
+        np.testing.assert_allclose(m["grad_norm"][0], norm, rtol=1e-10)
+        np.testing.assert_allclose(optax.tree.norm(step), min(norm, max_norm), rtol=1e-10)
+
+
+def test_elementwise_clip_clips_every_gradient_entry(key):
+    cell, dtype = bptt_jax.GRU(5), jnp.float64
+    p, ro, xs, ys, carry, *_ = stream(cell, key, dtype)
+    lg = losses.loss_and_grads(cell, p, ro, xs, ys, carry)
+    c = 0.5 * float(jnp.max(jnp.abs(lg.params.w_h)))
+    opt = train.OptimConfig(name="sgd", learning_rate=1.0, momentum=0.0, clip="value", max_norm=c)
+    t = train.trainer(cell, opt)
+    new, m = t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys))
+    expected = jax.tree.map(lambda w, g: w - jnp.clip(g, -c, c), p, lg.params)
+    assert_trees_close(new.params, expected, dtype)
+    assert bool(m["clipped"][0])
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "adagrad", "rmsprop", "adamw"])
+@pytest.mark.usefixtures("optax_promotion")
+def test_optimizers_by_name_reduce_the_loss(name, key):
+    cell, dtype = bptt_jax.GRU(5), jnp.float64
+    p, ro, xs, ys, carry, *_ = stream(cell, key, dtype)
+    lr = {"adagrad": 0.1, "sgd": 0.1}.get(name, 0.01)
+    t = train.trainer(cell, train.OptimConfig(name=name, learning_rate=lr))
+    state = state_from(t, cell, p, ro, carry)
+    zero = jax.tree.map(jnp.zeros_like, carry)
+    losses_seen = []
+    for _ in range(5):
+        state, m = t.step(state._replace(carry=zero), batch_of(xs, ys))
+        losses_seen.append(float(m["loss"][0]))
+    assert losses_seen[-1] < losses_seen[0]
+
+
+@pytest.mark.usefixtures("optax_promotion")
+def test_a_nonfinite_gradient_skips_the_update_and_is_counted(key):
+    cell, dtype = bptt_jax.LSTM(5), jnp.float64
+    p, ro, xs, ys, carry, *_ = stream(cell, key, dtype)
+    t = train.trainer(cell, train.OptimConfig(learning_rate=0.01))
+    state = state_from(t, cell, p, ro, carry)
+    bad = xs.at[3, 1, 0].set(jnp.nan)
+    state, m = t.step(state, batch_of(bad, ys))
+    assert int(m["skipped"][0]) == 1 and not np.isfinite(m["grad_norm"][0])
+    assert_trees_close(state.params, p, dtype)  # untouched
+    state, m = t.step(state._replace(carry=carry), batch_of(xs, ys))
+    assert int(m["skipped"][0]) == 1
+    assert all(bool(jnp.all(jnp.isfinite(w))) for w in jax.tree.leaves(state.params))
+    assert not np.allclose(state.params.w_h, p.w_h)
+    # without apply_if_finite the same gradient destroys the params
+    t = train.trainer(cell, train.OptimConfig(learning_rate=0.01, skip_nonfinite=False))
+    state, m = t.step(state_from(t, cell, p, ro, carry), batch_of(bad, ys))
+    assert int(m["skipped"][0]) == 0 and not bool(jnp.all(jnp.isfinite(state.params.w_h)))
+
+
+def test_metrics_fn_adds_a_metric_per_update(key):
+    cell, dtype = bptt_jax.Elman(5), jnp.float64
+    p, ro, xs, ys, carry, *_ = stream(cell, key, dtype)
+    counted = lambda p_, ro_, window, lg: {"tokens": jnp.sum(window.loss_mask)}
+    t = train.trainer(cell, SGD, k1=4, metrics_fn=counted)
+    _, m = t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys))
+    np.testing.assert_array_equal(m["tokens"], [4 * 3, 4 * 3, 3 * 3])
+
+
+def test_bad_k1_k2_in_the_trainer_raise_naming_the_argument():
+    with pytest.raises(ValueError, match="k1 must be <= k2"):
+        train.trainer(bptt_jax.GRU(2), k1=5, k2=3)
+    with pytest.raises(ValueError, match="k1 must be a positive int"):
+        train.trainer(bptt_jax.GRU(2), k1=0)
+    with pytest.raises(ValueError, match="k2 needs k1"):
+        train.trainer(bptt_jax.GRU(2), k2=4)
+
+
+# ----------------------------------------------------------------- tasks
+def test_adding_problem_batches():
+    task = tasks.AddingTask(seq_len=30)
+    b = task.batch(jax.random.key(0), 7, 64)
+    assert b.xs.shape == (30, 64, 2) and b.targets.shape == (30, 64, 1)
+    values, marks = np.asarray(b.xs[..., 0]), np.asarray(b.xs[..., 1])
+    assert (marks.sum(0) == 2).all() and (marks[:15].sum(0) == 1).all()
+    np.testing.assert_allclose(b.targets[-1, :, 0], (values * marks).sum(0), rtol=1e-6)
+    np.testing.assert_array_equal(
+        b.loss_mask, np.broadcast_to(np.arange(30)[:, None] == 29, (30, 64))
+    )
+    np.testing.assert_array_equal(b.resets, np.broadcast_to(np.arange(30)[:, None] == 0, (30, 64)))
+    again = task.batch(jax.random.key(0), 7, 64)
+    np.testing.assert_array_equal(again.xs, b.xs)  # a function of (key, step)
+    assert not np.array_equal(task.batch(jax.random.key(0), 8, 64).xs, b.xs)
+    test = task.test_set()
+    baseline = float(jnp.mean((test.targets[-1] - 1.0) ** 2))
+    assert abs(baseline - 1 / 6) < 0.02
+
+
+def test_recall_targets_are_the_inputs_delay_steps_earlier_across_chunks():
+    task = tasks.RecallTask(seq_len=12, delay=5, alphabet=6)
+    key = jax.random.key(3)
+    b0, b1 = task.batch(key, 0, 4), task.batch(key, 1, 4)
+    syms = jnp.argmax(jnp.concatenate([b0.xs, b1.xs]), -1)
+    targets = jnp.concatenate([b0.targets, b1.targets])
+    np.testing.assert_array_equal(targets[5:], syms[:-5])
+    np.testing.assert_array_equal(
+        b0.loss_mask, np.broadcast_to(np.arange(12)[:, None] >= 5, (12, 4))
+    )
+    assert b1.loss_mask.all()
+
+
+def test_charlm_readers_stream_through_the_text_with_a_reset_at_its_start(tmp_path):
+    text = "abcab\ncba"  # one document of 9 characters
+    path = tmp_path / "tiny.txt"
+    path.write_text(text, encoding="utf-8")
+    task = tasks.CharLMTask(corpus=str(path), seq_len=5, valid_fraction=0.0, prime="a")
+    assert task.vocab == "\nabc" and task.input_size == task.output_size == 4
+    b = task.batch(jax.random.key(0), 2, 3)
+    for col in range(3):
+        x = task.decode(np.argmax(b.xs[:, col], -1))
+        y = task.decode(b.targets[:, col])
+        assert x[1:] == y[:-1]  # the target is the next character
+        p0 = (text * 3).find(x + y[-1]) % len(text)  # the reader wraps around the text
+        assert p0 >= 0
+        pos = (p0 + np.arange(5)) % len(text)
+        np.testing.assert_array_equal(b.resets[:, col], pos == 0)  # a document starts
+        np.testing.assert_array_equal(b.loss_mask[:, col], pos != len(text) - 1)
+
+
+def test_charlm_document_boundaries():
+    task = tasks.CharLMTask(seq_len=64, eval_len=50, eval_streams=2, sample_len=0)
+    starts = np.nonzero(task._starts[: task.n_train])[0]
+    b = task.batch(jax.random.key(1), 0, 1024)
+    ids = np.asarray(jnp.argmax(b.xs, -1))
+    resets, lm, tg = np.asarray(b.resets), np.asarray(b.loss_mask), np.asarray(b.targets)
+    first_chars = {task._ids[s] for s in starts}
+    assert resets.any() and (~lm).any()
+    assert set(ids[resets]) <= first_chars
+    # at every step, the target is the next character of the stream
+    np.testing.assert_array_equal(tg[:-1], ids[1:])
+    assert not (lm[:-1] & resets[1:]).any()  # never predict a document's first character
+
+
+def test_sampler_is_deterministic_per_key_and_greedy_at_temperature_zero(key):
+    cell = bptt_jax.GRU(8)
+    p, ro = cell.init(key, 5), bptt_jax.init_readout(jax.random.key(1), 8, 5)
+    prime = jnp.array([1, 4, 2])
+    a = tasks.sample(cell, p, ro, jax.random.key(2), prime, 12)
+    assert a.shape == (12,) and ((0 <= a) & (a < 5)).all()
+    np.testing.assert_array_equal(a, tasks.sample(cell, p, ro, jax.random.key(2), prime, 12))
+    greedy = tasks.sample(cell, p, ro, jax.random.key(2), prime, 6, temperature=0.0)
+    carry, tok, out = cell.zero_carry(1), prime[:1], []
+    for i in range(3 + 6 - 1):  # a plain loop over cell.step, argmax after the prime
+        carry, h = cell.step(p, carry, jax.nn.one_hot(tok, 5, dtype=jnp.float32))
+        tok = prime[i + 1 : i + 2] if i + 1 < 3 else jnp.argmax(h @ ro.w_hy + ro.b_y, -1)
+        if i + 1 >= 3:
+            out.append(int(tok[0]))
+    np.testing.assert_array_equal(greedy, out)
+
+
+# ----------------------------------------------------------------- configs
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["train.stepz=3"], "unknown key 'train.stepz'"),
+        (["train.steps=ten"], "'train.steps' must be int"),
+        (["model.cell=rnn"], "'model.cell' must be one of"),
+        (["train.k1=8", "train.k2=4"], r"'train.k1' \(8\) must be <= 'train.k2' \(4\)"),
+        (["train.k1=0"], "'train.k1' must be a positive int"),
+        (["train.k1=4", "train.k2=-2"], "'train.k2' must be a positive int"),
+        (["train.k2=4"], "'train.k2' needs 'train.k1'"),
+        (["optim.name=adamz"], "'optim.name' must be one of"),
+        (["optim.learning_rate=-1"], "'optim.learning_rate' must be positive"),
+        (["task=charlm", "charlm.corpus=/no/such/file.txt"], "'charlm.corpus' file"),
+        (["task=recall", "recall.delay=60"], "'recall.delay' .* must be < 'recall.seq_len'"),
+        (["checkpoint.every=5"], "'checkpoint.every' needs 'checkpoint.dir'"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        train.build(cfg_of(*overrides))
+
+
+def test_shipped_configs_load_and_build():
+    for name in ("adding", "recall", "charlm"):
+        cfg = config.load(train.Config, name)
+        assert cfg.task == name
+        train.build(cfg)
+    assert config.load(train.Config, "adding").adding.seq_len == 100
+
+
+# ----------------------------------------------------------------- checkpoints
+TINY_RECALL = (
+    "task=recall",
+    "recall.seq_len=12",
+    "recall.delay=3",
+    "recall.test_len=20",
+    "recall.test_size=4",
+    "model.cell=lstm",
+    "model.hidden_size=8",
+    "train.batch_size=4",
+    "train.k1=4",
+    "train.k2=6",
+    "train.log_every=1",
+    "train.eval_every=0",
+)
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.usefixtures("optax_promotion")
+def test_a_run_killed_mid_way_and_resumed_ends_with_the_same_params(tmp_path):
+    """Checkpoint every 3 of 10 steps; die after step 8; a new run resumes from step 6."""
+    quiet = dict(out=io.StringIO())
+    whole = train.fit(cfg_of(*TINY_RECALL, "train.steps=10"), **quiet).state
+
+    def die_at_8(step, rec):
+        if rec["kind"] == "train" and step == 8:
+            raise Killed
+
+    ck = [f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.every=3"]
+    cfg = cfg_of(*TINY_RECALL, "train.steps=10", *ck)
+    with pytest.raises(Killed):
+        train.fit(cfg, hooks=[die_at_8], **quiet)
+    assert checkpoint.latest_step(tmp_path / "ck") == 6
+    out = io.StringIO()
+    resumed = train.fit(cfg, out=out).state
+    assert "resumed from" in out.getvalue() and "at step 6" in out.getvalue()
+    assert int(resumed.step) == 10
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)  # bit for bit: params, opt state, carry, step
+
+
+@pytest.mark.usefixtures("optax_promotion")
+def test_checkpoint_round_trip_keeps_every_field(tmp_path):
+    cell = bptt_jax.LSTM(4)
+    t = train.trainer(cell, train.OptimConfig(), k1=2)
+    state = t.init(jax.random.key(5), 3, 2, 2, jnp.float64)
+    xs = jax.random.normal(jax.random.key(6), (6, 2, 3), jnp.float64)
+    state, _ = t.step(state, batch_of(xs, jnp.ones((6, 2), jnp.int32)))
+    with checkpoint.Checkpointer(tmp_path, keep=2) as c:
+        for _ in range(3):
+            c.save(state, {"hello": [1, 2]})
+            state = state._replace(step=state.step + 1)
+        assert c.all_steps() == [2, 3]  # keep=2
+        restored, meta = c.restore(state, step=3)
+    assert meta == {"hello": [1, 2]}
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert isinstance(restored.carry, bptt_jax.LSTMCarry)
+    assert int(restored.step) == 3
+    assert_trees_close(restored.params, state.params, jnp.float64)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
+    assert not list(pathlib.Path(tmp_path).glob("*tmp*"))  # nothing half-written left
+
+
+# ----------------------------------------------------------------- CLI and README
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "bptt_jax", "train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+def test_cli_trains_a_tiny_config(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        'task = "adding"\n[adding]\nseq_len = 10\ntest_size = 16\n'
+        "[model]\nhidden_size = 8\n[train]\nsteps = 4\nbatch_size = 4\nlog_every = 2\n"
+    )
+    out = _cli(str(cfg), "train.k1=5", "train.progress=false", "optim.name=rmsprop")
+    assert out.returncode == 0, out.stderr
+    assert "done: 4 steps" in out.stdout and "mse=" in out.stdout
+
+
+def test_cli_config_errors_exit_2_before_any_work(tmp_path):
+    out = _cli("adding", "train.k1=9", "train.k2=3")
+    assert out.returncode == 2
+    assert "'train.k1' (9) must be <= 'train.k2' (3)" in out.stderr
+    assert "step" not in out.stdout
+    out = _cli("charlm", f"charlm.corpus={tmp_path / 'missing.txt'}")
+    assert out.returncode == 2 and "'charlm.corpus' file" in out.stderr
+
+
+def test_readme_training_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Training") :]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nprint('training ok')\n"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0 and "training ok" in out.stdout, out.stderr
