@@ -26,6 +26,33 @@ from bptt_jax.cells import (
 from bptt_jax.cells import (
     LSTMParams as LSTMParams,
 )
+from bptt_jax.diagnostics import (
+    GradientFlow as GradientFlow,
+)
+from bptt_jax.diagnostics import (
+    SpectralNorms as SpectralNorms,
+)
+from bptt_jax.diagnostics import (
+    TruncationBias as TruncationBias,
+)
+from bptt_jax.diagnostics import (
+    effective_horizon as effective_horizon,
+)
+from bptt_jax.diagnostics import (
+    gradient_flow as gradient_flow,
+)
+from bptt_jax.diagnostics import (
+    horizon_from_norms as horizon_from_norms,
+)
+from bptt_jax.diagnostics import (
+    jacobian_norms as jacobian_norms,
+)
+from bptt_jax.diagnostics import (
+    spectral_norms as spectral_norms,
+)
+from bptt_jax.diagnostics import (
+    truncation_bias as truncation_bias,
+)
 from bptt_jax.engine import unroll as unroll
 from bptt_jax.losses import (
     ReadoutParams as ReadoutParams,
