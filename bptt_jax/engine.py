@@ -17,6 +17,7 @@ Masks (right-padded variable-length batches) and truncation are handled here, fo
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -25,10 +26,17 @@ from jax import lax
 
 from bptt_jax import validation
 
+BACKWARDS = ("manual", "checkpointed", "autodiff")
+
 
 def _select(m, a, b):
     """Per-example select over a carry pytree: ``a`` where ``m`` (B,) is set, else ``b``."""
     return jax.tree.map(lambda x, y: jnp.where(m[:, None], x, y), a, b)
+
+
+def _select_all(c, a, b):
+    """``a`` if the scalar ``c`` is set, else ``b``, over a pytree."""
+    return jax.tree.map(lambda x, y: jnp.where(c, x, y), a, b)
 
 
 def _zeros_like(tree):
@@ -140,8 +148,12 @@ def reverse_scan(
     resets=None,
     delta_clip=None,
     keep_deltas=False,
+    real=None,
 ):
     """The reverse ``lax.scan`` of BPTT: ``delta`` from step T-1 down to 0.
+
+    ``real`` (T,) bool, optional, marks the steps that exist (not padding added to fill the
+    last checkpointed segment): ``delta_clip`` acts only there.
 
     Returns:
       ``(dcarry0, dcols, deltas)``: the error on ``carry0``; each step's pre-activation
@@ -161,7 +173,7 @@ def reverse_scan(
 
     def body(scan_carry, inputs):
         dstate, buf, res_next = scan_carry
-        t, state_t, dh_t, m_t, cut_t, r_t = inputs
+        t, state_t, dh_t, m_t, cut_t, r_t, real_t = inputs
         res_t = res_next if in_place else (None if res is None else _index(res, t))
         # The carry entering step t: carry0 at t = 0, else the state after step t-1.
         prev_t = jax.tree.map(
@@ -173,7 +185,8 @@ def reverse_scan(
         if dh_t is not None:
             dstate = cell.add_to_hidden(dstate, dh_t)
         if delta_clip is not None:
-            dstate = clip_delta(dstate, delta_clip)
+            clipped = clip_delta(dstate, delta_clip)
+            dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
         delta_h = cell.hidden(dstate) if keep_deltas else None
         if m_t is None:
             dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate)
@@ -195,7 +208,7 @@ def reverse_scan(
     ts = jnp.arange(t_len)
     init = (dcarry_t, buf, res[-1] if in_place else None)
     (dcarry0, dcols, _), deltas = lax.scan(
-        body, init, (ts, states, dhs, mask, cuts, resets), reverse=True
+        body, init, (ts, states, dhs, mask, cuts, resets, real), reverse=True
     )
     return dcarry0, dcols, deltas
 
@@ -278,6 +291,168 @@ def backward(
     return grads, dxs, dcarry0
 
 
+# ---------------------------------------------------------------- checkpointed BPTT
+# Memory-efficient BPTT (Gruslys et al. 2016, here with one level of checkpoints): the
+# forward keeps only the carry entering every segment of s steps; the backward walks the
+# segments in reverse, re-runs each one's forward from its checkpoint and runs the same
+# hand-written reverse scan over it. Memory ~ (T/s) carries + one segment's buffers, so
+# O(sqrt(T)) at s ~ sqrt(T), for one extra forward pass.
+
+
+def default_segment(length: int) -> int:
+    """About ``sqrt(T)``, evened out so the segments cover T with the least padding."""
+    s = max(1, math.ceil(math.sqrt(length)))
+    n = math.ceil(length / s)
+    return math.ceil(length / n)
+
+
+def segment_for_budget(cell, length: int, batch: int, dtype, budget: int) -> int:
+    """The longest segment whose stored buffers fit ``budget`` bytes (estimate).
+
+    Stored: ``ceil(T/s)`` checkpoint carries, plus for the segment being differentiated its
+    states, residuals and gradient buffer: ``s * B * H * (carry parts + residual blocks +
+    grad blocks)`` numbers. Raises ``ValueError`` when even the smallest fit is too big.
+    """
+    h = cell.hidden_size
+    size = jnp.dtype(dtype).itemsize
+    carry_parts = 2 if cell.residual_blocks == 4 and cell.n_blocks == 4 else 1
+    per_step = batch * h * (carry_parts + cell.residual_blocks + cell.grad_blocks + 1) * size
+    per_carry = batch * h * carry_parts * size
+
+    def need(s):
+        return math.ceil(length / s) * per_carry + s * per_step
+
+    fits = [s for s in range(1, length + 1) if need(s) <= budget]
+    if not fits:
+        best = min(range(1, length + 1), key=need)
+        raise ValueError(
+            f"checkpointed BPTT: memory_budget={budget} bytes is too small for T={length}, "
+            f"B={batch}, H={h}; the least it can use is about {need(best)} bytes (segment={best})"
+        )
+    return max(fits)
+
+
+def _segments(x, n: int, s: int, fill=0):
+    """(T, ...) -> (n, s, ...), the tail padded with ``fill``; ``None`` stays ``None``."""
+    if x is None:
+        return None
+    pad = n * s - x.shape[0]
+    if pad:
+        x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), fill, x.dtype)])
+    return x.reshape(n, s, *x.shape[1:])
+
+
+def _unsegment(x, length: int):
+    return x.reshape(-1, *x.shape[2:])[:length]
+
+
+def segment_inputs(xs, mask, resets, segment: int):
+    """Split ``xs``, ``mask`` and ``resets`` into ``n`` segments of ``segment`` steps.
+
+    A T that ``segment`` does not divide is padded at the end with masked-out steps (the
+    carry passes through them, they have no loss and get no gradient).
+    """
+    t_len, b = xs.shape[:2]
+    n = math.ceil(t_len / segment)
+    if mask is None and n * segment != t_len:
+        mask = jnp.ones((t_len, b), bool)
+    return (
+        n,
+        _segments(xs, n, segment),
+        _segments(mask, n, segment, False),
+        _segments(resets, n, segment, False),
+    )
+
+
+def checkpointed_forward(cell, params, xs_s, carry0, mask_s, resets_s, extras_s=None, out_fn=None):
+    """The forward over segments, keeping only each segment's entering carry.
+
+    Args:
+      xs_s, mask_s, resets_s, extras_s: per-segment inputs, leading axes (n, s).
+      out_fn: ``out_fn(states_seg, extras_seg)`` -> a per-segment output to stack (e.g. the
+        hidden states, or the segment's loss); ``None`` for none.
+
+    Returns:
+      ``(checkpoints, outputs, carry_T)``; ``checkpoints`` has a leading n axis.
+    """
+
+    def body(carry, inputs):
+        x, m, r, extra = inputs
+        states, _, carry_out = forward(cell, params, x, carry, m, keep_residuals=False, resets=r)
+        out = None if out_fn is None else out_fn(states, extra)
+        return carry_out, (carry, out)
+
+    carry_t, (checkpoints, outs) = lax.scan(body, carry0, (xs_s, mask_s, resets_s, extras_s))
+    return checkpoints, outs, carry_t
+
+
+def checkpointed_backward(
+    cell,
+    params,
+    xs_s,
+    mask_s,
+    resets_s,
+    checkpoints,
+    dcarry_t,
+    truncate,
+    cotangent_fn,
+    extras_s,
+    acc0,
+    *,
+    length: int,
+    delta_clip=None,
+):
+    """The hand-written BPTT over segments, each re-run from its checkpoint.
+
+    Args:
+      cotangent_fn: ``cotangent_fn(states_seg, extras_seg)`` -> ``(dhs_seg, acc_seg, out_seg)``:
+        the error arriving at the segment's hidden states from outside the recurrence, a
+        pytree summed over segments (e.g. the readout's gradient) and one stacked per segment.
+      acc0: zeros in the structure of ``acc_seg``.
+      length: the unpadded T (for the truncation boundaries).
+
+    Returns:
+      ``(dparams, dxs_s, dcarry0, acc, outs)``; ``dxs_s`` has leading axes (n, s).
+    """
+    n, s = xs_s.shape[:2]
+    cuts = truncation_cuts(length, truncate)
+    cuts_s = None if cuts is None else _segments(cuts, n, s, False)
+    # Steps added to fill the last segment must not clip the error passing through them.
+    real_s = None
+    if delta_clip is not None and n * s != length:
+        real_s = (jnp.arange(n * s) < length).reshape(n, s)
+
+    def body(carry, inputs):
+        dcarry, grads, acc = carry
+        x, m, r, cut, real, ckpt, extra = inputs
+        states, res, _ = forward(cell, params, x, ckpt, m, resets=r)
+        dhs, acc_seg, out = cotangent_fn(states, extra)
+        dcarry_in, dcols, _ = reverse_scan(
+            cell,
+            params,
+            ckpt,
+            m,
+            states,
+            res,
+            dhs,
+            dcarry,
+            cut,
+            resets=r,
+            delta_clip=delta_clip,
+            real=real,
+        )
+        g, dx = weight_grads(cell, params, x, ckpt, states, dcols, r)
+        return (dcarry_in, jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, acc, acc_seg)), (
+            dx,
+            out,
+        )
+
+    init = (dcarry_t, _zeros_like(params), acc0)
+    inputs = (xs_s, mask_s, resets_s, cuts_s, real_s, checkpoints, extras_s)
+    (dcarry0, grads, acc), (dxs_s, outs) = lax.scan(body, init, inputs, reverse=True)
+    return grads, dxs_s, dcarry0, acc, outs
+
+
 # ---------------------------------------------------------------------------- unroll
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _unroll_manual(cell, truncate, delta_clip, params, xs, carry0, mask, resets):
@@ -313,6 +488,60 @@ def _unroll_bwd(cell, truncate, delta_clip, saved, cotangents):
 
 
 _unroll_manual.defvjp(_unroll_fwd, _unroll_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _unroll_checkpointed(cell, truncate, delta_clip, segment, params, xs, carry0, mask, resets):
+    out, _ = _unroll_checkpointed_fwd(
+        cell, truncate, delta_clip, segment, params, xs, carry0, mask, resets
+    )
+    return out
+
+
+def _unroll_checkpointed_fwd(cell, truncate, delta_clip, segment, params, xs, carry0, mask, resets):
+    _, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, segment)
+    checkpoints, hs_s, carry_t = checkpointed_forward(
+        cell, params, xs_s, carry0, mask_s, resets_s, out_fn=lambda st, _: cell.hidden(st)
+    )
+    out = (_unsegment(hs_s, xs.shape[0]), carry_t)
+    return out, (params, xs, carry0, mask, resets, checkpoints)
+
+
+def _unroll_checkpointed_bwd(cell, truncate, delta_clip, segment, saved, cotangents):
+    params, xs, carry0, mask, resets, checkpoints = saved
+    dhs, dcarry_t = cotangents
+    n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, segment)
+    grads, dxs_s, dcarry0, _, _ = checkpointed_backward(
+        cell,
+        params,
+        xs_s,
+        mask_s,
+        resets_s,
+        checkpoints,
+        dcarry_t,
+        truncate,
+        lambda states, dh: (dh, (), None),
+        _segments(dhs, n, segment),
+        (),
+        length=xs.shape[0],
+        delta_clip=delta_clip,
+    )
+    return grads, _unsegment(dxs_s, xs.shape[0]), dcarry0, None, None
+
+
+_unroll_checkpointed.defvjp(_unroll_checkpointed_fwd, _unroll_checkpointed_bwd)
+
+
+def resolve_segment(fn: str, cell, xs, dtype, segment, memory_budget) -> int:
+    """The segment length of ``backward="checkpointed"``, from ``segment`` or a budget."""
+    validation.check_positive(fn, "segment", segment, kind=int)
+    validation.check_positive(fn, "memory_budget", memory_budget, kind=int)
+    t_len, b = xs.shape[:2]
+    if segment is not None and memory_budget is not None:
+        raise ValueError(f"{fn}: give segment or memory_budget, not both")
+    if memory_budget is not None:
+        return segment_for_budget(cell, t_len, b, dtype, memory_budget)
+    return default_segment(t_len) if segment is None else min(segment, t_len)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -371,6 +600,8 @@ def unroll(
     truncate=None,
     delta_clip=None,
     backward="manual",
+    segment=None,
+    memory_budget=None,
 ):
     """Run ``cell`` over a time-major sequence; ``jax.grad`` uses the hand-written BPTT.
 
@@ -410,8 +641,16 @@ def unroll(
         the error from step t+1; ``h`` and ``c`` together for the LSTM) is scaled to norm at
         most ``delta_clip`` before it travels further back. Tames exploding gradients at
         their source; the result is then no longer the exact gradient. ``None``: off.
-      backward: ``"manual"`` (the hand-written BPTT) or ``"autodiff"`` (a plain
-        ``lax.scan`` that JAX differentiates; the reference).
+      backward: ``"manual"`` (the hand-written BPTT, every state stored), ``"checkpointed"``
+        (the same hand-written BPTT storing only the carry entering every ``segment``-th
+        step and re-running each segment's forward during the backward: identical
+        gradients, memory O(T/s + s) instead of O(T), one extra forward pass; Gruslys et
+        al. 2016) or ``"autodiff"`` (a plain ``lax.scan`` that JAX differentiates; the
+        reference).
+      segment: for ``"checkpointed"``: steps per segment; ``None`` for about ``sqrt(T)``.
+      memory_budget: for ``"checkpointed"``, instead of ``segment``: bytes the stored
+        checkpoints and one segment's buffers may take; the longest segment that fits is
+        used (:func:`segment_for_budget`).
 
     Returns:
       ``(hs, carry_T)``: hidden states ``(T, B, H)`` and the final carry.
@@ -433,10 +672,17 @@ def unroll(
       Werbos, "Backpropagation through time: what it does and how to do it", Proc. IEEE 1990.
     """
     fn = "unroll"
-    validation.check_choice(fn, "backward", backward, ("manual", "autodiff"))
-    xs, carry0, mask, _ = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, truncate)
+    validation.check_choice(fn, "backward", backward, BACKWARDS)
+    xs, carry0, mask, dtype = validation.check_unroll_args(
+        fn, cell, params, xs, carry0, mask, truncate
+    )
     resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     validation.check_positive(fn, "delta_clip", delta_clip)
+    seg = resolve_segment(fn, cell, xs, dtype, segment, memory_budget)
     if backward == "autodiff":
         return unroll_autodiff(cell, params, xs, carry0, mask, truncate, resets, delta_clip)
+    if backward == "checkpointed":
+        return _unroll_checkpointed(
+            cell, truncate, delta_clip, seg, params, xs, carry0, mask, resets
+        )
     return _unroll_manual(cell, truncate, delta_clip, params, xs, carry0, mask, resets)

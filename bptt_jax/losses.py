@@ -236,6 +236,147 @@ def _loss_bwd(cell, loss, reduction, truncate, delta_clip, residuals, cotangents
 _loss_manual.defvjp(_loss_fwd, _loss_bwd)
 
 
+# ---------------------------------------------------------- checkpointed manual path
+def _segment_loss_args(xs, targets, mask, valid, resets, segment):
+    t, b = xs.shape[:2]
+    n, xs_s, mask_s, resets_s = engine.segment_inputs(xs, mask, resets, segment)
+    if valid is None and n * segment != t:
+        valid = jnp.ones((t, b), bool)
+    targets_s = engine._segments(targets, n, segment)
+    valid_s = engine._segments(valid, n, segment, False)
+    return xs_s, mask_s, resets_s, (targets_s, valid_s)
+
+
+def _scale(valid, reduction, t, b, dtype):
+    """``L = scale * sum of counted token losses``."""
+    if reduction == "sum":
+        return jnp.ones((), dtype)
+    count = t * b if valid is None else jnp.maximum(jnp.sum(valid), 1)
+    return (1.0 / jnp.asarray(count, dtype)).astype(dtype)
+
+
+def _segment_losses(cell, loss, readout, states, targets, valid, scale):
+    """One segment's logits, per-token losses and weights (``valid * scale``)."""
+    s, b = cell.hidden(states).shape[:2]
+    hs = cell.hidden(states).reshape(s * b, -1)
+    logits = hs @ readout.w_hy + readout.b_y
+    flat = _flat_targets(loss, targets)
+    l = token_losses(loss, logits, flat)
+    if valid is None:
+        return hs, logits, flat, l, scale
+    valid = valid.reshape(-1)
+    return hs, logits, flat, jnp.where(valid, l, 0), jnp.where(valid, scale, 0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
+def _loss_checkpointed(
+    cell,
+    loss,
+    reduction,
+    truncate,
+    delta_clip,
+    segment,
+    params,
+    readout,
+    xs,
+    targets,
+    carry0,
+    mask,
+    valid,
+    resets,
+):
+    out, _ = _loss_checkpointed_fwd(
+        cell,
+        loss,
+        reduction,
+        truncate,
+        delta_clip,
+        segment,
+        params,
+        readout,
+        xs,
+        targets,
+        carry0,
+        mask,
+        valid,
+        resets,
+    )
+    return out
+
+
+def _loss_checkpointed_fwd(
+    cell,
+    loss,
+    reduction,
+    truncate,
+    delta_clip,
+    segment,
+    params,
+    readout,
+    xs,
+    targets,
+    carry0,
+    mask,
+    valid,
+    resets,
+):
+    t, b = xs.shape[:2]
+    scale = _scale(valid, reduction, t, b, xs.dtype)
+    xs_s, mask_s, resets_s, extras = _segment_loss_args(xs, targets, mask, valid, resets, segment)
+
+    def segment_loss(states, extra):
+        _, _, _, l, w = _segment_losses(cell, loss, readout, states, *extra, scale)
+        return jnp.sum(w * l)  # tokens not counted have l = 0 and w = 0
+
+    checkpoints, seg_losses, carry_t = engine.checkpointed_forward(
+        cell, params, xs_s, carry0, mask_s, resets_s, extras, segment_loss
+    )
+    saved = (params, readout, xs, targets, carry0, mask, valid, resets, checkpoints)
+    return (jnp.sum(seg_losses), carry_t), saved
+
+
+def _loss_checkpointed_bwd(cell, loss, reduction, truncate, delta_clip, segment, saved, cotangents):
+    params, readout, xs, targets, carry0, mask, valid, resets, checkpoints = saved
+    g_loss, g_carry = cotangents
+    t, b = xs.shape[:2]
+    scale = _scale(valid, reduction, t, b, xs.dtype)
+    xs_s, mask_s, resets_s, extras = _segment_loss_args(xs, targets, mask, valid, resets, segment)
+
+    def cotangent(states, extra):
+        s = cell.hidden(states).shape[0]
+        hs, logits, flat, _, w = _segment_losses(cell, loss, readout, states, *extra, scale)
+        dy = _token_loss_grads(loss, logits, flat)
+        if extra[1] is not None:  # tokens not counted: exactly 0, even a NaN from a bad target
+            dy = jnp.where(extra[1].reshape(-1, 1), dy, 0)
+        dy = g_loss * (w[:, None] if jnp.ndim(w) else w) * dy
+        d_readout = ReadoutParams(hs.T @ dy, dy.sum(0))
+        dhs = (dy @ readout.w_hy.T).reshape(s, b, -1)
+        d_targets = None if loss == "xent" else (-dy).reshape(s, b, -1)
+        return dhs, d_readout, d_targets
+
+    grads, dxs_s, dcarry0, d_readout, d_targets = engine.checkpointed_backward(
+        cell,
+        params,
+        xs_s,
+        mask_s,
+        resets_s,
+        checkpoints,
+        g_carry,
+        truncate,
+        cotangent,
+        extras,
+        jax.tree.map(jnp.zeros_like, readout),
+        length=t,
+        delta_clip=delta_clip,
+    )
+    if d_targets is not None:
+        d_targets = engine._unsegment(d_targets, t)
+    return (grads, d_readout, engine._unsegment(dxs_s, t), d_targets, dcarry0, None, None, None)
+
+
+_loss_checkpointed.defvjp(_loss_checkpointed_fwd, _loss_checkpointed_bwd)
+
+
 def _loss_autodiff(
     cell,
     loss,
@@ -305,6 +446,8 @@ def sequence_loss(
     truncate: int | None = None,
     delta_clip: float | None = None,
     backward: str = "manual",
+    segment: int | None = None,
+    memory_budget: int | None = None,
     return_carry: bool = False,
 ):
     """Loss of a readout on every hidden state, with the whole backward written by hand.
@@ -329,8 +472,11 @@ def sequence_loss(
       reduction: ``"sum"``: ``L = sum`` of ``l_{t,b}`` over counted tokens (``mask`` and
         ``loss_mask`` set, or all); ``"mean"``: that sum divided by the number of counted
         tokens (``T*B`` without masks, else at least 1): the mean loss per counted token.
-      backward: ``"manual"`` or ``"autodiff"`` (the same loss through a plain ``lax.scan``
-        with no custom rule, which ``jax.grad`` differentiates: the reference).
+      backward: ``"manual"``, ``"checkpointed"`` (memory-efficient: the readout and loss are
+        recomputed segment by segment with the states; see :func:`bptt_jax.unroll`) or
+        ``"autodiff"`` (the same loss through a plain ``lax.scan`` with no custom rule,
+        which ``jax.grad`` differentiates: the reference).
+      segment, memory_budget: for ``"checkpointed"``, as in :func:`bptt_jax.unroll`.
       return_carry: also return the final carry (for streams carried across chunks).
 
     Returns:
@@ -354,7 +500,7 @@ def sequence_loss(
       ((16, 16), (16, 7))
     """
     fn = "sequence_loss"
-    validation.check_choice(fn, "backward", backward, ("manual", "autodiff"))
+    validation.check_choice(fn, "backward", backward, engine.BACKWARDS)
     xs, targets, carry0, mask, valid, resets = _check_loss_args(
         fn,
         cell,
@@ -371,22 +517,13 @@ def sequence_loss(
         truncate,
         delta_clip,
     )
-    impl = _loss_manual if backward == "manual" else _loss_autodiff
-    value, carry_t = impl(
-        cell,
-        loss,
-        reduction,
-        truncate,
-        delta_clip,
-        params,
-        readout,
-        xs,
-        targets,
-        carry0,
-        mask,
-        valid,
-        resets,
-    )
+    args = (params, readout, xs, targets, carry0, mask, valid, resets)
+    if backward == "checkpointed":
+        seg = engine.resolve_segment(fn, cell, xs, xs.dtype, segment, memory_budget)
+        value, carry_t = _loss_checkpointed(cell, loss, reduction, truncate, delta_clip, seg, *args)
+    else:
+        impl = _loss_manual if backward == "manual" else _loss_autodiff
+        value, carry_t = impl(cell, loss, reduction, truncate, delta_clip, *args)
     return (value, carry_t) if return_carry else value
 
 
