@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from bptt_jax import engine, validation
 from bptt_jax.cells import _common
@@ -268,6 +269,23 @@ def _segment_losses(cell, loss, readout, states, targets, valid, scale):
     return hs, logits, flat, jnp.where(valid, l, 0), jnp.where(valid, scale, 0)
 
 
+def _segment_cotangent(cell, loss, readout, states, targets, valid, scale, g_loss):
+    """A segment's ``delta^y`` pushed through the readout.
+
+    Returns ``(dhs (s, B, H), d_readout, d_targets (s, B, O) or None)``.
+    """
+    s, b = cell.hidden(states).shape[:2]
+    hs, logits, flat, _, w = _segment_losses(cell, loss, readout, states, targets, valid, scale)
+    dy = _token_loss_grads(loss, logits, flat)
+    if valid is not None:  # tokens not counted: exactly 0, even a NaN from a bad target
+        dy = jnp.where(valid.reshape(-1, 1), dy, 0)
+    dy = g_loss * (w[:, None] if jnp.ndim(w) else w) * dy
+    d_readout = ReadoutParams(hs.T @ dy, dy.sum(0))
+    dhs = (dy @ readout.w_hy.T).reshape(s, b, -1)
+    d_targets = None if loss == "xent" else (-dy).reshape(s, b, -1)
+    return dhs, d_readout, d_targets
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4, 5))
 def _loss_checkpointed(
     cell,
@@ -343,16 +361,7 @@ def _loss_checkpointed_bwd(cell, loss, reduction, truncate, delta_clip, segment,
     xs_s, mask_s, resets_s, extras = _segment_loss_args(xs, targets, mask, valid, resets, segment)
 
     def cotangent(states, extra):
-        s = cell.hidden(states).shape[0]
-        hs, logits, flat, _, w = _segment_losses(cell, loss, readout, states, *extra, scale)
-        dy = _token_loss_grads(loss, logits, flat)
-        if extra[1] is not None:  # tokens not counted: exactly 0, even a NaN from a bad target
-            dy = jnp.where(extra[1].reshape(-1, 1), dy, 0)
-        dy = g_loss * (w[:, None] if jnp.ndim(w) else w) * dy
-        d_readout = ReadoutParams(hs.T @ dy, dy.sum(0))
-        dhs = (dy @ readout.w_hy.T).reshape(s, b, -1)
-        d_targets = None if loss == "xent" else (-dy).reshape(s, b, -1)
-        return dhs, d_readout, d_targets
+        return _segment_cotangent(cell, loss, readout, states, *extra, scale, g_loss)
 
     grads, dxs_s, dcarry0, d_readout, d_targets = engine.checkpointed_backward(
         cell,
@@ -375,6 +384,106 @@ def _loss_checkpointed_bwd(cell, loss, reduction, truncate, delta_clip, segment,
 
 
 _loss_checkpointed.defvjp(_loss_checkpointed_fwd, _loss_checkpointed_bwd)
+
+
+# --------------------------------------------------- truncated BPTT, chunk by chunk
+# With truncate=k (and no per-step clipping) no error crosses a chunk boundary, so each
+# chunk's backward can run right after its forward, while its states are still in cache,
+# and nothing longer than one chunk is ever stored. The loss's gradient is computed during
+# the forward for a unit cotangent and scaled in the backward (it is linear in it); the
+# error on carry_T reaches only the last chunk, which the backward re-runs for it.
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _loss_chunked(
+    cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask, valid, resets
+):
+    return _loss_manual(
+        cell,
+        loss,
+        reduction,
+        truncate,
+        None,
+        params,
+        readout,
+        xs,
+        targets,
+        carry0,
+        mask,
+        valid,
+        resets,
+    )
+
+
+def _loss_chunked_fwd(
+    cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask, valid, resets
+):
+    t, b = xs.shape[:2]
+    scale = _scale(valid, reduction, t, b, xs.dtype)
+    xs_s, mask_s, resets_s, extras = _segment_loss_args(xs, targets, mask, valid, resets, truncate)
+    one = jnp.ones((), xs.dtype)
+
+    def body(acc, inputs):
+        carry, grads, d_readout, value = acc
+        x, m, r, extra = inputs
+        states, res, carry_out = engine.forward(cell, params, x, carry, m, resets=r)
+        _, _, _, l, w = _segment_losses(cell, loss, readout, states, *extra, scale)
+        dhs, d_ro, d_tg = _segment_cotangent(cell, loss, readout, states, *extra, scale, one)
+        dcarry_in, dcols, _ = engine.reverse_scan(
+            cell,
+            params,
+            carry,
+            m,
+            states,
+            res,
+            dhs,
+            jax.tree.map(jnp.zeros_like, carry),
+            None,
+            resets=r,
+        )
+        g, dx = engine.weight_grads(cell, params, x, carry, states, dcols, r)
+        add = partial(jax.tree.map, jnp.add)
+        acc = (carry_out, add(grads, g), add(d_readout, d_ro), value + jnp.sum(w * l))
+        return acc, (carry, dx, d_tg, dcarry_in)
+
+    zeros = partial(jax.tree.map, jnp.zeros_like)
+    init = (carry0, zeros(params), zeros(readout), jnp.zeros((), xs.dtype))
+    (carry_t, grads, d_readout, value), (entering, dxs_s, d_tg, dcarry_in) = lax.scan(
+        body, init, (xs_s, mask_s, resets_s, extras)
+    )
+    last = jax.tree.map(lambda c: c[-1], entering)
+    dcarry0 = jax.tree.map(lambda c: c[0], dcarry_in)
+    d_tg = None if d_tg is None else engine._unsegment(d_tg, t)
+    per_unit = (grads, d_readout, engine._unsegment(dxs_s, t), d_tg, dcarry0)
+    saved = (
+        per_unit,
+        params,
+        last,
+        xs_s[-1],
+        None if mask_s is None else mask_s[-1],
+        None if resets_s is None else resets_s[-1],
+    )
+    return (value, carry_t), saved
+
+
+def _loss_chunked_bwd(cell, loss, reduction, truncate, saved, cotangents):
+    per_unit, params, last, x, m, r = saved
+    g_loss, g_carry = cotangents
+    grads, d_readout, dxs, d_tg, dcarry0 = jax.tree.map(lambda g: g_loss * g, per_unit)
+    # The error on carry_T, back through the last chunk only.
+    states, res, _ = engine.forward(cell, params, x, last, m, resets=r)
+    _, dcols, _ = engine.reverse_scan(
+        cell, params, last, m, states, res, None, g_carry, None, resets=r
+    )
+    g, dx = engine.weight_grads(cell, params, x, last, states, dcols, r)
+    grads = jax.tree.map(jnp.add, grads, g)
+    t = dxs.shape[0]
+    start = (math.ceil(t / truncate) - 1) * truncate  # the last chunk: steps [start, T)
+    dxs = dxs.at[start:].add(dx[: t - start])
+    return grads, d_readout, dxs, d_tg, dcarry0, None, None, None
+
+
+_loss_chunked.defvjp(_loss_chunked_fwd, _loss_chunked_bwd)
 
 
 def _loss_autodiff(
@@ -518,7 +627,10 @@ def sequence_loss(
         delta_clip,
     )
     args = (params, readout, xs, targets, carry0, mask, valid, resets)
-    if backward == "checkpointed":
+    chunked = truncate is not None and truncate < xs.shape[0] and delta_clip is None
+    if backward == "manual" and chunked:
+        value, carry_t = _loss_chunked(cell, loss, reduction, truncate, *args)
+    elif backward == "checkpointed":
         seg = engine.resolve_segment(fn, cell, xs, xs.dtype, segment, memory_budget)
         value, carry_t = _loss_checkpointed(cell, loss, reduction, truncate, delta_clip, seg, *args)
     else:

@@ -136,6 +136,38 @@ def test_truncated_grads_match_stop_gradient_reference(name, truncate, dtype, ke
 
 
 @pytest.mark.parametrize("name", list(ref.CELLS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+def test_truncated_loss_with_final_carry_cotangent_matches_reference(name, dtype, loss, key):
+    """The chunk-by-chunk truncated path: the error on carry_T enters the last chunk only;
+    T=10 with k=4 leaves a short last chunk; resets and a loss mask are random too."""
+    cell = ref.CELLS[name]
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    p, ro, xs, tg, c0, m = ref.problem(cell, k1, dtype, t=10, loss=loss)
+    r = jax.random.bernoulli(k2, 0.15, xs.shape[:2])
+    lm = jax.random.bernoulli(k3, 0.7, xs.shape[:2])
+    w = jax.tree.map(lambda c: jax.random.normal(k4, c.shape, c.dtype), c0)
+    argnums = (0, 1, 2, 3, 4) if loss == "mse" else (0, 1, 2, 4)
+
+    def manual(p, ro, xs, tg, c0):
+        v, c = bptt_jax.sequence_loss(
+            cell, p, ro, xs, tg, c0, mask=m, loss_mask=lm, resets=r, truncate=4, loss=loss,
+            return_carry=True,
+        )  # fmt: skip
+        return v + sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(c), jax.tree.leaves(w)))
+
+    def reference(p, ro, xs, tg, c0):
+        v = ref.scan_loss(cell, p, ro, xs, tg, c0, m, loss, "mean", 4, loss_mask=lm, resets=r)
+        _, c = ref.scan_unroll(cell, p, xs, c0, m, 4, r)
+        return v + sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(c), jax.tree.leaves(w)))
+
+    v_m, g_m = jax.jit(jax.value_and_grad(manual, argnums))(p, ro, xs, tg, c0)
+    v_r, g_r = jax.value_and_grad(reference, argnums)(p, ro, xs, tg, c0)
+    assert ref.rel_err(v_m, v_r) <= ref.TOL[dtype]
+    ref.assert_trees_close(g_m, g_r, dtype)
+
+
+@pytest.mark.parametrize("name", list(ref.CELLS))
 def test_truncate_at_least_T_is_full_bptt(name, key):
     cell = ref.CELLS[name]
     p, ro, xs, tg, c0, m = ref.problem(cell, key, jnp.float64, t=6)
