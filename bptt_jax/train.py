@@ -36,6 +36,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache, partial
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -288,6 +289,13 @@ def trainer(
         k1, k2 = truncated.check_k1_k2("trainer", k1, k2)
     elif k2 is not None:
         raise ValueError("trainer: k2 needs k1 (TBPTT(k1, k2)); got k1=None")
+    return _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn)
+
+
+@lru_cache(maxsize=32)
+def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
+    """:func:`trainer`, cached: equal arguments share one compiled step (cells and configs
+    are frozen dataclasses, so equal settings hash equal)."""
     tx = make_optimizer(optim)
 
     def init(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
@@ -407,8 +415,6 @@ def fit(
     Raises:
       ConfigError: a bad value, naming the key, before any work starts.
     """
-    from bptt_jax import checkpoint
-
     out = sys.stdout if out is None else out
     task, cell, t = build(cfg)
     tc, cc = cfg.train, cfg.checkpoint
@@ -416,11 +422,14 @@ def fit(
     state = t.init(
         jax.random.key(cfg.seed), task.input_size, task.output_size, tc.batch_size, dtype
     )
-    ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep) if cc.dir else None
+    ckpt = None
+    if cc.dir:  # orbax is imported only when checkpoints are asked for
+        from bptt_jax import checkpoint
+
+        ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep)
     if ckpt is not None and cc.resume and ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
         print(f"resumed from {cc.dir} at step {int(state.step)}", file=out)
-    batch_fn = jax.jit(lambda key, s: task.batch(key, s, tc.batch_size))
     tokens_per_step = tc.batch_size * task.seq_len
     history: list[dict] = []
     log = open(tc.log_file, "a") if tc.log_file else None  # noqa: SIM115
@@ -450,7 +459,7 @@ def fit(
     t_last, step_last = time.perf_counter(), start
     try:
         for s in range(start, tc.steps):
-            state, metrics = t.step(state, batch_fn(state.key, s))
+            state, metrics = t.step(state, _batch(task, state.key, s, tc.batch_size))
             window.append(metrics)
             done = s + 1
             if done % tc.log_every == 0 or done == tc.steps:
@@ -478,6 +487,12 @@ def fit(
         if ckpt is not None:
             ckpt.close()
     return FitResult(state, history, task, cell)
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _batch(task, key, step, batch_size):
+    """``task.batch`` compiled once per (task, batch size), shared by every run in a process."""
+    return task.batch(key, step, batch_size)
 
 
 def _train_record(step: int, window: list[dict], tokens_per_s: float) -> dict:

@@ -1,7 +1,6 @@
 """Training: the optax step on the hand-written gradients, tasks, configs, checkpoints, CLI."""
 
 import io
-import math
 import pathlib
 import re
 import subprocess
@@ -17,7 +16,7 @@ import bptt_jax
 from bptt_jax import checkpoint, config, losses, tasks, train, truncated
 from bptt_jax.config import ConfigError
 from tests.reference import TOL, assert_trees_close
-from tests.test_truncated import LR, ref_tbptt, stream
+from tests.test_truncated import LR, sgd, stream
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SGD = train.OptimConfig(name="sgd", learning_rate=LR, momentum=0.0, clip="none")
@@ -72,22 +71,22 @@ def test_full_bptt_step_applies_the_hand_written_gradient_and_passes_the_carry_o
     assert not metrics["clipped"][0] and metrics["skipped"][0] == 0
 
 
-@pytest.mark.parametrize(("k1", "k2"), [(3, 3), (4, 7)])
-def test_tbptt_step_is_tbptt_of_the_definition(k1, k2, key):
+def test_tbptt_step_is_the_tbptt_driver_with_an_sgd_update(key):
+    """``truncated.tbptt`` is checked against the definition in test_truncated.py."""
     cell, dtype = bptt_jax.GRU(5), jnp.float64
     p, ro, xs, ys, carry, mask, loss_mask, resets = stream(cell, key, dtype)
-    t = train.trainer(cell, SGD, k1=k1, k2=k2)
-    new, metrics = t.step(
-        state_from(t, cell, p, ro, carry), batch_of(xs, ys, mask, loss_mask, resets)
-    )
-    p_ref, ro_ref, carry_ref, values = ref_tbptt(
-        cell, p, ro, xs, ys, carry, mask, loss_mask, resets, k1, k2, "xent"
-    )
-    assert metrics["loss"].shape == (math.ceil(11 / k1),)
-    assert_trees_close(metrics["loss"], values, dtype)
-    assert_trees_close(new.params, p_ref, dtype)
-    assert_trees_close(new.readout, ro_ref, dtype)
-    assert_trees_close(new.carry, carry_ref, dtype)
+    t = train.trainer(cell, SGD, k1=4, k2=7)
+    batch = batch_of(xs, ys, mask, loss_mask, resets)
+    new, metrics = t.step(state_from(t, cell, p, ro, carry), batch)
+    ref = jax.jit(truncated.tbptt, static_argnums=0, static_argnames=("k1", "k2", "update"))(
+        cell, p, ro, xs, ys, carry, k1=4, k2=7, update=sgd, update_state=0,
+        mask=mask, loss_mask=loss_mask, resets=resets,
+    )  # fmt: skip
+    assert metrics["loss"].shape == (3,) and int(ref.update_state) == 3
+    assert_trees_close(metrics["loss"], ref.aux, dtype)
+    assert_trees_close(new.params, ref.params, dtype)
+    assert_trees_close(new.readout, ref.readout, dtype)
+    assert_trees_close(new.carry, ref.carry, dtype)
 
 
 def test_clip_by_global_norm_scales_the_update_to_max_norm_and_reports_it(key):
