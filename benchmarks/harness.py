@@ -115,6 +115,7 @@ def sequence_loss_variant(backward: str, **options) -> LossBuilder:
 VARIANTS: dict[str, LossBuilder] = {
     "manual": sequence_loss_variant("manual"),
     "autodiff": sequence_loss_variant("autodiff"),
+    "checkpointed": sequence_loss_variant("checkpointed"),  # segment ~ sqrt(T)
 }
 #: The variant every other is checked against: ``jax.grad`` of the plain per-step scan.
 REFERENCE = "autodiff"

@@ -42,8 +42,12 @@ def _t_axis(ax, rows) -> None:
 
 
 def tokens_vs_T(results: dict, out: Path) -> str | None:
-    rows = results.get("scaling") or []
-    if not rows or "median_s" not in next(iter(rows[0]["variants"].values())):
+    rows = [
+        r
+        for r in results.get("scaling") or []
+        if "median_s" in next(iter(r["variants"].values()))  # memory-only rows have no time
+    ]
+    if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in rows[0]["variants"]:

@@ -3,7 +3,8 @@
 For each T of ``[scaling]`` (cell, B, D, H fixed): every variant is compiled, checked against
 autodiff and, with ``time = true``, timed side by side. The memory numbers (XLA temp, and on a
 GPU the device's peak) come from the compiled program, so ``time = false`` still gives memory
-against T for lengths too long to time on a small machine.
+against T for lengths too long to time on a small machine; ``memory_T`` adds lengths measured
+that way after the timed ones.
 
 A variant the engine does not provide yet (say ``checkpointed`` before it lands) is noted and
 skipped, so a config may list it ahead of time. Ratios per row are as in
@@ -33,14 +34,15 @@ def run(session: harness.Session, cfg) -> list[dict[str, Any]]:
             session.note(f"scaling: variant '{v}' is not available, skipped ({why})")
     session.print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     rows = []
-    for T in part.T:
+    lengths = [(T, part.time) for T in part.T] + [(T, False) for T in part.memory_T]
+    for T, time_it in lengths:
         problem = session.problem(part.cell, T, part.B, part.D, part.H)
         try:
             timed = {v: session.prepare(problem, v) for v in variants}
         except harness.EntryFailed as e:
             session.fail("scaling", problem.label, e)
             continue
-        if part.time:
+        if time_it:
             measured = session.measure(problem, timed)
         else:
             measured = {
@@ -48,7 +50,7 @@ def run(session: harness.Session, cfg) -> list[dict[str, Any]]:
                 for name, t in timed.items()
             }
         row = dict(cell=part.cell, **problem.shape, tokens=problem.tokens, variants=measured)
-        if part.time:
+        if time_it:
             row.update(ratios(measured, BASELINE))
         else:
             row.update({k: v for k, v in _memory_ratios(measured).items()})

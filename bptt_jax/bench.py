@@ -74,8 +74,9 @@ class Scaling:
     B: int = 32
     D: int = 32
     H: int = 128
-    variants: tuple[str, ...] = ("manual", "autodiff")  # unavailable ones are noted, skipped
+    variants: tuple[str, ...] = ("manual", "checkpointed", "autodiff")  # unavailable: skipped
     time: bool = True  # false: compile, check and memory only (large T on a small machine)
+    memory_T: tuple[int, ...] = ()  # more lengths, for memory only (compiled and checked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,8 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
         _positive(f"scaling.{name}", getattr(cfg.scaling, name))
     for i, t in enumerate(cfg.scaling.T):
         _positive(f"scaling.T[{i}]", t)
+    for i, t in enumerate(cfg.scaling.memory_T):
+        _positive(f"scaling.memory_T[{i}]", t)
     for name in ("T", "B", "D", "H"):
         _positive(f"truncation.{name}", getattr(cfg.truncation, name))
     for i, k in enumerate(cfg.truncation.k):
