@@ -32,6 +32,16 @@ def _to_disk(state):
     return state._replace(key=jax.random.key_data(state.key))
 
 
+def signature(state) -> list[str]:
+    """Every leaf of a state as ``"path: shape dtype"``: what a checkpoint must match."""
+    leaves = jax.tree_util.tree_leaves_with_path(_to_disk(state))
+    return [f"{jax.tree_util.keystr(p)}: {tuple(x.shape)} {x.dtype}" for p, x in leaves]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose arrays do not fit the state it is restored into."""
+
+
 class Checkpointer:
     """Saves and restores train states in one directory (a thin ``CheckpointManager``).
 
@@ -64,6 +74,7 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_to_disk(state)),
                 metadata=ocp.args.JsonSave(metadata or {}),
+                signature=ocp.args.JsonSave(signature(state)),
             ),
             force=True,
         )
@@ -79,10 +90,23 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: no checkpoint (of that step) in the directory.
+          CheckpointMismatch: the checkpoint's arrays differ from ``like``'s in structure,
+            shape or dtype (another model size, optimizer or batch size).
         """
         step = self.latest_step() if step is None else step
         if step is None or step not in self._manager.all_steps():
             raise FileNotFoundError(f"checkpoint: no checkpoint (step={step}) in {self.directory}")
+        saved = self._manager.restore(
+            step, args=ocp.args.Composite(signature=ocp.args.JsonRestore())
+        )["signature"]
+        expected = signature(like)
+        if saved is not None and list(saved) != expected:
+            diff = [f"{a!r} != {b!r}" for a, b in zip(saved, expected) if a != b]
+            raise CheckpointMismatch(
+                f"checkpoint: step {step} in {self.directory} does not fit the state to restore "
+                f"({len(saved)} vs {len(expected)} arrays; first difference, saved != wanted: "
+                f"{diff[0] if diff else 'the number of arrays'})"
+            )
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(

@@ -413,7 +413,8 @@ def fit(
     end; logs every ``train.log_every`` steps (progress bar, ``hooks``, ``train.log_file``).
 
     Raises:
-      ConfigError: a bad value, naming the key, before any work starts.
+      ConfigError: a bad value, naming the key, or a checkpoint to resume that does not fit
+        the config ('checkpoint.dir'), before any training.
     """
     out = sys.stdout if out is None else out
     task, cell, t = build(cfg)
@@ -428,7 +429,14 @@ def fit(
 
         ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep)
     if ckpt is not None and cc.resume and ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(state)
+        try:
+            state, _ = ckpt.restore(state)
+        except checkpoint.CheckpointMismatch as e:
+            ckpt.close()
+            raise ConfigError(
+                f"config: 'checkpoint.dir' holds a checkpoint of another model, optimizer or "
+                f"batch size: {e}; use another checkpoint.dir or checkpoint.resume=false"
+            ) from None
         print(f"resumed from {cc.dir} at step {int(state.step)}", file=out)
     tokens_per_step = tc.batch_size * task.seq_len
     history: list[dict] = []
@@ -472,10 +480,12 @@ def fit(
                     bar.update(done - bar.n)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 record(rec)
+            t_aside = time.perf_counter()  # evaluation and checkpoints are not throughput
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
                 evaluate(done)
             if ckpt is not None and cc.every and done % cc.every == 0:
                 ckpt.save(state, {"config": config_lib.to_dict(cfg)})
+            t_last += time.perf_counter() - t_aside
         evaluate(int(state.step))
         if ckpt is not None and (not cc.every or int(state.step) % cc.every):
             ckpt.save(state, {"config": config_lib.to_dict(cfg)})
@@ -550,7 +560,11 @@ def cli_main(args) -> int:
         f"k1={cfg.train.k1} k2={cfg.train.k2} optim={cfg.optim.name} seed={cfg.seed}"
     )
     t0 = time.perf_counter()
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except ConfigError as e:  # a checkpoint that does not fit, found before any training
+        print(f"bptt-jax train: error: {e}", file=sys.stderr)
+        return 2
     last = [r for r in result.history if r["kind"] == "eval"][-1]
     text = " ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"done: {int(result.state.step)} steps in {time.perf_counter() - t0:.1f} s; {text}")

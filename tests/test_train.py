@@ -350,6 +350,9 @@ def test_checkpoint_round_trip_keeps_every_field(tmp_path):
     assert_trees_close(restored.params, state.params, jnp.float64)
     np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
     assert not list(pathlib.Path(tmp_path).glob("*tmp*"))  # nothing half-written left
+    other = t.init(jax.random.key(5), 3, 2, 5, jnp.float64)  # batch size 5: another carry
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"\.carry\.h: \(2, 4\)"):
+        checkpoint.restore(tmp_path, other)
 
 
 # ----------------------------------------------------------------- CLI and README
