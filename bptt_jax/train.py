@@ -94,6 +94,9 @@ class TrainConfig:
     log_every: int = 10  # steps between progress-bar updates and log records
     progress: bool = True  # show a tqdm progress bar
     log_file: str = ""  # write the log records as JSON lines here ("" for none)
+    # steps between logging the effective horizon (diagnostics.effective_horizon) with the
+    # train record (at steps that are multiples of log_every too); 0: never
+    horizon_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +152,7 @@ def check_config(cfg: Config) -> None:
     for key, value in (
         ("train.steps", t.steps),
         ("train.eval_every", t.eval_every),
+        ("train.horizon_every", t.horizon_every),
         ("checkpoint.every", c.every),
         ("optim.momentum", o.momentum),
     ):
@@ -467,7 +471,8 @@ def fit(
     t_last, step_last = time.perf_counter(), start
     try:
         for s in range(start, tc.steps):
-            state, metrics = t.step(state, _batch(task, state.key, s, tc.batch_size))
+            batch = _batch(task, state.key, s, tc.batch_size)
+            state, metrics = t.step(state, batch)
             window.append(metrics)
             done = s + 1
             if done % tc.log_every == 0 or done == tc.steps:
@@ -475,10 +480,17 @@ def fit(
                 now = time.perf_counter()
                 rate = tokens_per_step * (done - step_last) / (now - t_last)
                 rec = _train_record(done, host, rate)
+                if tc.horizon_every and done % tc.horizon_every == 0:
+                    t_h = time.perf_counter()  # not throughput either
+                    rec["horizon"] = int(_horizon(cell, state.params, batch.xs, state.key))
+                    now += time.perf_counter() - t_h
                 t_last, step_last, window = now, done, []
                 if bar is not None:
                     bar.update(done - bar.n)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    extra = {"horizon": rec["horizon"]} if "horizon" in rec else {}
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", **extra
+                    )
                 record(rec)
             t_aside = time.perf_counter()  # evaluation and checkpoints are not throughput
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
@@ -497,6 +509,16 @@ def fit(
         if ckpt is not None:
             ckpt.close()
     return FitResult(state, history, task, cell)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _horizon(cell, params, xs, key):
+    """The effective horizon (:func:`bptt_jax.diagnostics.effective_horizon`) of the batch's
+    first 8 sequences, from zero carries, with 8 random probes: about 8 backward passes
+    over 8 sequences, no weight gradients."""
+    from bptt_jax import diagnostics
+
+    return diagnostics.effective_horizon(cell, params, xs[:, :8], probes=8, key=key)
 
 
 @partial(jax.jit, static_argnums=(0, 3))

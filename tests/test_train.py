@@ -398,3 +398,16 @@ def test_readme_training_example_runs():
         cwd=ROOT,
     )
     assert out.returncode == 0 and "training ok" in out.stdout, out.stderr
+
+
+@pytest.mark.usefixtures("optax_promotion")
+def test_the_loop_logs_the_effective_horizon_and_the_pre_clip_gradient_norm():
+    cfg = cfg_of(*TINY_RECALL, "train.steps=4", "train.horizon_every=2", "train.progress=false")
+    history = train.fit(cfg, out=io.StringIO()).history
+    logged = [r for r in history if r["kind"] == "train"]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert ["horizon" in r for r in logged] == [False, True, False, True]
+    for r in logged:
+        assert r["grad_norm"] > 0 and np.isfinite(r["grad_norm"])
+        if "horizon" in r:
+            assert isinstance(r["horizon"], int) and 1 <= r["horizon"] <= 12  # recall.seq_len
