@@ -112,7 +112,7 @@ def _check_probes(fn: str, probes, key) -> None:
 
 
 def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
-    """``||dh_T/dh_t||_F`` per step and example from one forward and P reverse scans."""
+    """``||dh_T/d carry_t||_F`` per step and example from one forward and P reverse scans."""
     t_len, b, _ = xs.shape
     h = cell.hidden_size
     states, res, carry_t = engine.forward(cell, params, xs, carry0, mask, resets=resets)
@@ -122,13 +122,16 @@ def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
     else:
         vs = jax.random.normal(key, (probes, b, h), xs.dtype)
 
-    def one_probe(v):  # v (B, H): deltas[t] = v^T dh_T/dh_t, by the hand-written backward
+    def squared_norm(dstate):  # over every part of the carry: h, and c for the LSTM
+        return sum(jnp.sum(g * g, axis=-1) for g in jax.tree.leaves(dstate))
+
+    def one_probe(v):  # v (B, H): the error on carry t is v^T dh_T/d(carry_t), by hand
         dcarry = cell.add_to_hidden(zeros, v)
-        _, _, deltas = engine.reverse_scan(
+        _, _, sq = engine.reverse_scan(
             cell, params, carry0, mask, states, res, None, dcarry, None,
-            resets=resets, keep_deltas=True,
+            resets=resets, keep_deltas=squared_norm,
         )  # fmt: skip
-        return jnp.sum(deltas * deltas, axis=-1)  # (T, B)
+        return sq  # (T, B)
 
     sq = lax.map(one_probe, vs, batch_size=min(vs.shape[0], PROBE_BATCH))  # (P, T, B)
     total = jnp.sum(sq, axis=0) if probes is None else jnp.mean(sq, axis=0)
@@ -151,11 +154,13 @@ def jacobian_norms(
 ) -> jax.Array:
     """``||dh_T/dh_t||_F`` for every step t and example: how much the last state hears of h_t.
 
-    ``dh_T/dh_t`` is the ``(H, H)`` Jacobian of the final hidden state with respect to a
-    perturbation added to ``h_t`` (for the LSTM, ``c_t`` held fixed). Its rows are what the
-    hand-written backward carries back from a probe ``v`` on ``h_T``:
-    ``v^T dh_T/dh_t = delta^h_t`` for the loss ``v . h_T``. It depends on the params and
-    inputs only, not on a loss or readout. ``t = T-1`` gives ``||I|| = sqrt(H)``.
+    ``dh_T/dh_t`` is the Jacobian of the final hidden state with respect to a perturbation
+    of the carry after step t: ``h_t`` for Elman and GRU (``(H, H)``), and for the LSTM both
+    ``h_t`` and its memory ``c_t`` (``(H, 2H)``; the LSTM keeps what it remembers in ``c``,
+    which a perturbation of ``h_t`` alone would miss). Its rows are what the hand-written
+    backward carries back from a probe ``v`` on ``h_T``: the error on the carry at step t
+    for the loss ``v . h_T``. It depends on the params and inputs only, not on a loss or
+    readout. ``t = T-1`` gives ``||I|| = sqrt(H)`` (``h_T`` does not depend on ``c_T``).
 
     Args:
       cell, params, xs, carry0, mask, resets: as in :func:`bptt_jax.unroll`. With a mask,

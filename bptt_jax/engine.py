@@ -159,7 +159,8 @@ def reverse_scan(
       ``(dcarry0, dcols, deltas)``: the error on ``carry0``; each step's pre-activation
       gradients ``dA_t`` (T, B, grad_blocks*H), written over ``res`` when the widths match;
       and ``delta^h_t`` (T, B, H), the error reaching each hidden state (after clipping), when
-      ``keep_deltas`` (else ``None``).
+      ``keep_deltas`` is True (else ``None``); a callable ``keep_deltas(dstate)`` instead
+      stacks what it returns from the error on the whole carry at each step.
     """
     t_len, b = cell.hidden(states).shape[:2]
     h = cell.hidden_size
@@ -187,7 +188,9 @@ def reverse_scan(
         if delta_clip is not None:
             clipped = clip_delta(dstate, delta_clip)
             dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
-        delta_h = cell.hidden(dstate) if keep_deltas else None
+        delta_h = None
+        if keep_deltas:
+            delta_h = keep_deltas(dstate) if callable(keep_deltas) else cell.hidden(dstate)
         if m_t is None:
             dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate)
         else:  # padded step: its error goes straight to the previous carry

@@ -24,25 +24,26 @@ DTYPES = [pytest.param(jnp.float64, id="f64"), pytest.param(jnp.float32, id="f32
 CELLS = pytest.mark.parametrize("name", ["elman-tanh", "lstm", "gru"])
 
 
-def _perturbed_unroll(cell, p, xs, c0, eps, mask, resets, clip=None):
+def _perturbed_unroll(cell, p, xs, c0, eps, mask, resets, clip=None, eps_c=None):
     """A plain ``lax.scan`` of the reference step with ``eps[t]`` added to h_t (after the
     mask, before the per-step error clipping, so the gradient w.r.t. ``eps[t]`` is the
-    clipped delta_t). Returns ``(hs (T, B, H), carry_T)``."""
+    clipped delta_t), and ``eps_c[t]`` to the LSTM's c_t. Returns ``(hs (T, B, H), carry_T)``."""
+    eps_c = jnp.zeros_like(eps) if eps_c is None else eps_c
 
     def body(carry, inp):
-        x, e, m_t, r_t = inp
+        x, e, ec, m_t, r_t = inp
         carry = jax.tree.map(lambda c: jnp.where(r_t[:, None], 0.0, c).astype(c.dtype), carry)
         new = ref.step(cell, p, carry, x)
         new = jax.tree.map(lambda a, b: jnp.where(m_t[:, None], a, b), new, carry)
         if isinstance(new, bptt_jax.LSTMCarry):
-            new = new._replace(h=new.h + e)
+            new = new._replace(h=new.h + e, c=new.c + ec)
         else:
             new = new + e
         if clip is not None:
             new = ref.clip_error(new, clip)
         return new, ref.hidden(new)
 
-    carry_t, hs = jax.lax.scan(body, c0, (xs, eps, mask, resets))
+    carry_t, hs = jax.lax.scan(body, c0, (xs, eps, eps_c, mask, resets))
     return hs, carry_t
 
 
@@ -93,13 +94,18 @@ def test_delta_norms_are_the_gradient_wrt_a_perturbation_of_each_state(name, dty
 
 
 def _jacobian_reference(cell, p, xs, c0, m, r):
-    """``||dh_T/dh_t||_F`` per (t, b) from ``jax.jacrev`` of the perturbed per-step loop."""
+    """``||dh_T/d carry_t||_F`` per (t, b) from ``jax.jacrev`` of the perturbed per-step
+    loop: with respect to h_t, and for the LSTM to c_t as well."""
     eps = jnp.zeros(xs.shape[:2] + (cell.hidden_size,), xs.dtype)
-    h_last = lambda e: ref.hidden(_perturbed_unroll(cell, p, xs, c0, e, m, r)[1])
-    jac = jax.jit(jax.jacrev(h_last))(eps)  # (B, H, T, B, H)
+    lstm = isinstance(cell, bptt_jax.LSTM)
+    h_last = lambda e, ec: ref.hidden(_perturbed_unroll(cell, p, xs, c0, e, m, r, eps_c=ec)[1])
+    jacs = jax.jit(jax.jacrev(h_last, argnums=(0, 1) if lstm else 0))(eps, eps)
     b = xs.shape[1]
-    own = jnp.stack([jac[i, :, :, i, :] for i in range(b)], axis=-1)  # (H, T, H, B)
-    return jnp.sqrt(jnp.sum(own**2, axis=(0, 2)))  # (T, B)
+    total = 0
+    for jac in jacs if lstm else (jacs,):  # each (B, H, T, B, H)
+        own = jnp.stack([jac[i, :, :, i, :] for i in range(b)], axis=-1)  # (H, T, H, B)
+        total = total + jnp.sum(own**2, axis=(0, 2))
+    return jnp.sqrt(total)  # (T, B)
 
 
 @CELLS
