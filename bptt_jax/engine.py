@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,38 @@ from jax import lax
 from bptt_jax import validation
 
 BACKWARDS = ("manual", "checkpointed", "autodiff")
+
+
+class OutputError(NamedTuple):
+    """The error from a linear readout, handed to the reverse scan unmultiplied.
+
+    ``dL/dh_t = dy_t @ w.T`` with ``dy`` (T, B, O) the error on the readout's outputs and
+    ``w`` (H, O) its kernel. The reverse scan forms each step's product inside the loop,
+    so the (T, B, H) array of all of them is never stored.
+    """
+
+    dy: jax.Array
+    w: jax.Array
+
+
+#: From this many bytes of ``dL/dh`` on, :func:`output_error` leaves the readout's product to
+#: the reverse scan. XLA:CPU takes large temp buffers fresh from the OS on every call, and
+#: their page faults cost more than the per-step matmul (Elman B=64, H=256, T=256: -6% time);
+#: small ones come from reused heap memory, where one big matmul wins (B=32, H=128: +5%).
+OUTPUT_ERROR_IN_LOOP_BYTES = 4 * 2**20
+
+
+def output_error(dy, w):
+    """``dL/dh_t = dy_t @ w.T`` for every step: (T, B, H), or an :class:`OutputError`.
+
+    Args:
+      dy: (T, B, O), the error on a linear readout's outputs.
+      w: (H, O), the readout's kernel.
+    """
+    t, b, _ = dy.shape
+    if t * b * w.shape[0] * dy.dtype.itemsize >= OUTPUT_ERROR_IN_LOOP_BYTES:
+        return OutputError(dy, w)
+    return dy @ w.T
 
 
 def _select(m, a, b):
@@ -68,19 +101,24 @@ def truncation_cuts(length: int, truncate: int | None):
     return (t % truncate == 0) & (t > 0)
 
 
-def project_inputs(cell, params, xs, blocks: int = 1):
-    """``xs @ W_x`` for every step at once: (T, B, D) -> (T, B, G*H).
+def _blocks(a, n: int) -> tuple:
+    """``a`` split into ``n`` equal blocks along its last axis."""
+    return tuple(jnp.split(a, n, axis=-1)) if n > 1 else (a,)
 
-    With ``blocks=G``, a tuple of the G gate blocks (T, B, H), each its own matmul. The bias
-    is added inside the step: adding it here would materialise a second (T, B, G*H) buffer
-    next to the matmul's output on XLA:CPU.
+
+def project_inputs(cell, params, xs):
+    """``xs @ W_x`` for every step at once, one matmul per gate block.
+
+    Returns a tuple of ``cell.n_blocks`` arrays (T, B, H), one per gate, each its own buffer:
+    a gate block sliced out of a joint (T, B, G*H) row makes XLA:CPU's step fusions several
+    times slower (~95 vs ~40 us a GRU step at B=32, H=128). The bias is added inside the
+    step: adding it here would materialise a second buffer next to each matmul's output.
     """
     t, b, d = xs.shape
-    x2d, w = xs.reshape(t * b, d), cell.input_kernel(params)
-    if blocks == 1:
-        return (x2d @ w).reshape(t, b, -1)
-    h = w.shape[1] // blocks
-    return tuple((x2d @ w[:, i * h : (i + 1) * h]).reshape(t, b, h) for i in range(blocks))
+    x2d = xs.reshape(t * b, d)
+    return tuple(
+        (x2d @ w).reshape(t, b, -1) for w in _blocks(cell.input_kernel(params), cell.n_blocks)
+    )
 
 
 def _index(x, t):
@@ -91,11 +129,22 @@ def _write(buf, row, t):
     return lax.dynamic_update_index_in_dim(buf, row, t, 0)
 
 
-# In-place loops. A step reads row t of a (T, B, W) buffer and overwrites row t with its
-# result. If the old buffer had any reader besides the write, XLA would copy the whole buffer
-# in every iteration (O(T^2) traffic), because it fuses the row read into consumers that it
-# cannot order before the write. So the row a step needs is read one iteration early, from
-# the buffer *after* that iteration's write (the neighbouring row is untouched), and carried.
+def _rows(bufs, t):
+    return tuple(_index(b, t) for b in bufs)
+
+
+def _fresh(n: int, like):
+    return tuple(jnp.zeros_like(like) for _ in range(n))
+
+
+# In-place loops. The per-step buffers are (T, B, H) arrays, one per block: a step reads row
+# t of some and overwrites row t with its results (the forward its residuals over its input
+# projections, the backward its pre-activation gradients over its residuals), so one set of
+# buffers serves the whole gradient. If a buffer had any reader besides the write, XLA would
+# copy it in every iteration (O(T^2) traffic), because it fuses the row read into consumers
+# that it cannot order before the write. So the rows a step needs are read one iteration
+# early, from the buffers *after* that iteration's write (the neighbouring row is untouched),
+# and carried.
 
 
 def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, resets=None):
@@ -104,46 +153,39 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
     ``resets`` (T, B) bool, optional: where set, the carry entering step t is zeros.
 
     Returns:
-      ``(states, residuals, carry_T)``: ``states`` is the carry after every step, stacked on
-      a leading T axis (``cell.hidden(states)`` is ``hs``); ``residuals`` (T, B, R) what the
-      cell's backward needs (``None`` when ``keep_residuals`` is False or the cell keeps
-      nothing but its state).
+      ``(states, buffers, carry_T)``: ``states`` is the carry after every step, stacked on
+      a leading T axis (``cell.hidden(states)`` is ``hs``); ``buffers`` a tuple of (T, B, H)
+      arrays whose first ``cell.residual_blocks`` hold what the cell's backward needs per
+      step and the rest are input projections no longer needed (the backward writes its
+      gradients over all of them); ``None`` when ``keep_residuals`` is False.
     """
-    keep = keep_residuals and cell.residual_blocks > 0
-    # Residuals of the same width as xp_t overwrite it in place: one buffer, not two.
-    in_place = keep and cell.residual_blocks == cell.n_blocks
-    # A gate block sliced out of a scan input's row makes XLA:CPU's step fusions several
-    # times slower (~95 vs ~40 us a GRU step at B=32, H=128); so, where xp is not reused
-    # in place, each gate's block is its own scan input (one matmul per gate, no joint
-    # buffer), joined in the step: XLA folds the cell's split of that join away.
-    split = not in_place and cell.n_blocks > 1
-    xp = project_inputs(cell, params, xs, blocks=cell.n_blocks if split else 1)
-
+    n_res = cell.residual_blocks if keep_residuals else 0
+    xp = project_inputs(cell, params, xs)
+    # Residual i overwrites input projection i in place; extra residuals get fresh buffers.
+    n_in = min(cell.n_blocks, n_res)
+    bufs0 = xp[:n_in] + _fresh(n_res - n_in, xp[0])
     t_last = xs.shape[0] - 1
-    bias = cell.input_bias(params)
+    bias = _blocks(cell.input_bias(params), cell.n_blocks)
 
     def body(scan_carry, inputs):
-        carry, buf, xp_next = scan_carry
-        t, xp_t, m_t, r_t = inputs
-        if in_place:
-            xp_t = xp_next
-        elif split:
-            xp_t = jnp.concatenate(xp_t, axis=-1)
+        carry, bufs, xp_next = scan_carry
+        t, xp_rest, m_t, r_t = inputs
+        xp_t = tuple(a + b for a, b in zip(xp_next + xp_rest, bias))
         carry = _reset(r_t, carry)
-        new, res = cell.forward(params, carry, xp_t + bias)
+        new, res = cell.forward(params, carry, xp_t)
         if m_t is not None:  # padded step: the carry passes through unchanged
             new = _select(m_t, new, carry)
-        if in_place:
-            buf, res = _write(buf, res, t), None
-            xp_next = _index(buf, jnp.minimum(t + 1, t_last))
-        return (new, buf, xp_next), (new, res if keep else None)
+        if n_res:
+            bufs = tuple(_write(buf, r, t) for buf, r in zip(bufs, res))
+            xp_next = _rows(bufs[:n_in], jnp.minimum(t + 1, t_last))
+        return (new, bufs, xp_next), new
 
     ts = jnp.arange(xs.shape[0])
-    init = (carry0, xp, xp[0]) if in_place else (carry0, None, None)
-    (carry_t, buf, _), (states, res) = lax.scan(
-        body, init, (ts, None if in_place else xp, mask, resets)
-    )
-    return states, (buf if in_place else res), carry_t
+    init = (carry0, bufs0, _rows(bufs0[:n_in], 0))
+    (carry_t, bufs, _), states = lax.scan(body, init, (ts, xp[n_in:], mask, resets))
+    if not keep_residuals:
+        return states, None, carry_t
+    return states, bufs + xp[n_in:], carry_t
 
 
 def reverse_scan(
@@ -164,30 +206,37 @@ def reverse_scan(
 ):
     """The reverse ``lax.scan`` of BPTT: ``delta`` from step T-1 down to 0.
 
-    ``real`` (T,) bool, optional, marks the steps that exist (not padding added to fill the
-    last checkpointed segment): ``delta_clip`` acts only there.
+    ``res`` is the forward's ``buffers``. ``dhs``: the error arriving at each ``h_t`` from
+    outside the recurrence, (T, B, H), an :class:`OutputError`, or ``None``. ``real`` (T,)
+    bool, optional, marks the steps that exist (not padding added to fill the last
+    checkpointed segment): ``delta_clip`` acts only there.
 
     Returns:
       ``(dcarry0, dcols, deltas)``: the error on ``carry0``; each step's pre-activation
-      gradients ``dA_t`` (T, B, grad_blocks*H), written over ``res`` when the widths match;
-      and ``delta^h_t`` (T, B, H), the error reaching each hidden state (after clipping), when
-      ``keep_deltas`` is True (else ``None``); a callable ``keep_deltas(dstate)`` instead
-      stacks what it returns from the error on the whole carry at each step.
+      gradients ``dA_t``, a tuple of ``cell.grad_blocks`` arrays (T, B, H) written over the
+      forward's buffers in place (fresh ones where there are too few); and ``delta^h_t``
+      (T, B, H), the error reaching each hidden state (after clipping), when ``keep_deltas``
+      is True (else ``None``); a callable ``keep_deltas(dstate)`` instead stacks what it
+      returns from the error on the whole carry at each step.
     """
-    t_len, b = cell.hidden(states).shape[:2]
-    h = cell.hidden_size
-    # Each step's pre-activation gradients overwrite its residuals in place (same width),
-    # so the backward allocates no second (T, B, G*H) buffer.
-    in_place = res is not None and cell.grad_blocks == cell.residual_blocks
-    if in_place:
-        buf = res
-    else:
-        buf = jnp.zeros((t_len, b, cell.grad_blocks * h), cell.hidden(states).dtype)
+    hs = cell.hidden(states)
+    bufs = () if res is None else tuple(res)
+    n_res, n_grad = cell.residual_blocks, cell.grad_blocks
+    if len(bufs) < n_res:
+        raise ValueError(f"reverse_scan: the cell needs {n_res} residual buffers; got {len(bufs)}")
+    # Gradient block k is written over buffer k; residuals past the last gradient block
+    # (none of the built-in cells has any) are only read.
+    out0 = bufs[:n_grad] + _fresh(n_grad - len(bufs[:n_grad]), hs)
+    out_w = None
+    if isinstance(dhs, OutputError):
+        dhs, out_w = dhs
+    n_in = min(n_res, n_grad)
+    res_rest = bufs[n_in:n_res]
 
     def body(scan_carry, inputs):
-        dstate, buf, res_next = scan_carry
-        t, state_t, dh_t, m_t, cut_t, r_t, real_t = inputs
-        res_t = res_next if in_place else (None if res is None else _index(res, t))
+        dstate, out, res_next = scan_carry
+        t, state_t, dh_t, m_t, cut_t, r_t, real_t, res_t_rest = inputs
+        res_t = res_next + res_t_rest
         # The carry entering step t: carry0 at t = 0, else the state after step t-1.
         prev_t = jax.tree.map(
             lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0))),
@@ -195,6 +244,8 @@ def reverse_scan(
             states,
         )
         prev_t = _reset(r_t, prev_t)
+        if out_w is not None:  # dh_t is the readout's dy_t
+            dh_t = dh_t @ out_w.T
         if dh_t is not None:
             dstate = cell.add_to_hidden(dstate, dh_t)
         if delta_clip is not None:
@@ -215,40 +266,45 @@ def reverse_scan(
             dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
         if r_t is not None:  # the carry was replaced by zeros: nothing flows further back
             dprev = _select(r_t, _zeros_like(dprev), dprev)
-        buf = _write(buf, dcols, t)
-        if in_place:  # the residuals of step t-1, read after this step's write
-            res_next = _index(buf, jnp.maximum(t - 1, 0))
-        return (dprev, buf, res_next), delta_h
+        out = tuple(_write(buf, d, t) for buf, d in zip(out, dcols))
+        # The residuals of step t-1, read after this step's write.
+        res_next = _rows(out[:n_in], jnp.maximum(t - 1, 0))
+        return (dprev, out, res_next), delta_h
 
-    ts = jnp.arange(t_len)
-    init = (dcarry_t, buf, res[-1] if in_place else None)
+    ts = jnp.arange(hs.shape[0])
+    init = (dcarry_t, out0, _rows(out0[:n_in], hs.shape[0] - 1))
     (dcarry0, dcols, _), deltas = lax.scan(
-        body, init, (ts, states, dhs, mask, cuts, resets, real), reverse=True
+        body, init, (ts, states, dhs, mask, cuts, resets, real, res_rest), reverse=True
     )
     return dcarry0, dcols, deltas
 
 
 def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
-    """Every shared-weight gradient, summed over all steps, as one matmul over T*B rows.
+    """Every shared-weight gradient, summed over all steps, as matmuls over the T*B rows.
 
-    Returns ``(dparams, dxs)``: ``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, ``db = sum dA``
-    (assembled by the cell) and ``dX = dA W_x^T``.
+    ``dcols`` is the reverse scan's tuple of pre-activation gradients. Returns
+    ``(dparams, dxs)``: per gate, ``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, ``db = sum dA``
+    (assembled by the cell) and ``dX = sum_gates dA W_x^T``.
     """
     t_len, b, d = xs.shape
     h = cell.hidden_size
     rows = t_len * b
-    dcols = dcols.reshape(rows, -1)
+    da = [g.reshape(rows, h) for g in dcols]
     h_prev = jnp.concatenate([cell.hidden(carry0)[None], cell.hidden(states)[:-1]], 0)
     if resets is not None:
         h_prev = jnp.where(resets[..., None], 0, h_prev)
-    grads = cell.assemble_grads(
-        params,
-        xs.reshape(rows, d).T @ dcols,  # sum_t x_t^T dA_t
-        h_prev.reshape(rows, h).T @ dcols,  # sum_t h_{t-1}^T dA_t
-        dcols.sum(0),  # sum_t dA_t
-    )
-    dxs = (dcols @ cell.dx_kernel(params).T).reshape(t_len, b, d)
-    return grads, dxs
+    x2d, h2d = xs.reshape(rows, d), h_prev.reshape(rows, h)
+
+    def side(a2d, blocks):
+        cat = (lambda parts: jnp.concatenate(parts, -1)) if len(blocks) > 1 else (lambda p: p[0])
+        return cat([a2d.T @ da[k] for k in blocks]), cat([da[k].sum(0) for k in blocks])
+
+    dw_x, db_x = side(x2d, cell.input_grads)  # sum_t x_t^T dA_t, sum_t dA_t
+    dw_h, db_h = side(h2d, cell.recurrent_grads)  # sum_t h_{t-1}^T dA_t
+    grads = cell.assemble_grads(params, dw_x, dw_h, db_x, db_h)
+    w_x = _blocks(cell.input_kernel(params), cell.n_blocks)
+    dxs = sum(da[k] @ w.T for k, w in zip(cell.input_grads, w_x))
+    return grads, dxs.reshape(t_len, b, d)
 
 
 def backward(
@@ -325,13 +381,16 @@ def segment_for_budget(cell, length: int, batch: int, dtype, budget: int) -> int
     """The longest segment whose stored buffers fit ``budget`` bytes (estimate).
 
     Stored: ``ceil(T/s)`` checkpoint carries, plus for the segment being differentiated its
-    states, residuals and gradient buffer: ``s * B * H * (carry parts + residual blocks +
-    grad blocks)`` numbers. Raises ``ValueError`` when even the smallest fit is too big.
+    states and its in-place block buffers: ``s * B * H * (carry parts + max(gate, residual,
+    grad blocks) + 1)`` numbers. Raises ``ValueError`` when even the smallest fit is too big.
     """
     h = cell.hidden_size
     size = jnp.dtype(dtype).itemsize
-    carry_parts = 2 if cell.residual_blocks == 4 and cell.n_blocks == 4 else 1
-    per_step = batch * h * (carry_parts + cell.residual_blocks + cell.grad_blocks + 1) * size
+    carry_parts = len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
+    # Per step: the carry parts, the in-place block buffers (input projections, then
+    # residuals, then gradients) and the error arriving from the readout.
+    blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
+    per_step = batch * h * (carry_parts + blocks + 1) * size
     per_carry = batch * h * carry_parts * size
 
     def need(s):

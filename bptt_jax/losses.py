@@ -149,7 +149,7 @@ def _backward(
     dy = g_loss * dy  # (T*B, O)
     hs = cell.hidden(states).reshape(t * b, -1)
     d_readout = ReadoutParams(hs.T @ dy, dy.sum(0))  # dW_hy = sum_t h_t^T delta^y_t
-    dhs = (dy @ readout.w_hy.T).reshape(t, b, -1)  # W_hy^T delta^y_t, into delta^h_t
+    dhs = engine.output_error(dy.reshape(t, b, -1), readout.w_hy)  # W_hy^T delta^y_t
     out = engine.backward(
         cell,
         params,
@@ -387,11 +387,43 @@ _loss_checkpointed.defvjp(_loss_checkpointed_fwd, _loss_checkpointed_bwd)
 
 
 # --------------------------------------------------- truncated BPTT, chunk by chunk
-# With truncate=k (and no per-step clipping) no error crosses a chunk boundary, so each
-# chunk's backward can run right after its forward, while its states are still in cache,
-# and nothing longer than one chunk is ever stored. The loss's gradient is computed during
-# the forward for a unit cotangent and scaled in the backward (it is linear in it); the
-# error on carry_T reaches only the last chunk, which the backward re-runs for it.
+# With truncate=k (and no per-step clipping) no error crosses a chunk boundary, so the
+# chunks' backward passes are independent: the forward runs over a group of g chunks
+# (g*k steps, sized to stay in cache), then one reverse scan of only k steps takes all g
+# chunks of the group at once, as a batch of g*B rows (the step index within the chunk is
+# the time axis). Nothing longer than a group is ever stored. The loss's gradient is
+# computed during the forward for a unit cotangent and scaled in the backward (it is
+# linear in it); the error on carry_T reaches only the last chunk, which the backward
+# re-runs for it.
+
+#: Bytes one group of chunks may store (states and per-step buffers): enough chunks for
+#: wide batched reverse-scan steps, few enough to stay in cache and off fresh pages.
+GROUP_BYTES = 2 * 2**20
+
+
+def chunk_group(cell, truncate: int, n_chunks: int, batch: int, dtype) -> int:
+    """How many chunks of ``truncate`` steps one group holds (see :data:`GROUP_BYTES`)."""
+    carry_parts = len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
+    blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
+    per_chunk = truncate * batch * cell.hidden_size * (carry_parts + blocks + 1)
+    per_chunk *= jnp.dtype(dtype).itemsize
+    return max(1, min(n_chunks, GROUP_BYTES // per_chunk))
+
+
+def _chunk_major(x, g: int):
+    """(g*k, B, ...) -> (k, g*B, ...): chunk j's step i is row i, examples j*B..(j+1)*B-1."""
+    if x is None:
+        return None
+    k = x.shape[0] // g
+    x = x.reshape(g, k, *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(k, g * x.shape[2], *x.shape[3:])
+
+
+def _time_major(x, g: int):
+    """The inverse of :func:`_chunk_major`: (k, g*B, ...) -> (g*k, B, ...)."""
+    k, gb = x.shape[:2]
+    x = x.reshape(k, g, gb // g, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(g * k, *x.shape[2:])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -419,39 +451,45 @@ def _loss_chunked_fwd(
     cell, loss, reduction, truncate, params, readout, xs, targets, carry0, mask, valid, resets
 ):
     t, b = xs.shape[:2]
+    k = truncate
+    n_chunks = math.ceil(t / k)
+    g = chunk_group(cell, k, n_chunks, b, xs.dtype)
     scale = _scale(valid, reduction, t, b, xs.dtype)
-    xs_s, mask_s, resets_s, extras = _segment_loss_args(xs, targets, mask, valid, resets, truncate)
+    xs_s, mask_s, resets_s, extras = _segment_loss_args(xs, targets, mask, valid, resets, g * k)
     one = jnp.ones((), xs.dtype)
+    _zeros_like = partial(jax.tree.map, jnp.zeros_like)
 
     def body(acc, inputs):
         carry, grads, d_readout, value = acc
-        x, m, r, extra = inputs
+        x, m, r, (tg, vd) = inputs
         states, res, carry_out = engine.forward(cell, params, x, carry, m, resets=r)
-        _, _, _, l, w = _segment_losses(cell, loss, readout, states, *extra, scale)
-        dhs, d_ro, d_tg = _segment_cotangent(cell, loss, readout, states, *extra, scale, one)
-        dcarry_in, dcols, _ = engine.reverse_scan(
-            cell,
-            params,
-            carry,
-            m,
-            states,
-            res,
-            dhs,
-            jax.tree.map(jnp.zeros_like, carry),
-            None,
-            resets=r,
+        _, _, _, l, w = _segment_losses(cell, loss, readout, states, tg, vd, scale)
+        # The carry entering each of the g chunks: (g, B, ...).
+        entering = jax.tree.map(
+            lambda c0, st: jnp.concatenate([c0[None], st[k - 1 :: k][: g - 1]]), carry, states
         )
-        g, dx = engine.weight_grads(cell, params, x, carry, states, dcols, r)
+        flat = jax.tree.map(lambda c: c.reshape(g * b, *c.shape[2:]), entering)
+        cm = partial(_chunk_major, g=g)
+        states_c, res_c, x_c, m_c, r_c = jax.tree.map(cm, (states, res, x, m, r))
+        tg_c, vd_c = cm(tg), cm(vd)
+        dhs, d_ro, d_tg = _segment_cotangent(cell, loss, readout, states_c, tg_c, vd_c, scale, one)
+        dcarry_in, dcols, _ = engine.reverse_scan(
+            cell, params, flat, m_c, states_c, res_c, dhs, _zeros_like(flat), None, resets=r_c
+        )
+        gr, dx = engine.weight_grads(cell, params, x_c, flat, states_c, dcols, r_c)
         add = partial(jax.tree.map, jnp.add)
-        acc = (carry_out, add(grads, g), add(d_readout, d_ro), value + jnp.sum(w * l))
-        return acc, (carry, dx, d_tg, dcarry_in)
+        acc = (carry_out, add(grads, gr), add(d_readout, d_ro), value + jnp.sum(w * l))
+        d_tg = None if d_tg is None else _time_major(d_tg, g)
+        dcarry_in = jax.tree.map(lambda c: c[:b], dcarry_in)  # chunk 0's: the group's carry
+        return acc, (entering, _time_major(dx, g), d_tg, dcarry_in)
 
-    zeros = partial(jax.tree.map, jnp.zeros_like)
-    init = (carry0, zeros(params), zeros(readout), jnp.zeros((), xs.dtype))
+    init = (carry0, _zeros_like(params), _zeros_like(readout), jnp.zeros((), xs.dtype))
     (carry_t, grads, d_readout, value), (entering, dxs_s, d_tg, dcarry_in) = lax.scan(
         body, init, (xs_s, mask_s, resets_s, extras)
     )
-    last = jax.tree.map(lambda c: c[-1], entering)
+    # The last chunk (steps [(n_chunks - 1) k, T)), for the error on carry_T.
+    last = jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:])[n_chunks - 1], entering)
+    _, xs_k, mask_k, resets_k = engine.segment_inputs(xs, mask, resets, k)
     dcarry0 = jax.tree.map(lambda c: c[0], dcarry_in)
     d_tg = None if d_tg is None else engine._unsegment(d_tg, t)
     per_unit = (grads, d_readout, engine._unsegment(dxs_s, t), d_tg, dcarry0)
@@ -459,9 +497,9 @@ def _loss_chunked_fwd(
         per_unit,
         params,
         last,
-        xs_s[-1],
-        None if mask_s is None else mask_s[-1],
-        None if resets_s is None else resets_s[-1],
+        xs_k[-1],
+        None if mask_k is None else mask_k[-1],
+        None if resets_k is None else resets_k[-1],
     )
     return (value, carry_t), saved
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
+from bptt_jax import losses
 from tests import reference as ref
 
 DTYPES = [jnp.float64, jnp.float32]
@@ -139,9 +140,14 @@ def test_truncated_grads_match_stop_gradient_reference(name, truncate, dtype, ke
 @pytest.mark.parametrize("name", list(ref.CELLS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("loss", ["xent", "mse"])
-def test_truncated_loss_with_final_carry_cotangent_matches_reference(name, dtype, loss, key):
+@pytest.mark.parametrize("group", [1, 2, 3], ids=["group1", "group2", "group3"])
+def test_truncated_loss_with_final_carry_cotangent_matches_reference(
+    name, dtype, loss, group, key, monkeypatch
+):
     """The chunk-by-chunk truncated path: the error on carry_T enters the last chunk only;
-    T=10 with k=4 leaves a short last chunk; resets and a loss mask are random too."""
+    T=10 with k=4 leaves a short last chunk; resets and a loss mask are random too. The 3
+    chunks go through the batched reverse scan 1, 2 (the second group padded) or 3 at once."""
+    monkeypatch.setattr(losses, "chunk_group", lambda *args: group)
     cell = ref.CELLS[name]
     k1, k2, k3, k4 = jax.random.split(key, 4)
     p, ro, xs, tg, c0, m = ref.problem(cell, k1, dtype, t=10, loss=loss)

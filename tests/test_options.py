@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import bptt_jax
+from bptt_jax import engine
 from bptt_jax.losses import loss_and_grads
 from tests import reference as ref
 
@@ -109,9 +110,11 @@ def test_loss_mask_on_the_last_step_only_is_the_last_step_loss(key):
     np.testing.assert_allclose(full, jnp.mean(last), rtol=1e-12)
 
 
-def _delta_threshold(cell, p, ro, xs, tg, c0, m):
+def _delta_threshold(cell, p, ro, xs, tg, c0, m, loss="xent"):
     """A threshold that clips a good share of the steps (a third of the median error)."""
-    out = loss_and_grads(cell, p, ro, xs, tg, c0, mask=m, reduction="sum", return_deltas=True)
+    out = loss_and_grads(
+        cell, p, ro, xs, tg, c0, mask=m, loss=loss, reduction="sum", return_deltas=True
+    )
     norms = np.linalg.norm(np.asarray(out.deltas), axis=-1)
     return float(np.median(norms[norms > 0])) / 3  # padded steps after the end carry none
 
@@ -207,6 +210,38 @@ def test_loss_and_grads_matches_autodiff_and_returns_the_errors_on_every_state(n
     deltas_r, carry4 = jax.grad(perturbed_loss, has_aux=True)(eps)
     ref.assert_trees_close(out.deltas, deltas_r, dtype)
     ref.assert_trees_close(out.carry, carry4, dtype)
+
+
+@CELLS
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+def test_readout_error_formed_inside_the_reverse_scan_matches_autodiff(
+    name, dtype, loss, clip, key, monkeypatch
+):
+    """Large problems add ``W_hy^T dy_t`` to the error inside the reverse scan instead of
+    storing it for every step (``engine.output_error``); forced here on a small one, with a
+    mask, resets, a loss mask, a random carry and (optionally) per-step clipping."""
+    monkeypatch.setattr(engine, "OUTPUT_ERROR_IN_LOOP_BYTES", 0)
+    cell = ref.CELLS[name]
+    k1, k2, k3 = jax.random.split(key, 3)
+    p, ro, xs, tg, c0, m = ref.problem(cell, k1, dtype, t=9, loss=loss)
+    assert isinstance(engine.output_error(xs[..., :1], ro.w_hy[:, :1]), engine.OutputError)
+    r = _resets(k2, *xs.shape[:2])
+    lm = jax.random.bernoulli(k3, 0.7, xs.shape[:2])
+    thr = _delta_threshold(cell, p, ro, xs, tg, c0, m, loss) if clip else None
+    opts = dict(mask=m, resets=r, loss_mask=lm, loss=loss, reduction="sum")
+
+    def manual(p, ro, xs, c0):
+        return bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, delta_clip=thr, **opts)
+
+    def reference(p, ro, xs, c0):
+        return ref.scan_loss(cell, p, ro, xs, tg, c0, delta_clip=thr, **opts)
+
+    v_m, g_m = jax.jit(jax.value_and_grad(manual, (0, 1, 2, 3)))(p, ro, xs, c0)
+    v_r, g_r = jax.value_and_grad(reference, (0, 1, 2, 3))(p, ro, xs, c0)
+    assert ref.rel_err(v_m, v_r) <= ref.TOL[dtype]
+    ref.assert_trees_close(g_m, g_r, dtype)
 
 
 @pytest.mark.parametrize(

@@ -9,24 +9,29 @@ params' shapes). It offers two faces:
   a forward step on the projected input that also returns what the backward needs, and the
   hand-written backward of that step.
 
-The engine contract (``G`` is the number of gate blocks, ``H`` the hidden size)::
+The engine contract (``G`` gate blocks, ``H`` the hidden size; every block is ``(B, H)``)::
 
     input_kernel(params)            -> (D, G*H)    x_t @ input_kernel + input_bias is
     input_bias(params)              -> (G*H,)      the input side of every pre-activation
-    forward(params, carry, xp_t)    -> (carry_new, residual_t (B, residual_blocks*H) or None)
+    recurrent_kernel(params)        -> (H, G*H)
+    forward(params, carry, xp_t)    -> (carry_new, residual_t)
+        xp_t: tuple of G blocks (input projection plus bias, gate by gate);
+        residual_t: tuple of residual_blocks blocks, what the step backward needs
     backward(params, residual_t, state_t, state_prev, dstate)
-                                    -> (dstate_prev, dcols_t (B, grad_blocks*H))
+                                    -> (dstate_prev, dcols_t: tuple of grad_blocks blocks)
     hidden(state)                   -> h  (B, H)
     add_to_hidden(dstate, dh)       -> dstate with dh added to its h part
-    dx_kernel(params)               -> (D, grad_blocks*H): dxs = dcols @ dx_kernel^T
-    assemble_grads(params, X^T dcols, H_prev^T dcols, sum(dcols)) -> params-typed gradient
+    input_grads, recurrent_grads    -> indices into dcols_t of the input side's and the
+                                       recurrent side's G pre-activation gradients
+    assemble_grads(params, dW_x, dW_h, db_x, db_h) -> params-typed gradient
 
 ``dcols_t`` holds the gradients of the step's pre-activations (``xp_t`` and the recurrent
-``h_{t-1} @ recurrent_kernel``); the engine stacks them over time and turns them into every
-weight gradient with single matmuls over all ``T*B`` rows after the reverse scan. When
-``grad_blocks == residual_blocks`` the engine writes ``dcols_t`` over ``residual_t`` in place,
-and when ``residual_blocks == n_blocks`` it writes ``residual_t`` over ``xp_t`` in place, so no
-full-length buffer is allocated twice.
+``h_{t-1} @ recurrent_kernel``); the engine stacks them over time, one (T, B, H) buffer per
+block, and turns them into every weight gradient with matmuls over all ``T*B`` rows after
+the reverse scan (``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, gate by gate). The buffers are
+shared in place: residual block i is written over input projection i, and gradient block k
+over residual block k (or over a spare input projection), so no (T, B, H) buffer is
+allocated twice.
 """
 
 from __future__ import annotations

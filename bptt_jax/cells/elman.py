@@ -58,6 +58,8 @@ class Elman:
     n_blocks = 1  # gate blocks in the kernels: (D, n_blocks * H)
     residual_blocks = 0  # nothing kept per step but h_t itself
     grad_blocks = 1  # d a_t, (B, H)
+    input_grads = (0,)  # the grad blocks of the input side, in gate order
+    recurrent_grads = (0,)  # ... and of the recurrent side
 
     def __post_init__(self):
         _common.check_hidden_size("Elman", self.hidden_size)
@@ -109,19 +111,17 @@ class Elman:
     def add_to_hidden(self, dstate: jax.Array, dh: jax.Array) -> jax.Array:
         return dstate + dh
 
-    def forward(self, params: ElmanParams, carry: jax.Array, xp: jax.Array):
+    def forward(self, params: ElmanParams, carry: jax.Array, xp):
         f = _common.ACTIVATIONS[self.activation].fn
-        return f(xp + carry @ params.w_hh), None  # h_t is the state: nothing else to keep
+        (xa,) = xp
+        return f(xa + carry @ params.w_hh), ()  # h_t is the state: nothing else to keep
 
     def backward(self, params: ElmanParams, res, state, state_prev, dstate):
         del res, state_prev
         # delta^a_t = (dL/dh_t) * f'(a_t), with f'(a_t) read off h_t.
         da = dstate * _common.ACTIVATIONS[self.activation].grad_from_output(state)
-        return da @ params.w_hh.T, da
+        return da @ params.w_hh.T, (da,)
 
-    def dx_kernel(self, params: ElmanParams) -> jax.Array:
-        return params.w_xh
-
-    def assemble_grads(self, params, xd, hd, colsum) -> ElmanParams:
-        del params
-        return ElmanParams(xd, hd, colsum)
+    def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> ElmanParams:
+        del params, db_h  # one bias: db_x = db_h = sum_t d a_t
+        return ElmanParams(dw_x, dw_h, db_x)

@@ -57,8 +57,9 @@ class GRU:
 
     n_blocks = 3
     residual_blocks = 4  # r, z, n and the recurrent n-projection h W_hn + b_hn
-    grad_blocks = 4  # [d r, d z, d n, r * d n]: the input side uses the first three,
-    # the recurrent side blocks 0, 1 and 3
+    grad_blocks = 4  # d r, d z, d n (pre-activations) and r * d n
+    input_grads = (0, 1, 2)  # x W_x: the pre-activations r, z, n
+    recurrent_grads = (0, 1, 3)  # h W_h + b_h: r, z, and n's projection (times r)
 
     def __post_init__(self):
         _common.check_hidden_size("GRU", self.hidden_size)
@@ -80,7 +81,8 @@ class GRU:
 
     def step(self, params: GRUParams, carry: jax.Array, x: jax.Array):
         """One time step: ``(h_{t-1} (B, H), x_t (B, D)) -> (h_t, h_t)``."""
-        new, _ = self.forward(params, carry, x @ params.w_x + params.b_x)
+        xp = jnp.split(x @ params.w_x + params.b_x, 3, axis=-1)
+        new, _ = self.forward(params, carry, xp)
         return new, new
 
     # ------------------------------------------------------------------ engine face
@@ -99,36 +101,27 @@ class GRU:
     def add_to_hidden(self, dstate: jax.Array, dh: jax.Array) -> jax.Array:
         return dstate + dh
 
-    def forward(self, params: GRUParams, carry: jax.Array, xp: jax.Array):
+    def forward(self, params: GRUParams, carry: jax.Array, xp):
         hp = carry @ params.w_h + params.b_h
-        xr, xz, xn = jnp.split(xp, 3, axis=-1)
+        xr, xz, xn = xp
         hr, hz, hn = jnp.split(hp, 3, axis=-1)
         r = jax.nn.sigmoid(xr + hr)
         z = jax.nn.sigmoid(xz + hz)
         n = jnp.tanh(xn + r * hn)
         h = (1 - z) * n + z * carry
-        # Residual: r, z, n and the recurrent n-projection (B, 4H); with h_t, 5 units of B*H.
-        return h, jnp.concatenate([r, z, n, hn], axis=-1)
+        # Residual: r, z, n and the recurrent n-projection; with h_t, 5 units of B*H.
+        return h, (r, z, n, hn)
 
     def backward(self, params: GRUParams, res, state, state_prev, dstate):
         del state
-        r, z, n, hn = jnp.split(res, 4, axis=-1)
+        r, z, n, hn = res
         dh = dstate
         dn = dh * (1 - z) * (1 - n * n)  # d of n's pre-activation
         dz = dh * (state_prev - n) * z * (1 - z)
         dr = dn * hn * r * (1 - r)
         dhp = jnp.concatenate([dr, dz, dn * r], axis=-1)  # d of h_{t-1} W_h + b_h
-        return dh * z + dhp @ params.w_h.T, jnp.concatenate([dr, dz, dn, dn * r], axis=-1)
+        return dh * z + dhp @ params.w_h.T, (dr, dz, dn, dn * r)
 
-    def dx_kernel(self, params: GRUParams) -> jax.Array:
-        # d x_t = [dr, dz, dn, r dn] @ [W_x, 0]^T: the fourth block has no input side.
-        return jnp.pad(params.w_x, ((0, 0), (0, self.hidden_size)))
-
-    def assemble_grads(self, params, xd, hd, colsum) -> GRUParams:
+    def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> GRUParams:
         del params
-        h = self.hidden_size
-
-        def rec(a):  # blocks r, z and r*dn: the recurrent side
-            return jnp.concatenate([a[..., : 2 * h], a[..., 3 * h :]], axis=-1)
-
-        return GRUParams(xd[:, : 3 * h], rec(hd), colsum[: 3 * h], rec(colsum))
+        return GRUParams(dw_x, dw_h, db_x, db_h)

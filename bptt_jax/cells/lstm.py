@@ -68,7 +68,9 @@ class LSTM:
 
     n_blocks = 4
     residual_blocks = 4  # i, f, g, o after their nonlinearities
-    grad_blocks = 4  # d z, (B, 4H)
+    grad_blocks = 4  # d z_i, d z_f, d z_g, d z_o
+    input_grads = (0, 1, 2, 3)  # the grad blocks of the input side, in gate order
+    recurrent_grads = (0, 1, 2, 3)  # ... and of the recurrent side
 
     def __post_init__(self):
         _common.check_hidden_size("LSTM", self.hidden_size)
@@ -95,7 +97,7 @@ class LSTM:
     def step(self, params: LSTMParams, carry: LSTMCarry, x: jax.Array):
         """One time step: ``(LSTMCarry, x_t (B, D)) -> (LSTMCarry, h_t)``."""
         xp = x @ params.w_x + self._bias(params)
-        new, _ = self.forward(params, carry, xp)
+        new, _ = self.forward(params, carry, jnp.split(xp, 4, axis=-1))
         return new, new.h
 
     # ------------------------------------------------------------------ engine face
@@ -120,36 +122,30 @@ class LSTM:
     def add_to_hidden(self, dstate: LSTMCarry, dh: jax.Array) -> LSTMCarry:
         return LSTMCarry(dstate.h + dh, dstate.c)
 
-    def forward(self, params: LSTMParams, carry: LSTMCarry, xp: jax.Array):
-        z = xp + carry.h @ params.w_h
-        zi, zf, zg, zo = jnp.split(z, 4, axis=-1)
+    def forward(self, params: LSTMParams, carry: LSTMCarry, xp):
+        hz = jnp.split(carry.h @ params.w_h, 4, axis=-1)
+        zi, zf, zg, zo = (a + b for a, b in zip(xp, hz))
         i, f, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jax.nn.sigmoid(zo)
         g = jnp.tanh(zg)
         c = f * carry.c + i * g
         h = o * jnp.tanh(c)
-        # Residual: the four activated gates, (B, 4H). With the state (h_t, c_t) that the
-        # engine stacks anyway, that is 6 units of B*H per step.
-        return LSTMCarry(h, c), jnp.concatenate([i, f, g, o], axis=-1)
+        # Residual: the four activated gates. With the state (h_t, c_t) that the engine
+        # stacks anyway, that is 6 units of B*H per step.
+        return LSTMCarry(h, c), (i, f, g, o)
 
     def backward(self, params: LSTMParams, res, state: LSTMCarry, state_prev: LSTMCarry, dstate):
-        i, f, g, o = jnp.split(res, 4, axis=-1)
+        i, f, g, o = res
         tc = jnp.tanh(state.c)
         dh, dc = dstate.h, dstate.c
         dc = dc + dh * o * (1 - tc * tc)  # total error reaching c_t
-        dz = jnp.concatenate(
-            [
-                dc * g * i * (1 - i),  # d z_i
-                dc * state_prev.c * f * (1 - f),  # d z_f
-                dc * i * (1 - g * g),  # d z_g
-                dh * tc * o * (1 - o),  # d z_o
-            ],
-            axis=-1,
+        dz = (
+            dc * g * i * (1 - i),  # d z_i
+            dc * state_prev.c * f * (1 - f),  # d z_f
+            dc * i * (1 - g * g),  # d z_g
+            dh * tc * o * (1 - o),  # d z_o
         )
-        return LSTMCarry(dz @ params.w_h.T, dc * f), dz
+        return LSTMCarry(jnp.concatenate(dz, axis=-1) @ params.w_h.T, dc * f), dz
 
-    def dx_kernel(self, params: LSTMParams) -> jax.Array:
-        return params.w_x
-
-    def assemble_grads(self, params, xd, hd, colsum) -> LSTMParams:
-        del params
-        return LSTMParams(xd, hd, colsum)
+    def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> LSTMParams:
+        del params, db_h  # one bias: db_x = db_h = sum_t d z_t
+        return LSTMParams(dw_x, dw_h, db_x)
