@@ -227,6 +227,9 @@ def reverse_scan(
     # Gradient block k is written over buffer k; residuals past the last gradient block
     # (none of the built-in cells has any) are only read.
     out0 = bufs[:n_grad] + _fresh(n_grad - len(bufs[:n_grad]), hs)
+    # The recurrent kernel transposed once, row-major, for each step's delta @ W_h^T: a
+    # transpose folded into the dot makes XLA:CPU's small per-step matmul 5-18% slower.
+    w_t = lax.optimization_barrier(cell.recurrent_kernel(params).T)
     out_w = None
     if isinstance(dhs, OutputError):
         dhs, out_w = dhs
@@ -255,11 +258,11 @@ def reverse_scan(
         if keep_deltas:
             delta_h = keep_deltas(dstate) if callable(keep_deltas) else cell.hidden(dstate)
         if m_t is None:
-            dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate)
+            dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate, w_t)
         else:  # padded step: its error goes straight to the previous carry
             zeros = _zeros_like(dstate)
             dprev, dcols = cell.backward(
-                params, res_t, state_t, prev_t, _select(m_t, dstate, zeros)
+                params, res_t, state_t, prev_t, _select(m_t, dstate, zeros), w_t
             )
             dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
         if cut_t is not None:

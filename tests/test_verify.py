@@ -24,8 +24,8 @@ def test_check_gradients_catches_a_wrong_backward(monkeypatch, key):
     """The verifier can fail: a 0.1% error in the Elman step backward is reported."""
     original = elman_module.Elman.backward
 
-    def wrong(self, params, res, state, state_prev, dstate):
-        dprev, *rest = original(self, params, res, state, state_prev, dstate)
+    def wrong(self, params, res, state, state_prev, dstate, w_t):
+        dprev, *rest = original(self, params, res, state, state_prev, dstate, w_t)
         return (dprev * 1.001, *rest)
 
     monkeypatch.setattr(elman_module.Elman, "backward", wrong)

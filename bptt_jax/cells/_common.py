@@ -17,8 +17,9 @@ The engine contract (``G`` gate blocks, ``H`` the hidden size; every block is ``
     forward(params, carry, xp_t)    -> (carry_new, residual_t)
         xp_t: tuple of G blocks (input projection plus bias, gate by gate);
         residual_t: tuple of residual_blocks blocks, what the step backward needs
-    backward(params, residual_t, state_t, state_prev, dstate)
+    backward(params, residual_t, state_t, state_prev, dstate, w_t)
                                     -> (dstate_prev, dcols_t: tuple of grad_blocks blocks)
+        w_t: recurrent_kernel(params).T, (G*H, H), laid out once by the engine
     hidden(state)                   -> h  (B, H)
     add_to_hidden(dstate, dh)       -> dstate with dh added to its h part
     input_grads, recurrent_grads    -> indices into dcols_t of the input side's and the

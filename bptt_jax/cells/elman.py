@@ -116,11 +116,11 @@ class Elman:
         (xa,) = xp
         return f(xa + carry @ params.w_hh), ()  # h_t is the state: nothing else to keep
 
-    def backward(self, params: ElmanParams, res, state, state_prev, dstate):
+    def backward(self, params: ElmanParams, res, state, state_prev, dstate, w_t):
         del res, state_prev
         # delta^a_t = (dL/dh_t) * f'(a_t), with f'(a_t) read off h_t.
         da = dstate * _common.ACTIVATIONS[self.activation].grad_from_output(state)
-        return da @ params.w_hh.T, (da,)
+        return da @ w_t, (da,)
 
     def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> ElmanParams:
         del params, db_h  # one bias: db_x = db_h = sum_t d a_t

@@ -112,7 +112,7 @@ class GRU:
         # Residual: r, z, n and the recurrent n-projection; with h_t, 5 units of B*H.
         return h, (r, z, n, hn)
 
-    def backward(self, params: GRUParams, res, state, state_prev, dstate):
+    def backward(self, params: GRUParams, res, state, state_prev, dstate, w_t):
         del state
         r, z, n, hn = res
         dh = dstate
@@ -120,7 +120,7 @@ class GRU:
         dz = dh * (state_prev - n) * z * (1 - z)
         dr = dn * hn * r * (1 - r)
         dhp = jnp.concatenate([dr, dz, dn * r], axis=-1)  # d of h_{t-1} W_h + b_h
-        return dh * z + dhp @ params.w_h.T, (dr, dz, dn, dn * r)
+        return dh * z + dhp @ w_t, (dr, dz, dn, dn * r)
 
     def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> GRUParams:
         del params

@@ -133,7 +133,9 @@ class LSTM:
         # stacks anyway, that is 6 units of B*H per step.
         return LSTMCarry(h, c), (i, f, g, o)
 
-    def backward(self, params: LSTMParams, res, state: LSTMCarry, state_prev: LSTMCarry, dstate):
+    def backward(
+        self, params: LSTMParams, res, state: LSTMCarry, state_prev: LSTMCarry, dstate, w_t
+    ):
         i, f, g, o = res
         tc = jnp.tanh(state.c)
         dh, dc = dstate.h, dstate.c
@@ -144,7 +146,7 @@ class LSTM:
             dc * i * (1 - g * g),  # d z_g
             dh * tc * o * (1 - o),  # d z_o
         )
-        return LSTMCarry(jnp.concatenate(dz, axis=-1) @ params.w_h.T, dc * f), dz
+        return LSTMCarry(jnp.concatenate(dz, axis=-1) @ w_t, dc * f), dz
 
     def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> LSTMParams:
         del params, db_h  # one bias: db_x = db_h = sum_t d z_t
