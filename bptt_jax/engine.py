@@ -42,11 +42,13 @@ class OutputError(NamedTuple):
     w: jax.Array
 
 
-#: From this many bytes of ``dL/dh`` on, :func:`output_error` leaves the readout's product to
-#: the reverse scan. XLA:CPU takes large temp buffers fresh from the OS on every call, and
-#: their page faults cost more than the per-step matmul (Elman B=64, H=256, T=256: -6% time);
-#: small ones come from reused heap memory, where one big matmul wins (B=32, H=128: +5%).
-OUTPUT_ERROR_IN_LOOP_BYTES = 4 * 2**20
+#: A per-step array of this many bytes or more counts as large. XLA:CPU takes large temp
+#: buffers fresh from the OS on every call, and their page faults cost more than the work
+#: they save, so for them :func:`output_error` leaves the readout's product to the reverse
+#: scan (Elman B=64, H=256, T=256: -6% time) and :func:`weight_grads` lays out the
+#: transposed operand once; small ones come from reused heap memory, where one big matmul
+#: over the stored array wins (B=32, H=128: +5%).
+LARGE_BYTES = 4 * 2**20
 
 
 def output_error(dy, w):
@@ -57,7 +59,7 @@ def output_error(dy, w):
       w: (H, O), the readout's kernel.
     """
     t, b, _ = dy.shape
-    if t * b * w.shape[0] * dy.dtype.itemsize >= OUTPUT_ERROR_IN_LOOP_BYTES:
+    if t * b * w.shape[0] * dy.dtype.itemsize >= LARGE_BYTES:
         return OutputError(dy, w)
     return dy @ w.T
 
@@ -300,7 +302,12 @@ def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
 
     def side(a2d, blocks):
         cat = (lambda parts: jnp.concatenate(parts, -1)) if len(blocks) > 1 else (lambda p: p[0])
-        return cat([a2d.T @ da[k] for k in blocks]), cat([da[k].sum(0) for k in blocks])
+        a_t = a2d.T
+        if len(blocks) > 1 and a2d.size * a2d.dtype.itemsize >= LARGE_BYTES:
+            # Transposed once, row-major, for all the gates' matmuls: XLA:CPU's matmul is
+            # slower with a transpose folded in (LSTM B=64, H=256, T=256: -2% time).
+            a_t = lax.optimization_barrier(a_t)
+        return cat([a_t @ da[k] for k in blocks]), cat([da[k].sum(0) for k in blocks])
 
     dw_x, db_x = side(x2d, cell.input_grads)  # sum_t x_t^T dA_t, sum_t dA_t
     dw_h, db_h = side(h2d, cell.recurrent_grads)  # sum_t h_{t-1}^T dA_t

@@ -220,9 +220,10 @@ def test_readout_error_formed_inside_the_reverse_scan_matches_autodiff(
     name, dtype, loss, clip, key, monkeypatch
 ):
     """Large problems add ``W_hy^T dy_t`` to the error inside the reverse scan instead of
-    storing it for every step (``engine.output_error``); forced here on a small one, with a
-    mask, resets, a loss mask, a random carry and (optionally) per-step clipping."""
-    monkeypatch.setattr(engine, "OUTPUT_ERROR_IN_LOOP_BYTES", 0)
+    storing it for every step (``engine.output_error``) and lay out the weight gradients'
+    transposed operands once; forced here on a small one, with a mask, resets, a loss mask,
+    a random carry and (optionally) per-step clipping."""
+    monkeypatch.setattr(engine, "LARGE_BYTES", 0)
     cell = ref.CELLS[name]
     k1, k2, k3 = jax.random.split(key, 3)
     p, ro, xs, tg, c0, m = ref.problem(cell, k1, dtype, t=9, loss=loss)
