@@ -387,6 +387,14 @@ def default_segment(length: int) -> int:
     return math.ceil(length / n)
 
 
+def stored_per_step(cell, batch: int, dtype) -> int:
+    """Bytes the manual backward stores per step: the carry parts, the in-place block
+    buffers (input projections, then residuals, then gradients) and the readout's error."""
+    carry_parts = len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
+    blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
+    return batch * cell.hidden_size * (carry_parts + blocks + 1) * jnp.dtype(dtype).itemsize
+
+
 def segment_for_budget(cell, length: int, batch: int, dtype, budget: int) -> int:
     """The longest segment whose stored buffers fit ``budget`` bytes (estimate).
 
@@ -394,14 +402,9 @@ def segment_for_budget(cell, length: int, batch: int, dtype, budget: int) -> int
     states and its in-place block buffers: ``s * B * H * (carry parts + max(gate, residual,
     grad blocks) + 1)`` numbers. Raises ``ValueError`` when even the smallest fit is too big.
     """
-    h = cell.hidden_size
-    size = jnp.dtype(dtype).itemsize
     carry_parts = len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
-    # Per step: the carry parts, the in-place block buffers (input projections, then
-    # residuals, then gradients) and the error arriving from the readout.
-    blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
-    per_step = batch * h * (carry_parts + blocks + 1) * size
-    per_carry = batch * h * carry_parts * size
+    per_step = stored_per_step(cell, batch, dtype)
+    per_carry = batch * cell.hidden_size * carry_parts * jnp.dtype(dtype).itemsize
 
     def need(s):
         return math.ceil(length / s) * per_carry + s * per_step
@@ -411,7 +414,8 @@ def segment_for_budget(cell, length: int, batch: int, dtype, budget: int) -> int
         best = min(range(1, length + 1), key=need)
         raise ValueError(
             f"checkpointed BPTT: memory_budget={budget} bytes is too small for T={length}, "
-            f"B={batch}, H={h}; the least it can use is about {need(best)} bytes (segment={best})"
+            f"B={batch}, H={cell.hidden_size}; the least it can use is about {need(best)} "
+            f"bytes (segment={best})"
         )
     return max(fits)
 

@@ -403,10 +403,7 @@ GROUP_BYTES = 2 * 2**20
 
 def chunk_group(cell, truncate: int, n_chunks: int, batch: int, dtype) -> int:
     """How many chunks of ``truncate`` steps one group holds (see :data:`GROUP_BYTES`)."""
-    carry_parts = len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
-    blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
-    per_chunk = truncate * batch * cell.hidden_size * (carry_parts + blocks + 1)
-    per_chunk *= jnp.dtype(dtype).itemsize
+    per_chunk = truncate * engine.stored_per_step(cell, batch, dtype)
     return max(1, min(n_chunks, GROUP_BYTES // per_chunk))
 
 
