@@ -460,7 +460,6 @@ def _loss_chunked_fwd(
         carry, grads, d_readout, value = acc
         x, m, r, (tg, vd) = inputs
         states, res, carry_out = engine.forward(cell, params, x, carry, m, resets=r)
-        _, _, _, l, w = _segment_losses(cell, loss, readout, states, tg, vd, scale)
         # The carry entering each of the g chunks: (g, B, ...).
         entering = jax.tree.map(
             lambda c0, st: jnp.concatenate([c0[None], st[k - 1 :: k][: g - 1]]), carry, states
@@ -469,6 +468,8 @@ def _loss_chunked_fwd(
         cm = partial(_chunk_major, g=g)
         states_c, res_c, x_c, m_c, r_c = jax.tree.map(cm, (states, res, x, m, r))
         tg_c, vd_c = cm(tg), cm(vd)
+        # Loss and its error from the same (chunk-major) logits: one readout matmul.
+        _, _, _, l, w = _segment_losses(cell, loss, readout, states_c, tg_c, vd_c, scale)
         dhs, d_ro, d_tg = _segment_cotangent(cell, loss, readout, states_c, tg_c, vd_c, scale, one)
         dcarry_in, dcols, _ = engine.reverse_scan(
             cell, params, flat, m_c, states_c, res_c, dhs, _zeros_like(flat), None, resets=r_c
