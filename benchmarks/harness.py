@@ -189,13 +189,20 @@ class Timed:
 
 
 def time_interleaved(
-    runs: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, min_sample_s: float = 0.0
+    runs: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    min_sample_s: float = 0.0,
+    settle: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Median, quartiles and min seconds per call of each ``run``, sampled in turn.
 
     Each round takes one sample of every variant, rotating which goes first, so that drift of
     the machine and the order within a round affect all alike. A sample is ``number`` calls
-    (``number`` grows until a sample lasts ``min_sample_s``); its time is per call.
+    (``number`` grows until a sample lasts ``min_sample_s``); its time is per call. ``settle``
+    untimed calls of a variant go right before each of its samples: runtimes with their own
+    thread pools (PyTorch's OpenMP threads spin for a while after each call) otherwise slow
+    down whatever is timed next, which measures the neighbour, not the variant.
     """
     names = list(runs)
     number = {}
@@ -211,6 +218,8 @@ def time_interleaved(
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             run, n = runs[name], number[name]
+            for _ in range(settle):
+                run()
             start = time.perf_counter()
             for _ in range(n):
                 run()
@@ -362,11 +371,20 @@ class Session:
             check=dict(reference=REFERENCE, max_rel_err=err, tolerance=tol, passed=True),
         )
 
-    def measure(self, problem: Problem, timed: dict[str, Timed]) -> dict[str, dict[str, Any]]:
-        """Time ``timed`` side by side (interleaved); one record per entry with every number."""
+    def measure(
+        self, problem: Problem, timed: dict[str, Timed], settle: int = 0
+    ) -> dict[str, dict[str, Any]]:
+        """Time ``timed`` side by side (interleaved); one record per entry with every number.
+
+        ``settle``: untimed calls of an entry before each of its samples (see
+        :func:`time_interleaved`)."""
         t = self.cfg.timing
         stats = time_interleaved(
-            {name: v.run for name, v in timed.items()}, t.repeats, t.warmup, t.min_sample_s
+            {name: v.run for name, v in timed.items()},
+            t.repeats,
+            t.warmup,
+            t.min_sample_s,
+            settle,
         )
         out = {}
         for name, v in timed.items():

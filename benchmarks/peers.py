@@ -20,7 +20,8 @@ A library that is not installed, or that does not apply (cuDNN on a CPU, or for 
 noted and skipped: ``pip install -e ".[bench]"`` installs torch and flax.
 
 ``time_vs_bptt[peer] = median(peer) / median(bptt_jax)``: above 1, bptt_jax is that many
-times faster.
+times faster. Each timed sample follows ``peers.settle`` untimed calls of the same library, so
+that no library is timed while another's thread pool is still spinning.
 
     python benchmarks/peers.py                               # configs/bench.toml, this part
 """
@@ -297,7 +298,7 @@ def run(session: harness.Session, cfg) -> list[dict[str, Any]]:
                     session.fail("peers", f"{problem.label} {lib}", f"{type(e).__name__}: {e}")
             if len(timed) == 1:
                 continue
-            measured = session.measure(problem, timed)
+            measured = session.measure(problem, timed, settle=part.settle)
             base = measured[BASELINE]["median_s"]
             ratio = {n: v["median_s"] / base for n, v in measured.items() if n != BASELINE}
             row = dict(

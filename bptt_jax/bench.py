@@ -100,6 +100,7 @@ class Peers:
     sizes: tuple[Size, ...] = ((100, 32, 64, 128),)
     libraries: tuple[Library, ...] = ("torch", "flax", "cudnn")  # cudnn: GPU and LSTM only
     torch_threads: int = 0  # torch.set_num_threads on the CPU; 0 keeps torch's default
+    settle: int = 1  # untimed calls of a library right before each of its timed samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +164,7 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
         _positive(f"truncation.k[{i}]", k)
     _positive("floor.matmul_size", cfg.floor.matmul_size)
     _positive("peers.torch_threads", cfg.peers.torch_threads, 0)
+    _positive("peers.settle", cfg.peers.settle, 0)
     if len(set(cfg.parts)) != len(cfg.parts):
         raise config.ConfigError(f"config: 'parts' lists a part twice: {list(cfg.parts)}")
     return cfg

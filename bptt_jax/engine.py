@@ -45,9 +45,8 @@ class OutputError(NamedTuple):
 #: A per-step array of this many bytes or more counts as large. XLA:CPU takes large temp
 #: buffers fresh from the OS on every call, and their page faults cost more than the work
 #: they save, so for them :func:`output_error` leaves the readout's product to the reverse
-#: scan (Elman B=64, H=256, T=256: -6% time) and :func:`weight_grads` lays out the
-#: transposed operand once; small ones come from reused heap memory, where one big matmul
-#: over the stored array wins (B=32, H=128: +5%).
+#: scan (Elman B=64, H=256, T=256: -6% time); small ones come from reused heap memory, where
+#: one big matmul over the stored array wins (B=32, H=128: +5%).
 LARGE_BYTES = 4 * 2**20
 
 
@@ -142,11 +141,13 @@ def _fresh(n: int, like):
 # In-place loops. The per-step buffers are (T, B, H) arrays, one per block: a step reads row
 # t of some and overwrites row t with its results (the forward its residuals over its input
 # projections, the backward its pre-activation gradients over its residuals), so one set of
-# buffers serves the whole gradient. If a buffer had any reader besides the write, XLA would
-# copy it in every iteration (O(T^2) traffic), because it fuses the row read into consumers
-# that it cannot order before the write. So the rows a step needs are read one iteration
-# early, from the buffers *after* that iteration's write (the neighbouring row is untouched),
-# and carried.
+# buffers serves the whole gradient. XLA updates a buffer in place only if every reader of
+# the row is ordered before the write by data dependence; otherwise it copies the whole
+# buffer in every iteration (O(T^2) traffic). In the forward, projection row i is read only
+# by the fusion computing gate i, whose result is what overwrites it, so the row is read
+# where it is used. In the backward, each residual row feeds several gradient blocks, so the
+# rows a step needs are read one iteration early, from the buffers *after* that iteration's
+# write (the neighbouring row is untouched), and carried. tests/test_memory.py checks both.
 
 
 def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, resets=None):
@@ -166,25 +167,22 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
     # Residual i overwrites input projection i in place; extra residuals get fresh buffers.
     n_in = min(cell.n_blocks, n_res)
     bufs0 = xp[:n_in] + _fresh(n_res - n_in, xp[0])
-    t_last = xs.shape[0] - 1
     bias = _blocks(cell.input_bias(params), cell.n_blocks)
 
     def body(scan_carry, inputs):
-        carry, bufs, xp_next = scan_carry
+        carry, bufs = scan_carry
         t, xp_rest, m_t, r_t = inputs
-        xp_t = tuple(a + b for a, b in zip(xp_next + xp_rest, bias))
+        xp_t = tuple(a + b for a, b in zip(_rows(bufs[:n_in], t) + xp_rest, bias))
         carry = _reset(r_t, carry)
         new, res = cell.forward(params, carry, xp_t)
         if m_t is not None:  # padded step: the carry passes through unchanged
             new = _select(m_t, new, carry)
         if n_res:
             bufs = tuple(_write(buf, r, t) for buf, r in zip(bufs, res))
-            xp_next = _rows(bufs[:n_in], jnp.minimum(t + 1, t_last))
-        return (new, bufs, xp_next), new
+        return (new, bufs), new
 
     ts = jnp.arange(xs.shape[0])
-    init = (carry0, bufs0, _rows(bufs0[:n_in], 0))
-    (carry_t, bufs, _), states = lax.scan(body, init, (ts, xp[n_in:], mask, resets))
+    (carry_t, bufs), states = lax.scan(body, (carry0, bufs0), (ts, xp[n_in:], mask, resets))
     if not keep_residuals:
         return states, None, carry_t
     return states, bufs + xp[n_in:], carry_t
@@ -303,9 +301,10 @@ def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
     def side(a2d, blocks):
         cat = (lambda parts: jnp.concatenate(parts, -1)) if len(blocks) > 1 else (lambda p: p[0])
         a_t = a2d.T
-        if len(blocks) > 1 and a2d.size * a2d.dtype.itemsize >= LARGE_BYTES:
+        if len(blocks) > 1:
             # Transposed once, row-major, for all the gates' matmuls: XLA:CPU's matmul is
-            # slower with a transpose folded in (LSTM B=64, H=256, T=256: -2% time).
+            # slower with a transpose folded in (time: LSTM B=64, H=256, T=256 -2%; LSTM
+            # and GRU B=32, H=128, T=100 -3%).
             a_t = lax.optimization_barrier(a_t)
         return cat([a_t @ da[k] for k in blocks]), cat([da[k].sum(0) for k in blocks])
 

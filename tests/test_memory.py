@@ -1,5 +1,7 @@
 """The manual backward stores no more than autodiff (XLA's own memory_analysis, not time)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -7,15 +9,21 @@ import pytest
 import bptt_jax
 
 
-def _compiled(cell, backward, t=64, b=8, d=16, o=10):
-    k = jax.random.split(jax.random.key(0), 4)
+def _compiled(cell, backward, t=64, b=8, d=16, o=10, **options):
+    k = jax.random.split(jax.random.key(0), 6)
     p = cell.init(k[0], d, jnp.float32)
     ro = bptt_jax.init_readout(k[1], cell.hidden_size, o, jnp.float32)
     xs = jax.random.normal(k[2], (t, b, d), jnp.float32)
     tg = jax.random.randint(k[3], (t, b), 0, o)
+    if options.pop("masked", False):  # right-padded lengths and sequence starts
+        lengths = jax.random.randint(k[4], (b,), t // 2, t + 1)
+        options["mask"] = jnp.arange(t)[:, None] < lengths[None, :]
+        options["resets"] = jax.random.bernoulli(k[5], 0.05, (t, b))
     f = jax.jit(
         jax.grad(
-            lambda p, ro, xs: bptt_jax.sequence_loss(cell, p, ro, xs, tg, backward=backward),
+            lambda p, ro, xs: bptt_jax.sequence_loss(
+                cell, p, ro, xs, tg, backward=backward, **options
+            ),
             argnums=(0, 1, 2),
         )
     )
@@ -36,13 +44,16 @@ def test_manual_backward_uses_less_temp_memory_than_autodiff(cell):
     assert manual < auto, (manual / unit, auto / unit)
 
 
-def _copies_in_loops(text: str, shape: str) -> list[str]:
-    """The ``copy`` instructions of ``shape`` outside the entry computation (in loops)."""
+def _copies_in_loops(text: str) -> list[str]:
+    """The ``copy`` instructions of rank-3 arrays (per-step buffers such as (T, B, H), or
+    the truncated loss's chunk-major (k, chunks*B, H)) outside the entry computation."""
     found, where = [], None
     for line in text.splitlines():
         if line and not line.startswith(" ") and "{" in line:
             where = line.split("(")[0]
-        elif shape in line and " copy(" in line and not where.startswith("ENTRY"):
+        elif re.search(r"= f32\[\d+,\d+,\d+\]\{[\d,]+\} copy\(", line) and not where.startswith(
+            "ENTRY"
+        ):
             found.append(f"{where}: {line.strip()[:120]}")
     return found
 
@@ -50,10 +61,15 @@ def _copies_in_loops(text: str, shape: str) -> list[str]:
 @pytest.mark.parametrize(
     "cell", [bptt_jax.Elman(64), bptt_jax.LSTM(64), bptt_jax.GRU(64)], ids=["elman", "lstm", "gru"]
 )
-def test_per_step_buffers_are_updated_in_place(cell):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"masked": True}, {"masked": True, "delta_clip": 1.0}, {"truncate": 16}],
+    ids=["plain", "mask-resets", "delta-clip", "truncated"],
+)
+def test_per_step_buffers_are_updated_in_place(cell, options):
     """The (T, B, H) block buffers (input projections, residuals, gradients, states) are
     written row by row in place: XLA emits no copy of one inside a loop (it would cost
-    O(T^2) memory traffic)."""
-    text = _compiled(cell, "manual").as_text()
+    O(T^2) memory traffic), with masks and resets, clipping or truncation as well."""
+    text = _compiled(cell, "manual", **options).as_text()
     assert "while" in text
-    assert not _copies_in_loops(text, "f32[64,8,64]"), _copies_in_loops(text, "f32[64,8,64]")
+    assert not _copies_in_loops(text), _copies_in_loops(text)
