@@ -142,6 +142,11 @@ def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
 
         if cfg.peers.torch_threads:
             torch.set_num_threads(cfg.peers.torch_threads)
+        if cfg.matmul_precision == "highest":
+            # like for like with JAX's true float32: cuDNN's RNNs use TF32 by default on GPUs
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        env["torch_tf32"] = bool(torch.backends.cudnn.allow_tf32)
         env["torch_threads"] = torch.get_num_threads()
     print_fn(
         f"bptt-jax bench: jax {env['jax']} on {env['backend']} ({env['device_kind']}), "

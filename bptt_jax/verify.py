@@ -146,6 +146,9 @@ def check_gradients(
         with ``lax.stop_gradient`` at the chunk boundaries).
       key: PRNG key; default ``jax.random.key(0)``.
 
+    Both gradients are computed with ``jax.default_matmul_precision("highest")``, so that
+    on GPUs and TPUs too the matmuls are true float32 and the dtype's tolerance applies.
+
     Returns:
       A :class:`GradientReport`; ``report.passed`` says whether every error is within
       :data:`TOLERANCE` (and :data:`FD_TOLERANCE`).
@@ -231,8 +234,11 @@ def check_gradients(
         args = (params, xs, carry0)
 
     f_manual, f_auto = make("manual"), make("autodiff")
-    g_manual = jax.jit(jax.grad(f_manual, argnums=argnums))(*args)
-    g_auto = jax.jit(jax.grad(f_auto, argnums=argnums))(*args)
+    # True float32 (or float64) matmuls on every backend: the tolerances are the dtype's,
+    # and a GPU's default float32 matmul (TF32, ~1e-3 relative) would swamp them.
+    with jax.default_matmul_precision("highest"):
+        g_manual = jax.jit(jax.grad(f_manual, argnums=argnums))(*args)
+        g_auto = jax.jit(jax.grad(f_auto, argnums=argnums))(*args)
 
     errors, fd_errors = {}, {}
     for i, gm, ga in zip(argnums, g_manual, g_auto):
@@ -243,7 +249,8 @@ def check_gradients(
     if finite_differences is None:
         finite_differences = dtype == jnp.float64 and truncate is None
     if finite_differences:
-        fd_errors = _finite_difference_errors(f_manual, args, argnums, g_manual, names, kv)
+        with jax.default_matmul_precision("highest"):
+            fd_errors = _finite_difference_errors(f_manual, args, argnums, g_manual, names, kv)
 
     desc = (
         f"{_cell_name(cell)} {path} {dtype.name} T={seq_len} B={batch_size} "

@@ -7,6 +7,9 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 # Silent upcasts (float32 params meeting a float64 constant) fail loudly instead.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# True float32 matmuls on every backend: the float32 tolerances (~1e-5) are float32's, and a
+# GPU's default (TF32) or a TPU's (bfloat16 passes) would be ~1e-3 off. No effect on a CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
