@@ -7,6 +7,7 @@ and consistent.
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -201,6 +202,13 @@ def test_a_wrong_gradient_path_is_refused_and_never_timed(
     (failure,) = res["failures"]
     assert failure["part"] == part
     assert "'wrong' disagrees with 'autodiff'" in failure["error"]
+    # every leaf is named with its error: the value agrees, the gradients are 1% off
+    leaves = dict(
+        (name, float(err))
+        for name, err in re.findall(r"(\S+) ([\d.e+-]+)[,)]", failure["error"].split("leaf: ")[1])
+    )
+    assert leaves.pop("value") < 1e-4
+    assert leaves and all(0.005 < e < 0.02 for e in leaves.values()), leaves
     assert res[part] in ([], None)  # nothing of the failing entry was timed or reported
     assert "FAILED" in capsys.readouterr().err
 
