@@ -157,6 +157,12 @@ def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
         f"checked against '{harness.REFERENCE}' (rtol {cfg.check.rtol:g}) before timing",
         flush=True,
     )
+    if env["backend"] != "cpu" and cfg.matmul_precision != "highest":
+        session.note(
+            f"matmul_precision={cfg.matmul_precision!r} on {env['backend']}: float32 matmuls "
+            f"run in TF32 or bfloat16 passes, ~1e-3 off; check.rtol={cfg.check.rtol:g} is sized "
+            "for true float32 (matmul_precision='highest')"
+        )
     results: dict[str, Any] = dict(
         schema_version=SCHEMA_VERSION,
         config_file=None if config_file is None else str(config_file),
