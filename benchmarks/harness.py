@@ -188,6 +188,10 @@ class Timed:
     check: dict[str, Any]
 
 
+#: Samples at least this long are not preceded by settle calls (see :func:`time_interleaved`).
+SETTLE_BELOW_S = 0.1
+
+
 def time_interleaved(
     runs: dict[str, Callable[[], Any]],
     repeats: int,
@@ -200,12 +204,13 @@ def time_interleaved(
     Each round takes one sample of every variant, rotating which goes first, so that drift of
     the machine and the order within a round affect all alike. A sample is ``number`` calls
     (``number`` grows until a sample lasts ``min_sample_s``); its time is per call. ``settle``
-    untimed calls of a variant go right before each of its samples: runtimes with their own
-    thread pools (PyTorch's OpenMP threads spin for a while after each call) otherwise slow
-    down whatever is timed next, which measures the neighbour, not the variant.
+    untimed calls of a variant go right before each of its samples when a sample lasts under
+    :data:`SETTLE_BELOW_S`: runtimes with their own thread pools (PyTorch's OpenMP threads
+    spin for a while after each call) otherwise slow down whatever is timed next, which
+    measures the neighbour, not the variant; a longer sample dwarfs that.
     """
     names = list(runs)
-    number = {}
+    number, n_settle = {}, {}
     for name in names:
         per_call = math.inf
         for _ in range(max(warmup, 1)):
@@ -213,12 +218,13 @@ def time_interleaved(
             runs[name]()
             per_call = time.perf_counter() - start
         number[name] = max(1, math.ceil(min_sample_s / per_call)) if min_sample_s > 0 else 1
+        n_settle[name] = settle if per_call * number[name] < SETTLE_BELOW_S else 0
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             run, n = runs[name], number[name]
-            for _ in range(settle):
+            for _ in range(n_settle[name]):
                 run()
             start = time.perf_counter()
             for _ in range(n):

@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -217,3 +218,23 @@ def test_bench_without_the_repository_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "BENCHMARKS_DIR", tmp_path / "benchmarks")
     with pytest.raises(FileNotFoundError, match=r"pip install -e \."):
         bench.load_runner()
+
+
+def test_interleaved_timing_settles_short_samples_only():
+    """``settle`` untimed calls precede each sample of a short call, none of a long one; every
+    variant gets ``repeats`` samples, in rotating order."""
+    bench.load_runner()
+    harness = sys.modules["harness"]
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+
+    def long():
+        calls["long"] += 1
+        time.sleep(harness.SETTLE_BELOW_S * 1.2)
+
+    stats = harness.time_interleaved({"short": short, "long": long}, repeats=2, warmup=1, settle=3)
+    assert calls == {"short": 1 + 2 * (1 + 3), "long": 1 + 2}
+    assert [v["repeats"] for v in stats.values()] == [2, 2]
+    assert stats["long"]["min_s"] >= harness.SETTLE_BELOW_S
