@@ -376,16 +376,14 @@ class Session:
 
     def _prepare(self, problem: Problem, variant: str, truncate: int | None) -> Timed:
         ref_out, ref_compile_s, ref_compiled, ref_args = self.reference(problem, truncate)
+        tol = self.tolerance(problem.T)
+        what = f"{problem.label}" + (f" truncate={truncate}" if truncate else "")
         if variant == REFERENCE:
             compiled, args, compile_s = ref_compiled, ref_args, ref_compile_s
             err = 0.0
         else:
             compiled, args, compile_s = self._compile(problem, variant, truncate)
-            out = jax.block_until_ready(compiled(*args))
-        tol = self.tolerance(problem.T)
-        what = f"{problem.label}" + (f" truncate={truncate}" if truncate else "")
-        if variant != REFERENCE:
-            err = check(what, variant, out, ref_out, tol)
+            err = check(what, variant, jax.block_until_ready(compiled(*args)), ref_out, tol)
         memory = memory_of(compiled)
         memory["device_peak_bytes"] = device_peak_bytes()  # after its first run (the check)
         return Timed(
@@ -401,8 +399,8 @@ class Session:
     ) -> dict[str, dict[str, Any]]:
         """Time ``timed`` side by side (interleaved); one record per entry with every number.
 
-        ``settle``: untimed calls of an entry before each of its samples (see
-        :func:`time_interleaved`)."""
+        ``settle``: untimed calls of an entry before each of its samples that is shorter
+        than :data:`SETTLE_BELOW_S` (see :func:`time_interleaved`)."""
         t = self.cfg.timing
         stats = time_interleaved(
             {name: v.run for name, v in timed.items()},

@@ -20,8 +20,8 @@ A library that is not installed, or that does not apply (cuDNN on a CPU, or for 
 noted and skipped: ``pip install -e ".[bench]"`` installs torch and flax.
 
 ``time_vs_bptt[peer] = median(peer) / median(bptt_jax)``: above 1, bptt_jax is that many
-times faster. Each timed sample follows ``peers.settle`` untimed calls of the same library, so
-that no library is timed while another's thread pool is still spinning.
+times faster. Each timed sample shorter than 0.1 s follows ``peers.settle`` untimed calls of
+the same library, so that no library is timed while another's thread pool is still spinning.
 
     python benchmarks/peers.py                               # configs/bench.toml, this part
 """
