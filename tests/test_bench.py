@@ -135,8 +135,24 @@ def test_targets_are_evaluated_from_the_ratios(tiny_run):
     assert res["targets"]
     for t in res["targets"]:
         assert t["met"] == (t["value"] >= t["threshold"])
+        if t["target"] == "temp_vs_autodiff":  # memory: no samples, no noise
+            assert t["spread"] is None and not t["noisy"]
+        else:
+            assert t["spread"] >= 0
+            assert t["noisy"] == (abs(t["value"] / t["threshold"] - 1) < t["spread"])
     names = {t["target"] for t in res["targets"]}
     assert {"never_below", "temp_vs_autodiff", "elman_vs_autodiff"} <= names
+    # the spread of a time ratio is the larger IQR / median of its two timed entries
+    row = res["manual_vs_autodiff"][0]
+    (t,) = [
+        t
+        for t in res["targets"]
+        if t["target"] == "never_below" and t["entry"].startswith(f"{row['cell']} T={row['T']} ")
+    ]
+    want = max(
+        row["variants"][v]["iqr_s"] / row["variants"][v]["median_s"] for v in row["variants"]
+    )
+    assert t["spread"] == pytest.approx(want)
 
 
 def test_plots_are_written(tiny_run):
