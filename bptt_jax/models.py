@@ -1,0 +1,265 @@
+"""Models built from cells: :class:`Bidirectional` layers and :class:`Stack` s of layers.
+
+A model has a cell's public face (``init``, ``zero_carry``) and goes everywhere a cell goes:
+:func:`bptt_jax.unroll`, :func:`bptt_jax.sequence_loss`, ``loss_and_grads``,
+:func:`bptt_jax.check_gradients`, the diagnostics and the trainer. Its backward is the same
+hand-written BPTT, layer by layer and direction by direction (see :mod:`bptt_jax.engine`).
+
+Layout, as PyTorch indexes ``nn.LSTM(num_layers=L, bidirectional=True)``:
+
+* a :class:`Stack`'s params and carry are tuples with one entry per layer (``params[k]`` is
+  layer k, PyTorch's ``_l{k}``);
+* a :class:`Bidirectional` layer's params and carry are the pairs ``(forward, backward)``
+  (direction 0 forward, direction 1 reverse, PyTorch's ``_reverse``);
+* a cell's params and carry are its own (``LSTMParams``, ``LSTMCarry``, ...).
+
+So ``params[1][0].w_h`` is layer 1's forward recurrent kernel, and PyTorch's ``h_n[2*k + d]``
+is ``carry[k][d]`` (its ``.h`` for an LSTM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bptt_jax.cells import GRU, LSTM, Elman
+from bptt_jax.cells import _common
+
+MERGES = ("concat", "sum", "mean")
+CELL_TYPES = (Elman, LSTM, GRU)
+
+
+def _is_cell(x) -> bool:
+    return isinstance(x, CELL_TYPES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bidirectional:
+    """Two cells over the same sequence, the second in reverse time; outputs merged.
+
+    For right-padded batches each sequence's **valid prefix** is reversed, not the padded
+    array: with ``len_b = sum_t mask[t, b]`` the reverse cell reads
+    ``x[len_b - 1], ..., x[0]``, its initial carry enters at step ``len_b - 1`` and its final
+    carry is its state after step 0 (PyTorch's ``h_n`` for the reverse direction). Padded
+    steps never reach valid outputs, final carries or gradients. At a padded step each
+    direction's output repeats that direction's final carry.
+
+    Outputs at step t: ``concat([h_fwd_t, h_bwd_t])`` (PyTorch's layout), or their ``sum`` or
+    ``mean``.
+
+    Args:
+      forward: the forward-time cell (``Elman``, ``LSTM`` or ``GRU``).
+      backward: the reverse-time cell; ``None`` for a cell configured like ``forward`` (its
+        params are still its own).
+      merge: ``"concat"`` (output size 2H), ``"sum"`` or ``"mean"`` (output size H; both cells
+        must then have the same hidden size).
+
+    Params are ``(forward_params, backward_params)``, the carry ``(forward_carry,
+    backward_carry)``. Truncated BPTT, TBPTT and carried streams (``resets``) are undefined
+    for it (the reverse direction needs the whole future) and raise ``ValueError``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bptt_jax
+      >>> model = bptt_jax.Bidirectional(bptt_jax.GRU(8))
+      >>> params = model.init(jax.random.key(0), input_size=3)
+      >>> mask = jnp.arange(10)[:, None] < jnp.array([10, 6])   # lengths 10 and 6
+      >>> hs, (c_fwd, c_bwd) = bptt_jax.unroll(model, params, jnp.ones((10, 2, 3)), mask=mask)
+      >>> hs.shape, c_bwd.shape
+      ((10, 2, 16), (2, 8))
+    """
+
+    forward: Any
+    backward: Any = None
+    merge: str = "concat"
+
+    def __post_init__(self):
+        if not _is_cell(self.forward):
+            raise TypeError(
+                "Bidirectional: forward must be a cell (bptt_jax.Elman, LSTM or GRU); "
+                f"got {type(self.forward).__name__}"
+            )
+        if self.backward is None:
+            object.__setattr__(self, "backward", self.forward)
+        if not _is_cell(self.backward):
+            raise TypeError(
+                "Bidirectional: backward must be a cell (bptt_jax.Elman, LSTM or GRU) or None; "
+                f"got {type(self.backward).__name__}"
+            )
+        if self.merge not in MERGES:
+            raise ValueError(f"Bidirectional: merge must be one of {MERGES}; got {self.merge!r}")
+        hf, hb = self.forward.hidden_size, self.backward.hidden_size
+        if self.merge != "concat" and hf != hb:
+            raise ValueError(
+                f"Bidirectional: merge={self.merge!r} needs equal hidden sizes; got forward "
+                f"hidden_size={hf} and backward hidden_size={hb} (use merge='concat')"
+            )
+
+    @property
+    def cells(self) -> tuple:
+        """``(forward, backward)``."""
+        return (self.forward, self.backward)
+
+    @property
+    def output_size(self) -> int:
+        """Features per step of the merged output."""
+        hf = self.forward.hidden_size
+        return hf + self.backward.hidden_size if self.merge == "concat" else hf
+
+    def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> tuple:
+        """``(forward.init(k0, D), backward.init(k1, D))`` with ``k0, k1 = split(key)``."""
+        k0, k1 = jax.random.split(key)
+        return (self.forward.init(k0, input_size, dtype), self.backward.init(k1, input_size, dtype))
+
+    def zero_carry(self, batch_size: int, dtype=jnp.float32) -> tuple:
+        """``(forward.zero_carry(B), backward.zero_carry(B))``."""
+        return (
+            self.forward.zero_carry(batch_size, dtype),
+            self.backward.zero_carry(batch_size, dtype),
+        )
+
+
+def _output_size(layer) -> int:
+    return layer.output_size if isinstance(layer, Bidirectional) else layer.hidden_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Layers run in order, each on the previous layer's outputs (a multi-layer RNN).
+
+    Each layer is a cell or a :class:`Bidirectional`; layer k's input size is layer k-1's
+    output size. With ``dropout=p`` each layer's input but the first is multiplied by an
+    independent Bernoulli(1 - p) mask scaled by ``1 / (1 - p)`` (PyTorch's ``dropout``: between
+    layers, not after the last), drawn from the ``dropout_key`` given at call time (see
+    :meth:`dropout_masks`); without a key dropout is off (evaluation).
+
+    Params and carry are tuples with one entry per layer (see :mod:`bptt_jax.models`).
+
+    Args:
+      layers: a sequence of cells and :class:`Bidirectional` layers (at least one).
+      dropout: probability in ``[0, 1)`` of zeroing a layer input.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bptt_jax
+      >>> model = bptt_jax.stacked(bptt_jax.LSTM(16), num_layers=2, bidirectional=True)
+      >>> params = model.init(jax.random.key(0), input_size=5)
+      >>> params[1][0].w_x.shape          # layer 1, forward direction: input 2*16
+      (32, 64)
+      >>> hs, carry = bptt_jax.unroll(model, params, jnp.ones((7, 3, 5)))
+      >>> hs.shape, len(carry), carry[1][1].c.shape
+      ((7, 3, 32), 2, (3, 16))
+    """
+
+    layers: tuple
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else None
+        if not layers:
+            raise ValueError(
+                "Stack: layers must be a non-empty sequence of cells or Bidirectional layers; "
+                f"got {self.layers!r}"
+            )
+        for k, layer in enumerate(layers):
+            if not (_is_cell(layer) or isinstance(layer, Bidirectional)):
+                raise TypeError(
+                    f"Stack: layers[{k}] must be a cell (Elman, LSTM, GRU) or a Bidirectional; "
+                    f"got {type(layer).__name__}"
+                )
+        object.__setattr__(self, "layers", layers)
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"Stack: dropout must be a probability in [0, 1); got {p!r}")
+
+    @property
+    def output_size(self) -> int:
+        """Features per step of the last layer's output."""
+        return _output_size(self.layers[-1])
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether any layer runs in reverse time."""
+        return any(isinstance(layer, Bidirectional) for layer in self.layers)
+
+    def input_sizes(self, input_size: int) -> tuple[int, ...]:
+        """Each layer's input size, from the model's input size D."""
+        sizes = [input_size]
+        for layer in self.layers[:-1]:
+            sizes.append(_output_size(layer))
+        return tuple(sizes)
+
+    def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> tuple:
+        """One params entry per layer, each drawn with its own key from ``split(key, L)``."""
+        _common.check_input_size("Stack", input_size)
+        keys = jax.random.split(key, len(self.layers))
+        return tuple(
+            layer.init(k, d, dtype)
+            for layer, k, d in zip(self.layers, keys, self.input_sizes(input_size))
+        )
+
+    def zero_carry(self, batch_size: int, dtype=jnp.float32) -> tuple:
+        """One zero carry per layer."""
+        return tuple(layer.zero_carry(batch_size, dtype) for layer in self.layers)
+
+    def dropout_masks(self, key, seq_len: int, batch_size: int, dtype=jnp.float32) -> tuple:
+        """The inverted-dropout multipliers of layers 1..L-1, drawn from ``key``.
+
+        Returns a tuple of L-1 arrays ``(T, B, F_k)`` (``F_k`` layer k's input size), each
+        entry ``0`` or ``1 / (1 - dropout)``; layer k's input is ``outputs_{k-1} * masks[k-1]``.
+        ``key=None`` or ``dropout=0``: ``None`` (no dropout).
+        """
+        if key is None or self.dropout == 0.0 or len(self.layers) == 1:
+            return None
+        keep = 1.0 - self.dropout
+        keys = jax.random.split(key, len(self.layers) - 1)
+        return tuple(
+            jax.random.bernoulli(k, keep, (seq_len, batch_size, _output_size(layer))).astype(dtype)
+            * jnp.asarray(1.0 / keep, dtype)
+            for k, layer in zip(keys, self.layers[:-1])
+        )
+
+
+def stacked(cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: float = 0.0):
+    """PyTorch's ``nn.LSTM(D, H, num_layers, bidirectional=..., dropout=...)`` in one call.
+
+    ``stacked(bptt_jax.LSTM(H), num_layers=L, bidirectional=True, dropout=p)`` is the
+    equivalent of ``nn.LSTM(D, H, num_layers=L, bidirectional=True, dropout=p)`` (and likewise
+    with ``GRU`` for ``nn.GRU`` and ``Elman`` for ``nn.RNN``): L layers of ``cell``, each a
+    :class:`Bidirectional` with ``merge="concat"`` when ``bidirectional``.
+
+    Args:
+      cell: the cell every layer (and direction) is configured like; each has its own params.
+      num_layers: L >= 1.
+      bidirectional: make every layer bidirectional.
+      dropout: between layers (see :class:`Stack`).
+
+    Returns:
+      A :class:`Stack`.
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"stacked: num_layers must be a positive int; got {num_layers!r}")
+    if not _is_cell(cell):
+        raise TypeError(
+            f"stacked: cell must be a bptt_jax.Elman, LSTM or GRU; got {type(cell).__name__}"
+        )
+    layer = Bidirectional(cell) if bidirectional else cell
+    return Stack((layer,) * num_layers, dropout=dropout)
+
+
+def is_model(x) -> bool:
+    """A cell, a :class:`Bidirectional` or a :class:`Stack`."""
+    return _is_cell(x) or isinstance(x, (Bidirectional, Stack))
+
+
+def output_size(model) -> int:
+    """Features per step of a model's output ``hs``."""
+    return model.output_size if isinstance(model, (Bidirectional, Stack)) else model.hidden_size
+
+
+def is_bidirectional(model) -> bool:
+    """Whether any part of ``model`` runs in reverse time."""
+    if isinstance(model, Stack):
+        return model.bidirectional
+    return isinstance(model, Bidirectional)
