@@ -197,3 +197,204 @@ def problem(cell, key, dtype, *, t=7, b=3, d=4, o=5, mask=True, random_carry=Tru
         random_carry=random_carry,
         loss=loss,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Models: Stack and Bidirectional, again from their definitions (bptt_jax.models), on top of
+# this module's own ``scan_unroll``. Params and carries follow the models' layout: a Stack's
+# are tuples with one entry per layer, a Bidirectional's the pairs (forward, backward).
+
+
+def model_output_size(model) -> int:
+    """Features per step of ``model``'s outputs."""
+    if isinstance(model, (bptt_jax.Stack, bptt_jax.Bidirectional)):
+        return model.output_size
+    return model.hidden_size
+
+
+def lengths_of(mask, t_len: int, batch: int):
+    """Each example's number of valid steps, ``sum_t mask[t, b]`` (``T`` without a mask)."""
+    if mask is None:
+        return jnp.full((batch,), t_len, jnp.int32)
+    return jnp.sum(jnp.asarray(mask).astype(jnp.int32), axis=0, dtype=jnp.int32)
+
+
+def prefix_reversal(mask, t_len: int, dtype):
+    """``P (T, T, B)``, 0/1: ``P[s, t, b] = 1`` where step s of example b's reversed sequence
+    is original step t, i.e. ``t = len_b - 1 - s`` for ``s < len_b`` (the valid prefix read
+    backwards) and ``t = s`` for ``s >= len_b`` (padding stays where it is, at the right).
+
+    Built from comparisons of index grids (no gather), so it is traceable with a traced mask.
+    P is symmetric and its own inverse: ``einsum('stb,tb...->sb...', P, a)`` reverses every
+    example's valid prefix, and applying it twice gives ``a`` back.
+    """
+    b = jnp.asarray(mask).shape[1]
+    lens = lengths_of(mask, t_len, b)[None, None, :]
+    s = jnp.arange(t_len, dtype=jnp.int32)[:, None, None]
+    t = jnp.arange(t_len, dtype=jnp.int32)[None, :, None]
+    return jnp.where(s < lens, t == lens - 1 - s, t == s).astype(dtype)
+
+
+def _reverse_in_time(a, p_rev):
+    """Each example's valid prefix of ``a (T, B, F)`` reversed (``a[::-1]`` without a mask)."""
+    if p_rev is None:
+        return a[::-1]
+    return jnp.einsum("stb,tbf->sbf", p_rev, a)
+
+
+def merge_outputs(merge: str, h_fwd, h_bwd):
+    """A Bidirectional's output from its two directions' outputs."""
+    if merge == "concat":
+        return jnp.concatenate([h_fwd, h_bwd], axis=-1)
+    if merge == "sum":
+        return h_fwd + h_bwd
+    if merge == "mean":
+        return (h_fwd + h_bwd) / 2
+    raise ValueError(f"unknown merge {merge!r}")
+
+
+def bidirectional_unroll(model, p, xs, carry, mask=None, delta_clip=None):
+    """A Bidirectional layer: the forward cell is ``scan_unroll``; the reverse cell is
+    ``scan_unroll`` over every example's valid prefix read backwards, ``x[len_b - 1], ...,
+    x[0]``, followed by the padding (same right-padding mask, so the carry passes through the
+    padded steps and ``delta_clip`` applies at them exactly as in the forward direction),
+    starting from ``carry[1]``. Its outputs are put back in original time: at a valid step t
+    the state after reading ``x[t]``; at a padded step its final carry (the state after
+    reading ``x[0]``). Final carry: ``(forward carry_T, reverse state after x[0])``.
+    """
+    t_len = xs.shape[0]
+    h_f, c_f = scan_unroll(model.forward, p[0], xs, carry[0], mask, delta_clip=delta_clip)
+    p_rev = None if mask is None else prefix_reversal(mask, t_len, xs.dtype)
+    xs_rev = _reverse_in_time(xs, p_rev)
+    h_r, c_b = scan_unroll(model.backward, p[1], xs_rev, carry[1], mask, delta_clip=delta_clip)
+    h_b = _reverse_in_time(h_r, p_rev)
+    return merge_outputs(model.merge, h_f, h_b), (c_f, c_b)
+
+
+def model_unroll(
+    model,
+    p,
+    xs,
+    carry,
+    mask=None,
+    truncate=None,
+    resets=None,
+    delta_clip=None,
+    dropout_masks=None,
+):
+    """``(hs, carry_T)`` of a cell, a Bidirectional or a Stack.
+
+    A cell: ``scan_unroll``. A Stack: layer k runs on layer k-1's outputs (all T steps,
+    padded ones included) times ``dropout_masks[k-1]`` when given (``Stack.dropout_masks``'s
+    tuple of L-1 arrays ``(T, B, F_k)``); every layer takes the same mask, resets, truncate
+    (``stop_gradient`` on each layer's carry entering steps k, 2k, ...) and delta_clip (each
+    layer's new carry). ``carry_T`` is the tuple of the layers' final carries. A
+    Bidirectional: :func:`bidirectional_unroll`; it is undefined with ``truncate`` or
+    ``resets`` (``ValueError``, as in the library).
+    """
+    if isinstance(model, bptt_jax.Stack):
+        assert len(p) == len(carry) == len(model.layers)
+        if dropout_masks is not None:
+            assert len(dropout_masks) == len(model.layers) - 1
+        h, finals = xs, []
+        for k, (layer, p_k, c_k) in enumerate(zip(model.layers, p, carry)):
+            if k > 0 and dropout_masks is not None:
+                h = h * dropout_masks[k - 1]
+            h, c_t = model_unroll(layer, p_k, h, c_k, mask, truncate, resets, delta_clip)
+            finals.append(c_t)
+        return h, tuple(finals)
+    assert dropout_masks is None, "dropout masks are a Stack's"
+    if isinstance(model, bptt_jax.Bidirectional):
+        if truncate is not None:
+            raise ValueError("truncate is undefined for a Bidirectional layer")
+        if resets is not None:
+            raise ValueError("resets is undefined for a Bidirectional layer")
+        return bidirectional_unroll(model, p, xs, carry, mask, delta_clip)
+    return scan_unroll(model, p, xs, carry, mask, truncate, resets, delta_clip)
+
+
+def readout_loss(hs, ro, targets, mask=None, loss="xent", reduction="mean", loss_mask=None):
+    """``scan_loss``'s readout and loss on given outputs ``hs (T, B, F)``."""
+    ys = hs @ ro.w_hy + ro.b_y
+    if loss == "xent":
+        per = optax.softmax_cross_entropy_with_integer_labels(ys, targets)
+    else:
+        per = jnp.mean(optax.squared_error(ys, targets), axis=-1)
+    m = jnp.ones(per.shape, per.dtype) if mask is None else mask.astype(per.dtype)
+    if loss_mask is not None:
+        m = m * loss_mask.astype(per.dtype)
+    total = jnp.sum(per * m)
+    return total if reduction == "sum" else total / jnp.maximum(jnp.sum(m), 1)
+
+
+def model_loss(
+    model,
+    p,
+    ro,
+    xs,
+    targets,
+    carry,
+    mask=None,
+    loss="xent",
+    reduction="mean",
+    truncate=None,
+    *,
+    loss_mask=None,
+    resets=None,
+    delta_clip=None,
+    dropout_masks=None,
+):
+    """``scan_loss`` on ``model_unroll``'s outputs (readout ``w_hy (output_size, O)``)."""
+    hs, _ = model_unroll(model, p, xs, carry, mask, truncate, resets, delta_clip, dropout_masks)
+    return readout_loss(hs, ro, targets, mask, loss, reduction, loss_mask)
+
+
+def model_problem(
+    model, key, dtype, *, t=7, b=3, d=4, o=5, mask=True, random_carry=True, loss="xent"
+):
+    """Random params, readout, inputs, targets, initial carry and mask for any model.
+
+    Every params leaf is ``model.init``'s plus ``0.1 N(0, 1)`` noise; every carry leaf is drawn
+    on its own (an LSTM's h and c differ); the mask right-pads random lengths in ``[1, T]``
+    with at least one full-length and one shorter sequence, at random positions.
+    Returns ``(params, readout, xs, targets, carry0, mask)`` like :func:`problem`.
+    """
+    k = jax.random.split(key, 10)
+    params = model.init(k[0], d, dtype)
+    leaves, tdef = jax.tree.flatten(params)
+    ks = jax.random.split(k[1], len(leaves))
+    params = jax.tree.unflatten(
+        tdef, [p + 0.1 * jax.random.normal(kk, p.shape, dtype) for kk, p in zip(ks, leaves)]
+    )
+    f = model_output_size(model)
+    readout = bptt_jax.init_readout(k[2], f, o, dtype)
+    readout = readout._replace(b_y=0.1 * jax.random.normal(k[3], (o,), dtype))
+    xs = jax.random.normal(k[4], (t, b, d), dtype)
+    if loss == "xent":
+        targets = jax.random.randint(k[5], (t, b), 0, o)
+    else:
+        targets = jax.random.normal(k[5], (t, b, o), dtype)
+    carry0 = model.zero_carry(b, dtype)
+    if random_carry:
+        leaves, tdef = jax.tree.flatten(carry0)
+        ks = jax.random.split(k[6], len(leaves))
+        carry0 = jax.tree.unflatten(
+            tdef, [0.5 * jax.random.normal(kk, c.shape, dtype) for kk, c in zip(ks, leaves)]
+        )
+    m = None
+    if mask:
+        assert t >= 2 and b >= 2, "a full and a short sequence need T >= 2 and B >= 2"
+        lengths = jax.random.randint(k[7], (b,), 1, t + 1)
+        lengths = lengths.at[0].set(t).at[1].set(jax.random.randint(k[8], (), 1, t))
+        lengths = jax.random.permutation(k[9], lengths)
+        m = jnp.arange(t)[:, None] < lengths[None, :]
+    return params, readout, xs, targets, carry0, m
+
+
+def random_like(key, tree):
+    """A standard normal draw for every leaf of ``tree`` (random cotangents)."""
+    leaves, tdef = jax.tree.flatten(tree)
+    ks = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        tdef, [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, leaves)]
+    )
