@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax
+from bptt_jax.bench import parse_model
 from bptt_jax.verify import relative_error
 
 CELLS: dict[str, Callable[[int], Any]] = {
@@ -46,12 +47,115 @@ CELLS: dict[str, Callable[[int], Any]] = {
 }
 #: Gate blocks per cell: the recurrent matmul is (B, H) @ (H, GATES * H).
 GATES = {"elman": 1, "lstm": 4, "gru": 3}
+_CELL_NAMES = {bptt_jax.Elman: "elman", bptt_jax.LSTM: "lstm", bptt_jax.GRU: "gru"}
+
+
+def build_model(spec: str, H: int):
+    """The model a spec names, every cell of hidden size H (see ``bptt_jax.bench.parse_model``):
+    ``"gru"`` the cell, ``"bigru"`` ``Bidirectional(GRU(H))``, ``"lstm:2"``
+    ``stacked(LSTM(H), 2)``, ``"bilstm:2"`` ``stacked(LSTM(H), 2, bidirectional=True)``."""
+    kind, layers, bidirectional = parse_model(spec)
+    cell = CELLS[kind](H)
+    if layers is None:
+        return bptt_jax.Bidirectional(cell) if bidirectional else cell
+    return bptt_jax.stacked(cell, layers, bidirectional=bidirectional)
+
+
+def model_layers(model) -> list[tuple]:
+    """The cells of ``model``, per layer and per direction: ``[(cell,), ...]`` or
+    ``[(forward, backward), ...]``, in PyTorch's order (layer k, direction d)."""
+    if isinstance(model, bptt_jax.Stack):
+        return [cells for layer in model.layers for cells in model_layers(layer)]
+    if isinstance(model, bptt_jax.Bidirectional):
+        return [(model.forward, model.backward)]
+    return [(model,)]
+
+
+def layer_params(model, params) -> list[tuple]:
+    """``params`` of ``model`` per layer and direction, as :func:`model_layers` orders them
+    (a Stack's params are a tuple per layer, a Bidirectional's ``(forward, backward)``)."""
+    if isinstance(model, bptt_jax.Stack):
+        return [d for layer, p in zip(model.layers, params) for d in layer_params(layer, p)]
+    if isinstance(model, bptt_jax.Bidirectional):
+        return [tuple(params)]
+    return [(params,)]
+
+
+def model_params(model, layers: list[tuple]):
+    """The inverse of :func:`layer_params`: ``model``'s params from per-layer direction tuples."""
+    if isinstance(model, bptt_jax.Stack):
+        assert len(layers) == len(model.layers), (len(layers), len(model.layers))
+        return tuple(model_params(layer, [p]) for layer, p in zip(model.layers, layers))
+    (directions,) = layers
+    if isinstance(model, bptt_jax.Bidirectional):
+        return tuple(directions)
+    (p,) = directions
+    return p
+
+
+def uniform_structure(model) -> tuple[str, int, bool, int]:
+    """``(kind, layers, bidirectional, H)`` of a model whose every layer is the same kind of
+    cell, size and direction count (what ``nn.LSTM(num_layers=L, bidirectional=...)`` can
+    express); ``ValueError`` for any other model."""
+    layers = model_layers(model)
+    cells = [c for layer in layers for c in layer]
+    kinds = {_CELL_NAMES[type(c)] for c in cells}
+    sizes = {c.hidden_size for c in cells}
+    dirs = {len(layer) for layer in layers}
+    merges = (
+        {model.merge}
+        if isinstance(model, bptt_jax.Bidirectional)
+        else {layer.merge for layer in getattr(model, "layers", ()) if hasattr(layer, "merge")}
+    )
+    if len(kinds) != 1 or len(sizes) != 1 or len(dirs) != 1 or merges - {"concat"}:
+        raise ValueError(
+            f"not one kind, size and direction count in every layer, merged by concat: {model}"
+        )
+    if any(getattr(c, "forget_bias", 0.0) for c in cells):
+        raise ValueError("an LSTM with forget_bias != 0 has no PyTorch/Flax equivalent here")
+    if getattr(model, "dropout", 0.0):
+        raise ValueError("dropout between layers is random: no like-for-like peer")
+    return kinds.pop(), len(layers), dirs.pop() == 2, sizes.pop()
+
+
+def unroll_composed(model, params, xs):
+    """The hidden states of ``model`` from the per-cell ``unroll(..., backward="autodiff")``
+    (a plain ``lax.scan`` per cell, differentiated by JAX), composed here layer by layer and
+    direction by direction (the reverse direction: the cell over ``xs[::-1]``, its outputs
+    flipped back; no mask). Independent of the engine's own model code: the reference that
+    model rows are checked against."""
+    if isinstance(model, bptt_jax.Stack):
+        if model.dropout:
+            raise ValueError("unroll_composed: no dropout (the benchmark has no dropout key)")
+        hs = xs
+        for layer, p in zip(model.layers, params):
+            hs = unroll_composed(layer, p, hs)
+        return hs
+    if isinstance(model, bptt_jax.Bidirectional):
+        fwd = bptt_jax.unroll(model.forward, params[0], xs, backward="autodiff")[0]
+        bwd = bptt_jax.unroll(model.backward, params[1], xs[::-1], backward="autodiff")[0][::-1]
+        if model.merge == "concat":
+            return jnp.concatenate([fwd, bwd], axis=-1)
+        return fwd + bwd if model.merge == "sum" else (fwd + bwd) / 2
+    return bptt_jax.unroll(model, params, xs, backward="autodiff")[0]
+
+
+def xent_mean(hs, readout, targets):
+    """Mean softmax cross-entropy of the readout on every step: the benchmark's loss."""
+    logits = hs.reshape(-1, hs.shape[-1]) @ readout.w_hy + readout.b_y
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets.reshape(-1)[:, None], axis=-1)[:, 0]
+    return jnp.mean(lse - picked)
 
 
 # ------------------------------------------------------------------------------- problems
 @dataclasses.dataclass(frozen=True, eq=False)
 class Problem:
-    """One benchmark problem: a cell, its params and readout, inputs ``xs`` and targets."""
+    """One benchmark problem: a cell or model, its params and readout, inputs and targets.
+
+    For a model (``bptt_jax.Stack`` or ``Bidirectional``) ``cell`` is the model, ``cell_name``
+    its spec (``"lstm:2"``, ``"bigru"``), ``H`` each cell's hidden size and the readout maps
+    the model's output size to O; ``reference`` names the variant it is checked against."""
 
     cell_name: str
     T: int
@@ -64,6 +168,7 @@ class Problem:
     readout: bptt_jax.ReadoutParams
     xs: jax.Array  # (T, B, D) float32
     targets: jax.Array  # (T, B) int32 classes in [0, O)
+    reference: str = "autodiff"  # the variant every other is checked against (REFERENCE)
 
     @property
     def tokens(self) -> int:
@@ -79,14 +184,20 @@ class Problem:
 
 
 def make_problem(cell_name: str, T: int, B: int, D: int, H: int, O: int, key) -> Problem:
-    """Random params (the cell's default init), readout, inputs ~ N(0, 1) and targets."""
-    cell = CELLS[cell_name](H)
+    """Random params (the cell's or model's default init), readout, inputs ~ N(0, 1) and
+    targets. ``cell_name`` is a cell (``"lstm"``) or a model spec (``"lstm:2"``, ``"bigru"``),
+    whose reference is :data:`MODEL_REFERENCE`."""
+    if cell_name in CELLS:
+        cell, out_size, reference = CELLS[cell_name](H), H, REFERENCE
+    else:
+        cell = build_model(cell_name, H)
+        out_size, reference = cell.output_size, MODEL_REFERENCE
     k = jax.random.split(key, 4)
     params = cell.init(k[0], D)
-    readout = bptt_jax.init_readout(k[1], H, O)
+    readout = bptt_jax.init_readout(k[1], out_size, O)
     xs = jax.random.normal(k[2], (T, B, D), jnp.float32)
     targets = jax.random.randint(k[3], (T, B), 0, O, jnp.int32)
-    return Problem(cell_name, T, B, D, H, O, cell, params, readout, xs, targets)
+    return Problem(cell_name, T, B, D, H, O, cell, params, readout, xs, targets, reference)
 
 
 # ------------------------------------------------------------------------------- variants
@@ -108,6 +219,18 @@ def sequence_loss_variant(backward: str, **options) -> LossBuilder:
     return build
 
 
+def composed_autodiff(model, targets, truncate=None) -> Callable[..., jax.Array]:
+    """The benchmark loss through :func:`unroll_composed`: ``jax.grad`` of per-cell plain
+    scans, composed by the benchmark (no truncation)."""
+    if truncate is not None:
+        raise ValueError("composed_autodiff: no truncation")
+
+    def loss(params, readout, xs):
+        return xent_mean(unroll_composed(model, params, xs), readout, targets)
+
+    return loss
+
+
 #: Every gradient path the benchmarks can time, by name; configs name them. A new path is one
 #: entry, e.g. ``"checkpointed": sequence_loss_variant("checkpointed", segment=64)``. An entry
 #: whose loss fails to trace (a backward the engine does not have yet) is reported unavailable
@@ -116,9 +239,15 @@ VARIANTS: dict[str, LossBuilder] = {
     "manual": sequence_loss_variant("manual"),
     "autodiff": sequence_loss_variant("autodiff"),
     "checkpointed": sequence_loss_variant("checkpointed"),  # segment ~ sqrt(T)
+    # jax.grad of the per-cell plain scans, composed layer by layer in the benchmark
+    "composed_autodiff": composed_autodiff,
 }
 #: The variant every other is checked against: ``jax.grad`` of the plain per-step scan.
 REFERENCE = "autodiff"
+#: The reference of a model problem (a Stack or Bidirectional): the per-cell plain scans,
+#: composed by the benchmark itself, so the check of a model's ``backward="autodiff"`` and
+#: ``"manual"`` does not rest on the engine's own model code.
+MODEL_REFERENCE = "composed_autodiff"
 
 _unavailable_cache: dict[str, str | None] = {}
 
@@ -285,7 +414,7 @@ def _pretty(path: str) -> str:
     return path
 
 
-def check(what: str, name: str, out, ref, tol: float) -> float:
+def check(what: str, name: str, out, ref, tol: float, reference: str = REFERENCE) -> float:
     """The max relative error of ``out`` against the reference ``ref``; raises
     :class:`CheckFailed` naming every leaf and its error when it exceeds ``tol`` (whether the
     value itself agrees tells a wrong forward from a wrong backward)."""
@@ -295,7 +424,7 @@ def check(what: str, name: str, out, ref, tol: float) -> float:
         where = max(errors, key=errors.get)
         leaves = ", ".join(f"{k} {v:.2g}" for k, v in errors.items())
         raise CheckFailed(
-            f"{what}: '{name}' disagrees with '{REFERENCE}': max relative error {worst:.3g} "
+            f"{what}: '{name}' disagrees with '{reference}': max relative error {worst:.3g} "
             f"at {where} > tolerance {tol:.3g} (value and every gradient leaf: {leaves})"
         )
     return worst
@@ -349,13 +478,16 @@ class Session:
         return compiled, args, compile_s
 
     def reference(self, problem: Problem, truncate: int | None) -> tuple:
-        """The reference output (autodiff, same truncation), computed once per problem."""
+        """The reference output (``problem.reference``, same truncation), computed once per
+        problem."""
         k = (id(problem), truncate)
         if k not in self._reference:
-            compiled, args, compile_s = self._compile(problem, REFERENCE, truncate)
+            compiled, args, compile_s = self._compile(problem, problem.reference, truncate)
             out = jax.block_until_ready(compiled(*args))
             if not all(np.all(np.isfinite(np.asarray(v))) for _, v in _leaves(out)):
-                raise CheckFailed(f"{problem.label}: the reference ({REFERENCE}) is not finite")
+                raise CheckFailed(
+                    f"{problem.label}: the reference ({problem.reference}) is not finite"
+                )
             self._reference[k] = (out, compile_s, compiled, args)
         return self._reference[k]
 
@@ -378,12 +510,13 @@ class Session:
         ref_out, ref_compile_s, ref_compiled, ref_args = self.reference(problem, truncate)
         tol = self.tolerance(problem.T)
         what = f"{problem.label}" + (f" truncate={truncate}" if truncate else "")
-        if variant == REFERENCE:
+        if variant == problem.reference:
             compiled, args, compile_s = ref_compiled, ref_args, ref_compile_s
             err = 0.0
         else:
             compiled, args, compile_s = self._compile(problem, variant, truncate)
-            err = check(what, variant, jax.block_until_ready(compiled(*args)), ref_out, tol)
+            out = jax.block_until_ready(compiled(*args))
+            err = check(what, variant, out, ref_out, tol, problem.reference)
         memory = memory_of(compiled)
         memory["device_peak_bytes"] = device_peak_bytes()  # after its first run (the check)
         return Timed(
@@ -391,21 +524,27 @@ class Session:
             run=lambda: jax.block_until_ready(compiled(*args)),
             compile_s=compile_s,
             memory=memory,
-            check=dict(reference=REFERENCE, max_rel_err=err, tolerance=tol, passed=True),
+            check=dict(reference=problem.reference, max_rel_err=err, tolerance=tol, passed=True),
         )
 
     def measure(
-        self, problem: Problem, timed: dict[str, Timed], settle: int = 0
+        self,
+        problem: Problem,
+        timed: dict[str, Timed],
+        settle: int = 0,
+        repeats: int | None = None,
+        warmup: int | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Time ``timed`` side by side (interleaved); one record per entry with every number.
 
         ``settle``: untimed calls of an entry before each of its samples that is shorter
-        than :data:`SETTLE_BELOW_S` (see :func:`time_interleaved`)."""
+        than :data:`SETTLE_BELOW_S` (see :func:`time_interleaved`). ``repeats``, ``warmup``:
+        a part's own counts instead of ``timing``'s (``None``: those)."""
         t = self.cfg.timing
         stats = time_interleaved(
             {name: v.run for name, v in timed.items()},
-            t.repeats,
-            t.warmup,
+            t.repeats if repeats is None else repeats,
+            t.warmup if warmup is None else warmup,
             t.min_sample_s,
             settle,
         )

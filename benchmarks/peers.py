@@ -57,48 +57,106 @@ def _checked(session, problem, name, run_once, to_ours, compile_s, memory, runne
     value, grads = run_once()
     out = (jnp.asarray(value, jnp.float32), to_ours(grads))
     tol = session.tolerance(problem.T)
-    err = harness.check(problem.label, f"peer {name}", out, ref_out, tol)
+    err = harness.check(problem.label, f"peer {name}", out, ref_out, tol, problem.reference)
     return harness.Timed(
         name=name,
         run=runner,
         compile_s=compile_s,
         memory=memory,
-        check=dict(reference=harness.REFERENCE, max_rel_err=err, tolerance=tol, passed=True),
+        check=dict(reference=problem.reference, max_rel_err=err, tolerance=tol, passed=True),
     )
 
 
 # ------------------------------------------------------------------------------- PyTorch
+def _structure(p: harness.Problem) -> tuple[str, int, bool]:
+    """``(kind, layers, bidirectional)`` of the problem's cell or model, or Unavailable."""
+    try:
+        kind, layers, bi, _ = harness.uniform_structure(p.cell)
+    except ValueError as e:
+        raise Unavailable(f"{p.cell_name}: {e}") from None
+    return kind, layers, bi
+
+
+def torch_rnn(kind: str, D: int, H: int, layers: int = 1, bidirectional: bool = False):
+    """PyTorch's module for ``kind`` (``nn.RNN`` tanh, ``nn.LSTM``, ``nn.GRU``), time-major."""
+    import torch
+
+    cls = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    extra = dict(nonlinearity="tanh") if kind == "elman" else {}
+    return cls(D, H, num_layers=layers, bidirectional=bidirectional, **extra)
+
+
+def _torch_suffix(layer: int, direction: int) -> str:
+    return f"_l{layer}" + ("_reverse" if direction else "")
+
+
+def torch_weights(kind: str, layers: list[tuple]) -> dict[str, np.ndarray]:
+    """bptt_jax's cell params per layer and direction (``harness.layer_params``) as PyTorch's
+    ``weight_ih_l{k}[_reverse]`` (= ``w_x.T``), ``weight_hh`` (= ``w_h.T``), ``bias_ih``,
+    ``bias_hh``. The gate blocks are in the same order (LSTM i, f, g, o; GRU r, z, n); an
+    Elman or LSTM cell has one bias, so ``bias_hh`` is zero; GRU's ``b_x``/``b_h`` are
+    ``bias_ih``/``bias_hh``."""
+    out = {}
+    for k, directions in enumerate(layers):
+        for d, q in enumerate(directions):
+            sfx = _torch_suffix(k, d)
+            if kind == "elman":
+                w_ih, w_hh, b_ih, b_hh = q.w_xh.T, q.w_hh.T, q.b_h, np.zeros_like(q.b_h)
+            elif kind == "lstm":
+                w_ih, w_hh, b_ih, b_hh = q.w_x.T, q.w_h.T, q.b, np.zeros_like(q.b)
+            else:
+                w_ih, w_hh, b_ih, b_hh = q.w_x.T, q.w_h.T, q.b_x, q.b_h
+            for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh)):
+                out[name + sfx] = np.array(w, np.float32)
+            for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
+                out[name + sfx] = np.array(b, np.float32)
+    return out
+
+
+def from_torch_grads(kind: str, grads: dict[str, np.ndarray], shape: list[tuple]) -> list[tuple]:
+    """The inverse of :func:`torch_weights` for gradients, per layer and direction (``shape``:
+    the per-layer direction tuples it came from). An Elman or LSTM bias gradient is
+    ``bias_ih``'s (``bias_hh`` gets the same gradient)."""
+    layers = []
+    for k, directions in enumerate(shape):
+        out = []
+        for d in range(len(directions)):
+            g = {n: grads[n + _torch_suffix(k, d)] for n in ("weight_ih", "weight_hh", "bias_ih")}
+            w_x, w_h, b = g["weight_ih"].T, g["weight_hh"].T, g["bias_ih"]
+            if kind == "elman":
+                out.append(bptt_jax.ElmanParams(w_x, w_h, b))
+            elif kind == "lstm":
+                out.append(bptt_jax.LSTMParams(w_x, w_h, b))
+            else:
+                out.append(bptt_jax.GRUParams(w_x, w_h, b, grads["bias_hh" + _torch_suffix(k, d)]))
+        layers.append(tuple(out))
+    return layers
+
+
 def torch_peer(session, p: harness.Problem) -> harness.Timed:
     try:
         import torch
     except ImportError as e:
         raise Unavailable(f"torch is not installed ({e}); pip install -e '.[bench]'") from None
+    kind, n_layers, bi = _structure(p)
     cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     T, B, D, H, O = p.T, p.B, p.D, p.H, p.O
+    F = H * (2 if bi else 1)  # features per step of the output
 
     def t(x):
         return torch.from_numpy(np.array(x, np.float32)).to(dev)
 
-    if p.cell_name == "elman":
-        rnn = torch.nn.RNN(D, H, nonlinearity="tanh")
-        w_ih, w_hh = p.params.w_xh.T, p.params.w_hh.T
-        b_ih, b_hh = p.params.b_h, jnp.zeros_like(p.params.b_h)
-    elif p.cell_name == "lstm":
-        rnn = torch.nn.LSTM(D, H)
-        w_ih, w_hh = p.params.w_x.T, p.params.w_h.T
-        b_ih, b_hh = p.params.b, jnp.zeros_like(p.params.b)
-    else:
-        rnn = torch.nn.GRU(D, H)
-        w_ih, w_hh = p.params.w_x.T, p.params.w_h.T
-        b_ih, b_hh = p.params.b_x, p.params.b_h
-    lin = torch.nn.Linear(H, O)
+    shape = harness.layer_params(p.cell, p.params)
+    rnn = torch_rnn(kind, D, H, n_layers, bi)
+    lin = torch.nn.Linear(F, O)
     rnn, lin = rnn.to(dev), lin.to(dev)
     with torch.no_grad():
-        rnn.weight_ih_l0.copy_(t(w_ih))
-        rnn.weight_hh_l0.copy_(t(w_hh))
-        rnn.bias_ih_l0.copy_(t(b_ih))
-        rnn.bias_hh_l0.copy_(t(b_hh))
+        named = dict(rnn.named_parameters())
+        weights = torch_weights(kind, shape)
+        assert set(weights) == set(named), (sorted(weights), sorted(named))
+        for name, w in weights.items():
+            named[name].copy_(t(w))
         lin.weight.copy_(t(p.readout.w_hy.T))
         lin.bias.copy_(t(p.readout.b_y))
     xs = t(p.xs)
@@ -109,7 +167,7 @@ def torch_peer(session, p: harness.Problem) -> harness.Timed:
         for w in weights:
             w.grad = None
         hs, _ = rnn(xs)
-        loss = torch.nn.functional.cross_entropy(lin(hs.reshape(T * B, H)), targets)
+        loss = torch.nn.functional.cross_entropy(lin(hs.reshape(T * B, F)), targets)
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
@@ -121,18 +179,11 @@ def torch_peer(session, p: harness.Problem) -> harness.Timed:
 
     def to_ours(_):
         g = {n: w.grad.detach().cpu().numpy() for n, w in rnn.named_parameters()}
-        if p.cell_name == "elman":
-            cell = bptt_jax.ElmanParams(g["weight_ih_l0"].T, g["weight_hh_l0"].T, g["bias_ih_l0"])
-        elif p.cell_name == "lstm":
-            cell = bptt_jax.LSTMParams(g["weight_ih_l0"].T, g["weight_hh_l0"].T, g["bias_ih_l0"])
-        else:
-            cell = bptt_jax.GRUParams(
-                g["weight_ih_l0"].T, g["weight_hh_l0"].T, g["bias_ih_l0"], g["bias_hh_l0"]
-            )
+        ours = harness.model_params(p.cell, from_torch_grads(kind, g, shape))
         ro = bptt_jax.ReadoutParams(
             lin.weight.grad.detach().cpu().numpy().T, lin.bias.grad.detach().cpu().numpy()
         )
-        return cell, ro
+        return ours, ro
 
     start = time.perf_counter()
     first = run_once()
@@ -143,41 +194,112 @@ def torch_peer(session, p: harness.Problem) -> harness.Timed:
 
 
 # ------------------------------------------------------------------------------- Flax
-def flax_peer(session, p: harness.Problem) -> harness.Timed:
-    try:
-        from flax import linen as nn
-    except ImportError as e:
-        raise Unavailable(f"flax is not installed ({e}); pip install -e '.[bench]'") from None
-    H = p.H
-    q = p.params
-    if p.cell_name == "elman":
-        cell = nn.SimpleCell(H)
-        variables = {"i": {"kernel": q.w_xh, "bias": q.b_h}, "h": {"kernel": q.w_hh}}
-    elif p.cell_name == "lstm":
-        cell = nn.LSTMCell(H)
+def flax_cell_variables(kind: str, q) -> dict:
+    """One bptt_jax cell's params as Flax's ``SimpleCell`` / ``LSTMCell`` / ``GRUCell``
+    variables (Flax's GRU adds ``b_hr``, ``b_hz`` into its input biases)."""
+    if kind == "elman":
+        return {"i": {"kernel": q.w_xh, "bias": q.b_h}, "h": {"kernel": q.w_hh}}
+    if kind == "lstm":
         wx, wh, b = (jnp.split(a, 4, axis=-1) for a in (q.w_x, q.w_h, q.b))
         variables = {}
         for j, g in enumerate("ifgo"):
             variables[f"i{g}"] = {"kernel": wx[j]}
             variables[f"h{g}"] = {"kernel": wh[j], "bias": b[j]}
+        return variables
+    wx, wh, bx, bh = (jnp.split(a, 3, axis=-1) for a in (q.w_x, q.w_h, q.b_x, q.b_h))
+    return {
+        "ir": {"kernel": wx[0], "bias": bx[0] + bh[0]},
+        "iz": {"kernel": wx[1], "bias": bx[1] + bh[1]},
+        "in": {"kernel": wx[2], "bias": bx[2]},
+        "hr": {"kernel": wh[0]},
+        "hz": {"kernel": wh[1]},
+        "hn": {"kernel": wh[2], "bias": bh[2]},
+    }
+
+
+def flax_cell_grads(kind: str, g: dict):
+    """The gradient of Flax cell variables as bptt_jax's params: the inverse of
+    :func:`flax_cell_variables` (a summed GRU bias's gradient goes to both of its terms)."""
+    if kind == "elman":
+        return bptt_jax.ElmanParams(g["i"]["kernel"], g["h"]["kernel"], g["i"]["bias"])
+    if kind == "lstm":
+        cat = lambda side, leaf: jnp.concatenate(  # noqa: E731
+            [g[f"{side}{x}"][leaf] for x in "ifgo"], -1
+        )
+        return bptt_jax.LSTMParams(cat("i", "kernel"), cat("h", "kernel"), cat("h", "bias"))
+    w_x = jnp.concatenate([g[n]["kernel"] for n in ("ir", "iz", "in")], -1)
+    w_h = jnp.concatenate([g[n]["kernel"] for n in ("hr", "hz", "hn")], -1)
+    b_x = jnp.concatenate([g[n]["bias"] for n in ("ir", "iz", "in")], -1)
+    b_h = jnp.concatenate([g["ir"]["bias"], g["iz"]["bias"], g["hn"]["bias"]], -1)
+    return bptt_jax.GRUParams(w_x, w_h, b_x, b_h)
+
+
+def flax_model(kind: str, H: int, layers: int, bidirectional: bool):
+    """A Flax linen module: ``layers`` time-major ``nn.RNN`` layers, each an
+    ``nn.Bidirectional`` of two when ``bidirectional`` (outputs concatenated, as PyTorch's).
+    Layer k's cells are named ``l{k}`` and ``l{k}_reverse`` (its variables' keys)."""
+    from flax import linen as nn
+
+    make = {"elman": nn.SimpleCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}[kind]
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, xs):
+            hs = xs
+            for k in range(layers):
+                fwd = nn.RNN(make(H, name=f"l{k}"), time_major=True)
+                if bidirectional:
+                    bwd = nn.RNN(make(H, name=f"l{k}_reverse"), time_major=True)
+                    hs = nn.Bidirectional(fwd, bwd, time_major=True)(hs)
+                else:
+                    hs = fwd(hs)
+            return hs
+
+    return Model()
+
+
+def flax_peer(session, p: harness.Problem) -> harness.Timed:
+    try:
+        from flax import linen as nn
+    except ImportError as e:
+        raise Unavailable(f"flax is not installed ({e}); pip install -e '.[bench]'") from None
+    kind, n_layers, bi = _structure(p)
+    H = p.H
+    shape = harness.layer_params(p.cell, p.params)
+    if p.cell_name in harness.CELLS:  # a cell: Flax's nn.RNN around its cell, as ever
+        make = {"elman": nn.SimpleCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}[kind]
+        module = nn.RNN(make(H), time_major=True)
+        variables = {"params": {"cell": flax_cell_variables(kind, p.params)}}
+
+        def grads_to_ours(g):
+            return flax_cell_grads(kind, g["params"]["cell"])
+
     else:
-        cell = nn.GRUCell(H)
-        wx, wh, bx, bh = (jnp.split(a, 3, axis=-1) for a in (q.w_x, q.w_h, q.b_x, q.b_h))
-        variables = {
-            "ir": {"kernel": wx[0], "bias": bx[0] + bh[0]},
-            "iz": {"kernel": wx[1], "bias": bx[1] + bh[1]},
-            "in": {"kernel": wx[2], "bias": bx[2]},
-            "hr": {"kernel": wh[0]},
-            "hz": {"kernel": wh[1]},
-            "hn": {"kernel": wh[2], "bias": bh[2]},
-        }
-    rnn = nn.RNN(cell, time_major=True)
-    variables = {"params": {"cell": variables}}
+        module = flax_model(kind, H, n_layers, bi)
+        names = [
+            (k, d, f"l{k}" + ("_reverse" if d else ""))
+            for k, directions in enumerate(shape)
+            for d in range(len(directions))
+        ]
+        variables = {"params": {n: flax_cell_variables(kind, shape[k][d]) for k, d, n in names}}
+        want = jax.eval_shape(module.init, jax.random.key(0), p.xs)
+        if jax.tree.structure(want) != jax.tree.structure(variables) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(variables))
+        ):
+            raise RuntimeError(f"flax variables do not match the module's: {want} / {variables}")
+
+        def grads_to_ours(g):
+            layers = [[None] * len(directions) for directions in shape]
+            for k, d, n in names:
+                layers[k][d] = flax_cell_grads(kind, g["params"][n])
+            return harness.model_params(p.cell, [tuple(x) for x in layers])
+
+    F = H * (2 if bi else 1)
     targets = p.targets.reshape(-1)
 
     def loss(variables, readout, xs):
-        hs = rnn.apply(variables, xs)
-        logits = hs.reshape(-1, H) @ readout.w_hy + readout.b_y
+        hs = module.apply(variables, xs)
+        logits = hs.reshape(-1, F) @ readout.w_hy + readout.b_y
         return _xent_mean(logits, targets)
 
     args = (variables, p.readout, p.xs)
@@ -187,21 +309,7 @@ def flax_peer(session, p: harness.Problem) -> harness.Timed:
 
     def to_ours(grads):
         g, g_ro = grads
-        g = g["params"]["cell"]
-        if p.cell_name == "elman":
-            ours = bptt_jax.ElmanParams(g["i"]["kernel"], g["h"]["kernel"], g["i"]["bias"])
-        elif p.cell_name == "lstm":
-            cat = lambda side, leaf: jnp.concatenate(  # noqa: E731
-                [g[f"{side}{x}"][leaf] for x in "ifgo"], -1
-            )
-            ours = bptt_jax.LSTMParams(cat("i", "kernel"), cat("h", "kernel"), cat("h", "bias"))
-        else:
-            w_x = jnp.concatenate([g[n]["kernel"] for n in ("ir", "iz", "in")], -1)
-            w_h = jnp.concatenate([g[n]["kernel"] for n in ("hr", "hz", "hn")], -1)
-            b_x = jnp.concatenate([g[n]["bias"] for n in ("ir", "iz", "in")], -1)
-            b_h = jnp.concatenate([g["ir"]["bias"], g["iz"]["bias"], g["hn"]["bias"]], -1)
-            ours = bptt_jax.GRUParams(w_x, w_h, b_x, b_h)
-        return ours, g_ro
+        return grads_to_ours(g), g_ro
 
     memory = harness.memory_of(f)
 
@@ -222,7 +330,7 @@ def cudnn_peer(session, p: harness.Problem) -> harness.Timed:
     if jax.default_backend() != "gpu":
         raise Unavailable(f"jax.experimental.rnn needs a GPU (backend: {jax.default_backend()})")
     if p.cell_name != "lstm":
-        raise Unavailable("jax.experimental.rnn has an LSTM only")
+        raise Unavailable("jax.experimental.rnn has an LSTM only (here: one layer, one direction)")
     from jax.experimental import rnn as jrnn
 
     T, B, D, H = p.T, p.B, p.D, p.H
@@ -266,6 +374,26 @@ def cudnn_peer(session, p: harness.Problem) -> harness.Timed:
 PEERS = {"torch": torch_peer, "flax": flax_peer, "cudnn": cudnn_peer}
 
 
+def add_peers(session, part: str, problem, libraries, timed: dict, noted: set) -> dict[str, str]:
+    """Each library's checked entry on ``problem``, added to ``timed``; returns the skipped
+    ones and why (each reason noted once per ``noted``). A peer that fails its check or
+    crashes is reported as a failure of ``part`` and left out."""
+    skipped = {}
+    for lib in libraries:
+        try:
+            timed[lib] = PEERS[lib](session, problem)
+        except Unavailable as e:
+            skipped[lib] = str(e)
+            if (lib, str(e)) not in noted:
+                noted.add((lib, str(e)))
+                session.note(f"{part}: {lib} skipped: {e}")
+        except harness.CheckFailed as e:
+            session.fail(part, f"{problem.label} {lib}", e)
+        except Exception as e:  # noqa: BLE001 - a peer's crash fails its entry only
+            session.fail(part, f"{problem.label} {lib}", f"{type(e).__name__}: {e}")
+    return skipped
+
+
 def run(session: harness.Session, cfg) -> list[dict[str, Any]]:
     part = cfg.peers
     session.print(HEADER + "\n" + "-" * len(HEADER), flush=True)
@@ -278,19 +406,7 @@ def run(session: harness.Session, cfg) -> list[dict[str, Any]]:
             except harness.EntryFailed as e:
                 session.fail("peers", problem.label, e)
                 continue
-            skipped = {}
-            for lib in part.libraries:
-                try:
-                    timed[lib] = PEERS[lib](session, problem)
-                except Unavailable as e:
-                    skipped[lib] = str(e)
-                    if (lib, str(e)) not in noted:
-                        noted.add((lib, str(e)))
-                        session.note(f"peers: {lib} skipped: {e}")
-                except harness.CheckFailed as e:
-                    session.fail("peers", f"{problem.label} {lib}", e)
-                except Exception as e:  # noqa: BLE001 - a peer's crash fails its entry only
-                    session.fail("peers", f"{problem.label} {lib}", f"{type(e).__name__}: {e}")
+            skipped = add_peers(session, "peers", problem, part.libraries, timed, noted)
             if len(timed) == 1:
                 continue
             measured = session.measure(problem, timed, settle=part.settle)

@@ -4,8 +4,9 @@
 * ``memory_vs_T.png``: the ``scaling`` part, XLA temp memory (and the device's peak, on a GPU)
   of each variant against T;
 * ``tokens_per_s_vs_k.png``: the ``truncation`` part, tokens/s against k, full BPTT as a line;
-* ``ratios.png``: the speedups of the hand-written path: autodiff/manual per cell and size, and
-  each peer's time over bptt_jax's.
+* ``ratios.png``: the speedups of the hand-written path: autodiff/manual per cell and size,
+  each peer's time over bptt_jax's, and each model row's (stacked, bidirectional) times over
+  manual's.
 
 A plot whose part did not run (or has no timings) is not drawn.
 """
@@ -121,6 +122,9 @@ def ratios(results: dict, out: Path) -> str | None:
     for r in results.get("peers") or []:
         for name, v in r["time_vs_bptt"].items():
             bars.append((f"{r['cell']} {r['T']},{r['B']},{r['D']},{r['H']}\n{name}/bptt_jax", v))
+    for r in (results.get("models") or {}).get("rows", []):
+        for name, v in r.get("time_vs_manual", {}).items():
+            bars.append((f"{r['model']} {r['T']},{r['B']},{r['D']},{r['H']}\n{name}/manual", v))
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(bars)), 4.6))

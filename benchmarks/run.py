@@ -5,8 +5,9 @@
 
 Parts, in the order ``parts`` lists them (each is a script here, also runnable alone):
 ``manual_vs_autodiff``, ``scaling`` (tokens/s and memory vs T), ``truncation``, ``peers``,
-``floor``. Every timed gradient path is checked against autodiff first; an entry that fails
-its check is reported loudly and never timed, and the run exits 1.
+``floor``, ``models`` (stacked and bidirectional). Every timed gradient path is checked
+against autodiff first; an entry that fails its check is reported loudly and never timed, and
+the run exits 1.
 
 Writes to the config's ``out`` folder: ``bench.json`` (every number: environment, config,
 each part's rows with all samples, the targets of issue 5 and whether they were met,
@@ -29,6 +30,7 @@ import floor
 import harness
 import jax
 import manual_vs_autodiff
+import models
 import peers
 import plots
 import scaling
@@ -42,6 +44,7 @@ PARTS = {
     "truncation": (truncation, "full BPTT vs truncated BPTT (truncate=k)"),
     "peers": (peers, "other implementations of the same loss and gradient"),
     "floor": (floor, "bptt_jax against the matmuls it cannot avoid"),
+    "models": (models, "stacked and bidirectional models: vs autodiff, the peers; memory"),
 }
 SCHEMA_VERSION = 1
 
@@ -51,8 +54,13 @@ def check_names(cfg) -> None:
     known = ", ".join(harness.VARIANTS)
     named = [
         (f"{part}.variants[{i}]", v)
-        for part in ("manual_vs_autodiff", "scaling")
-        for i, v in enumerate(getattr(cfg, part).variants)
+        for part, key in (
+            ("manual_vs_autodiff", "variants"),
+            ("scaling", "variants"),
+            ("models", "variants"),
+            ("models", "memory_variants"),
+        )
+        for i, v in enumerate(getattr(getattr(cfg, part), key))
     ]
     named.append(("truncation.variant", cfg.truncation.variant))
     for key, v in named:
@@ -71,6 +79,10 @@ TARGETS = {
     "torch_small": 1.4,  # torch/bptt_jax, Elman and GRU, small B*H (per-step cost dominates)
     "torch_large": 0.8,  # torch/bptt_jax, Elman and GRU, large B*H
     "torch_lstm": 1 / 1.3,  # torch/bptt_jax for LSTM: bptt_jax within 1.3x of oneDNN's LSTM
+    # stacked and bidirectional models (the models part)
+    "model_vs_autodiff": 1.2,  # autodiff/manual time of a Stack or Bidirectional model
+    "model_vs_torch": 0.9,  # torch/manual time: nn.LSTM(num_layers=2), nn.GRU(bidirectional)
+    "checkpoint_saving": 10.0,  # temp(manual)/temp(checkpointed) of a deep stack: <= 1/10
 }
 #: B*H at or below which a size counts as "small" (per-step cost dominates) for the torch
 #: targets; an assumption of this suite, stated in benchmarks/README.md.
@@ -132,6 +144,17 @@ def targets(results: dict) -> list[dict[str, Any]]:
         else:
             key = "torch_large"
         add(key, entry, ratio, TARGETS[key], timed)
+    part = results.get("models") or {}
+    for r in part.get("rows", []):
+        entry = f"{r['model']} T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
+        speed = r.get("time_vs_manual", {})
+        for key, peer in (("model_vs_autodiff", "autodiff"), ("model_vs_torch", "torch")):
+            timed = [r["variants"][v] for v in ("manual", peer) if v in r["variants"]]
+            add(key, entry, speed.get(peer), TARGETS[key], timed)
+    for r in part.get("memory", []):
+        entry = f"{r['model']} T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
+        saving = r.get("temp_saving", {}).get("checkpointed")
+        add("checkpoint_saving", entry, saving, TARGETS["checkpoint_saving"])
     return out
 
 
@@ -139,7 +162,11 @@ def targets(results: dict) -> list[dict[str, Any]]:
 def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
     """Run the parts of ``cfg``; return the results dict (also what goes to JSON)."""
     start = time.perf_counter()
-    if "peers" in cfg.parts and "torch" in cfg.peers.libraries:
+    libraries = {
+        *(cfg.peers.libraries if "peers" in cfg.parts else ()),
+        *(cfg.models.libraries if "models" in cfg.parts else ()),
+    }
+    if "torch" in libraries:
         # on a GPU, JAX would otherwise take 75% of its memory up front and leave PyTorch
         # little (no effect once JAX's backend has started, nor on a CPU)
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -148,7 +175,7 @@ def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
     session = harness.Session(cfg, print_fn)
     env = harness.environment()
     for lib in ("torch", "flax"):  # versions of the peers, when installed
-        if "peers" in cfg.parts and lib in cfg.peers.libraries and env.get(lib) is None:
+        if lib in libraries and env.get(lib) is None:
             try:
                 env[lib] = __import__(lib).__version__
             except ImportError:
@@ -170,7 +197,8 @@ def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
         f"matmul precision {cfg.matmul_precision}\n"
         f"config {config_file or '(defaults)'}: parts {', '.join(cfg.parts)}; median of "
         f"{cfg.timing.repeats} interleaved runs after {cfg.timing.warmup} warm-up; gradients "
-        f"checked against '{harness.REFERENCE}' (rtol {cfg.check.rtol:g}) before timing",
+        f"checked against '{harness.REFERENCE}' (models: '{harness.MODEL_REFERENCE}', rtol "
+        f"{cfg.check.rtol:g}) before timing",
         flush=True,
     )
     if env["backend"] != "cpu" and cfg.matmul_precision != "highest":
@@ -207,7 +235,7 @@ def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
 def summary(results: dict) -> list[str]:
     lines = ["", "== summary"]
     if results["targets"]:
-        lines.append("issue 5 targets (ratio >= threshold; times are medians of this run):")
+        lines.append("targets (ratio >= threshold; times are medians of this run):")
         for t in results["targets"]:
             noise = "" if t["spread"] is None else f"  spread {t['spread']:4.0%}"
             lines.append(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -28,9 +29,31 @@ from typing import Literal
 from bptt_jax import config
 
 Cell = Literal["elman", "lstm", "gru"]
-Part = Literal["manual_vs_autodiff", "scaling", "truncation", "peers", "floor"]
+Part = Literal["manual_vs_autodiff", "scaling", "truncation", "peers", "floor", "models"]
 Library = Literal["torch", "flax", "cudnn"]
-PARTS: tuple[str, ...] = ("manual_vs_autodiff", "scaling", "truncation", "peers", "floor")
+PARTS: tuple[str, ...] = ("manual_vs_autodiff", "scaling", "truncation", "peers", "floor", "models")
+
+#: A model spec: ``[bi]<cell>[:<layers>]``. ``"gru"`` is the cell itself, ``"bigru"``
+#: ``Bidirectional(GRU(H))``, ``"lstm:2"`` ``stacked(LSTM(H), 2)`` (a Stack; ``"lstm:1"`` a
+#: one-layer one), ``"bilstm:2"`` ``stacked(LSTM(H), 2, bidirectional=True)``.
+MODEL_SPEC = re.compile(r"(bi)?(elman|lstm|gru)(?::([1-9][0-9]*))?")
+
+
+def parse_model(spec: str) -> tuple[str, int | None, bool]:
+    """``(cell, layers, bidirectional)`` of a model spec (``layers`` ``None``: no Stack).
+
+    >>> parse_model("lstm:2"), parse_model("bigru"), parse_model("gru")
+    (('lstm', 2, False), ('gru', None, True), ('gru', None, False))
+    """
+    m = MODEL_SPEC.fullmatch(spec)
+    if m is None:
+        raise ValueError(
+            f"model spec {spec!r} is not [bi]<cell>[:<layers>] with cell elman, lstm or gru "
+            "(e.g. 'lstm:2', 'bigru', 'bilstm:2')"
+        )
+    bi, cell, layers = m.groups()
+    return cell, None if layers is None else int(layers), bi is not None
+
 
 #: Where the benchmark scripts live (``<repo>/benchmarks``), beside ``configs/``.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -113,6 +136,28 @@ class Floor:
 
 
 @dataclasses.dataclass(frozen=True)
+class Models:
+    """Part 6: stacked and bidirectional models (``bptt_jax.Stack``, ``Bidirectional``).
+
+    Timed rows: each model of ``models`` at each size, every variant (checked against the
+    per-cell plain scans composed by the benchmark) and each peer library (PyTorch's
+    ``nn.LSTM(num_layers=L, bidirectional=...)``, Flax ``nn.RNN``/``nn.Bidirectional``) side by
+    side. Memory rows: each of ``memory_models`` at each of ``memory_sizes``, compiled and
+    checked, not timed: XLA temp memory of each of ``memory_variants``.
+    """
+
+    models: tuple[str, ...] = ("lstm:2", "bigru")  # specs: [bi]<cell>[:<layers>]
+    sizes: tuple[Size, ...] = ((256, 64, 128, 256),)  # [T, B, D, H]; H per cell
+    variants: tuple[str, ...] = ("manual", "autodiff")  # names in harness.VARIANTS
+    libraries: tuple[Library, ...] = ("torch", "flax")  # peers, when installed (no cudnn)
+    repeats: int | None = None  # timed samples per entry; none: timing.repeats
+    warmup: int | None = None  # untimed calls per entry; none: timing.warmup
+    memory_models: tuple[str, ...] = ("lstm:4",)
+    memory_sizes: tuple[Size, ...] = ((4096, 16, 32, 64),)
+    memory_variants: tuple[str, ...] = ("manual", "checkpointed")
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """Everything ``bptt-jax bench`` runs; each table is one part (see ``benchmarks/``)."""
 
@@ -132,6 +177,7 @@ class BenchConfig:
     truncation: Truncation = Truncation()
     peers: Peers = Peers()
     floor: Floor = Floor()
+    models: Models = Models()
 
 
 def _positive(key: str, value, minimum: int | float = 1) -> None:
@@ -148,13 +194,29 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     if not cfg.check.rtol > 0:
         raise config.ConfigError(f"config: 'check.rtol' must be > 0; got {cfg.check.rtol!r}")
     _positive("check.long_T", cfg.check.long_T)
-    for part in ("manual_vs_autodiff", "peers", "floor"):
-        for i, size in enumerate(getattr(cfg, part).sizes):
+    for part, key in (
+        ("manual_vs_autodiff", "sizes"),
+        ("peers", "sizes"),
+        ("floor", "sizes"),
+        ("models", "sizes"),
+        ("models", "memory_sizes"),
+    ):
+        for i, size in enumerate(getattr(getattr(cfg, part), key)):
             if len(size) != 4 or min(size) < 1:
                 raise config.ConfigError(
-                    f"config: '{part}.sizes[{i}]' must be [T, B, D, H], four positive ints; "
+                    f"config: '{part}.{key}[{i}]' must be [T, B, D, H], four positive ints; "
                     f"got {list(size)}"
                 )
+    for key in ("models", "memory_models"):
+        for i, spec in enumerate(getattr(cfg.models, key)):
+            try:
+                parse_model(spec)
+            except ValueError as e:
+                raise config.ConfigError(f"config: 'models.{key}[{i}]': {e}") from None
+    if cfg.models.repeats is not None:
+        _positive("models.repeats", cfg.models.repeats)
+    if cfg.models.warmup is not None:
+        _positive("models.warmup", cfg.models.warmup, 0)
     for name in ("B", "D", "H"):
         _positive(f"scaling.{name}", getattr(cfg.scaling, name))
     for i, t in enumerate(cfg.scaling.T):
