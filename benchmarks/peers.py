@@ -14,6 +14,11 @@ path:
   ``nn.GRUCell``, ``jax.jit(jax.value_and_grad(...))``;
 * ``cudnn``: ``jax.experimental.rnn.lstm`` (cuDNN), LSTM on a GPU only.
 
+The models part (``models.py``) uses the same peers on stacked and bidirectional models: the
+mappings go layer by layer and direction by direction (PyTorch's ``weight_ih_l{k}_reverse``
+is ``params[k][1].w_x.T``; Flax ``nn.RNN`` layers, each an ``nn.Bidirectional`` pair when the
+model is bidirectional).
+
 Before timing, each peer's loss and gradients (mapped back to bptt_jax's params) are checked
 against bptt_jax's autodiff reference, which also proves the two compute the same problem.
 A library that is not installed, or that does not apply (cuDNN on a CPU, or for Elman/GRU), is
@@ -258,6 +263,30 @@ def flax_model(kind: str, H: int, layers: int, bidirectional: bool):
     return Model()
 
 
+def _flax_names(layers: list[tuple]) -> list[tuple[int, int, str]]:
+    return [
+        (k, d, f"l{k}" + ("_reverse" if d else ""))
+        for k, directions in enumerate(layers)
+        for d in range(len(directions))
+    ]
+
+
+def flax_variables(kind: str, layers: list[tuple]) -> dict:
+    """The variables of :func:`flax_model` from bptt_jax's cell params per layer and direction
+    (``harness.layer_params``)."""
+    return {
+        "params": {n: flax_cell_variables(kind, layers[k][d]) for k, d, n in _flax_names(layers)}
+    }
+
+
+def from_flax_grads(kind: str, grads: dict, layers: list[tuple]) -> list[tuple]:
+    """The gradient of :func:`flax_variables` per layer and direction, as bptt_jax's params."""
+    out = [[None] * len(directions) for directions in layers]
+    for k, d, n in _flax_names(layers):
+        out[k][d] = flax_cell_grads(kind, grads["params"][n])
+    return [tuple(x) for x in out]
+
+
 def flax_peer(session, p: harness.Problem) -> harness.Timed:
     try:
         from flax import linen as nn
@@ -276,12 +305,7 @@ def flax_peer(session, p: harness.Problem) -> harness.Timed:
 
     else:
         module = flax_model(kind, H, n_layers, bi)
-        names = [
-            (k, d, f"l{k}" + ("_reverse" if d else ""))
-            for k, directions in enumerate(shape)
-            for d in range(len(directions))
-        ]
-        variables = {"params": {n: flax_cell_variables(kind, shape[k][d]) for k, d, n in names}}
+        variables = flax_variables(kind, shape)
         want = jax.eval_shape(module.init, jax.random.key(0), p.xs)
         if jax.tree.structure(want) != jax.tree.structure(variables) or any(
             a.shape != b.shape for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(variables))
@@ -289,10 +313,7 @@ def flax_peer(session, p: harness.Problem) -> harness.Timed:
             raise RuntimeError(f"flax variables do not match the module's: {want} / {variables}")
 
         def grads_to_ours(g):
-            layers = [[None] * len(directions) for directions in shape]
-            for k, d, n in names:
-                layers[k][d] = flax_cell_grads(kind, g["params"][n])
-            return harness.model_params(p.cell, [tuple(x) for x in layers])
+            return harness.model_params(p.cell, from_flax_grads(kind, g, shape))
 
     F = H * (2 if bi else 1)
     targets = p.targets.reshape(-1)

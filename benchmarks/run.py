@@ -53,7 +53,7 @@ def check_names(cfg) -> None:
     """Every variant a config names exists in ``harness.VARIANTS`` (else a ConfigError)."""
     known = ", ".join(harness.VARIANTS)
     named = [
-        (f"{part}.variants[{i}]", v)
+        (f"{part}.{key}[{i}]", v)
         for part, key in (
             ("manual_vs_autodiff", "variants"),
             ("scaling", "variants"),

@@ -118,6 +118,134 @@ def test_peers_are_checked_and_timed_or_noted_as_skipped(tiny_run):
             assert _close(row["time_vs_bptt"][name], v["median_s"] / base)
 
 
+def test_models_part_checks_and_times_stacked_and_bidirectional_models(tiny_run):
+    """The models part: a 2-layer LSTM and a bidirectional GRU, every variant and installed
+    peer checked against the per-cell plain scans composed by the bench, then timed; the
+    4-layer LSTM's temp memory, checkpointed against manual."""
+    res, _, stdout = tiny_run
+    part = res["models"]
+    installed = {lib for lib in ("torch", "flax") if res["environment"].get(lib)}
+    for lib in {"torch", "flax"} - installed:
+        assert any(n.startswith(f"models: {lib} skipped") for n in res["notes"]), res["notes"]
+    shapes = {"lstm:2": ("lstm", 2, False, 8), "bigru": ("gru", 1, True, 16)}
+    assert [r["model"] for r in part["rows"]] == list(shapes)
+    for r in part["rows"]:
+        cell, layers, bi, out = shapes[r["model"]]
+        assert (r["cell"], r["layers"], r["bidirectional"], r["output_size"]) == (
+            cell,
+            layers,
+            bi,
+            out,
+        )
+        assert (r["T"], r["B"], r["D"], r["H"]) == (12, 3, 4, 8)
+        assert r["reference"] == "composed_autodiff"
+        assert set(r["variants"]) == {"manual", "autodiff", *installed}
+        base = r["variants"]["manual"]
+        for name, v in r["variants"].items():
+            _check_timed(v, r["tokens"])
+            assert v["check"]["reference"] == "composed_autodiff"
+            if name != "manual":
+                assert _close(r["time_vs_manual"][name], v["median_s"] / base["median_s"])
+        assert _close(
+            r["temp_vs_manual"]["autodiff"],
+            r["variants"]["autodiff"]["temp_bytes"] / base["temp_bytes"],
+        )
+    (mem,) = part["memory"]
+    assert (mem["model"], mem["layers"], mem["T"]) == ("lstm:4", 4, 64)
+    assert set(mem["variants"]) == {"manual", "checkpointed"}
+    for v in mem["variants"].values():
+        assert v["temp_bytes"] > 0 and v["check"]["passed"]
+        assert "median_s" not in v  # memory only: not timed
+    m, c = (mem["variants"][v]["temp_bytes"] for v in ("manual", "checkpointed"))
+    assert _close(mem["temp_vs_manual"]["checkpointed"], c / m)
+    assert _close(mem["temp_saving"]["checkpointed"], m / c)
+    targets = {(t["target"], t["entry"].split()[0]) for t in res["targets"]}
+    assert {("model_vs_autodiff", "lstm:2"), ("model_vs_autodiff", "bigru")} <= targets
+    assert ("checkpoint_saving", "lstm:4") in targets
+    assert ("torch" in installed) == (("model_vs_torch", "bigru") in targets)
+    assert "x manual" in stdout and "saving" in stdout
+
+
+def _model_problem(spec, key, T=7, B=3, D=4, H=5):
+    bench.load_runner()
+    harness = sys.modules["harness"]
+    return harness, harness.make_problem(spec, T, B, D, H, 6, key)
+
+
+def _composed_grads(harness, p, weights):
+    """hs of the composed per-cell plain scans and the gradient of ``sum(hs * weights)``."""
+
+    def f(params):
+        return harness.unroll_composed(p.cell, params, p.xs)
+
+    hs = f(p.params)
+    grads = jax.grad(lambda q: jax.numpy.sum(f(q) * weights))(p.params)
+    return hs, grads
+
+
+def _assert_trees_close(got, want, rtol=1e-5):
+    import numpy as np
+
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape
+        assert np.max(np.abs(a - b)) <= rtol * max(np.max(np.abs(b)), 1e-30), (a, b)
+
+
+SPECS = ["lstm:2", "bigru", "bilstm:2", "elman:3"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_torch_weight_mapping_of_layers_and_directions(spec, key):
+    """bptt_jax's params, mapped to nn.LSTM/GRU/RNN(num_layers=L, bidirectional=...)'s
+    ``weight_ih_l{k}[_reverse]`` etc., give the same outputs as the per-cell plain scans
+    composed layer by layer, and PyTorch's gradients mapped back equal JAX's."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    harness, p = _model_problem(spec, key)
+    peers = sys.modules["peers"]
+    kind, layers, bi, H = harness.uniform_structure(p.cell)
+    weights = jax.random.normal(jax.random.fold_in(key, 1), (p.T, p.B, H * (1 + bi)), "float32")
+    hs_ref, g_ref = _composed_grads(harness, p, weights)
+
+    rnn = peers.torch_rnn(kind, p.D, H, layers, bi).double()
+    shape = harness.layer_params(p.cell, p.params)
+    named = dict(rnn.named_parameters())
+    mapped = peers.torch_weights(kind, shape)
+    assert set(mapped) == set(named)
+    with torch.no_grad():
+        for name, w in mapped.items():
+            named[name].copy_(torch.from_numpy(w.astype(np.float64)))
+    hs, _ = rnn(torch.from_numpy(np.asarray(p.xs, np.float64)))
+    (hs * torch.from_numpy(np.asarray(weights, np.float64))).sum().backward()
+    np.testing.assert_allclose(hs.detach().numpy(), np.asarray(hs_ref), rtol=1e-5, atol=1e-6)
+    g = {n: w.grad.numpy() for n, w in rnn.named_parameters()}
+    got = harness.model_params(p.cell, peers.from_torch_grads(kind, g, shape))
+    _assert_trees_close(got, g_ref)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_flax_mapping_of_layers_and_directions(spec, key):
+    """The same for Flax: nn.RNN layers (nn.Bidirectional pairs) with the mapped variables."""
+    pytest.importorskip("flax")
+
+    harness, p = _model_problem(spec, key)
+    peers = sys.modules["peers"]
+    kind, layers, bi, H = harness.uniform_structure(p.cell)
+    weights = jax.random.normal(jax.random.fold_in(key, 1), (p.T, p.B, H * (1 + bi)), "float32")
+    hs_ref, g_ref = _composed_grads(harness, p, weights)
+    module = peers.flax_model(kind, H, layers, bi)
+    shape = harness.layer_params(p.cell, p.params)
+    variables = peers.flax_variables(kind, shape)
+    hs = module.apply(variables, p.xs)
+    _assert_trees_close(hs, hs_ref)
+    g = jax.grad(lambda v: jax.numpy.sum(module.apply(v, p.xs) * weights))(variables)
+    got = harness.model_params(p.cell, peers.from_flax_grads(kind, g, shape))
+    _assert_trees_close(got, g_ref)
+
+
 def test_floor_is_positive_and_consistent(tiny_run):
     res, _, _ = tiny_run
     fl = res["floor"]
@@ -135,7 +263,7 @@ def test_targets_are_evaluated_from_the_ratios(tiny_run):
     assert res["targets"]
     for t in res["targets"]:
         assert t["met"] == (t["value"] >= t["threshold"])
-        if t["target"] == "temp_vs_autodiff":  # memory: no samples, no noise
+        if t["target"] in ("temp_vs_autodiff", "checkpoint_saving"):  # memory: no samples
             assert t["spread"] is None and not t["noisy"]
         else:
             assert t["spread"] >= 0
@@ -172,6 +300,10 @@ def test_plots_are_written(tiny_run):
         ("manual_vs_autodiff.sizes=[[4, 2, 3]]", "manual_vs_autodiff.sizes[0]"),
         ("scaling.variants=['manual', 'nope']", "scaling.variants[1]"),
         ("parts=['floor', 'speed']", "parts[1]"),
+        ("models.models=['lstm', 'blstm:2']", "models.models[1]"),
+        ("models.memory_sizes=[[64, 2, 3]]", "models.memory_sizes[0]"),
+        ("models.memory_variants=['manual', 'nope']", "models.memory_variants[1]"),
+        ("models.repeats=0", "models.repeats"),
     ],
 )
 def test_config_error_names_the_key_and_exits_2(override, key, tmp_path):
