@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bptt_jax import validation
+from bptt_jax.models import Bidirectional, Stack, is_bidirectional, output_size
 
 BACKWARDS = ("manual", "checkpointed", "autodiff")
 
@@ -316,59 +317,258 @@ def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
     return grads, dxs.reshape(t_len, b, d)
 
 
-def backward(
-    cell,
-    params,
-    xs,
-    carry0,
-    mask,
-    states,
-    res,
-    dhs,
-    dcarry_t,
-    truncate,
-    *,
-    resets=None,
-    delta_clip=None,
-    return_deltas=False,
-):
-    """The hand-written BPTT: reverse scan over time, then the summed weight gradients.
+# ====================================================================== models
+# A model (bptt_jax.models) is a cell, a Bidirectional or a Stack. The engine sees a tuple of
+# layers, each a cell (forward in time) or a Bidirectional (two cells, the second run over
+# each sequence's reversed valid prefix); params and carries are tuples with one entry per
+# layer, a Bidirectional layer's entry being the pair (forward, backward). Layers run one
+# after the other over the whole sequence (a layer needs all of its input before the next
+# Bidirectional one can start); a stack with no Bidirectional layer can also be walked
+# through time as a whole, segment by segment or chunk by chunk, all layers at once.
+
+
+def layers_of(model) -> tuple:
+    """The model's layers: ``Stack.layers``, or the model alone."""
+    return model.layers if isinstance(model, Stack) else (model,)
+
+
+def per_layer(model, tree) -> tuple:
+    """A params/carry/gradient pytree of ``model`` as a tuple with one entry per layer."""
+    return tuple(tree) if isinstance(model, Stack) else (tree,)
+
+
+def from_layers(model, entries):
+    """The inverse of :func:`per_layer`."""
+    return tuple(entries) if isinstance(model, Stack) else entries[0]
+
+
+def cells_of(model) -> tuple:
+    """Every cell of the model, layer by layer, forward direction first."""
+    out = []
+    for layer in layers_of(model):
+        out.extend(layer.cells if isinstance(layer, Bidirectional) else (layer,))
+    return tuple(out)
+
+
+def reversal(mask, length: int):
+    """Indices ``idx`` (T, B) with ``x[idx[t, b], b]`` each sequence's valid prefix reversed.
+
+    ``len_b = sum_t mask[t, b]``: steps ``t < len_b`` map to ``len_b - 1 - t`` and padded
+    steps to themselves, so the map is its own inverse and the reversed sequence is again
+    right-padded by the same mask. ``None`` (no mask): the whole time axis is flipped.
+    """
+    if mask is None:
+        return None
+    lengths = jnp.sum(mask, axis=0, dtype=jnp.int32)
+    t = jnp.arange(length, dtype=jnp.int32)[:, None]
+    return jnp.where(t < lengths, lengths - 1 - t, t)
+
+
+def reverse_time(x, idx):
+    """``x`` (T, B, ...) with each sequence's valid prefix reversed (see :func:`reversal`)."""
+    if idx is None:
+        return jnp.flip(x, 0)
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=0)
+
+
+def merge_outputs(merge: str, hf, hb):
+    """A Bidirectional layer's output from its directions' (both in forward time)."""
+    if merge == "concat":
+        return jnp.concatenate([hf, hb], axis=-1)
+    total = hf + hb
+    return total * jnp.asarray(0.5, total.dtype) if merge == "mean" else total
+
+
+def _split_error(layer, dhs, idx):
+    """The error on a Bidirectional layer's outputs, split into its directions' errors.
+
+    The reverse direction's comes in its own (reversed) time. An :class:`OutputError` stays
+    one: its readout kernel is split by rows, its ``dy`` reversed.
+    """
+    hf, merge = layer.forward.hidden_size, layer.merge
+    if isinstance(dhs, OutputError):
+        dy, w = dhs
+        dy_b = reverse_time(dy, idx)
+        if merge == "concat":
+            return OutputError(dy, w[:hf]), OutputError(dy_b, w[hf:])
+        if merge == "mean":
+            w = w * jnp.asarray(0.5, w.dtype)
+        return OutputError(dy, w), OutputError(dy_b, w)
+    if merge == "concat":
+        f, b = dhs[..., :hf], dhs[..., hf:]
+    else:
+        f = b = dhs * jnp.asarray(0.5, dhs.dtype) if merge == "mean" else dhs
+    return f, reverse_time(b, idx)
+
+
+def _dense(dhs):
+    return dhs.dy @ dhs.w.T if isinstance(dhs, OutputError) else dhs
+
+
+class _Full:
+    """How one cell walks its sequence: every state and residual stored (full BPTT)."""
+
+    stores_inputs = False
+
+    @staticmethod
+    def forward(cell, params, xs, carry0, mask, resets, keep):
+        states, bufs, carry_t = forward(
+            cell, params, xs, carry0, mask, keep_residuals=keep, resets=resets
+        )
+        return cell.hidden(states), carry_t, (states, bufs) if keep else None
+
+    @staticmethod
+    def backward(cell, params, xs, carry0, mask, resets, saved, dhs, dcarry_t, cuts, clip, real,
+                 keep_deltas):  # fmt: skip
+        states, bufs = saved
+        dcarry0, dcols, deltas = reverse_scan(
+            cell, params, carry0, mask, states, bufs, dhs, dcarry_t, cuts,
+            resets=resets, delta_clip=clip, keep_deltas=keep_deltas, real=real,
+        )  # fmt: skip
+        grads, dxs = weight_grads(cell, params, xs, carry0, states, dcols, resets)
+        return grads, dxs, dcarry0, deltas
+
+
+class _Segmented(NamedTuple):
+    """How one cell walks its sequence: checkpointed, storing its segment carries only.
+
+    Used for the cells of a model with a Bidirectional layer, whose layers cannot be walked
+    through time together; each layer keeps its input (T, B, F) for the backward.
+    """
+
+    segment: int
+    stores_inputs = True
+
+    def forward(self, cell, params, xs, carry0, mask, resets, keep):
+        _, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, self.segment)
+        ckpt, hs_s, carry_t = checkpointed_forward(
+            cell, params, xs_s, carry0, mask_s, resets_s, None, out_fn=lambda hs, _: hs
+        )
+        return _unsegment(hs_s, xs.shape[0]), carry_t, ckpt if keep else None
+
+    def backward(self, cell, params, xs, carry0, mask, resets, saved, dhs, dcarry_t, cuts, clip,
+                 real, keep_deltas):  # fmt: skip
+        del real
+        if keep_deltas:
+            raise ValueError("the deltas of checkpointed BPTT are not kept; use the full path")
+        t_len = xs.shape[0]
+        n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, self.segment)
+        grads, dxs_s, dcarry0, _, _ = checkpointed_backward(
+            cell, params, xs_s, mask_s, resets_s, None, saved, dcarry_t,
+            _segment_cuts(cuts, n, self.segment), _segment_real(clip, n, self.segment, t_len),
+            lambda hs, dh: (dh, (), None), _segments(_dense(dhs), n, self.segment), (),
+            delta_clip=clip,
+        )  # fmt: skip
+        return grads, _unsegment(dxs_s, t_len), dcarry0, None
+
+
+FULL = _Full()
+
+
+def _layer_output(layer, saved, idx):
+    """A layer's outputs, from what its full-BPTT forward stored."""
+    if isinstance(layer, Bidirectional):
+        (sf, _), (sb, _) = saved
+        hb = reverse_time(layer.backward.hidden(sb), idx)
+        return merge_outputs(layer.merge, layer.forward.hidden(sf), hb)
+    return layer.hidden(saved[0])
+
+
+def model_forward(model, params, xs, carry0, mask, resets, drops, *, keep=True, walk=FULL):
+    """Run every layer over the sequence (see the module's section on models).
 
     Args:
-      dhs: ``dL/dh_t`` arriving from outside the recurrence (readout, user loss), (T, B, H);
-        ``None`` for no such cotangent.
-      dcarry_t: cotangent of the final carry.
-      truncate: ``None`` (full BPTT) or k: the error on the carry entering steps k, 2k, ...
-        is dropped, exactly as ``lax.stop_gradient`` on those carries would.
-      resets: optional (T, B) bool; the carry entering a reset step was zeros, so no error
-        flows back across it.
-      delta_clip: optional threshold: each example's error on the carry, ``delta_t`` (the
-        external ``dL/dh_t`` plus the error from step t+1), is scaled to norm at most this
-        before it enters step t's backward (see :func:`clip_delta`).
-      return_deltas: also return ``delta^h_t`` (T, B, H).
+      drops: ``None`` or the L-1 dropout multipliers (T, B, F_k) of layers 1..L-1.
+      keep: store what the backward needs.
+      walk: how each cell walks time (:data:`FULL`, or :class:`_Segmented`).
 
     Returns:
-      ``(dparams, dxs, dcarry0)``, plus ``deltas`` when ``return_deltas``.
+      ``(hs, carry_T, saved)``: the last layer's outputs (T, B, F), the final carry (the
+      model's structure) and, with ``keep``, ``(per-layer saved, layer inputs or None)``.
     """
-    cuts = truncation_cuts(xs.shape[0], truncate)
-    dcarry0, dcols, deltas = reverse_scan(
-        cell,
-        params,
-        carry0,
-        mask,
-        states,
-        res,
-        dhs,
-        dcarry_t,
-        cuts,
-        resets=resets,
-        delta_clip=delta_clip,
-        keep_deltas=return_deltas,
-    )
-    grads, dxs = weight_grads(cell, params, xs, carry0, states, dcols, resets)
-    if return_deltas:
-        return grads, dxs, dcarry0, deltas
-    return grads, dxs, dcarry0
+    layers = layers_of(model)
+    ps, cs = per_layer(model, params), per_layer(model, carry0)
+    idx = reversal(mask, xs.shape[0]) if is_bidirectional(model) else None
+    x, carries, saved, inputs = xs, [], [], []
+    for k, layer in enumerate(layers):
+        if k and drops is not None:
+            x = x * drops[k - 1]
+        inputs.append(x if k else None)
+        if isinstance(layer, Bidirectional):
+            hf, cf, sf = walk.forward(layer.forward, ps[k][0], x, cs[k][0], mask, None, keep)
+            x_b = reverse_time(x, idx)
+            hb, cb, sb = walk.forward(layer.backward, ps[k][1], x_b, cs[k][1], mask, None, keep)
+            x = merge_outputs(layer.merge, hf, reverse_time(hb, idx))
+            carries.append((cf, cb))
+            saved.append((sf, sb))
+        else:
+            x, c, s = walk.forward(layer, ps[k], x, cs[k], mask, resets, keep)
+            carries.append(c)
+            saved.append(s)
+    if not keep:
+        return x, from_layers(model, carries), None
+    return x, from_layers(model, carries), (tuple(saved), tuple(inputs) if walk.stores_inputs else None)
+
+
+def model_backward(model, params, xs, carry0, mask, resets, drops, saved, dhs, dcarry_t, cuts=None,
+                   *, delta_clip=None, real=None, keep_deltas=False, walk=FULL):  # fmt: skip
+    """The hand-written BPTT of every layer, last to first.
+
+    Each layer's reverse scan takes the error on its outputs (from the head for the last
+    layer, else the next layer's input gradient, through its dropout multiplier) and the
+    error on its final carry; its input gradient goes to the layer below.
+
+    Args:
+      saved: :func:`model_forward`'s, with the same ``walk``.
+      dhs: the error on the last layer's outputs: (T, B, F), an :class:`OutputError`, or
+        ``None``.
+      dcarry_t: the error on the final carry (the model's structure).
+      cuts: (T,) bool or ``None``: truncation boundaries, the same for every layer.
+      delta_clip, real, keep_deltas: as in :func:`reverse_scan`, for every cell.
+
+    Returns:
+      ``(dparams, dxs, dcarry0, deltas)``; ``deltas`` is ``None`` unless ``keep_deltas``, then
+      one entry per layer (a pair for a Bidirectional layer, both in forward time).
+    """
+    layers = layers_of(model)
+    ps, cs, dcs = per_layer(model, params), per_layer(model, carry0), per_layer(model, dcarry_t)
+    per_saved, inputs = saved
+    idx = reversal(mask, xs.shape[0]) if is_bidirectional(model) else None
+    n = len(layers)
+    grads, dcarry0, deltas = [None] * n, [None] * n, [None] * n
+    for k in reversed(range(n)):
+        layer = layers[k]
+        if k == 0:
+            x = xs
+        elif inputs is not None:
+            x = inputs[k]
+        else:
+            x = _layer_output(layers[k - 1], per_saved[k - 1], idx)
+            x = x if drops is None else x * drops[k - 1]
+        if isinstance(layer, Bidirectional):
+            dh_f, dh_b = _split_error(layer, dhs, idx)
+            sf, sb = per_saved[k]
+            gf, dxf, dcf, del_f = walk.backward(
+                layer.forward, ps[k][0], x, cs[k][0], mask, None, sf, dh_f, dcs[k][0], None,
+                delta_clip, real, keep_deltas,
+            )  # fmt: skip
+            gb, dxb, dcb, del_b = walk.backward(
+                layer.backward, ps[k][1], reverse_time(x, idx), cs[k][1], mask, None, sb, dh_b,
+                dcs[k][1], None, delta_clip, real, keep_deltas,
+            )  # fmt: skip
+            grads[k], dcarry0[k] = (gf, gb), (dcf, dcb)
+            dx = dxf + reverse_time(dxb, idx)
+            if keep_deltas:
+                deltas[k] = (del_f, jax.tree.map(lambda d: reverse_time(d, idx), del_b))
+        else:
+            grads[k], dx, dcarry0[k], deltas[k] = walk.backward(
+                layer, ps[k], x, cs[k], mask, resets, per_saved[k], dhs, dcs[k], cuts,
+                delta_clip, real, keep_deltas,
+            )  # fmt: skip
+        if k:
+            dhs = dx if drops is None else dx * drops[k - 1]
+    out_deltas = from_layers(model, deltas) if keep_deltas else None
+    return from_layers(model, grads), dx, from_layers(model, dcarry0), out_deltas
 
 
 # ---------------------------------------------------------------- checkpointed BPTT
@@ -386,24 +586,30 @@ def default_segment(length: int) -> int:
     return math.ceil(length / n)
 
 
-def stored_per_step(cell, batch: int, dtype) -> int:
-    """Bytes the manual backward stores per step: the carry parts, the in-place block
-    buffers (input projections, then residuals, then gradients) and the readout's error."""
-    carry_parts = len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
-    blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
-    return batch * cell.hidden_size * (carry_parts + blocks + 1) * jnp.dtype(dtype).itemsize
+def _carry_parts(cell) -> int:
+    return len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
 
 
-def segment_for_budget(cell, length: int, batch: int, dtype, budget: int) -> int:
+def stored_per_step(model, batch: int, dtype) -> int:
+    """Bytes the manual backward stores per step: every cell's carry parts and in-place block
+    buffers (input projections, then residuals, then gradients), and the readout's error."""
+    units = output_size(model)
+    for cell in cells_of(model):
+        blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
+        units += cell.hidden_size * (_carry_parts(cell) + blocks)
+    return batch * units * jnp.dtype(dtype).itemsize
+
+
+def segment_for_budget(model, length: int, batch: int, dtype, budget: int) -> int:
     """The longest segment whose stored buffers fit ``budget`` bytes (estimate).
 
-    Stored: ``ceil(T/s)`` checkpoint carries, plus for the segment being differentiated its
-    states and its in-place block buffers: ``s * B * H * (carry parts + max(gate, residual,
-    grad blocks) + 1)`` numbers. Raises ``ValueError`` when even the smallest fit is too big.
+    Stored: ``ceil(T/s)`` checkpoint carries (every layer's), plus for the segment being
+    differentiated its states and in-place block buffers (:func:`stored_per_step`). Raises
+    ``ValueError`` when even the smallest fit is too big.
     """
-    carry_parts = len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
-    per_step = stored_per_step(cell, batch, dtype)
-    per_carry = batch * cell.hidden_size * carry_parts * jnp.dtype(dtype).itemsize
+    per_step = stored_per_step(model, batch, dtype)
+    units = sum(c.hidden_size * _carry_parts(c) for c in cells_of(model))
+    per_carry = batch * units * jnp.dtype(dtype).itemsize
 
     def need(s):
         return math.ceil(length / s) * per_carry + s * per_step
@@ -413,7 +619,7 @@ def segment_for_budget(cell, length: int, batch: int, dtype, budget: int) -> int
         best = min(range(1, length + 1), key=need)
         raise ValueError(
             f"checkpointed BPTT: memory_budget={budget} bytes is too small for T={length}, "
-            f"B={batch}, H={cell.hidden_size}; the least it can use is about {need(best)} "
+            f"B={batch}, H={output_size(model)}; the least it can use is about {need(best)} "
             f"bytes (segment={best})"
         )
     return max(fits)
@@ -451,175 +657,320 @@ def segment_inputs(xs, mask, resets, segment: int):
     )
 
 
-def checkpointed_forward(cell, params, xs_s, carry0, mask_s, resets_s, extras_s=None, out_fn=None):
-    """The forward over segments, keeping only each segment's entering carry.
+def _segment_cuts(cuts, n: int, s: int):
+    return None if cuts is None else _segments(cuts, n, s, False)
+
+
+def _segment_real(delta_clip, n: int, s: int, length: int):
+    """(n, s) bool: the steps that exist, where padding fills the last segment and per-step
+    clipping is on (padding steps must not clip the error passing through them)."""
+    if delta_clip is None or n * s == length:
+        return None
+    return (jnp.arange(n * s) < length).reshape(n, s)
+
+
+def segment_drops(drops, n: int, s: int):
+    """Dropout multipliers split into segments like the inputs (padding: 1, never read)."""
+    return None if drops is None else tuple(_segments(d, n, s, 1) for d in drops)
+
+
+def checkpointed_forward(model, params, xs_s, carry0, mask_s, resets_s, drops_s, extras_s=None,
+                         out_fn=None):  # fmt: skip
+    """The forward over segments, keeping only the carry entering each segment (every layer's).
 
     Args:
-      xs_s, mask_s, resets_s, extras_s: per-segment inputs, leading axes (n, s).
-      out_fn: ``out_fn(states_seg, extras_seg)`` -> a per-segment output to stack (e.g. the
-        hidden states, or the segment's loss); ``None`` for none.
+      xs_s, mask_s, resets_s, drops_s, extras_s: per-segment inputs, leading axes (n, s).
+      out_fn: ``out_fn(hs_seg, extras_seg)`` -> a per-segment output to stack (the outputs
+        themselves, or the segment's loss); ``None`` for none.
 
     Returns:
       ``(checkpoints, outputs, carry_T)``; ``checkpoints`` has a leading n axis.
     """
 
     def body(carry, inputs):
-        x, m, r, extra = inputs
-        states, _, carry_out = forward(cell, params, x, carry, m, keep_residuals=False, resets=r)
-        out = None if out_fn is None else out_fn(states, extra)
+        x, m, r, d, extra = inputs
+        hs, carry_out, _ = model_forward(model, params, x, carry, m, r, d, keep=False)
+        out = None if out_fn is None else out_fn(hs, extra)
         return carry_out, (carry, out)
 
-    carry_t, (checkpoints, outs) = lax.scan(body, carry0, (xs_s, mask_s, resets_s, extras_s))
+    carry_t, (checkpoints, outs) = lax.scan(
+        body, carry0, (xs_s, mask_s, resets_s, drops_s, extras_s)
+    )
     return checkpoints, outs, carry_t
 
 
-def checkpointed_backward(
-    cell,
-    params,
-    xs_s,
-    mask_s,
-    resets_s,
-    checkpoints,
-    dcarry_t,
-    truncate,
-    cotangent_fn,
-    extras_s,
-    acc0,
-    *,
-    length: int,
-    delta_clip=None,
-):
-    """The hand-written BPTT over segments, each re-run from its checkpoint.
+def checkpointed_backward(model, params, xs_s, mask_s, resets_s, drops_s, checkpoints, dcarry_t,
+                          cuts_s, real_s, cotangent_fn, extras_s, acc0, *, delta_clip=None):  # fmt: skip
+    """The hand-written BPTT over segments, each re-run from its checkpoint (every layer).
 
     Args:
-      cotangent_fn: ``cotangent_fn(states_seg, extras_seg)`` -> ``(dhs_seg, acc_seg, out_seg)``:
-        the error arriving at the segment's hidden states from outside the recurrence, a
-        pytree summed over segments (e.g. the readout's gradient) and one stacked per segment.
+      cuts_s, real_s: truncation boundaries and existing steps (see :func:`_segment_real`),
+        split into segments, or ``None``.
+      cotangent_fn: ``cotangent_fn(hs_seg, extras_seg)`` -> ``(dhs_seg, acc_seg, out_seg)``:
+        the error arriving at the segment's outputs from outside the recurrence, a pytree
+        summed over segments (e.g. the readout's gradient) and one stacked per segment.
       acc0: zeros in the structure of ``acc_seg``.
-      length: the unpadded T (for the truncation boundaries).
 
     Returns:
       ``(dparams, dxs_s, dcarry0, acc, outs)``; ``dxs_s`` has leading axes (n, s).
     """
-    n, s = xs_s.shape[:2]
-    cuts = truncation_cuts(length, truncate)
-    cuts_s = None if cuts is None else _segments(cuts, n, s, False)
-    # Steps added to fill the last segment must not clip the error passing through them.
-    real_s = None
-    if delta_clip is not None and n * s != length:
-        real_s = (jnp.arange(n * s) < length).reshape(n, s)
 
     def body(carry, inputs):
         dcarry, grads, acc = carry
-        x, m, r, cut, real, ckpt, extra = inputs
-        states, res, _ = forward(cell, params, x, ckpt, m, resets=r)
-        dhs, acc_seg, out = cotangent_fn(states, extra)
-        dcarry_in, dcols, _ = reverse_scan(
-            cell,
-            params,
-            ckpt,
-            m,
-            states,
-            res,
-            dhs,
-            dcarry,
-            cut,
-            resets=r,
-            delta_clip=delta_clip,
-            real=real,
-        )
-        g, dx = weight_grads(cell, params, x, ckpt, states, dcols, r)
-        return (dcarry_in, jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, acc, acc_seg)), (
-            dx,
-            out,
-        )
+        x, m, r, d, cut, real, ckpt, extra = inputs
+        hs, _, saved = model_forward(model, params, x, ckpt, m, r, d)
+        dhs, acc_seg, out = cotangent_fn(hs, extra)
+        g, dx, dcarry_in, _ = model_backward(
+            model, params, x, ckpt, m, r, d, saved, dhs, dcarry, cut,
+            delta_clip=delta_clip, real=real,
+        )  # fmt: skip
+        add = partial(jax.tree.map, jnp.add)
+        return (dcarry_in, add(grads, g), add(acc, acc_seg)), (dx, out)
 
     init = (dcarry_t, _zeros_like(params), acc0)
-    inputs = (xs_s, mask_s, resets_s, cuts_s, real_s, checkpoints, extras_s)
+    inputs = (xs_s, mask_s, resets_s, drops_s, cuts_s, real_s, checkpoints, extras_s)
     (dcarry0, grads, acc), (dxs_s, outs) = lax.scan(body, init, inputs, reverse=True)
     return grads, dxs_s, dcarry0, acc, outs
 
 
-# ---------------------------------------------------------------------------- unroll
+# --------------------------------------------------- truncated BPTT, chunk by chunk
+# With truncate=k (and no per-step clipping) no error crosses a chunk boundary, so the
+# chunks' backward passes are independent: the forward runs over a group of g chunks
+# (g*k steps, sized to stay in cache), then one reverse scan of only k steps takes all g
+# chunks of the group at once, as a batch of g*B rows (the step index within the chunk is
+# the time axis), every layer of a stack in turn. Nothing longer than a group is ever
+# stored. The head's gradient is computed during the forward for a unit cotangent and
+# scaled in the backward (it is linear in it); the error on carry_T reaches only the last
+# chunk, which the backward re-runs for it.
+
+#: Bytes one group of chunks may store (states and per-step buffers): enough chunks for
+#: wide batched reverse-scan steps, few enough to stay in cache and off fresh pages.
+GROUP_BYTES = 2 * 2**20
+
+
+def chunk_group(model, truncate: int, n_chunks: int, batch: int, dtype) -> int:
+    """How many chunks of ``truncate`` steps one group holds (see :data:`GROUP_BYTES`)."""
+    per_chunk = truncate * stored_per_step(model, batch, dtype)
+    return max(1, min(n_chunks, GROUP_BYTES // per_chunk))
+
+
+def _chunk_major(x, g: int):
+    """(g*k, B, ...) -> (k, g*B, ...): chunk j's step i is row i, examples j*B..(j+1)*B-1."""
+    if x is None:
+        return None
+    k = x.shape[0] // g
+    x = x.reshape(g, k, *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(k, g * x.shape[2], *x.shape[3:])
+
+
+def _time_major(x, g: int):
+    """The inverse of :func:`_chunk_major`: (k, g*B, ...) -> (g*k, B, ...)."""
+    k, gb = x.shape[:2]
+    x = x.reshape(k, g, gb // g, *x.shape[2:]).swapaxes(0, 1)
+    return x.reshape(g * k, *x.shape[2:])
+
+
+def _chunked_fwd(model, head, k, params, readout, xs, targets, carry0, mask, valid, resets, drops):
+    t, b = xs.shape[:2]
+    n_chunks = math.ceil(t / k)
+    g = chunk_group(model, k, n_chunks, b, xs.dtype)
+    scale = head.scale(valid, t, b, xs.dtype)
+    n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, g * k)
+    extras = head.segment_args(targets, valid, t, b, n, g * k)
+    one = jnp.ones((), xs.dtype)
+    cm = partial(_chunk_major, g=g)
+    add = partial(jax.tree.map, jnp.add)
+
+    def body(acc, inputs):
+        carry, grads, d_readout, value = acc
+        x, m, r, d, extra = inputs
+        _, carry_out, saved = model_forward(model, params, x, carry, m, r, d)
+        # The carry entering each of the g chunks, every layer: (g, B, ...) -> (g*B, ...).
+        states = from_layers(model, [s[0] for s in saved[0]])
+        entering = jax.tree.map(
+            lambda c0, st: jnp.concatenate([c0[None], st[k - 1 :: k][: g - 1]]), carry, states
+        )
+        flat = jax.tree.map(lambda c: c.reshape(g * b, *c.shape[2:]), entering)
+        saved_c, x_c, m_c, r_c, d_c, extra_c = jax.tree.map(cm, (saved, x, m, r, d, extra))
+        # The head on the chunk-major outputs: the loss and its error from one readout.
+        hs_c = _layer_output(layers_of(model)[-1], saved_c[0][-1], None)
+        v, dhs, d_ro, d_tg = head.segment_value_and_cotangent(readout, hs_c, *extra_c, scale, one)
+        gr, dx, dcarry_in, _ = model_backward(
+            model, params, x_c, flat, m_c, r_c, d_c, saved_c, dhs, _zeros_like(flat)
+        )
+        acc = (carry_out, add(grads, gr), add(d_readout, d_ro), value + v)
+        d_tg = None if d_tg is None else _time_major(d_tg, g)
+        dcarry_in = jax.tree.map(lambda c: c[:b], dcarry_in)  # chunk 0's: the group's carry
+        return acc, (entering, _time_major(dx, g), d_tg, dcarry_in)
+
+    init = (carry0, _zeros_like(params), _zeros_like(readout), jnp.zeros((), xs.dtype))
+    inputs = (xs_s, mask_s, resets_s, segment_drops(drops, n, g * k), extras)
+    (carry_t, grads, d_readout, value), (entering, dxs_s, d_tg, dcarry_in) = lax.scan(
+        body, init, inputs
+    )
+    # The last chunk (steps [(n_chunks - 1) k, T)), for the error on carry_T.
+    last = jax.tree.map(lambda c: c.reshape(-1, *c.shape[2:])[n_chunks - 1], entering)
+    nk, xs_k, mask_k, resets_k = segment_inputs(xs, mask, resets, k)
+    drops_k = segment_drops(drops, nk, k)
+    tail = jax.tree.map(lambda a: a[-1], (xs_k, mask_k, resets_k, drops_k))
+    dcarry0 = jax.tree.map(lambda c: c[0], dcarry_in)
+    d_tg = None if d_tg is None else _unsegment(d_tg, t)
+    per_unit = (grads, d_readout, _unsegment(dxs_s, t), d_tg, dcarry0)
+    return (value, carry_t), (per_unit, params, last, tail)
+
+
+def _chunked_bwd(model, k, saved, cotangents):
+    per_unit, params, last, (x, m, r, d) = saved
+    g_loss, g_carry = cotangents
+    grads, d_readout, dxs, d_tg, dcarry0 = jax.tree.map(lambda g: g_loss * g, per_unit)
+    # The error on carry_T, back through the last chunk only.
+    _, _, sv = model_forward(model, params, x, last, m, r, d)
+    g, dx, _, _ = model_backward(model, params, x, last, m, r, d, sv, None, g_carry)
+    grads = jax.tree.map(jnp.add, grads, g)
+    t = dxs.shape[0]
+    start = (math.ceil(t / k) - 1) * k  # the last chunk: steps [start, T)
+    dxs = dxs.at[start:].add(dx[: t - start])
+    return grads, d_readout, dxs, d_tg, dcarry0
+
+
+# ------------------------------------------------------------------ the one custom_vjp
+class Walk(NamedTuple):
+    """How time is walked (static, hashable).
+
+    ``kind``: ``"full"`` (one forward storing every step, one reverse scan per cell),
+    ``"segmented"`` (checkpointed BPTT of the whole model, segment by segment, all layers at
+    once: only the segment carries are stored) or ``"chunked"`` (truncated BPTT, chunk by
+    chunk; with a head only). ``segment``: the segment length; with ``"full"`` it makes each
+    cell walk its own sequence checkpointed (models with a Bidirectional layer, whose layers
+    cannot be walked through time together).
+    """
+
+    kind: str = "full"
+    truncate: int | None = None
+    delta_clip: float | None = None
+    segment: int | None = None
+
+
+def _cell_walk(walk: Walk):
+    return FULL if walk.segment is None else _Segmented(walk.segment)
+
+
+def plan_walk(model, backward: str, truncate, delta_clip, segment, length: int, head=None) -> Walk:
+    """The :class:`Walk` for a schedule (``backward``, ``truncate``, ...) of ``model``."""
+    truncate = None if truncate is None or truncate >= length else truncate
+    walkable = not is_bidirectional(model)
+    if backward == "checkpointed":
+        kind = "segmented" if walkable else "full"
+        return Walk(kind, truncate, delta_clip, segment)
+    if head is not None and walkable and truncate is not None and delta_clip is None:
+        return Walk("chunked", truncate)
+    return Walk("full", truncate, delta_clip)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _unroll_manual(cell, truncate, delta_clip, params, xs, carry0, mask, resets):
-    states, _, carry_t = forward(
-        cell, params, xs, carry0, mask, keep_residuals=False, resets=resets
+def bptt(model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops):
+    """``(outputs, carry_T)`` of ``model`` with ``head`` on top, differentiated by hand.
+
+    The one ``jax.custom_vjp`` of the library: what is differentiated (``model``), what sits
+    on top (``head``: ``None`` for the outputs ``hs`` themselves, else a loss head whose
+    value is returned) and how time is walked (``walk``) are composed here.
+
+    The head protocol (see :class:`bptt_jax.losses.LossHead`): ``value``, ``forward`` /
+    ``backward`` (whole sequence), ``scale``, ``segment_args``, ``segment_value`` and
+    ``segment_value_and_cotangent`` (a segment or a chunk-major group at a time).
+    ``readout``/``targets``/``valid`` are the head's inputs (``None`` without one); ``drops``
+    the dropout multipliers of a :class:`~bptt_jax.Stack` or ``None``.
+    """
+    hs, carry_t, _ = model_forward(model, params, xs, carry0, mask, resets, drops, keep=False)
+    out = hs if head is None else head.value(readout, hs, targets, valid)
+    return out, carry_t
+
+
+def _bptt_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops):
+    t, b = xs.shape[:2]
+    if walk.kind == "chunked":
+        return _chunked_fwd(
+            model, head, walk.truncate, params, readout, xs, targets, carry0, mask, valid,
+            resets, drops,
+        )  # fmt: skip
+    if walk.kind == "segmented":
+        s = walk.segment
+        n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, s)
+        drops_s = segment_drops(drops, n, s)
+        if head is None:
+            extras, out_fn = None, lambda hs, _: hs
+        else:
+            scale = head.scale(valid, t, b, xs.dtype)
+            extras = head.segment_args(targets, valid, t, b, n, s)
+            out_fn = lambda hs, e: head.segment_value(readout, hs, *e, scale)  # noqa: E731
+        ckpt, outs, carry_t = checkpointed_forward(
+            model, params, xs_s, carry0, mask_s, resets_s, drops_s, extras, out_fn
+        )
+        out = _unsegment(outs, t) if head is None else jnp.sum(outs)
+        saved = (params, readout, xs, targets, carry0, mask, valid, resets, drops, ckpt)
+        return (out, carry_t), saved
+    cell_walk = _cell_walk(walk)
+    hs, carry_t, saved = model_forward(
+        model, params, xs, carry0, mask, resets, drops, walk=cell_walk
     )
-    return cell.hidden(states), carry_t
+    if head is None:
+        out, head_saved, hs = hs, None, None
+    else:
+        out, head_saved = head.forward(readout, hs, targets, valid)
+    res = (params, readout, xs, carry0, mask, resets, drops, saved, hs, head_saved)
+    return (out, carry_t), res
 
 
-def _unroll_fwd(cell, truncate, delta_clip, params, xs, carry0, mask, resets):
-    states, res, carry_t = forward(cell, params, xs, carry0, mask, resets=resets)
-    return (cell.hidden(states), carry_t), (params, xs, carry0, mask, resets, states, res)
+def _bptt_bwd(model, head, walk, saved, cotangents):
+    nones = (None, None, None, None)  # mask, valid, resets, drops
+    if walk.kind == "chunked":
+        return (*_chunked_bwd(model, walk.truncate, saved, cotangents), *nones)
+    g_out, g_carry = cotangents
+    if walk.kind == "segmented":
+        params, readout, xs, targets, carry0, mask, valid, resets, drops, ckpt = saved
+        t, b = xs.shape[:2]
+        s = walk.segment
+        n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, s)
+        if head is None:
+            extras, acc0 = _segments(g_out, n, s), ()
+
+            def cotangent(hs, dh):
+                return dh, (), None
+        else:
+            scale = head.scale(valid, t, b, xs.dtype)
+            extras = head.segment_args(targets, valid, t, b, n, s)
+            acc0 = _zeros_like(readout)
+
+            def cotangent(hs, e):
+                _, dhs, d_ro, d_tg = head.segment_value_and_cotangent(readout, hs, *e, scale, g_out)
+                return dhs, d_ro, d_tg
+
+        grads, dxs_s, dcarry0, d_readout, d_tg = checkpointed_backward(
+            model, params, xs_s, mask_s, resets_s, segment_drops(drops, n, s), ckpt, g_carry,
+            _segment_cuts(truncation_cuts(t, walk.truncate), n, s),
+            _segment_real(walk.delta_clip, n, s, t), cotangent, extras, acc0,
+            delta_clip=walk.delta_clip,
+        )  # fmt: skip
+        d_tg = None if d_tg is None else _unsegment(d_tg, t)
+        d_readout = None if head is None else d_readout
+        return grads, d_readout, _unsegment(dxs_s, t), d_tg, dcarry0, *nones
+    params, readout, xs, carry0, mask, resets, drops, fsaved, hs, head_saved = saved
+    if head is None:
+        dhs, d_readout, d_tg = g_out, None, None
+    else:
+        dhs, d_readout, d_tg = head.backward(readout, hs, head_saved, g_out)
+    grads, dxs, dcarry0, _ = model_backward(
+        model, params, xs, carry0, mask, resets, drops, fsaved, dhs, g_carry,
+        truncation_cuts(xs.shape[0], walk.truncate), delta_clip=walk.delta_clip,
+        walk=_cell_walk(walk),
+    )  # fmt: skip
+    return grads, d_readout, dxs, d_tg, dcarry0, *nones
 
 
-def _unroll_bwd(cell, truncate, delta_clip, saved, cotangents):
-    params, xs, carry0, mask, resets, states, res = saved
-    dhs, dcarry_t = cotangents
-    grads, dxs, dcarry0 = backward(
-        cell,
-        params,
-        xs,
-        carry0,
-        mask,
-        states,
-        res,
-        dhs,
-        dcarry_t,
-        truncate,
-        resets=resets,
-        delta_clip=delta_clip,
-    )
-    return grads, dxs, dcarry0, None, None
+bptt.defvjp(_bptt_fwd, _bptt_bwd)
 
 
-_unroll_manual.defvjp(_unroll_fwd, _unroll_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _unroll_checkpointed(cell, truncate, delta_clip, segment, params, xs, carry0, mask, resets):
-    out, _ = _unroll_checkpointed_fwd(
-        cell, truncate, delta_clip, segment, params, xs, carry0, mask, resets
-    )
-    return out
-
-
-def _unroll_checkpointed_fwd(cell, truncate, delta_clip, segment, params, xs, carry0, mask, resets):
-    _, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, segment)
-    checkpoints, hs_s, carry_t = checkpointed_forward(
-        cell, params, xs_s, carry0, mask_s, resets_s, out_fn=lambda st, _: cell.hidden(st)
-    )
-    out = (_unsegment(hs_s, xs.shape[0]), carry_t)
-    return out, (params, xs, carry0, mask, resets, checkpoints)
-
-
-def _unroll_checkpointed_bwd(cell, truncate, delta_clip, segment, saved, cotangents):
-    params, xs, carry0, mask, resets, checkpoints = saved
-    dhs, dcarry_t = cotangents
-    n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, segment)
-    grads, dxs_s, dcarry0, _, _ = checkpointed_backward(
-        cell,
-        params,
-        xs_s,
-        mask_s,
-        resets_s,
-        checkpoints,
-        dcarry_t,
-        truncate,
-        lambda states, dh: (dh, (), None),
-        _segments(dhs, n, segment),
-        (),
-        length=xs.shape[0],
-        delta_clip=delta_clip,
-    )
-    return grads, _unsegment(dxs_s, xs.shape[0]), dcarry0, None, None
-
-
-_unroll_checkpointed.defvjp(_unroll_checkpointed_fwd, _unroll_checkpointed_bwd)
-
-
-def resolve_segment(fn: str, cell, xs, dtype, segment, memory_budget) -> int:
+def resolve_segment(fn: str, model, xs, dtype, segment, memory_budget) -> int:
     """The segment length of ``backward="checkpointed"``, from ``segment`` or a budget."""
     validation.check_positive(fn, "segment", segment, kind=int)
     validation.check_positive(fn, "memory_budget", memory_budget, kind=int)
@@ -627,13 +978,27 @@ def resolve_segment(fn: str, cell, xs, dtype, segment, memory_budget) -> int:
     if segment is not None and memory_budget is not None:
         raise ValueError(f"{fn}: give segment or memory_budget, not both")
     if memory_budget is not None:
-        return segment_for_budget(cell, t_len, b, dtype, memory_budget)
+        return segment_for_budget(model, t_len, b, dtype, memory_budget)
     return default_segment(t_len) if segment is None else min(segment, t_len)
 
 
+def dropout_multipliers(fn: str, model, key, xs):
+    """The dropout multipliers of a :class:`~bptt_jax.Stack` for ``key``, or ``None``."""
+    if key is None or not isinstance(model, Stack):
+        return None
+    if not (isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
+        if not (isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)):
+            raise TypeError(
+                f"{fn}: dropout_key must be a PRNG key (jax.random.key(seed)); got "
+                f"{type(key).__name__}{getattr(key, 'shape', '')}"
+            )
+    return model.dropout_masks(key, xs.shape[0], xs.shape[1], xs.dtype)
+
+
+# ------------------------------------------------------------- the autodiff reference
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _clip_cotangent(carry, threshold):
-    """Identity whose VJP clips the cotangent like :func:`clip_delta` (autodiff reference)."""
+    """Identity whose VJP clips the cotangent like :func:`clip_delta` (autodiff path)."""
     return carry
 
 
@@ -648,16 +1013,7 @@ def _clip_cotangent_bwd(threshold, _, g):
 _clip_cotangent.defvjp(_clip_cotangent_fwd, _clip_cotangent_bwd)
 
 
-def unroll_autodiff(
-    cell, params, xs, carry0, mask=None, truncate=None, resets=None, delta_clip=None
-):
-    """The reference: a plain per-step ``lax.scan`` with no custom rule.
-
-    This is the loop a user would write; ``jax.grad`` derives its backward. Truncation is
-    ``lax.stop_gradient`` on the carry entering steps k, 2k, ...; a reset replaces the
-    carry by zeros; ``delta_clip`` wraps each new carry in an identity whose VJP clips the
-    error arriving at it.
-    """
+def _scan_autodiff(cell, params, xs, carry0, mask, truncate, resets, delta_clip):
     cuts = truncation_cuts(xs.shape[0], truncate)
 
     def body(carry, inputs):
@@ -676,8 +1032,37 @@ def unroll_autodiff(
     return hs, carry_t
 
 
+def unroll_autodiff(model, params, xs, carry0, mask=None, truncate=None, resets=None,
+                    delta_clip=None, drops=None):  # fmt: skip
+    """``backward="autodiff"``: plain per-step ``lax.scan`` s with no custom rule.
+
+    This is the loop a user would write, layer by layer; ``jax.grad`` derives its backward.
+    Truncation is ``lax.stop_gradient`` on the carry entering steps k, 2k, ...; a reset
+    replaces the carry by zeros; ``delta_clip`` wraps each new carry in an identity whose
+    VJP clips the error arriving at it.
+    """
+    layers = layers_of(model)
+    ps, cs = per_layer(model, params), per_layer(model, carry0)
+    idx = reversal(mask, xs.shape[0]) if is_bidirectional(model) else None
+    x, carries = xs, []
+    for k, layer in enumerate(layers):
+        if k and drops is not None:
+            x = x * drops[k - 1]
+        if isinstance(layer, Bidirectional):
+            hf, cf = _scan_autodiff(layer.forward, ps[k][0], x, cs[k][0], mask, None, None,
+                                    delta_clip)  # fmt: skip
+            hb, cb = _scan_autodiff(layer.backward, ps[k][1], reverse_time(x, idx), cs[k][1],
+                                    mask, None, None, delta_clip)  # fmt: skip
+            x = merge_outputs(layer.merge, hf, reverse_time(hb, idx))
+            carries.append((cf, cb))
+        else:
+            x, c = _scan_autodiff(layer, ps[k], x, cs[k], mask, truncate, resets, delta_clip)
+            carries.append(c)
+    return x, from_layers(model, carries)
+
+
 def unroll(
-    cell,
+    model,
     params,
     xs,
     carry0=None,
@@ -689,10 +1074,11 @@ def unroll(
     backward="manual",
     segment=None,
     memory_budget=None,
+    dropout_key=None,
 ):
-    """Run ``cell`` over a time-major sequence; ``jax.grad`` uses the hand-written BPTT.
+    """Run a cell or model over a time-major sequence; ``jax.grad`` uses the hand-written BPTT.
 
-    Equivalent to::
+    For a cell, equivalent to::
 
         def unroll(cell, params, xs, carry):
             hs = []
@@ -705,45 +1091,59 @@ def unroll(
     but compiled as one ``lax.scan`` with the input projection hoisted out of the loop, and
     differentiated by a hand-written reverse scan (a ``jax.custom_vjp``) that returns real
     cotangents for ``params``, ``xs`` and ``carry0``, so any loss built on ``hs`` and
-    ``carry_T`` gets the manual backward under ``jax.grad``. Forward-mode AD (``jax.jvp``,
-    ``jax.jacfwd``) cannot pass a ``custom_vjp``: use ``backward="autodiff"`` for it.
+    ``carry_T`` gets the manual backward under ``jax.grad``. A :class:`~bptt_jax.Stack` runs
+    its layers in turn, each on the previous one's outputs; a
+    :class:`~bptt_jax.Bidirectional` runs its second cell over each sequence's reversed valid
+    prefix and merges the outputs. Forward-mode AD (``jax.jvp``, ``jax.jacfwd``) cannot pass
+    a ``custom_vjp``: use ``backward="autodiff"`` for it.
 
     Args:
-      cell: a :class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM` or :class:`~bptt_jax.GRU`.
-      params: the cell's params (``cell.init(key, D)``).
+      model: a cell (:class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM`,
+        :class:`~bptt_jax.GRU`), a :class:`~bptt_jax.Bidirectional` or a
+        :class:`~bptt_jax.Stack`.
+      params: the model's params (``model.init(key, D)``).
       xs: inputs, time-major ``(T, B, D)``, the params' dtype.
-      carry0: initial carry (``(B, H)``, or ``LSTMCarry(h, c)``); ``None`` for zeros.
+      carry0: initial carry (a cell's: ``(B, H)`` or ``LSTMCarry(h, c)``; a model's: see
+        :mod:`bptt_jax.models`); ``None`` for zeros.
       mask: optional ``(T, B)`` 0/1 or bool. Sequences are right-padded: at a step where the
         mask is 0 the carry passes through unchanged, so ``hs[t]`` repeats the last valid
-        state and ``carry_T`` is each sequence's last valid state.
+        state and ``carry_T`` is each sequence's last valid state. A bidirectional layer
+        reverses each sequence's first ``sum_t mask[t, b]`` steps.
       resets: optional ``(T, B)`` bool, for streams of concatenated sequences: where set, a
         new sequence starts at step t, so the carry entering step t is replaced by zeros
-        (before the mask applies) and no error flows back across it.
+        (before the mask applies) and no error flows back across it. Every layer resets.
+        Undefined for bidirectional models (``ValueError``).
       truncate: ``None`` for full BPTT, or k: truncated BPTT in chunks ``[0, k), [k, 2k),
-        ...``; the forward is unchanged and the backward drops the error on the carry
-        entering steps k, 2k, ... (exactly ``lax.stop_gradient`` there). ``carry0`` still
-        gets the first chunk's gradient. ``truncate >= T`` is full BPTT.
+        ...``; the forward is unchanged and the backward drops the error on every layer's
+        carry entering steps k, 2k, ... (exactly ``lax.stop_gradient`` there). ``carry0``
+        still gets the first chunk's gradient. ``truncate >= T`` is full BPTT. Undefined for
+        bidirectional models (``ValueError``).
       delta_clip: optional positive threshold for per-step clipping of the error inside the
         backward: at every step t, each example's ``delta_t`` (``dL/dh_t`` from outside plus
-        the error from step t+1; ``h`` and ``c`` together for the LSTM) is scaled to norm at
-        most ``delta_clip`` before it travels further back. Tames exploding gradients at
-        their source; the result is then no longer the exact gradient. ``None``: off.
+        the error from step t+1; ``h`` and ``c`` together for the LSTM; each cell of a model
+        on its own) is scaled to norm at most ``delta_clip`` before it travels further back.
+        Tames exploding gradients at their source; the result is then no longer the exact
+        gradient. ``None``: off.
       backward: ``"manual"`` (the hand-written BPTT, every state stored), ``"checkpointed"``
-        (the same hand-written BPTT storing only the carry entering every ``segment``-th
-        step and re-running each segment's forward during the backward: identical
-        gradients, memory O(T/s + s) instead of O(T), one extra forward pass; Gruslys et
-        al. 2016) or ``"autodiff"`` (a plain ``lax.scan`` that JAX differentiates; the
-        reference).
+        (the same hand-written BPTT storing only the carries entering every ``segment``-th
+        step, every layer's, and re-running each segment's forward during the backward:
+        identical gradients, memory O(L (T/s + s)) instead of O(L T), one extra forward
+        pass; Gruslys et al. 2016; a model with a bidirectional layer checkpoints each cell
+        on its own and keeps each layer's input) or ``"autodiff"`` (plain ``lax.scan`` s
+        that JAX differentiates).
       segment: for ``"checkpointed"``: steps per segment; ``None`` for about ``sqrt(T)``.
       memory_budget: for ``"checkpointed"``, instead of ``segment``: bytes the stored
         checkpoints and one segment's buffers may take; the longest segment that fits is
         used (:func:`segment_for_budget`).
+      dropout_key: a PRNG key for a :class:`~bptt_jax.Stack` 's dropout between layers
+        (:meth:`~bptt_jax.Stack.dropout_masks`); ``None``: no dropout.
 
     Returns:
-      ``(hs, carry_T)``: hidden states ``(T, B, H)`` and the final carry.
+      ``(hs, carry_T)``: the (last layer's) outputs ``(T, B, F)`` and the final carry.
 
     Raises:
-      ValueError / TypeError at trace time for wrong shapes, dtypes or carry structure.
+      ValueError / TypeError at trace time for wrong shapes, dtypes, carry structure or
+      options.
 
     Example:
       >>> import jax, jax.numpy as jnp, bptt_jax
@@ -760,16 +1160,14 @@ def unroll(
     """
     fn = "unroll"
     validation.check_choice(fn, "backward", backward, BACKWARDS)
-    xs, carry0, mask, dtype = validation.check_unroll_args(
-        fn, cell, params, xs, carry0, mask, truncate
+    xs, carry0, mask, resets, dtype = validation.check_model_args(
+        fn, model, params, xs, carry0, mask, truncate, resets
     )
-    resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     validation.check_positive(fn, "delta_clip", delta_clip)
-    seg = resolve_segment(fn, cell, xs, dtype, segment, memory_budget)
+    seg = resolve_segment(fn, model, xs, dtype, segment, memory_budget)
+    drops = dropout_multipliers(fn, model, dropout_key, xs)
     if backward == "autodiff":
-        return unroll_autodiff(cell, params, xs, carry0, mask, truncate, resets, delta_clip)
-    if backward == "checkpointed":
-        return _unroll_checkpointed(
-            cell, truncate, delta_clip, seg, params, xs, carry0, mask, resets
-        )
-    return _unroll_manual(cell, truncate, delta_clip, params, xs, carry0, mask, resets)
+        return unroll_autodiff(model, params, xs, carry0, mask, truncate, resets, delta_clip,
+                               drops)  # fmt: skip
+    walk = plan_walk(model, backward, truncate, delta_clip, seg, xs.shape[0])
+    return bptt(model, None, walk, params, None, xs, None, carry0, mask, None, resets, drops)

@@ -57,12 +57,12 @@ def check_truncate(fn: str, truncate) -> None:
         raise ValueError(f"{fn}: truncate must be a positive int (k >= 1); got {truncate}")
 
 
-def check_params(fn: str, cell, params) -> tuple[int, jnp.dtype]:
+def check_params(fn: str, cell, params, where: str = "params") -> tuple[int, jnp.dtype]:
     """Check ``params`` against ``cell``; return (input size D, dtype)."""
     ptype = PARAMS_TYPES[type(cell)]
     if not isinstance(params, ptype):
         raise TypeError(
-            f"{fn}: params must be a bptt_jax.{ptype.__name__} (from "
+            f"{fn}: {where} must be a bptt_jax.{ptype.__name__} (from "
             f"{type(cell).__name__}.init) for a {type(cell).__name__} cell; "
             f"got {type(params).__name__}"
         )
@@ -71,23 +71,23 @@ def check_params(fn: str, cell, params) -> tuple[int, jnp.dtype]:
     first = ptype._fields[0]
     for name, dt in dtypes.items():
         if not jnp.issubdtype(dt, jnp.floating):
-            raise TypeError(f"{fn}: params.{name} must be floating point; got dtype {dt}")
+            raise TypeError(f"{fn}: {where}.{name} must be floating point; got dtype {dt}")
         if dt != dtypes[first]:
             raise TypeError(
-                f"{fn}: all params must share one dtype; params.{first} is "
-                f"{dtypes[first]} but params.{name} is {dt}"
+                f"{fn}: all params must share one dtype; {where}.{first} is "
+                f"{dtypes[first]} but {where}.{name} is {dt}"
             )
     kx = _shape(cell.input_kernel(params))
     if len(kx) != 2 or kx[1] != g:
         raise ValueError(
-            f"{fn}: params.{first} must have shape (D, {g}) for a {type(cell).__name__} with "
+            f"{fn}: {where}.{first} must have shape (D, {g}) for a {type(cell).__name__} with "
             f"hidden_size={h}; got {kx}"
         )
     for name, leaf in zip(ptype._fields[1:], params[1:]):
         want = (h, g) if leaf is cell.recurrent_kernel(params) else (g,)
         if _shape(leaf) != want:
             raise ValueError(
-                f"{fn}: params.{name} must have shape {want} for a {type(cell).__name__} "
+                f"{fn}: {where}.{name} must have shape {want} for a {type(cell).__name__} "
                 f"with hidden_size={h}; got {_shape(leaf)}"
             )
     return kx[0], dtypes[first]
@@ -120,7 +120,7 @@ def check_xs(fn: str, xs, params_name: str, d: int, dtype) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def check_carry(fn: str, cell, carry, batch: int, dtype):
+def check_carry(fn: str, cell, carry, batch: int, dtype, where: str = "carry0"):
     """Check (and normalise) an initial carry; ``None`` becomes the zero carry."""
     h = cell.hidden_size
     if carry is None:
@@ -128,20 +128,20 @@ def check_carry(fn: str, cell, carry, batch: int, dtype):
     if isinstance(cell, LSTM):
         if not (isinstance(carry, tuple) and len(carry) == 2):
             raise TypeError(
-                f"{fn}: carry0 for an LSTM must be a bptt_jax.LSTMCarry(h, c) of two (B, H) "
+                f"{fn}: {where} for an LSTM must be a bptt_jax.LSTMCarry(h, c) of two (B, H) "
                 f"arrays; got {type(carry).__name__}"
                 + (f" with shape {_shape(carry)}" if hasattr(carry, "shape") else "")
             )
-        carry = LSTMCarry(*(as_array(fn, "carry0", c) for c in carry))
-        parts = zip(("carry0.h", "carry0.c"), carry)
+        carry = LSTMCarry(*(as_array(fn, where, c) for c in carry))
+        parts = zip((f"{where}.h", f"{where}.c"), carry)
     else:
         if isinstance(carry, tuple):
             raise TypeError(
-                f"{fn}: carry0 for an {type(cell).__name__} must be one (B, H) array; "
+                f"{fn}: {where} for an {type(cell).__name__} must be one (B, H) array; "
                 f"got a {type(carry).__name__} of {len(carry)}"
             )
-        carry = as_array(fn, "carry0", carry)
-        parts = (("carry0", carry),)
+        carry = as_array(fn, where, carry)
+        parts = ((where, carry),)
     for name, c in parts:
         if _shape(c) != (batch, h):
             raise ValueError(
@@ -256,3 +256,107 @@ def check_unroll_args(fn: str, cell, params, xs, carry0, mask, truncate):
     carry0 = check_carry(fn, cell, carry0, b, dtype)
     mask = check_mask(fn, mask, t, b)
     return xs, carry0, mask, dtype
+
+
+def _check_tuple(fn: str, what: str, value, n: int, of: str) -> tuple:
+    if not isinstance(value, (tuple, list)) or len(value) != n:
+        got = f"a {type(value).__name__}" + (
+            f" of {len(value)}" if isinstance(value, (tuple, list)) else ""
+        )
+        raise TypeError(f"{fn}: {what} must be a tuple of {n} ({of}); got {got}")
+    return tuple(value)
+
+
+def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=None):
+    """The shared checks of every entry point, for a cell or a model.
+
+    Returns ``(xs, carry0, mask, resets, dtype)`` with ``carry0`` filled in (zeros) and the
+    masks as bool. A :class:`~bptt_jax.Stack` 's params and carry are checked layer by layer
+    (layer k's input size against layer k-1's output size), a
+    :class:`~bptt_jax.Bidirectional` 's direction by direction.
+    """
+    from bptt_jax.models import Bidirectional, Stack, is_bidirectional, is_model
+
+    if not is_model(model):
+        raise TypeError(
+            f"{fn}: model must be a cell (bptt_jax.Elman, bptt_jax.LSTM, bptt_jax.GRU), a "
+            f"bptt_jax.Bidirectional or a bptt_jax.Stack; got {type(model).__name__}"
+        )
+    if not isinstance(model, (Stack, Bidirectional)):
+        xs, carry0, mask, dtype = check_unroll_args(fn, model, params, xs, carry0, mask, truncate)
+        resets = check_mask(fn, resets, *xs.shape[:2], name="resets")
+        return xs, carry0, mask, resets, dtype
+    check_truncate(fn, truncate)
+    if is_bidirectional(model):
+        if truncate is not None:
+            raise ValueError(
+                f"{fn}: truncate={truncate} is undefined for a bidirectional model (its reverse "
+                "direction needs the whole future of every step); use truncate=None"
+            )
+        if resets is not None:
+            raise ValueError(
+                f"{fn}: resets are undefined for a bidirectional model (a carried stream: the "
+                "reverse direction needs the whole future of every step); use resets=None"
+            )
+    stack = isinstance(model, Stack)
+    layers = model.layers if stack else (model,)
+    ps = _check_tuple(fn, "params", params, len(layers), "one params entry per layer") if stack else (params,)
+    dtype = None
+    d_in = None  # the input size layer k expects: layer k-1's output size
+    d_model = None
+    for k, (layer, p) in enumerate(zip(layers, ps)):
+        where = f"params[{k}]" if stack else "params"
+        if isinstance(layer, Bidirectional):
+            pair = _check_tuple(fn, where, p, 2, "the (forward, backward) params")
+            dirs = [(c, q, f"{where}[{d}]") for d, (c, q) in enumerate(zip(layer.cells, pair))]
+        else:
+            dirs = [(layer, p, where)]
+        for cell, q, name in dirs:
+            d, dt = check_params(fn, cell, q, name)
+            if dtype is None:
+                dtype, d_model = dt, d
+            elif dt != dtype:
+                raise TypeError(
+                    f"{fn}: all params must share one dtype; {name} is {dt} but the first "
+                    f"layer's is {dtype}"
+                )
+            want = d_model if d_in is None else d_in
+            if d != want:
+                first = type(q)._fields[0]
+                source = (
+                    f"layer {k - 1}'s output size {d_in}" if k and d_in is not None
+                    else f"the first cell's input size {d_model}"
+                )
+                raise ValueError(
+                    f"{fn}: {name}.{first} must have shape ({want}, G*H) to match {source}; "
+                    f"got {_shape(q[0])}"
+                )
+        d_in = layer.output_size if isinstance(layer, Bidirectional) else layer.hidden_size
+    xs = as_array(fn, "xs", xs)
+    first = ps[0][0] if isinstance(layers[0], Bidirectional) else ps[0]
+    pname = ("params[0]" if stack else "params") + (
+        "[0]" if isinstance(layers[0], Bidirectional) else ""
+    )
+    t, b = check_xs(fn, xs, f"{pname}.{type(first)._fields[0]} {_shape(first[0])}", d_model, dtype)
+    if carry0 is None:
+        carry0 = model.zero_carry(b, dtype)
+    else:
+        cs = (
+            _check_tuple(fn, "carry0", carry0, len(layers), "one carry per layer")
+            if stack else (carry0,)
+        )  # fmt: skip
+        out = []
+        for k, (layer, c) in enumerate(zip(layers, cs)):
+            where = f"carry0[{k}]" if stack else "carry0"
+            if isinstance(layer, Bidirectional):
+                pair = _check_tuple(fn, where, c, 2, "the (forward, backward) carries")
+                out.append(tuple(
+                    check_carry(fn, cell, cc, b, dtype, f"{where}[{d}]")
+                    for d, (cell, cc) in enumerate(zip(layer.cells, pair))
+                ))  # fmt: skip
+            else:
+                out.append(check_carry(fn, layer, c, b, dtype, where))
+        carry0 = tuple(out) if stack else out[0]
+    mask = check_mask(fn, mask, t, b)
+    resets = check_mask(fn, resets, t, b, name="resets")
+    return xs, carry0, mask, resets, dtype

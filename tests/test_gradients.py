@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
-from bptt_jax import losses
+from bptt_jax import engine, losses
 from tests import reference as ref
 
 DTYPES = [jnp.float64, jnp.float32]
@@ -147,7 +147,7 @@ def test_truncated_loss_with_final_carry_cotangent_matches_reference(
     """The chunk-by-chunk truncated path: the error on carry_T enters the last chunk only;
     T=10 with k=4 leaves a short last chunk; resets and a loss mask are random too. The 3
     chunks go through the batched reverse scan 1, 2 (the second group padded) or 3 at once."""
-    monkeypatch.setattr(losses, "chunk_group", lambda *args: group)
+    monkeypatch.setattr(engine, "chunk_group", lambda *args: group)
     cell = ref.CELLS[name]
     k1, k2, k3, k4 = jax.random.split(key, 4)
     p, ro, xs, tg, c0, m = ref.problem(cell, k1, dtype, t=10, loss=loss)
