@@ -5,7 +5,10 @@ readout on every hidden state, ``bptt_jax.sequence_loss``) with respect to the p
 readout. :data:`VARIANTS` maps a name to a function building that loss; adding a gradient path
 to every benchmark is one entry there. Before anything is timed, :meth:`Session.prepare`
 checks its value and gradients against :data:`REFERENCE` (``backward="autodiff"`` with the same
-truncation): a path that disagrees raises :class:`CheckFailed` and is never timed.
+truncation): a path that disagrees raises :class:`CheckFailed` and is never timed. A model
+problem (a ``bptt_jax.Stack`` or ``Bidirectional``, named by a spec such as ``"lstm:2"``) is
+checked against :data:`MODEL_REFERENCE` instead: the per-cell plain scans composed here
+(:func:`unroll_composed`), independent of the engine's model code.
 
 Timing (:func:`time_interleaved`): compile outside the timed region (compile time reported on
 its own), warm up, then take ``repeats`` samples of every variant in turn, rotating which goes
