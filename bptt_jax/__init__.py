@@ -54,9 +54,6 @@ from bptt_jax.diagnostics import (
     truncation_bias as truncation_bias,
 )
 from bptt_jax.engine import unroll as unroll
-from bptt_jax.models import Bidirectional as Bidirectional
-from bptt_jax.models import Stack as Stack
-from bptt_jax.models import stacked as stacked
 from bptt_jax.losses import (
     ReadoutParams as ReadoutParams,
 )
@@ -66,6 +63,9 @@ from bptt_jax.losses import (
 from bptt_jax.losses import (
     sequence_loss as sequence_loss,
 )
+from bptt_jax.models import Bidirectional as Bidirectional
+from bptt_jax.models import Stack as Stack
+from bptt_jax.models import stacked as stacked
 
 __version__ = "0.1.0"
 from bptt_jax.train import (

@@ -507,7 +507,11 @@ def model_forward(model, params, xs, carry0, mask, resets, drops, *, keep=True, 
             saved.append(s)
     if not keep:
         return x, from_layers(model, carries), None
-    return x, from_layers(model, carries), (tuple(saved), tuple(inputs) if walk.stores_inputs else None)
+    return (
+        x,
+        from_layers(model, carries),
+        (tuple(saved), tuple(inputs) if walk.stores_inputs else None),
+    )
 
 
 def model_backward(model, params, xs, carry0, mask, resets, drops, saved, dhs, dcarry_t, cuts=None,
@@ -699,8 +703,10 @@ def checkpointed_forward(model, params, xs_s, carry0, mask_s, resets_s, drops_s,
     return checkpoints, outs, carry_t
 
 
-def checkpointed_backward(model, params, xs_s, mask_s, resets_s, drops_s, checkpoints, dcarry_t,
-                          cuts_s, real_s, cotangent_fn, extras_s, acc0, *, delta_clip=None):  # fmt: skip
+def checkpointed_backward(
+    model, params, xs_s, mask_s, resets_s, drops_s, checkpoints, dcarry_t, cuts_s, real_s,
+    cotangent_fn, extras_s, acc0, *, delta_clip=None,
+):  # fmt: skip
     """The hand-written BPTT over segments, each re-run from its checkpoint (every layer).
 
     Args:

@@ -8,7 +8,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from bptt_jax import engine, validation
 from bptt_jax.cells import _common

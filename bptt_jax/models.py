@@ -25,8 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.cells import GRU, LSTM, Elman
-from bptt_jax.cells import _common
+from bptt_jax.cells import GRU, LSTM, Elman, _common
 
 MERGES = ("concat", "sum", "mean")
 CELL_TYPES = (Elman, LSTM, GRU)

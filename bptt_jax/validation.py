@@ -300,7 +300,11 @@ def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=
             )
     stack = isinstance(model, Stack)
     layers = model.layers if stack else (model,)
-    ps = _check_tuple(fn, "params", params, len(layers), "one params entry per layer") if stack else (params,)
+    ps = (
+        _check_tuple(fn, "params", params, len(layers), "one params entry per layer")
+        if stack
+        else (params,)
+    )
     dtype = None
     d_in = None  # the input size layer k expects: layer k-1's output size
     d_model = None
@@ -324,7 +328,8 @@ def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=
             if d != want:
                 first = type(q)._fields[0]
                 source = (
-                    f"layer {k - 1}'s output size {d_in}" if k and d_in is not None
+                    f"layer {k - 1}'s output size {d_in}"
+                    if k and d_in is not None
                     else f"the first cell's input size {d_model}"
                 )
                 raise ValueError(
