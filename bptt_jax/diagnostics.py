@@ -44,6 +44,7 @@ from jax import lax
 
 from bptt_jax import config, engine, losses, validation
 from bptt_jax.cells import GRU, LSTM, Elman
+from bptt_jax.models import Bidirectional, Stack, is_bidirectional
 
 #: Probes per vectorised batch of reverse scans in :func:`jacobian_norms` (memory vs speed).
 PROBE_BATCH = 16
@@ -111,16 +112,14 @@ def _check_probes(fn: str, probes, key) -> None:
         )
 
 
-def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
-    """``||dh_T/d carry_t||_F`` per step and example from one forward and P reverse scans."""
-    t_len, b, _ = xs.shape
-    h = cell.hidden_size
-    states, res, carry_t = engine.forward(cell, params, xs, carry0, mask, resets=resets)
-    zeros = jax.tree.map(jnp.zeros_like, carry_t)
+def _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, dtype):
+    """``||dh_T/d carry_t||_F`` (T, B) of one cell from its forward's states and buffers."""
+    zeros = jax.tree.map(lambda s: jnp.zeros_like(s[-1]), states)  # (B, H) per carry part
+    h, b = cell.hidden_size, jax.tree.leaves(states)[0].shape[1]
     if probes is None:  # the one-hot basis: the rows of every example's Jacobian
-        vs = jnp.broadcast_to(jnp.eye(h, dtype=xs.dtype)[:, None, :], (h, b, h))
+        vs = jnp.broadcast_to(jnp.eye(h, dtype=dtype)[:, None, :], (h, b, h))
     else:
-        vs = jax.random.normal(key, (probes, b, h), xs.dtype)
+        vs = jax.random.normal(key, (probes, b, h), dtype)
 
     def squared_norm(dstate):  # over every part of the carry: h, and c for the LSTM
         return sum(jnp.sum(g * g, axis=-1) for g in jax.tree.leaves(dstate))
@@ -138,11 +137,51 @@ def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
     return jnp.sqrt(total)
 
 
+def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
+    """``||dh_T/d carry_t||_F`` per step and example from one forward and P reverse scans."""
+    states, res, _ = engine.forward(cell, params, xs, carry0, mask, resets=resets)
+    return _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, xs.dtype)
+
+
+def _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, key):
+    """:func:`_jacobian_norms_impl` of every cell of a model, in the model's structure.
+
+    One forward of the whole model (full BPTT's stored states), then each cell's probes on
+    its own reverse scan; the reverse direction's in its own time, then put back in forward
+    time. Cell i (in :func:`engine.cells_of` order) draws its probes from ``fold_in(key, i)``.
+    """
+    _, _, (per_saved, _) = engine.model_forward(model, params, xs, carry0, mask, resets, None)
+    idx = engine.reversal(mask, xs.shape[0]) if is_bidirectional(model) else None
+    ps, cs = engine.per_layer(model, params), engine.per_layer(model, carry0)
+    out, i = [], 0
+
+    def norms(cell, p, c, saved, r):
+        nonlocal i
+        k = None if key is None else jax.random.fold_in(key, i)
+        i += 1
+        return _probe_norms(cell, probes, p, c, mask, r, *saved, k, xs.dtype)
+
+    for layer, p, c, saved in zip(engine.layers_of(model), ps, cs, per_saved):
+        if isinstance(layer, Bidirectional):
+            f = norms(layer.forward, p[0], c[0], saved[0], None)
+            b = norms(layer.backward, p[1], c[1], saved[1], None)
+            out.append((f, engine.reverse_time(b, idx)))
+        else:
+            out.append(norms(layer, p, c, saved, resets))
+    return engine.from_layers(model, out)
+
+
 _jacobian_norms = jax.jit(_jacobian_norms_impl, static_argnums=(0, 1))
+_model_jacobian_norms = jax.jit(_model_jacobian_norms_impl, static_argnums=(0, 1))
+
+
+def _is_composite(model) -> bool:
+    """A :class:`~bptt_jax.Stack` or :class:`~bptt_jax.Bidirectional` (not a bare cell)."""
+    return isinstance(model, (Stack, Bidirectional))
 
 
 def jacobian_norms(
-    cell,
+    model,
     params,
     xs,
     carry0=None,
@@ -162,22 +201,38 @@ def jacobian_norms(
     for the loss ``v . h_T``. It depends on the params and inputs only, not on a loss or
     readout. ``t = T-1`` gives ``||I|| = sqrt(H)`` (``h_T`` does not depend on ``c_T``).
 
+    For a model (a :class:`~bptt_jax.Stack` or :class:`~bptt_jax.Bidirectional`), per layer
+    and direction: each cell's ``||dh_T/d carry_t||_F`` for its own final state and its own
+    carries, on the inputs it sees inside the model (the previous layer's outputs). A
+    perturbation of a cell's carry reaches that cell's final state through its own recurrence
+    only, so this is the whole derivative. For the reverse direction of a Bidirectional layer
+    ``h_T`` is its final carry (its state after reading ``x_0``, PyTorch's ``h_n``) and ``t``
+    the step in forward time (its state after reading ``x_t``): the norm grows from
+    ``sqrt(H)`` at ``t = 0`` towards later steps. Layers take no dropout (evaluation).
+
     Args:
-      cell, params, xs, carry0, mask, resets: as in :func:`bptt_jax.unroll`. With a mask,
-        ``h_T`` is each sequence's last valid state and padded steps pass it on unchanged
-        (norm ``sqrt(H)`` there); a reset at step t cuts every Jacobian across it to 0.
+      model: a cell (:class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM`,
+        :class:`~bptt_jax.GRU`), a :class:`~bptt_jax.Stack` or a :class:`~bptt_jax.Bidirectional`.
+      params, xs, carry0, mask, resets: as in :func:`bptt_jax.unroll`. With a mask, ``h_T``
+        is each sequence's last valid state and padded steps pass it on unchanged (norm
+        ``sqrt(H)`` there, in either direction); a reset at step t cuts every Jacobian
+        across it to 0.
       probes: ``None`` (default): exact, with the ``H`` one-hot probes (``||J||_F^2`` is
         the sum of its squared rows), so H reverse scans. An int P: the Hutchinson estimate
         ``sqrt(mean_p ||v_p^T J||^2)`` with P Gaussian probes ``v_p ~ N(0, I)``, whose
         square is unbiased with relative standard deviation at most ``sqrt(2 / P)``; P
         reverse scans.
-      key: PRNG key for the random probes (required when ``probes`` is an int).
+      key: PRNG key for the random probes (required when ``probes`` is an int). For a
+        model, cell i (layer by layer, forward direction first) uses ``fold_in(key, i)``.
 
     Returns:
-      ``(T, B)`` in the params' dtype.
+      ``(T, B)`` in the params' dtype; for a model, one such array per cell in the model's
+      structure: a tuple with one entry per layer for a Stack, a ``(forward, backward)``
+      pair for a Bidirectional layer (both in forward time), like its params.
 
     Cost: one forward scan plus ``H`` (exact) or ``P`` reverse scans over the batch, run 16
-    at a time under ``vmap`` (no weight-gradient matmuls).
+    at a time under ``vmap`` (no weight-gradient matmuls); for a model, one forward of the
+    model and each cell's reverse scans.
 
     Example:
       >>> import jax, bptt_jax
@@ -188,16 +243,26 @@ def jacobian_norms(
       >>> norms = jacobian_norms(cell, params, xs)
       >>> norms.shape, round(float(norms[-1, 0]) ** 2, 3)    # ||I||^2 = H at t = T-1
       ((20, 4), 8.0)
+      >>> bi = bptt_jax.Bidirectional(cell)
+      >>> fwd, bwd = jacobian_norms(bi, bi.init(jax.random.key(0), 3), xs)
+      >>> fwd.shape, round(float(bwd[0, 0]) ** 2, 3)   # the reverse direction ends at t = 0
+      ((20, 4), 8.0)
     """
     fn = "jacobian_norms"
-    xs, carry0, mask, dtype = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, None)
+    if _is_composite(model):
+        xs, carry0, mask, resets, _ = validation.check_model_args(
+            fn, model, params, xs, carry0, mask, None, resets
+        )
+        _check_probes(fn, probes, key)
+        return _model_jacobian_norms(model, probes, params, xs, carry0, mask, resets, key)
+    xs, carry0, mask, _ = validation.check_unroll_args(fn, model, params, xs, carry0, mask, None)
     resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     _check_probes(fn, probes, key)
-    return _jacobian_norms(cell, probes, params, xs, carry0, mask, resets, key)
+    return _jacobian_norms(model, probes, params, xs, carry0, mask, resets, key)
 
 
 def effective_horizon(
-    cell,
+    model,
     params,
     xs,
     carry0=None,
@@ -214,13 +279,17 @@ def effective_horizon(
     ``||dh_T/dh_t||_F``, counted back from the last step until it first falls below
     ``fraction`` of its running peak (see :func:`horizon_from_norms`); ``T`` if it never does.
     Meant for logging from a training loop on a small sub-batch with a few random probes.
+    For a model, per layer and direction: the horizon of each cell's own Jacobian norms (see
+    :func:`jacobian_norms`; for a reverse direction, the steps forward from ``t = 0`` that
+    its final state hears of).
 
     Args:
-      cell, params, xs, carry0, mask, resets, probes, key: as in :func:`jacobian_norms`.
+      model, params, xs, carry0, mask, resets, probes, key: as in :func:`jacobian_norms`.
       fraction: in ``(0, 1)``; default 0.01.
 
     Returns:
-      int32 array ``()`` in ``[1, T]``.
+      int32 array ``()`` in ``[1, T]``; for a model, one per cell in the model's structure
+      (as :func:`jacobian_norms`).
 
     Example:
       >>> import jax, bptt_jax
@@ -233,8 +302,13 @@ def effective_horizon(
     """
     _check_fraction("effective_horizon", fraction)
     norms = jacobian_norms(
-        cell, params, xs, carry0, mask=mask, resets=resets, probes=probes, key=key
+        model, params, xs, carry0, mask=mask, resets=resets, probes=probes, key=key
     )
+    return jax.tree.map(lambda n: _horizon(n, fraction), norms)
+
+
+def _horizon(norms, fraction):
+    """The horizon of the batch mean of ``norms`` (T, B), read back from ``t = T-1``."""
     return horizon_from_norms(jnp.mean(norms, axis=1), fraction)
 
 
@@ -251,7 +325,7 @@ class GradientFlow(NamedTuple):
 
 
 def gradient_flow(
-    cell,
+    model,
     params,
     readout: losses.ReadoutParams,
     xs,
@@ -279,17 +353,29 @@ def gradient_flow(
       question without the loss, and ``horizon``, one number from it
       (:func:`horizon_from_norms` of the batch mean).
 
+    For a model (a :class:`~bptt_jax.Stack` or :class:`~bptt_jax.Bidirectional`), per layer
+    and direction: one :class:`GradientFlow` per cell, in the model's structure (a tuple with
+    one entry per layer for a Stack, a ``(forward, backward)`` pair for a Bidirectional
+    layer, like its params). Each cell's ``delta_norms[t, b] = ||dL/dh_t||`` is the total
+    error of the model's loss on that cell's hidden state at step t (through the layers above
+    it and its own recurrence; what its reverse scan carries, after ``delta_clip``), its
+    ``jacobian_norms`` and ``horizon`` those of :func:`jacobian_norms` for that cell. Both are
+    in forward time for a reverse direction (its error flows from ``t = 0`` towards later
+    steps, so its vanishing shows going forward). ``value`` is the model's loss in every
+    entry. Layers take no dropout (evaluation).
+
     Args:
-      cell, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
+      model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
         delta_clip: as in :func:`bptt_jax.sequence_loss`.
       fraction: the horizon's threshold, in ``(0, 1)``; default 0.01.
       probes, key: as in :func:`jacobian_norms` (default: exact).
 
     Returns:
-      A :class:`GradientFlow`.
+      A :class:`GradientFlow`; for a model, one per cell in the model's structure.
 
-    Cost: one forward and backward (as ``jax.grad`` of the loss), then one forward and
-    ``H`` (or ``probes``) reverse scans for the Jacobian norms.
+    Cost: one forward and backward (as ``jax.grad`` of the loss) and one more backward that
+    keeps the errors, then one forward and ``H`` (or ``probes``) reverse scans per cell for
+    the Jacobian norms.
 
     Example:
       >>> import jax, jax.numpy as jnp, bptt_jax
@@ -304,34 +390,53 @@ def gradient_flow(
       ((30,), (30, 2), dtype('int32'))
       >>> bool(flow.delta_norm[0] < flow.delta_norm[-1])  # the error vanishes going back
       True
+      >>> model = bptt_jax.stacked(cell, num_layers=2)
+      >>> flows = gradient_flow(model, model.init(k1, 3), ro, xs, ys)
+      >>> len(flows), flows[1].delta_norms.shape         # one GradientFlow per layer
+      (2, (30, 2))
     """
     fn = "gradient_flow"
     _check_fraction(fn, fraction)
     _check_probes(fn, probes, key)
-    xs, carry0, mask, _ = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, None)
-    resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
+    if _is_composite(model):
+        xs, carry0, mask, resets, _ = validation.check_model_args(
+            fn, model, params, xs, carry0, mask, None, resets
+        )
+    else:
+        xs, carry0, mask, _ = validation.check_unroll_args(
+            fn, model, params, xs, carry0, mask, None
+        )
+        resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     loss_mask = validation.check_mask(fn, loss_mask, *xs.shape[:2], name="loss_mask")
     return _gradient_flow(
-        cell, loss, reduction, delta_clip, probes, fraction,
+        model, loss, reduction, delta_clip, probes, fraction,
         params, readout, xs, targets, carry0, mask, loss_mask, resets, key,
     )  # fmt: skip
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _gradient_flow(
-    cell, loss, reduction, delta_clip, probes, fraction,
+    model, loss, reduction, delta_clip, probes, fraction,
     params, readout, xs, targets, carry0, mask, loss_mask, resets, key,
 ):  # fmt: skip
     out = losses.loss_and_grads(
-        cell, params, readout, xs, targets, carry0,
+        model, params, readout, xs, targets, carry0,
         mask=mask, loss_mask=loss_mask, resets=resets, loss=loss, reduction=reduction,
         delta_clip=delta_clip, return_deltas=True,
     )  # fmt: skip
-    delta_norms = jnp.linalg.norm(out.deltas, axis=-1)
-    jac = _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key)
+    if _is_composite(model):
+        jac = _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, key)
+        return jax.tree.map(lambda d, j: _flow(out.value, d, j, fraction), out.deltas, jac)
+    jac = _jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, key)
+    return _flow(out.value, out.deltas, jac, fraction)
+
+
+def _flow(value, deltas, jac, fraction) -> GradientFlow:
+    """One cell's :class:`GradientFlow` from its deltas (T, B, H) and Jacobian norms."""
+    delta_norms = jnp.linalg.norm(deltas, axis=-1)
     jac_mean = jnp.mean(jac, axis=1)
     return GradientFlow(
-        out.value,
+        value,
         delta_norms,
         jnp.mean(delta_norms, axis=1),
         jac,
@@ -348,7 +453,7 @@ class SpectralNorms(NamedTuple):
     blocks: dict[str, jax.Array]  # gate name -> () largest singular value of its (H, H) block
 
 
-def spectral_norms(cell, params) -> SpectralNorms:
+def spectral_norms(model, params) -> SpectralNorms:
     """The largest singular value of the recurrent kernel, whole and per gate block.
 
     For the Elman cell, ``||dh_t/dh_{t-1}|| <= sigma_max(W_hh) max|f'|``, so
@@ -357,12 +462,15 @@ def spectral_norms(cell, params) -> SpectralNorms:
     candidate (LSTM ``g``, GRU ``n``) plays that role, modulated by the gates.
 
     Args:
-      cell: a :class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM` or :class:`~bptt_jax.GRU`.
+      model: a :class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM` or :class:`~bptt_jax.GRU`
+        cell, or a :class:`~bptt_jax.Stack` or :class:`~bptt_jax.Bidirectional` of them.
       params: its params.
 
     Returns:
       A :class:`SpectralNorms`; ``blocks`` keys are the gate names in column order: ``h``
-      (Elman), ``i, f, g, o`` (LSTM), ``r, z, n`` (GRU).
+      (Elman), ``i, f, g, o`` (LSTM), ``r, z, n`` (GRU). For a model, one per cell in the
+      model's structure (a tuple with one entry per layer for a Stack, a ``(forward,
+      backward)`` pair for a Bidirectional layer, like its params).
 
     Example:
       >>> import jax, bptt_jax
@@ -371,10 +479,46 @@ def spectral_norms(cell, params) -> SpectralNorms:
       >>> s = spectral_norms(cell, cell.init(jax.random.key(0), input_size=4))
       >>> list(s.blocks), round(float(s.blocks["f"]), 4), round(float(s.kernel), 4)
       (['i', 'f', 'g', 'o'], 1.0, 2.0)
+      >>> model = bptt_jax.stacked(cell, num_layers=2, bidirectional=True)
+      >>> s = spectral_norms(model, model.init(jax.random.key(0), input_size=4))
+      >>> round(float(s[1][0].blocks["f"]), 4)    # layer 1, forward direction
+      1.0
     """
     fn = "spectral_norms"
-    validation.check_cell(fn, cell)
-    validation.check_params(fn, cell, params)
+    if _is_composite(model):
+        return _per_cell(fn, model, params, _spectral_norms)
+    validation.check_cell(fn, model)
+    validation.check_params(fn, model, params)
+    return _spectral_norms(model, params)
+
+
+def _per_cell(fn: str, model, params, f):
+    """``f(cell, cell_params)`` for every cell of ``model``, in the model's structure; each
+    cell's params are checked first (errors name them, e.g. ``params[1][0]``)."""
+    stack = isinstance(model, Stack)
+    layers = engine.layers_of(model)
+    ps = (
+        validation._check_tuple(fn, "params", params, len(layers), "one params entry per layer")
+        if stack
+        else (params,)
+    )
+    out = []
+    for k, (layer, p) in enumerate(zip(layers, ps)):
+        where = f"params[{k}]" if stack else "params"
+        if isinstance(layer, Bidirectional):
+            pair = validation._check_tuple(fn, where, p, 2, "the (forward, backward) params")
+            entry = []
+            for d, (cell, q) in enumerate(zip(layer.cells, pair)):
+                validation.check_params(fn, cell, q, f"{where}[{d}]")
+                entry.append(f(cell, q))
+            out.append(tuple(entry))
+        else:
+            validation.check_params(fn, layer, p, where)
+            out.append(f(layer, p))
+    return engine.from_layers(model, out)
+
+
+def _spectral_norms(cell, params) -> SpectralNorms:
     w = cell.recurrent_kernel(params)
     h = cell.hidden_size
 
@@ -423,6 +567,12 @@ def _truncation_bias(cell, ks, loss, reduction, params, readout, xs, targets, ca
         return _flat(engine.weight_grads(cell, params, xs, carry0, states, dcols, resets)[0])
 
     g = lax.map(grads, jnp.asarray(cuts), batch_size=min(len(cuts), PROBE_BATCH))  # (K+1, N)
+    return _bias(ks, g)
+
+
+def _bias(ks, g) -> TruncationBias:
+    """The :class:`TruncationBias` of the gradients ``g`` (K+1, N): ``g[:-1]`` truncated at
+    each k, ``g[-1]`` full BPTT."""
     g, full = g[:-1], g[-1]
     full_norm = jnp.linalg.norm(full)
     norms = jnp.linalg.norm(g, axis=1)
@@ -432,8 +582,31 @@ def _truncation_bias(cell, ks, loss, reduction, params, readout, xs, targets, ca
     return TruncationBias(jnp.asarray(ks, jnp.int32), cosine, ratio, full_norm)
 
 
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _model_truncation_bias(model, ks, loss, reduction, params, readout, xs, targets, carry0,
+                           mask, valid, resets):  # fmt: skip
+    # One forward of the stack and the readout's error on its outputs (independent of k);
+    # then one backward of every layer per k, each layer's carries cut at the same steps.
+    head = losses.LossHead(loss, reduction)
+    hs, carry_t, saved = engine.model_forward(model, params, xs, carry0, mask, resets, None)
+    _, dy = head.forward(readout, hs, targets, valid)
+    dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), xs.dtype))
+    zeros = jax.tree.map(jnp.zeros_like, carry_t)
+    t = np.arange(xs.shape[0])
+    cuts = np.stack([(t % k == 0) & (t > 0) for k in (*ks, xs.shape[0])])  # last: full BPTT
+
+    def grads(cut):
+        dparams, _, _, _ = engine.model_backward(
+            model, params, xs, carry0, mask, resets, None, saved, dhs, zeros, cut
+        )
+        return tuple(_flat(g) for g in engine.per_layer(model, dparams))
+
+    g = lax.map(grads, jnp.asarray(cuts), batch_size=min(len(cuts), PROBE_BATCH))
+    return engine.from_layers(model, [_bias(ks, g_layer) for g_layer in g])
+
+
 def truncation_bias(
-    cell,
+    model,
     params,
     readout: losses.ReadoutParams,
     xs,
@@ -456,16 +629,26 @@ def truncation_bias(
     and ``||g_k|| / ||g||``; ``k >= T`` gives exactly 1 and 1. A cosine of 0 (not NaN) is
     returned when either gradient is zero.
 
+    For a :class:`~bptt_jax.Stack` of cells, per layer: ``truncate=k`` cuts every layer's
+    carries at the same steps (as :func:`bptt_jax.sequence_loss` does), and layer l's entry
+    compares the truncated and full gradients of the loss with respect to layer l's params.
+    The whole model's numbers follow from the layers': with ``n_l = full_norm_l`` and
+    ``r_l, c_l`` its ``norm_ratio`` and ``cosine``, ``||g|| = sqrt(sum_l n_l^2)``,
+    ``||g_k|| = sqrt(sum_l (r_l n_l)^2)`` and ``<g_k, g> = sum_l c_l r_l n_l^2``. Layers
+    take no dropout (evaluation). Truncation is undefined for a bidirectional model (a
+    :class:`~bptt_jax.Bidirectional`, or a Stack with one): ``ValueError``.
+
     Args:
-      cell, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction:
+      model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction:
         as in :func:`bptt_jax.sequence_loss`.
       ks: a non-empty sequence of positive ints, the truncation lengths.
 
     Returns:
-      A :class:`TruncationBias`.
+      A :class:`TruncationBias`; for a Stack, one per layer (a tuple).
 
     Cost: two forward scans, ``len(ks) + 2`` reverse scans and ``len(ks) + 1`` sets of
-    weight-gradient matmuls, all compiled as one program (one compile per tuple of ks).
+    weight-gradient matmuls, all compiled as one program (one compile per tuple of ks); for
+    a Stack, one forward of the model and ``len(ks) + 1`` backwards of every layer.
 
     Example:
       >>> import jax, jax.numpy as jnp, bptt_jax
@@ -485,11 +668,28 @@ def truncation_bias(
         validation.check_positive(fn, f"ks[{i}]", int(k) if isinstance(k, np.integer) else k, int)
         for i, k in enumerate(ks)
     ]
-    xs, carry0, mask, _ = validation.check_unroll_args(fn, cell, params, xs, carry0, mask, None)
+    if _is_composite(model):
+        if is_bidirectional(model):
+            what = (
+                "Stack with a Bidirectional layer" if isinstance(model, Stack) else "Bidirectional"
+            )
+            raise ValueError(
+                f"{fn}: model is bidirectional (a {what}); truncation is undefined for it (its "
+                "reverse direction needs the whole future of every step); use a Stack of cells"
+            )
+        xs, targets, carry0, mask, valid, resets, _ = losses._check_loss_args(
+            fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
+            reduction, None, None,
+        )  # fmt: skip
+        return _model_truncation_bias(
+            model, tuple(ks), loss, reduction,
+            params, readout, xs, targets, carry0, mask, valid, resets,
+        )  # fmt: skip
+    xs, carry0, mask, _ = validation.check_unroll_args(fn, model, params, xs, carry0, mask, None)
     resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     loss_mask = validation.check_mask(fn, loss_mask, *xs.shape[:2], name="loss_mask")
     return _truncation_bias(
-        cell, tuple(ks), loss, reduction,
+        model, tuple(ks), loss, reduction,
         params, readout, xs, targets, carry0, mask, loss_mask, resets,
     )  # fmt: skip
 
