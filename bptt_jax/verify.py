@@ -15,6 +15,8 @@ import numpy as np
 
 from bptt_jax import engine, losses, validation
 from bptt_jax.cells import GRU, LSTM, Elman
+from bptt_jax.models import Bidirectional, Stack, is_bidirectional, stacked
+from bptt_jax.models import output_size as output_size_of
 
 #: Max normwise relative error allowed between manual and autodiff gradients, by dtype.
 #: float64: both sides are exact to ~1e-15 per operation; 1e-10 leaves room for T*H sums.
@@ -72,18 +74,25 @@ def _named_leaves(tree, prefix: str) -> dict[str, jax.Array]:
 
 
 def random_problem(
-    cell, key, *, seq_len, batch_size, input_size, output_size, dtype, mask, random_carry, loss
+    model, key, *, seq_len, batch_size, input_size, output_size, dtype, mask, random_carry, loss
 ):
-    """Random params, readout, inputs, targets, initial carry and mask (never zeros)."""
+    """Random params, readout, inputs, targets, initial carry and mask (never zeros).
+
+    ``model`` is a cell, a :class:`~bptt_jax.Bidirectional` or a :class:`~bptt_jax.Stack`;
+    every leaf of its params and carry is drawn with its own key.
+    """
     k = jax.random.split(key, 8)
-    params = cell.init(k[0], input_size, dtype)
+    params = model.init(k[0], input_size, dtype)
     # Nudge every parameter off its initial distribution (e.g. non-zero orthogonal biases).
-    params = jax.tree.map(
-        lambda p, kk: p + 0.1 * jax.random.normal(kk, p.shape, dtype),
-        params,
-        type(params)(*jax.random.split(k[1], len(params))),
+    leaves, tdef = jax.tree.flatten(params)
+    params = jax.tree.unflatten(
+        tdef,
+        [
+            p + 0.1 * jax.random.normal(kk, p.shape, dtype)
+            for p, kk in zip(leaves, jax.random.split(k[1], len(leaves)))
+        ],
     )
-    readout = losses.init_readout(k[2], cell.hidden_size, output_size, dtype)
+    readout = losses.init_readout(k[2], output_size_of(model), output_size, dtype)
     readout = losses.ReadoutParams(
         readout.w_hy, 0.1 * jax.random.normal(k[3], (output_size,), dtype)
     )
@@ -92,7 +101,7 @@ def random_problem(
         targets = jax.random.randint(k[5], (seq_len, batch_size), 0, output_size)
     else:
         targets = jax.random.normal(k[5], (seq_len, batch_size, output_size), dtype)
-    carry0 = cell.zero_carry(batch_size, dtype)
+    carry0 = model.zero_carry(batch_size, dtype)
     if random_carry:
         leaves, tdef = jax.tree.flatten(carry0)
         ks = jax.random.split(k[6], len(leaves))
@@ -108,9 +117,10 @@ def random_problem(
 
 
 def check_gradients(
-    cell,
+    model,
     *,
     path: str = "loss",
+    backward: str = "manual",
     seq_len: int = 9,
     batch_size: int = 3,
     input_size: int = 4,
@@ -132,9 +142,11 @@ def check_gradients(
     ``lax.scan`` reference, and reports the max normwise relative error per leaf.
 
     Args:
-      cell: the cell to check.
+      model: the cell or model (:class:`~bptt_jax.Bidirectional`, :class:`~bptt_jax.Stack`)
+        to check.
       path: ``"loss"`` checks :func:`bptt_jax.sequence_loss`; ``"unroll"`` checks
         :func:`bptt_jax.unroll` under a random output cotangent.
+      backward: the hand-written path to check: ``"manual"`` or ``"checkpointed"``.
       seq_len, batch_size, input_size, output_size: T, B, D, O.
       dtype: ``jnp.float64`` (needs ``jax_enable_x64``) or ``jnp.float32``.
       mask: draw a random right-padding mask.
@@ -160,6 +172,7 @@ def check_gradients(
       True
     """
     validation.check_choice("check_gradients", "path", path, ("loss", "unroll"))
+    validation.check_choice("check_gradients", "backward", backward, ("manual", "checkpointed"))
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError(
@@ -168,7 +181,7 @@ def check_gradients(
     key = jax.random.key(0) if key is None else key
     kp, kc, kv = jax.random.split(key, 3)
     params, readout, xs, targets, carry0, m = random_problem(
-        cell,
+        model,
         kp,
         seq_len=seq_len,
         batch_size=batch_size,
@@ -187,7 +200,7 @@ def check_gradients(
         def make(backward):
             def f(p, ro, x, tg, c0):
                 return losses.sequence_loss(
-                    cell,
+                    model,
                     p,
                     ro,
                     x,
@@ -206,7 +219,7 @@ def check_gradients(
     else:
         argnums = (0, 1, 2)
         names = ("params", "xs", "carry0")
-        hs_shape = (seq_len, batch_size, cell.hidden_size)
+        hs_shape = (seq_len, batch_size, output_size_of(model))
         k1, k2 = jax.random.split(kc)
         ct_hs = jax.random.normal(k1, hs_shape, dtype)
         ct_leaves, ct_def = jax.tree.flatten(carry0)
@@ -221,7 +234,7 @@ def check_gradients(
         def make(backward):
             def f(p, x, c0):  # <(hs, carry_T), random cotangent>: its gradient is the VJP
                 hs, c_t = engine.unroll(
-                    cell, p, x, c0, mask=m, truncate=truncate, backward=backward
+                    model, p, x, c0, mask=m, truncate=truncate, backward=backward
                 )
                 dots = [
                     jnp.vdot(a, b)
@@ -233,7 +246,7 @@ def check_gradients(
 
         args = (params, xs, carry0)
 
-    f_manual, f_auto = make("manual"), make("autodiff")
+    f_manual, f_auto = make(backward), make("autodiff")
     # True float32 (or float64) matmuls on every backend: the tolerances are the dtype's,
     # and a GPU's default float32 matmul (TF32, ~1e-3 relative) would swamp them.
     with jax.default_matmul_precision("highest"):
@@ -253,7 +266,8 @@ def check_gradients(
             fd_errors = _finite_difference_errors(f_manual, args, argnums, g_manual, names, kv)
 
     desc = (
-        f"{_cell_name(cell)} {path} {dtype.name} T={seq_len} B={batch_size} "
+        f"{model_name(model)} {path}{'' if backward == 'manual' else ' ' + backward} "
+        f"{dtype.name} T={seq_len} B={batch_size} "
         f"mask={mask} carry0={'random' if random_carry else 'zero'}"
         + (f" loss={loss}/{reduction}" if path == "loss" else "")
         + (f" truncate={truncate}" if truncate else "")
@@ -281,7 +295,10 @@ def _finite_difference_errors(f, args, argnums, grads, names, key) -> dict[str, 
             fd = (at(1.0) - at(-1.0)) / (2 * FD_EPS)
             analytic = float(jnp.vdot(gl, v))
             name = list(_named_leaves(args[i], names[i]))[li]
-            out[name] = abs(fd - analytic) / max(abs(analytic), 1e-8)
+            # v ~ N(0, I), so v.g ~ N(0, ||g||^2): relative to at least 1% of that scale, an
+            # unlucky direction nearly orthogonal to g cannot pass off round-off as an error.
+            scale = max(abs(analytic), 0.01 * float(jnp.linalg.norm(gl)), 1e-8)
+            out[name] = abs(fd - analytic) / scale
     return out
 
 
@@ -293,8 +310,20 @@ def _cell_name(cell) -> str:
     return type(cell).__name__
 
 
+def model_name(model) -> str:
+    """A short description: ``LSTM``, ``Bi(GRU)``, ``Stack[LSTM, LSTM]``."""
+    if isinstance(model, Stack):
+        drop = f" dropout={model.dropout}" if model.dropout else ""
+        return "Stack[" + ", ".join(model_name(layer) for layer in model.layers) + "]" + drop
+    if isinstance(model, Bidirectional):
+        f, b = model.forward, model.backward
+        inner = _cell_name(f) if f == b else f"{_cell_name(f)}, {_cell_name(b)}"
+        return f"Bi({inner}{'' if model.merge == 'concat' else ', ' + model.merge})"
+    return _cell_name(model)
+
+
 def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
-    """The configurations ``bptt-jax verify`` checks: every cell and gradient path."""
+    """The configurations ``bptt-jax verify`` checks: every cell, model kind and gradient path."""
     cells = [
         Elman(hidden_size, "tanh"),
         Elman(hidden_size, "relu"),
@@ -302,7 +331,26 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
         LSTM(hidden_size, forget_bias=1.0),
         GRU(hidden_size),
     ]
+    h = hidden_size
+    models = [
+        stacked(LSTM(h, forget_bias=1.0), 2),
+        Stack((Elman(h, "tanh"), GRU(h - 1))),
+        Bidirectional(GRU(h)),
+        Bidirectional(Elman(h, "tanh"), backward=LSTM(h - 1), merge="concat"),
+        stacked(LSTM(h - 2), 2, bidirectional=True),
+    ]
     grid = []
+    for model in models:
+        uni = not is_bidirectional(model)
+        for dtype in (jnp.float64, jnp.float32):
+            common = dict(dtype=dtype, mask=True, random_carry=True)
+            grid += [
+                (model, dict(common, loss="xent", reduction="mean")),
+                (model, dict(common, path="unroll")),
+                (model, dict(common, loss="mse", reduction="sum", backward="checkpointed")),
+            ]
+            if uni:
+                grid.append((model, dict(common, loss="xent", reduction="sum", truncate=4)))
     for cell in cells:
         for dtype in (jnp.float64, jnp.float32):
             grid += [
@@ -345,7 +393,7 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
         f"Tolerances: {TOLERANCE}, finite differences {FD_TOLERANCE:g}. "
         f"Device: {jax.devices()[0].platform}.\n"
     )
-    header = f"{'configuration':<72} {'worst leaf':<16} {'vs autodiff':>11} {'vs FD':>9}  ok"
+    header = f"{'configuration':<84} {'worst leaf':<20} {'vs autodiff':>11} {'vs FD':>9}  ok"
     print_fn(header)
     print_fn("-" * len(header))
     all_ok, worst = True, {"float64": 0.0, "float32": 0.0}
@@ -358,7 +406,7 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
         all_ok &= report.passed
         fd_s = f"{fd:9.1e}" if report.finite_diff else f"{'-':>9}"
         print_fn(
-            f"{report.config:<72} {leaf:<16} {report.max_error:11.1e} {fd_s}  "
+            f"{report.config:<84} {leaf:<20} {report.max_error:11.1e} {fd_s}  "
             f"{'ok' if report.passed else 'FAIL'}"
         )
         if not report.passed:
