@@ -349,52 +349,53 @@ def model_loss(
     return readout_loss(hs, ro, targets, mask, loss, reduction, loss_mask)
 
 
+def _rng(key) -> np.random.Generator:
+    """A NumPy generator seeded by a JAX key: problems are drawn without compiling anything."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
 def model_problem(
     model, key, dtype, *, t=7, b=3, d=4, o=5, mask=True, random_carry=True, loss="xent"
 ):
     """Random params, readout, inputs, targets, initial carry and mask for any model.
 
-    Every params leaf is ``model.init``'s plus ``0.1 N(0, 1)`` noise; every carry leaf is drawn
-    on its own (an LSTM's h and c differ); the mask right-pads random lengths in ``[1, T]``
-    with at least one full-length and one shorter sequence, at random positions.
-    Returns ``(params, readout, xs, targets, carry0, mask)`` like :func:`problem`.
+    The params have ``model.init``'s structure, shapes and dtype, every leaf drawn anew as
+    ``0.4 N(0, 1)`` (nothing keeps init's pattern, e.g. zero biases); every carry leaf is drawn
+    on its own as ``0.5 N(0, 1)`` (an LSTM's h and c differ); the mask right-pads random
+    lengths in ``[1, T]`` with at least one full-length and one shorter sequence, at random
+    positions. Returns ``(params, readout, xs, targets, carry0, mask)`` like :func:`problem`.
+    Drawn with NumPy from ``key`` (deterministic per key), so nothing is compiled.
     """
-    k = jax.random.split(key, 10)
-    params = model.init(k[0], d, dtype)
-    leaves, tdef = jax.tree.flatten(params)
-    ks = jax.random.split(k[1], len(leaves))
-    params = jax.tree.unflatten(
-        tdef, [p + 0.1 * jax.random.normal(kk, p.shape, dtype) for kk, p in zip(ks, leaves)]
-    )
+    rng = _rng(key)
+    dtype = jnp.dtype(dtype)
+
+    def normal(shape, scale=1.0):
+        return jnp.asarray((scale * rng.standard_normal(shape)).astype(dtype))
+
+    shapes = jax.eval_shape(lambda k: model.init(k, d, dtype), key)
+    params = jax.tree.map(lambda s: normal(s.shape, 0.4), shapes)
     f = model_output_size(model)
-    readout = bptt_jax.init_readout(k[2], f, o, dtype)
-    readout = readout._replace(b_y=0.1 * jax.random.normal(k[3], (o,), dtype))
-    xs = jax.random.normal(k[4], (t, b, d), dtype)
+    readout = bptt_jax.ReadoutParams(normal((f, o), f**-0.5), normal((o,), 0.1))
+    xs = normal((t, b, d))
     if loss == "xent":
-        targets = jax.random.randint(k[5], (t, b), 0, o)
+        targets = jnp.asarray(rng.integers(0, o, (t, b)).astype(np.int32))
     else:
-        targets = jax.random.normal(k[5], (t, b, o), dtype)
+        targets = normal((t, b, o))
     carry0 = model.zero_carry(b, dtype)
     if random_carry:
-        leaves, tdef = jax.tree.flatten(carry0)
-        ks = jax.random.split(k[6], len(leaves))
-        carry0 = jax.tree.unflatten(
-            tdef, [0.5 * jax.random.normal(kk, c.shape, dtype) for kk, c in zip(ks, leaves)]
-        )
+        carry0 = jax.tree.map(lambda c: normal(c.shape, 0.5), carry0)
     m = None
     if mask:
         assert t >= 2 and b >= 2, "a full and a short sequence need T >= 2 and B >= 2"
-        lengths = jax.random.randint(k[7], (b,), 1, t + 1)
-        lengths = lengths.at[0].set(t).at[1].set(jax.random.randint(k[8], (), 1, t))
-        lengths = jax.random.permutation(k[9], lengths)
-        m = jnp.arange(t)[:, None] < lengths[None, :]
+        lengths = rng.integers(1, t + 1, b)
+        lengths[0], lengths[1] = t, rng.integers(1, t)
+        lengths = rng.permutation(lengths)
+        m = jnp.asarray(np.arange(t)[:, None] < lengths[None, :])
     return params, readout, xs, targets, carry0, m
 
 
 def random_like(key, tree):
-    """A standard normal draw for every leaf of ``tree`` (random cotangents)."""
-    leaves, tdef = jax.tree.flatten(tree)
-    ks = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        tdef, [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(ks, leaves)]
-    )
+    """A standard normal draw for every leaf of ``tree``, in its dtype (random cotangents);
+    drawn with NumPy from ``key``."""
+    rng = _rng(key)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(x.dtype)), tree)
