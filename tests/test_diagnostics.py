@@ -335,3 +335,314 @@ def test_diagnose_config_errors_name_the_key(override, key, capsys):
 
 def test_shipped_config_is_the_schema_default():
     assert config.load(diagnostics.DiagnoseConfig, "diagnose") == diagnostics.DiagnoseConfig()
+
+
+# ------------------------------------------------------- models: per layer and direction
+# Stacks and Bidirectional layers against a plain lax.scan of the reference step, written
+# here: every cell's hidden state (and the LSTM's memory) gets a perturbation after every
+# step, indexed in forward time for both directions (the reverse cell reads each sequence's
+# valid prefix backwards, the padding after it). The library's per-cell results are compared
+# leaf by leaf, in the order of jax.tree.leaves: layer by layer, forward direction first.
+MODELS = {
+    "stack": bptt_jax.Stack((bptt_jax.LSTM(4, forget_bias=1.0), bptt_jax.GRU(3))),
+    "bidirectional": bptt_jax.Bidirectional(bptt_jax.Elman(3, "tanh"), bptt_jax.LSTM(4)),
+    "stack-bi": bptt_jax.Stack(
+        (bptt_jax.Bidirectional(bptt_jax.GRU(3), merge="mean"), bptt_jax.LSTM(2))
+    ),
+}
+MODEL_NAMES = pytest.mark.parametrize("name", list(MODELS))
+
+
+def _layers(model):
+    return model.layers if isinstance(model, bptt_jax.Stack) else (model,)
+
+
+def _model_cells(model):
+    """Every cell, layer by layer, forward direction first."""
+    out = []
+    for layer in _layers(model):
+        bi = isinstance(layer, bptt_jax.Bidirectional)
+        out.extend((layer.forward, layer.backward) if bi else (layer,))
+    return out
+
+
+def _cell_structure(model):
+    """The tree structure of one array per cell in the model's layout (as its params)."""
+    entries = [(0, 0) if isinstance(la, bptt_jax.Bidirectional) else 0 for la in _layers(model)]
+    return jax.tree.structure(tuple(entries) if isinstance(model, bptt_jax.Stack) else entries[0])
+
+
+def _reversal_index(mask):
+    """``idx (T, B)``: step s of example b's reversed sequence reads original step idx[s, b]
+    (the valid prefix backwards, then the padding in place)."""
+    m = np.asarray(mask)
+    lens, s = m.sum(0), np.arange(m.shape[0])[:, None]
+    return np.where(s < lens, lens - 1 - s, s)
+
+
+def _reversed(a, idx):
+    return a[idx, np.arange(a.shape[1])[None, :]]
+
+
+def _cell_scan(cell, p, xs, c0, eps, eps_c, mask, resets, cuts, clip):
+    """A plain scan of ``ref.step``: reset, (truncation: no gradient into the entering carry
+    at a cut), step, mask pass-through, then ``eps[t]`` added to h_t and ``eps_c[t]`` to the
+    LSTM's c_t, then per-step error clipping. Returns ``(hs, carry_T)``."""
+
+    def body(carry, inp):
+        x, e, ec, m_t, r_t, cut_t = inp
+        carry = jax.tree.map(lambda c: jnp.where(r_t[:, None], 0.0, c).astype(c.dtype), carry)
+        carry = jax.tree.map(lambda c: jnp.where(cut_t, jax.lax.stop_gradient(c), c), carry)
+        new = ref.step(cell, p, carry, x)
+        new = jax.tree.map(lambda a, b: jnp.where(m_t[:, None], a, b), new, carry)
+        if isinstance(new, bptt_jax.LSTMCarry):
+            new = new._replace(h=new.h + e, c=new.c + ec)
+        else:
+            new = new + e
+        if clip is not None:
+            new = ref.clip_error(new, clip)
+        return new, ref.hidden(new)
+
+    carry_t, hs = jax.lax.scan(body, c0, (xs, eps, eps_c, mask, resets, cuts))
+    return hs, carry_t
+
+
+def _model_scan(model, params, xs, c0, eps, eps_c, mask, resets=None, cuts=None, clip=None):
+    """``(hs, final hidden state per cell)``; ``eps``, ``eps_c``: lists, one (T, B, H) per
+    cell, in forward time."""
+    t_len, b = xs.shape[:2]
+    no_resets = jnp.zeros((t_len, b), bool)
+    resets = no_resets if resets is None else resets
+    cuts = jnp.zeros((t_len,), bool) if cuts is None else cuts
+    stack = isinstance(model, bptt_jax.Stack)
+    ps, cs = (params, c0) if stack else ((params,), (c0,))
+    x, finals, i = xs, [], 0
+    for layer, p, c in zip(_layers(model), ps, cs):
+        if isinstance(layer, bptt_jax.Bidirectional):
+            idx = _reversal_index(mask)
+            hf, cf = _cell_scan(
+                layer.forward, p[0], x, c[0], eps[i], eps_c[i], mask, no_resets, cuts, clip
+            )
+            rev = lambda a: _reversed(a, idx)  # noqa: E731
+            hr, cb = _cell_scan(
+                layer.backward, p[1], rev(x), c[1], rev(eps[i + 1]), rev(eps_c[i + 1]), mask,
+                no_resets, cuts, clip,
+            )  # fmt: skip
+            x = ref.merge_outputs(layer.merge, hf, rev(hr))
+            finals += [ref.hidden(cf), ref.hidden(cb)]
+            i += 2
+        else:
+            x, c_t = _cell_scan(layer, p, x, c, eps[i], eps_c[i], mask, resets, cuts, clip)
+            finals.append(ref.hidden(c_t))
+            i += 1
+    return x, finals
+
+
+def _model_problem(name, key, t=6, b=3, d=2, o=3):
+    """Float64 params, readout, inputs, integer targets, random carry, a mask (lengths t,
+    t-2, t-4), a loss mask and, for unidirectional models only, resets."""
+    model = MODELS[name]
+    ks = jax.random.split(key, 7)
+    params = model.init(ks[0], d, jnp.float64)
+    hs_size = model.output_size
+    ro = bptt_jax.init_readout(ks[1], hs_size, o, jnp.float64)
+    xs = jax.random.normal(ks[2], (t, b, d), jnp.float64)
+    tg = jax.random.randint(ks[3], (t, b), 0, o)
+    c0 = ref.random_like(ks[4], model.zero_carry(b, jnp.float64))
+    m = jnp.arange(t)[:, None] < jnp.array([t, t - 2, t - 4][:b])
+    lm = jax.random.bernoulli(ks[5], 0.6, (t, b)).at[0].set(True)
+    bi = isinstance(model, bptt_jax.Bidirectional) or model.bidirectional
+    r = None if bi else jax.random.bernoulli(ks[6], 0.15, (t, b)).at[0].set(False)
+    return model, params, ro, xs, tg, c0, m, lm, r
+
+
+def _zeros_per_cell(model, xs):
+    return [jnp.zeros(xs.shape[:2] + (c.hidden_size,), xs.dtype) for c in _model_cells(model)]
+
+
+def _model_jacobian_reference(model, p, xs, c0, m, r):
+    """``||dh_T/d carry_t||_F`` (T, B) per cell: ``jax.jacrev`` of each cell's final hidden
+    state w.r.t. the perturbations of its own h_t (and c_t)."""
+    eps = _zeros_per_cell(model, xs)
+    finals = lambda e, ec: _model_scan(model, p, xs, c0, e, ec, m, r)[1]  # noqa: E731
+    jacs = jax.jit(jax.jacrev(finals, argnums=(0, 1)))(eps, eps)  # [output i](d eps, d eps_c)
+    b = xs.shape[1]
+    out = []
+    for i in range(len(eps)):
+        total = 0
+        for jac in (jacs[i][0][i], jacs[i][1][i]):  # (B, H, T, B, H); w.r.t. c: 0 but LSTMs
+            own = jnp.stack([jac[j, :, :, j, :] for j in range(b)], axis=-1)  # (H, T, H, B)
+            total = total + jnp.sum(own**2, axis=(0, 2))
+        out.append(jnp.sqrt(total))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,clipped",
+    [
+        pytest.param("stack", False, id="stack"),
+        pytest.param("stack-bi", False, id="stack-bi"),
+        pytest.param("bidirectional", True, id="bidirectional-delta_clip"),
+    ],
+)
+def test_model_flow_jacobians_and_horizons_per_layer_and_direction_match_autodiff(
+    name, clipped, key
+):
+    """gradient_flow, jacobian_norms and effective_horizon of a model, cell by cell."""
+    model, p, ro, xs, tg, c0, m, lm, r = _model_problem(name, key)
+    clip = 0.05 if clipped else None
+
+    def loss(eps):
+        hs, _ = _model_scan(model, p, xs, c0, eps, _zeros_per_cell(model, xs), m, r, clip=clip)
+        per = optax.softmax_cross_entropy_with_integer_labels(hs @ ro.w_hy + ro.b_y, tg)
+        w = (m & lm).astype(xs.dtype)
+        return jnp.sum(per * w) / jnp.sum(w)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(_zeros_per_cell(model, xs))
+    deltas = [jnp.linalg.norm(g, axis=-1) for g in grads]
+    jacs = _model_jacobian_reference(model, p, xs, c0, m, r)
+    cells = _model_cells(model)
+
+    flow = diagnostics.gradient_flow(
+        model, p, ro, xs, tg, c0, mask=m, loss_mask=lm, resets=r, delta_clip=clip, fraction=0.2
+    )
+    is_flow = lambda x: isinstance(x, diagnostics.GradientFlow)  # noqa: E731
+    assert jax.tree.structure(flow, is_leaf=is_flow) == _cell_structure(model)
+    flows = jax.tree.leaves(flow, is_leaf=is_flow)
+    assert len(flows) == len(deltas) == len(jacs) == len(cells)
+    for i, (f, d, j) in enumerate(zip(flows, deltas, jacs)):
+        assert f.delta_norms.shape == f.jacobian_norms.shape == xs.shape[:2], i
+        assert f.delta_norms.dtype == f.jacobian_norms.dtype == jnp.float64
+        assert ref.rel_err(f.value, value) <= 1e-12
+        assert ref.rel_err(f.delta_norms, d) <= 1e-12, i
+        assert ref.rel_err(f.delta_norm, d.mean(1)) <= 1e-12, i
+        assert ref.rel_err(f.jacobian_norms, j) <= 1e-12, i
+        assert ref.rel_err(f.jacobian_norm, j.mean(1)) <= 1e-12, i
+        assert f.horizon.dtype == jnp.int32
+        assert int(f.horizon) == _horizon_by_definition(np.asarray(j).mean(1), 0.2), i
+        assert float(jnp.max(d)) > 0, i  # every cell gets some error
+        if clipped:
+            assert float(jnp.max(f.delta_norms)) <= clip * (1 + 1e-9), i
+    if clipped:  # clipped somewhere (an unclipped norm would not land on the threshold)
+        top = max(float(jnp.max(f.delta_norms)) for f in flows)
+        np.testing.assert_allclose(top, clip, rtol=1e-9)
+
+    got = diagnostics.jacobian_norms(model, p, xs, c0, mask=m, resets=r)
+    assert jax.tree.structure(got) == _cell_structure(model)
+    for i, (g, j) in enumerate(zip(jax.tree.leaves(got), jacs)):
+        assert g.shape == xs.shape[:2] and g.dtype == jnp.float64, i
+        assert ref.rel_err(g, j) <= 1e-12, i
+    hor = diagnostics.effective_horizon(model, p, xs, c0, mask=m, resets=r, fraction=0.2)
+    assert jax.tree.structure(hor) == _cell_structure(model)
+    for i, (h, j) in enumerate(zip(jax.tree.leaves(hor), jacs)):
+        assert h.dtype == jnp.int32 and h.shape == ()
+        assert int(h) == _horizon_by_definition(np.asarray(j).mean(1), 0.2), i
+    # a reverse cell's final state is its state after reading x_0: ||I|| = sqrt(H) there,
+    # and at padded steps, which pass it on
+    for layer, g in zip(_layers(model), got if isinstance(model, bptt_jax.Stack) else (got,)):
+        if isinstance(layer, bptt_jax.Bidirectional):
+            identity = np.sqrt(layer.backward.hidden_size)
+            np.testing.assert_allclose(g[1][0], identity, rtol=1e-12)
+            np.testing.assert_allclose(np.asarray(g[1])[~np.asarray(m)], identity, rtol=1e-12)
+
+
+def test_model_jacobian_norms_with_random_probes(key):
+    """Each cell's Hutchinson estimate lands near its exact norm, deterministically."""
+    model, p, _, xs, _, c0, m, _, _ = _model_problem("bidirectional", key)
+    exact = jax.tree.leaves(diagnostics.jacobian_norms(model, p, xs, c0, mask=m))
+    k = jax.random.fold_in(key, 1)
+    est = diagnostics.jacobian_norms(model, p, xs, c0, mask=m, probes=300, key=k)
+    assert jax.tree.structure(est) == _cell_structure(model)
+    again = diagnostics.jacobian_norms(model, p, xs, c0, mask=m, probes=300, key=k)
+    for a, b, e in zip(jax.tree.leaves(est), jax.tree.leaves(again), exact):
+        np.testing.assert_array_equal(a, b)
+        # sqrt(2/300) = 8% relative std on the squared norm: 30% is > 6 sigma on the norm
+        assert 0 < np.max(np.abs(np.asarray(a) / np.asarray(e) - 1)) < 0.3
+
+
+@MODEL_NAMES
+def test_model_spectral_norms_per_cell_match_numpy_svd(name, key):
+    model, p, *_ = _model_problem(name, key)
+    got = diagnostics.spectral_norms(model, p)
+    is_spec = lambda x: isinstance(x, diagnostics.SpectralNorms)  # noqa: E731
+    assert jax.tree.structure(got, is_leaf=is_spec) == _cell_structure(model)
+    cells = _model_cells(model)
+    cell_params = jax.tree.leaves(p, is_leaf=lambda x: hasattr(x, "_fields"))
+    specs = jax.tree.leaves(got, is_leaf=is_spec)
+    assert len(specs) == len(cells) == len(cell_params)
+    for cell, q, s in zip(cells, cell_params, specs):
+        w = np.asarray(cell.recurrent_kernel(q))
+        h = cell.hidden_size
+        assert list(s.blocks) == list(diagnostics.BLOCK_NAMES[type(cell)])
+        assert ref.rel_err(s.kernel, np.linalg.svd(w, compute_uv=False)[0]) <= 1e-12
+        for i, gate in enumerate(s.blocks):
+            sv = np.linalg.svd(w[:, i * h : (i + 1) * h], compute_uv=False)[0]
+            assert ref.rel_err(s.blocks[gate], sv) <= 1e-12, gate
+
+
+def test_model_truncation_bias_per_layer_matches_autodiff_of_the_truncated_scan(key):
+    model, p, ro, xs, tg, c0, m, lm, r = _model_problem("stack", key, t=7)
+    ks = [1, 3, 7, 9]
+
+    @jax.jit
+    def grads(k):  # per layer, flattened; k traced: the cuts are data
+        t = jnp.arange(xs.shape[0])
+        cuts = (t % k == 0) & (t > 0)
+
+        def loss(p):
+            eps = _zeros_per_cell(model, xs)
+            hs, _ = _model_scan(model, p, xs, c0, eps, eps, m, r, cuts)
+            per = optax.softmax_cross_entropy_with_integer_labels(hs @ ro.w_hy + ro.b_y, tg)
+            w = (m & lm).astype(xs.dtype)
+            return jnp.sum(per * w) / jnp.sum(w)
+
+        g = jax.grad(loss)(p)
+        return [jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(gl)]) for gl in g]
+
+    full = [np.asarray(g) for g in grads(xs.shape[0])]
+    bias = diagnostics.truncation_bias(
+        model, p, ro, xs, tg, c0, ks=ks, mask=m, loss_mask=lm, resets=r
+    )
+    is_bias = lambda x: isinstance(x, diagnostics.TruncationBias)  # noqa: E731
+    assert jax.tree.structure(bias, is_leaf=is_bias) == _cell_structure(model)
+    assert len(bias) == 2
+    for layer, b in enumerate(bias):
+        assert b.ks.tolist() == ks
+        assert ref.rel_err(b.full_norm, np.linalg.norm(full[layer])) <= 1e-12
+    for i, k in enumerate(ks):
+        g = [np.asarray(x) for x in grads(k)]
+        for layer, b in enumerate(bias):
+            f, gk = full[layer], g[layer]
+            cos = gk @ f / (np.linalg.norm(gk) * np.linalg.norm(f))
+            assert abs(float(b.cosine[i]) - cos) <= 1e-11, (k, layer)
+            assert ref.rel_err(b.norm_ratio[i], np.linalg.norm(gk) / np.linalg.norm(f)) <= 1e-11
+        # the whole model's numbers, from the layers' as the docstring says
+        n = np.array([float(b.full_norm) for b in bias])
+        rr = np.array([float(b.norm_ratio[i]) for b in bias])
+        cc = np.array([float(b.cosine[i]) for b in bias])
+        gk, f = np.concatenate(g), np.concatenate(full)
+        whole = np.sum(cc * rr * n**2) / (np.sqrt(np.sum((rr * n) ** 2)) * np.sqrt(np.sum(n**2)))
+        assert abs(whole - gk @ f / (np.linalg.norm(gk) * np.linalg.norm(f))) <= 1e-11, k
+    assert all(float(b.cosine[0]) < 1 - 1e-3 for b in bias)  # k = 1 is biased in every layer
+    for b in bias:
+        np.testing.assert_allclose(b.cosine[-2:], 1, rtol=1e-11)  # k >= T
+
+
+@pytest.mark.parametrize("name", ["bidirectional", "stack-bi"])
+def test_truncation_bias_of_a_bidirectional_model_is_an_error(name, key):
+    model, p, ro, xs, tg, c0, m, lm, _ = _model_problem(name, key)
+    with pytest.raises(ValueError, match="truncation_bias: model is bidirectional"):
+        diagnostics.truncation_bias(model, p, ro, xs, tg, c0, ks=[2], mask=m)
+
+
+def test_model_params_errors_name_the_layer_and_direction(key):
+    model = MODELS["stack-bi"]
+    p = model.init(key, 2, jnp.float64)
+    wrong = (p[0], (p[0][0],) * 2)  # layer 1 is an LSTM, not a pair of GRUs
+    with pytest.raises(TypeError, match=r"spectral_norms: params\[1\] must be"):
+        diagnostics.spectral_norms(model, wrong)
+    with pytest.raises(TypeError, match=r"spectral_norms: params\[0\] must be a tuple of 2"):
+        diagnostics.spectral_norms(model, (p[0][0], p[1]))
+    xs = jnp.ones((4, 2, 2))
+    with pytest.raises(TypeError, match=r"jacobian_norms: params\[1\] must be"):
+        diagnostics.jacobian_norms(model, wrong, xs)
