@@ -340,17 +340,6 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
         stacked(LSTM(h - 2), 2, bidirectional=True),
     ]
     grid = []
-    for model in models:
-        uni = not is_bidirectional(model)
-        for dtype in (jnp.float64, jnp.float32):
-            common = dict(dtype=dtype, mask=True, random_carry=True)
-            grid += [
-                (model, dict(common, loss="xent", reduction="mean")),
-                (model, dict(common, path="unroll")),
-                (model, dict(common, loss="mse", reduction="sum", backward="checkpointed")),
-            ]
-            if uni:
-                grid.append((model, dict(common, loss="xent", reduction="sum", truncate=4)))
     for cell in cells:
         for dtype in (jnp.float64, jnp.float32):
             grid += [
@@ -377,6 +366,17 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
                 ),
                 (cell, dict(dtype=dtype, path="unroll", mask=True, random_carry=True)),
             ]
+    for model in models:
+        uni = not is_bidirectional(model)
+        common = dict(mask=True, random_carry=True)
+        grid += [
+            (model, dict(common, dtype=jnp.float64, loss="xent", reduction="mean")),
+            (model, dict(common, dtype=jnp.float64, path="unroll")),
+            (model, dict(common, dtype=jnp.float64, loss="mse", backward="checkpointed")),
+            (model, dict(common, dtype=jnp.float32, loss="mse", reduction="sum")),
+        ]
+        if uni:
+            grid.append((model, dict(common, dtype=jnp.float64, loss="xent", truncate=4)))
     return grid
 
 

@@ -46,5 +46,41 @@ def test_verify_command_exits_zero_and_prints_the_table():
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PASSED" in out.stdout
-    for name in ("Elman(tanh)", "Elman(relu)", "Elman(identity)", "LSTM", "GRU", "truncate=4"):
+    for name in (
+        "Elman(tanh)",
+        "Elman(relu)",
+        "Elman(identity)",
+        "LSTM",
+        "GRU",
+        "truncate=4",
+        "Stack[LSTM",
+        "Bi(GRU)",
+        "checkpointed",
+    ):
         assert name in out.stdout
+
+
+@pytest.mark.parametrize(
+    "model,backward",
+    [
+        (bptt_jax.stacked(bptt_jax.LSTM(5), 2), "checkpointed"),
+        (bptt_jax.Bidirectional(bptt_jax.GRU(4), backward=bptt_jax.Elman(3)), "manual"),
+    ],
+    ids=["stack-lstm2-checkpointed", "bi-gru-elman"],
+)
+def test_check_gradients_passes_for_models(model, backward, key):
+    report = bptt_jax.check_gradients(model, backward=backward, key=key)
+    assert report.passed, report
+    # every layer's (or direction's) params are checked, leaf by leaf
+    assert any(name.startswith("params.1.") for name in report.autodiff)
+    assert 0 < report.max_error <= 1e-12
+
+
+def test_check_gradients_catches_a_wrong_reverse_direction(monkeypatch, key):
+    """A reverse direction that reads the padded array flipped, instead of each sequence's
+    valid prefix reversed, is caught (with a mask, lengths differ)."""
+    from bptt_jax import engine
+
+    monkeypatch.setattr(engine, "reversal", lambda mask, length: None)
+    report = bptt_jax.check_gradients(bptt_jax.Bidirectional(bptt_jax.GRU(4)), key=key)
+    assert not report.passed
