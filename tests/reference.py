@@ -349,7 +349,7 @@ def model_loss(
     return readout_loss(hs, ro, targets, mask, loss, reduction, loss_mask)
 
 
-def _rng(key) -> np.random.Generator:
+def numpy_rng(key) -> np.random.Generator:
     """A NumPy generator seeded by a JAX key: problems are drawn without compiling anything."""
     return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
@@ -366,7 +366,7 @@ def model_problem(
     positions. Returns ``(params, readout, xs, targets, carry0, mask)`` like :func:`problem`.
     Drawn with NumPy from ``key`` (deterministic per key), so nothing is compiled.
     """
-    rng = _rng(key)
+    rng = numpy_rng(key)
     dtype = jnp.dtype(dtype)
 
     def normal(shape, scale=1.0):
@@ -397,5 +397,5 @@ def model_problem(
 def random_like(key, tree):
     """A standard normal draw for every leaf of ``tree``, in its dtype (random cotangents);
     drawn with NumPy from ``key``."""
-    rng = _rng(key)
+    rng = numpy_rng(key)
     return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(x.dtype)), tree)
