@@ -76,11 +76,18 @@ def test_check_gradients_passes_for_models(model, backward, key):
     assert 0 < report.max_error <= 1e-12
 
 
-def test_check_gradients_catches_a_wrong_reverse_direction(monkeypatch, key):
-    """A reverse direction that reads the padded array flipped, instead of each sequence's
-    valid prefix reversed, is caught (with a mask, lengths differ)."""
+def test_check_gradients_catches_a_wrong_reverse_direction_backward(monkeypatch, key):
+    """A backward that hands the reverse direction its output error in forward time (not
+    reversed with its sequence) is caught; the forward is untouched."""
     from bptt_jax import engine
 
-    monkeypatch.setattr(engine, "reversal", lambda mask, length: None)
+    original = engine._split_error
+
+    def wrong(layer, dhs, idx):
+        dh_f, dh_b = original(layer, dhs, idx)
+        return dh_f, engine.reverse_time(dh_b, idx)  # undo the reversal
+
+    monkeypatch.setattr(engine, "_split_error", wrong)
     report = bptt_jax.check_gradients(bptt_jax.Bidirectional(bptt_jax.GRU(4)), key=key)
     assert not report.passed
+    assert report.autodiff["params.1.w_h"] > 1e-3
