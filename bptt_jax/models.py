@@ -202,6 +202,25 @@ class Stack:
         """One zero carry per layer."""
         return tuple(layer.zero_carry(batch_size, dtype) for layer in self.layers)
 
+    def step(self, params: tuple, carry: tuple, x: jax.Array):
+        """One time step of every layer in turn, ``(carry, x_t) -> (carry, out_t)``, without
+        dropout (as at evaluation, e.g. to sample from a language model).
+
+        Raises:
+          ValueError: the stack has a :class:`Bidirectional` layer (it needs the whole
+            sequence, not one step at a time).
+        """
+        if self.bidirectional:
+            raise ValueError(
+                "Stack.step: a Bidirectional layer has no single step (its reverse direction "
+                "needs the whole sequence); use bptt_jax.unroll"
+            )
+        new = []
+        for layer, p, c in zip(self.layers, params, carry):
+            c, x = layer.step(p, c, x)
+            new.append(c)
+        return tuple(new), x
+
     def dropout_masks(self, key, seq_len: int, batch_size: int, dtype=jnp.float32) -> tuple:
         """The inverted-dropout multipliers of layers 1..L-1, drawn from ``key``.
 

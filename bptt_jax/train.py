@@ -48,16 +48,26 @@ from bptt_jax import config as config_lib
 from bptt_jax import losses, tasks, truncated
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.config import ConfigError
+from bptt_jax.models import Stack, is_bidirectional, stacked
+from bptt_jax.models import output_size as output_size_of
 from bptt_jax.truncated import Batch
 
 
 # ---------------------------------------------------------------------------- configs
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The recurrent cell (table ``[model]``)."""
+    """The recurrent cell or model (table ``[model]``).
+
+    ``num_layers``, ``bidirectional`` and ``dropout`` build PyTorch's ``nn.LSTM(D, H,
+    num_layers, bidirectional=..., dropout=...)`` (:func:`bptt_jax.stacked`); the defaults
+    are one unidirectional cell.
+    """
 
     cell: Literal["lstm", "gru", "elman"] = "lstm"
     hidden_size: int = 128
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout: float = 0.0  # between layers (num_layers >= 2), during training only
     activation: Literal["tanh", "relu", "identity", "sigmoid"] = "tanh"  # elman only
     forget_bias: float = 1.0  # lstm only
     init: Literal["uniform", "orthogonal"] = "uniform"
@@ -175,16 +185,39 @@ def check_config(cfg: Config) -> None:
         )
     if c.every and not c.dir:
         raise ConfigError("config: 'checkpoint.every' needs 'checkpoint.dir'")
+    if m.num_layers < 1:
+        raise ConfigError(f"config: 'model.num_layers' must be a positive int; got {m.num_layers}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"config: 'model.dropout' must be in [0, 1); got {m.dropout!r}")
+    if m.dropout and m.num_layers == 1:
+        raise ConfigError(
+            f"config: 'model.dropout' ({m.dropout}) applies between layers; with "
+            "model.num_layers=1 it would do nothing (set model.num_layers >= 2 or dropout=0)"
+        )
+    if m.bidirectional and t.k1 is not None:
+        raise ConfigError(
+            "config: 'train.k1' (TBPTT) is undefined for a bidirectional model (its reverse "
+            "direction needs the whole future); set model.bidirectional=false or train.k1=none"
+        )
+    if m.bidirectional and cfg.task != "adding":
+        raise ConfigError(
+            f"config: 'model.bidirectional' needs a task of independent sequences (adding); "
+            f"task {cfg.task!r} is a carried stream, undefined for a reverse direction"
+        )
 
 
 # ---------------------------------------------------------------------------- pieces
 def make_cell(cfg: ModelConfig):
-    """The cell of a :class:`ModelConfig`."""
+    """The cell, or the model (:func:`bptt_jax.stacked`), of a :class:`ModelConfig`."""
     if cfg.cell == "lstm":
-        return LSTM(cfg.hidden_size, forget_bias=cfg.forget_bias, init_scheme=cfg.init)
-    if cfg.cell == "gru":
-        return GRU(cfg.hidden_size, init_scheme=cfg.init)
-    return Elman(cfg.hidden_size, cfg.activation, init_scheme=cfg.init)
+        cell = LSTM(cfg.hidden_size, forget_bias=cfg.forget_bias, init_scheme=cfg.init)
+    elif cfg.cell == "gru":
+        cell = GRU(cfg.hidden_size, init_scheme=cfg.init)
+    else:
+        cell = Elman(cfg.hidden_size, cfg.activation, init_scheme=cfg.init)
+    if cfg.num_layers == 1 and not cfg.bidirectional:
+        return cell
+    return stacked(cell, cfg.num_layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -227,10 +260,10 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 class TrainState(NamedTuple):
     """Everything a run needs to continue exactly: what a checkpoint holds."""
 
-    params: Any  # the cell's params (ElmanParams / LSTMParams / GRUParams)
-    readout: losses.ReadoutParams  # the output layer (w_hy (H, O), b_y (O,))
+    params: Any  # the cell's params (ElmanParams / LSTMParams / GRUParams), or a model's
+    readout: losses.ReadoutParams  # the output layer (w_hy (F, O), b_y (O,))
     opt_state: Any  # optax state of the pair (params, readout)
-    carry: Any  # (B, H) or LSTMCarry: the carry after the last step, entering the next batch
+    carry: Any  # (B, H), LSTMCarry or a model's: the carry entering the next batch
     step: jax.Array  # int32 (): train steps (batches) done
     key: jax.Array  # PRNG key of the run's data: batch s is drawn from (key, s)
 
@@ -241,6 +274,9 @@ def skipped_updates(opt_state) -> jax.Array:
         return opt_state.total_notfinite
     return jnp.zeros((), jnp.int32)
 
+
+#: Folded into the run's key for the dropout masks (batch s: then folded with s).
+DROPOUT_STREAM = 0x0D50
 
 #: ``metrics_fn(params, readout, window, lg) -> dict`` adds metrics computed inside the jitted
 #: step, per update, from the params before the update, the update's window (a
@@ -279,18 +315,29 @@ def trainer(
     * ``skipped``: total updates skipped so far by ``apply_if_finite``;
     * whatever ``metrics_fn`` adds.
 
+    A bidirectional model trains on independent sequences: every batch starts from the zero
+    carry and ``batch.resets`` is not used (a carried stream is undefined for it), and TBPTT
+    raises. A :class:`~bptt_jax.Stack` with dropout draws batch s's masks (window j's with
+    TBPTT) from ``state.key``, ``s`` (and ``j``), so runs stay deterministic.
+
     Args:
-      cell: the cell.
+      cell: the cell or model (:class:`~bptt_jax.Stack`, :class:`~bptt_jax.Bidirectional`).
       optim: clipping and optimizer (:func:`make_optimizer`).
       loss, reduction: as in :func:`bptt_jax.sequence_loss` (per update).
       k1, k2: ``None`` for full BPTT, else TBPTT(k1, k2) (``k2=None``: k1).
       metrics_fn: extra per-update metrics (see :data:`MetricsFn`).
 
     Raises:
-      ValueError: ``k1``/``k2`` not positive or ``k1 > k2`` (naming the argument).
+      ValueError: ``k1``/``k2`` not positive or ``k1 > k2`` (naming the argument); TBPTT for
+        a bidirectional model.
     """
     if k1 is not None:
         k1, k2 = truncated.check_k1_k2("trainer", k1, k2)
+        if is_bidirectional(cell):
+            raise ValueError(
+                f"trainer: TBPTT (k1={k1}) is undefined for a bidirectional model (its reverse "
+                "direction needs the whole future); use k1=None (full BPTT)"
+            )
     elif k2 is not None:
         raise ValueError("trainer: k2 needs k1 (TBPTT(k1, k2)); got k1=None")
     return _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn)
@@ -305,7 +352,7 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
     def init(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
         k_cell, k_ro, k_data = jax.random.split(key, 3)
         params = cell.init(k_cell, input_size, dtype)
-        readout = losses.init_readout(k_ro, cell.hidden_size, output_size, dtype)
+        readout = losses.init_readout(k_ro, output_size_of(cell), output_size, dtype)
         return TrainState(
             params=params,
             readout=readout,
@@ -337,8 +384,15 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
             metrics.update(metrics_fn(params, readout, window, lg))
         return opt_state, new_params, new_readout, metrics
 
+    bidirectional = is_bidirectional(cell)
+    dropout = isinstance(cell, Stack) and cell.dropout > 0
+
     def step(state: TrainState, batch: Batch):
-        common = dict(mask=batch.mask, loss_mask=batch.loss_mask, resets=batch.resets)
+        resets = None if bidirectional else batch.resets
+        common = dict(mask=batch.mask, loss_mask=batch.loss_mask, resets=resets)
+        dkey = None
+        if dropout:  # its own stream, apart from the data's (key, s)
+            dkey = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT_STREAM), state.step)
         if k1 is None:
             lg = losses.loss_and_grads(
                 cell,
@@ -346,9 +400,10 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
                 state.readout,
                 batch.xs,
                 batch.targets,
-                state.carry,
+                None if bidirectional else state.carry,
                 loss=loss,
                 reduction=reduction,
+                dropout_key=dkey,
                 **common,
             )
             opt_state, params, readout, metrics = update(
@@ -370,6 +425,7 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
                 update_state=state.opt_state,
                 loss=loss,
                 reduction=reduction,
+                dropout_key=dkey,
                 **common,
             )
             opt_state, params, readout, carry, metrics = out
@@ -515,10 +571,12 @@ def fit(
 def _horizon(cell, params, xs, key):
     """The effective horizon (:func:`bptt_jax.diagnostics.effective_horizon`) of the batch's
     first 8 sequences, from zero carries, with 8 random probes: about 8 backward passes
-    over 8 sequences, no weight gradients."""
+    over 8 sequences, no weight gradients. A model logs the longest of its layers' (and
+    directions') horizons."""
     from bptt_jax import diagnostics
 
-    return diagnostics.effective_horizon(cell, params, xs[:, :8], probes=8, key=key)
+    h = diagnostics.effective_horizon(cell, params, xs[:, :8], probes=8, key=key)
+    return jnp.max(jnp.stack([jnp.max(x) for x in jax.tree.leaves(h)]))
 
 
 @partial(jax.jit, static_argnums=(0, 3))
@@ -579,6 +637,8 @@ def cli_main(args) -> int:
         return 2
     print(
         f"bptt-jax train: task={cfg.task} cell={cfg.model.cell} H={cfg.model.hidden_size} "
+        f"layers={cfg.model.num_layers}{' bidirectional' if cfg.model.bidirectional else ''}"
+        f"{f' dropout={cfg.model.dropout}' if cfg.model.dropout else ''} "
         f"k1={cfg.train.k1} k2={cfg.train.k2} optim={cfg.optim.name} seed={cfg.seed}"
     )
     t0 = time.perf_counter()

@@ -57,6 +57,7 @@ import numpy as np
 from jax import lax
 
 from bptt_jax import losses, validation
+from bptt_jax.models import is_bidirectional
 
 
 class Batch(NamedTuple):
@@ -203,6 +204,7 @@ def tbptt(
     resets=None,
     loss: str = "xent",
     reduction: str = "mean",
+    dropout_key: jax.Array | None = None,
 ) -> TBPTTResult:
     """Train over one sequence (or chunk of a stream) with TBPTT(k1, k2): N = ceil(T/k1) updates.
 
@@ -221,13 +223,17 @@ def tbptt(
         readout, aux)`` with ``lg`` the window's :class:`~bptt_jax.losses.LossAndGrads` and
         ``window`` its :class:`Batch`.
       update_state: the update function's initial state (e.g. an optax state).
+      dropout_key: for a :class:`~bptt_jax.Stack` with dropout: window j draws its masks
+        from ``fold_in(dropout_key, j)``; ``None``: no dropout.
 
     Returns:
       :class:`TBPTTResult` ``(update_state, params, readout, carry, aux)``; ``aux`` stacked
       over the N updates.
 
     Raises:
-      ValueError: ``k1`` or ``k2`` not positive, or ``k1 > k2`` (naming the argument).
+      ValueError: ``k1`` or ``k2`` not positive, or ``k1 > k2`` (naming the argument); a
+        bidirectional model (TBPTT is undefined for it: the reverse direction needs the
+        whole future).
 
     Example:
       >>> import jax, bptt_jax
@@ -247,13 +253,19 @@ def tbptt(
     """
     fn = "tbptt"
     k1, k2 = check_k1_k2(fn, k1, k2)
+    if is_bidirectional(cell):
+        raise ValueError(
+            f"{fn}: TBPTT(k1={k1}, k2={k2}) is undefined for a bidirectional model (its "
+            "reverse direction needs the whole future of every step); train it with full BPTT"
+        )
     w = windows(xs, targets, k1=k1, k2=k2, mask=mask, loss_mask=loss_mask, resets=resets)
     if carry0 is None:
-        dtype = validation.check_params(fn, cell, params)[1]
+        dtype = validation.check_model_args(fn, cell, params, w.xs[0], None, None, None)[-1]
         carry0 = cell.zero_carry(w.xs.shape[2], dtype)
+    n_windows = w.xs.shape[0]
 
     def body(state, win, carry_index):
-        ustate, p, ro, carry = state
+        ustate, p, ro, carry, j = state
         lg = losses.loss_and_grads(
             cell,
             p,
@@ -267,22 +279,22 @@ def tbptt(
             loss=loss,
             reduction=reduction,
             carry_index=carry_index,
+            dropout_key=None if dropout_key is None else jax.random.fold_in(dropout_key, j),
         )
         ustate, p, ro, aux = update(ustate, p, ro, lg, win)
-        return (ustate, p, ro, lg.carry), aux
+        return (ustate, p, ro, lg.carry, j + 1), aux
 
-    state = (update_state, params, readout, carry0)
+    state = (update_state, params, readout, carry0, jnp.zeros((), jnp.int32))
     if k1 == k2:  # the carry after step k1 - 1 = k2 - 1 of every window
         state, aux = lax.scan(partial(body, carry_index=k1 - 1), state, w)
     else:  # the last window passes on the carry after its last step, not after step k1 - 1
-        n = w.xs.shape[0]
         head = jax.tree.map(lambda a: a[:-1], w)
         last = jax.tree.map(lambda a: a[-1], w)
-        if n > 1:
+        if n_windows > 1:
             state, aux_head = lax.scan(partial(body, carry_index=k1 - 1), state, head)
         state, aux_last = body(state, last, carry_index=k2 - 1)
         aux = jax.tree.map(lambda a: a[None], aux_last)
-        if n > 1:
+        if n_windows > 1:
             aux = jax.tree.map(lambda h, a: jnp.concatenate([h, a]), aux_head, aux)
-    ustate, params, readout, carry = state
+    ustate, params, readout, carry, _ = state
     return TBPTTResult(ustate, params, readout, carry, aux)
