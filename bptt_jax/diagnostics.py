@@ -12,6 +12,14 @@ Everything here is read off the hand-written backward (no autodiff of the model)
 * :func:`truncation_bias` compares truncated-k gradients with the full gradient over a sweep
   of k (cosine similarity and norm ratio).
 
+Each takes a cell or a model (a :class:`~bptt_jax.Stack` or :class:`~bptt_jax.Bidirectional`).
+For a model the results are per layer and direction, in the model's structure (as its params:
+a tuple with one entry per layer for a Stack, a ``(forward, backward)`` pair for a
+Bidirectional layer), each entry what the cell version computes for that cell inside the
+model: its own states and carries, the error of the model's loss on its hidden states, time
+indexed forward for both directions. :func:`truncation_bias` takes a Stack of cells (per
+layer); truncation is undefined for bidirectional models.
+
 ``bptt-jax diagnose [CONFIG] [KEY=VALUE ...]`` (default ``configs/diagnose.toml``) trains
 Elman, LSTM and GRU briefly on the adding problem and writes plots of all of it, an exploding
 case with and without per-step clipping of ``delta^h_t``, and a text summary.
