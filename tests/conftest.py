@@ -1,9 +1,12 @@
 """Test set-up: float64 available, strict dtype promotion, a fresh random key per test."""
 
+import zlib
+
 import jax
+import numpy as np
 import pytest
 
-# float64 is needed for the 1e-10 checks; float32 tests pass float32 arrays explicitly.
+# float64 is needed for the 1e-12 checks; float32 tests pass float32 arrays explicitly.
 jax.config.update("jax_enable_x64", True)
 # Silent upcasts (float32 params meeting a float64 constant) fail loudly instead.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -15,6 +18,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture
 def key(request):
     """A PRNG key that differs per test (seeded by the test's id), deterministic across runs."""
-    import zlib
-
     return jax.random.key(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator that differs per test (seeded by the test's id), deterministic across
+    runs: drawing with it compiles nothing (``tests.reference.draw``)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
