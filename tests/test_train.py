@@ -411,3 +411,98 @@ def test_the_loop_logs_the_effective_horizon_and_the_pre_clip_gradient_norm():
         assert r["grad_norm"] > 0 and np.isfinite(r["grad_norm"])
         if "horizon" in r:
             assert isinstance(r["horizon"], int) and 1 <= r["horizon"] <= 12  # recall.seq_len
+
+
+# ----------------------------------------------------------------- models
+def model_stream(model, key, dtype, t_len=9, b=3, d=4, o=3):
+    from tests import reference as ref
+
+    ks = jax.random.split(key, 6)
+    p = ref.random_like(ks[0], model.init(ks[0], d, dtype))
+    ro = bptt_jax.init_readout(ks[1], model.output_size, o, dtype)
+    ro = ro._replace(b_y=jax.random.normal(ks[2], (o,), dtype))
+    xs = jax.random.normal(ks[3], (t_len, b, d), dtype)
+    ys = jax.random.randint(ks[4], (t_len, b), 0, o)
+    carry = ref.random_like(ks[5], model.zero_carry(b, dtype))
+    mask = jnp.arange(t_len)[:, None] < jnp.array([t_len, t_len - 3, t_len - 5][:b])
+    return p, ro, xs, ys, carry, mask
+
+
+def test_full_bptt_step_for_a_stack_with_dropout_applies_the_reference_gradient(key):
+    """The masks of batch s come from (state.key, DROPOUT_STREAM, s); the update is the
+    independent reference's gradient (tests/reference.py) under those masks."""
+    from tests import reference as ref
+
+    model, dtype = bptt_jax.Stack((bptt_jax.LSTM(5), bptt_jax.GRU(4)), dropout=0.3), jnp.float64
+    p, ro, xs, ys, carry, mask = model_stream(model, key, dtype)
+    t = train.trainer(model, SGD)
+    state = state_from(t, model, p, ro, carry)._replace(step=jnp.asarray(3, jnp.int32))
+    new, metrics = t.step(state, batch_of(xs, ys, mask))
+    dkey = jax.random.fold_in(jax.random.fold_in(state.key, train.DROPOUT_STREAM), 3)
+    drops = model.dropout_masks(dkey, *xs.shape[:2], dtype)
+    assert any(bool(jnp.any(d == 0)) for d in drops)  # dropout really drops
+
+    def f(p_, ro_):
+        return ref.model_loss(model, p_, ro_, xs, ys, carry, mask, dropout_masks=drops)
+
+    value, (gp, gro) = jax.value_and_grad(f, argnums=(0, 1))(p, ro)
+    np.testing.assert_allclose(metrics["loss"][0], value, rtol=1e-12)
+    assert_trees_close(new.params, jax.tree.map(lambda w, g: w - LR * g, p, gp), dtype)
+    assert_trees_close(new.readout, jax.tree.map(lambda w, g: w - LR * g, ro, gro), dtype)
+    _, carry_ref = ref.model_unroll(model, p, xs, carry, mask, dropout_masks=drops)
+    assert_trees_close(new.carry, carry_ref, dtype)
+
+
+def test_a_bidirectional_step_starts_every_batch_from_zeros_and_tbptt_is_refused(key):
+    from tests import reference as ref
+
+    model, dtype = bptt_jax.Bidirectional(bptt_jax.GRU(4)), jnp.float64
+    p, ro, xs, ys, carry, mask = model_stream(model, key, dtype)
+    t = train.trainer(model, SGD)
+    resets = jnp.zeros(mask.shape, bool).at[0].set(True)  # as the adding task sends
+    new, _ = t.step(state_from(t, model, p, ro, carry), batch_of(xs, ys, mask, resets=resets))
+    zeros = model.zero_carry(xs.shape[1], dtype)
+    gp = jax.grad(lambda p_: ref.model_loss(model, p_, ro, xs, ys, zeros, mask))(p)
+    assert_trees_close(new.params, jax.tree.map(lambda w, g: w - LR * g, p, gp), dtype)
+    with pytest.raises(ValueError, match="TBPTT .* undefined for a bidirectional model"):
+        train.trainer(model, SGD, k1=4)
+
+
+def test_tbptt_step_for_a_stack_is_the_tbptt_driver(key):
+    model, dtype = bptt_jax.stacked(bptt_jax.Elman(5), 2), jnp.float64
+    p, ro, xs, ys, carry, mask = model_stream(model, key, dtype, t_len=10)
+    t = train.trainer(model, SGD, k1=4, k2=6)
+    new, metrics = t.step(state_from(t, model, p, ro, carry), batch_of(xs, ys, mask))
+    out = truncated.tbptt(
+        model, p, ro, xs, ys, carry, k1=4, k2=6, update=sgd, update_state=0, mask=mask
+    )
+    assert metrics["loss"].shape == (3,)
+    assert_trees_close(metrics["loss"], out.aux, dtype)
+    assert_trees_close(new.params, out.params, dtype)
+    assert_trees_close(new.carry, out.carry, dtype)
+    with pytest.raises(ValueError, match="TBPTT.*undefined for a bidirectional"):
+        truncated.tbptt(bptt_jax.Bidirectional(bptt_jax.GRU(3)), None, ro, xs, ys, k1=4, update=sgd)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.num_layers=0"], "'model.num_layers' must be a positive int"),
+        (["model.dropout=0.2"], "'model.dropout' .* applies between layers"),
+        (["model.num_layers=2", "model.dropout=1.0"], r"'model.dropout' must be in \[0, 1\)"),
+        (["model.bidirectional=true", "train.k1=10"], "'train.k1' .* undefined for a bidi"),
+        (["model.bidirectional=true", "task=recall"], "'model.bidirectional' needs a task"),
+    ],
+)
+def test_model_config_errors_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        train.build(cfg_of(*overrides))
+
+
+def test_config_builds_pytorchs_multilayer_bidirectional_model():
+    _, model, _ = train.build(
+        cfg_of("model.num_layers=3", "model.bidirectional=true", "model.dropout=0.1")
+    )
+    assert model == bptt_jax.stacked(
+        train.make_cell(train.ModelConfig()), 3, bidirectional=True, dropout=0.1
+    )
