@@ -26,11 +26,22 @@ def _run(code: str) -> subprocess.CompletedProcess:
     )
 
 
+def _readme_blocks():
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
 def test_readme_tour_runs():
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = _readme_blocks()
     assert blocks, "README has no python example"
     out = _run(blocks[0] + "\nprint('tour ok')\n")
     assert out.returncode == 0 and "tour ok" in out.stdout, out.stderr
+
+
+def test_readme_models_example_runs():
+    """The stacked bidirectional example on a padded batch (it asserts padding-freedom)."""
+    (block,) = [b for b in _readme_blocks() if "bptt_jax.stacked(" in b]
+    out = _run(block + "\nprint('models ok')\n")
+    assert out.returncode == 0 and "models ok" in out.stdout, out.stderr
 
 
 @pytest.mark.parametrize("module", MODULES)
