@@ -109,32 +109,39 @@ def _clip_error_at_bwd(threshold, g):
 clip_error_at.defvjp(_clip_error_at_fwd, _clip_error_at_bwd)
 
 
-def scan_unroll(cell, p, xs, carry, mask=None, truncate=None, resets=None, delta_clip=None):
+def scan_unroll(
+    cell, p, xs, carry, mask=None, truncate=None, resets=None, delta_clip=None, eps=None
+):
     """The plain ``lax.scan`` unroll; truncation is ``stop_gradient`` on the carry entering
     steps k, 2k, ... (the definition of truncated BPTT the library promises); a reset
     replaces the entering carry by zeros; ``delta_clip`` clips the error on each new carry.
     ``truncate`` and ``delta_clip`` may be arrays (traced under ``jit``): ``truncate=T`` cuts
-    nothing and ``delta_clip=inf`` clips nothing, exactly as ``None``."""
+    nothing and ``delta_clip=inf`` clips nothing, exactly as ``None``. ``eps`` (T, B, H), if
+    given, is added to h_t after the mask and before the clipping: the gradient with respect
+    to ``eps[t]`` is the (clipped) error ``delta_t = dL/dh_t``."""
     t_len = xs.shape[0]
     ts = jnp.arange(t_len)
     m = jnp.ones((t_len, xs.shape[1]), bool) if mask is None else mask
     r = jnp.zeros((t_len, xs.shape[1]), bool) if resets is None else resets
+    e = jnp.zeros((t_len, 0), xs.dtype) if eps is None else eps
 
     def body(carry, inp):
-        t, x, m_t, r_t = inp
+        t, x, m_t, r_t, e_t = inp
         if truncate is not None:
             cut = (t % truncate == 0) & (t > 0)
             carry = jax.tree.map(lambda c: jnp.where(cut, lax.stop_gradient(c), c), carry)
         carry = jax.tree.map(lambda c: jnp.where(r_t[:, None], 0.0, c).astype(c.dtype), carry)
         new = step(cell, p, carry, x)
         new = jax.tree.map(lambda a, b: jnp.where(m_t[:, None], a, b), new, carry)
+        if eps is not None:
+            new = new._replace(h=new.h + e_t) if isinstance(new, bptt_jax.LSTMCarry) else new + e_t
         if isinstance(delta_clip, int | float):
             new = clip_error(new, delta_clip)
         elif delta_clip is not None:  # an array: traced under jit
             new = clip_error_at(new, delta_clip)
         return new, hidden(new)
 
-    carry_t, hs = lax.scan(body, carry, (ts, xs, m, r))
+    carry_t, hs = lax.scan(body, carry, (ts, xs, m, r, e))
     return hs, carry_t
 
 
@@ -503,11 +510,47 @@ def flags(rng, shape, p, at_least_one=True):
 
 
 # --------------------------------------------------------------------------------------------
-# Compiled references for the gradient tests: one ``jax.jit`` per cell (and loss, reduction,
+# Compiled references for the gradient tests: one program per cell (and loss, reduction,
 # argnums), taking the mask, loss mask, resets, truncation length and clip threshold as
 # arguments, so one compile serves every test with the same shapes. Absent options are passed
 # as what the reference treats exactly like ``None``: an all-ones mask, no resets,
 # ``truncate=T``, ``delta_clip=inf``.
+
+#: XLA options for the reference programs (on a CPU: no backend optimization and the classic
+#: elemental emitters; about a fifth of the compile time of these small programs, the same
+#: semantics and results to round-off). The library is compiled with XLA's defaults in the
+#: tests, as users compile it. ``None``: XLA's defaults; an option this XLA does not know
+#: is dropped (with all the others).
+REFERENCE_COMPILER_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+}
+
+
+class compiled:  # noqa: N801 (used like jax.jit)
+    """``jax.jit(fn)`` compiled with REFERENCE_COMPILER_OPTIONS, once per input signature."""
+
+    def __init__(self, fn):
+        self._jit = jax.jit(fn)
+        self._cache = {}
+
+    def __call__(self, *args):
+        leaves, tdef = jax.tree.flatten(args)
+        sig = (tdef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+        if sig not in self._cache:
+            self._cache[sig] = _compile(self._jit.lower(*args))
+        return self._cache[sig](*args)
+
+
+def _compile(lowered):
+    global REFERENCE_COMPILER_OPTIONS
+    try:
+        return lowered.compile(compiler_options=REFERENCE_COMPILER_OPTIONS)
+    except Exception as e:  # an XLA without one of the options: XLA's defaults
+        if REFERENCE_COMPILER_OPTIONS is None or "compile option" not in str(e):
+            raise
+        REFERENCE_COMPILER_OPTIONS = None
+        return lowered.compile()
 
 
 def _options(xs, mask, loss_mask, resets, truncate, delta_clip):
@@ -533,7 +576,7 @@ def _compiled_loss(cell, loss, reduction, argnums):
         value = readout_loss(hs, ro, tg, mask, loss, reduction, loss_mask)
         return value + _vdot(c_t, carry_ct), (value, c_t)
 
-    return jax.jit(jax.value_and_grad(total, argnums, has_aux=True))
+    return compiled(jax.value_and_grad(total, argnums, has_aux=True))
 
 
 def loss_grads(
@@ -577,7 +620,7 @@ def _compiled_unroll_vjp(cell):
         out, vjp = jax.vjp(f, p, xs, c0)
         return out, vjp(ct)
 
-    return jax.jit(run)
+    return compiled(run)
 
 
 def unroll_vjp(cell, p, xs, carry, ct, *, mask=None, resets=None, truncate=None, delta_clip=None):
@@ -585,3 +628,36 @@ def unroll_vjp(cell, p, xs, carry, ct, *, mask=None, resets=None, truncate=None,
     ``ct`` (a ``(hs, carry_T)`` tree). Compiled once per cell and shapes."""
     m, _, r, k, c = _options(xs, mask, None, resets, truncate, delta_clip)
     return _compiled_unroll_vjp(cell)(p, xs, carry, ct, m, r, k, c)
+
+
+@cache
+def _compiled_deltas(cell, loss, reduction):
+    def total(eps, p, ro, xs, tg, c0, mask, loss_mask, resets, truncate, delta_clip):
+        hs, _ = scan_unroll(cell, p, xs, c0, mask, truncate, resets, delta_clip, eps)
+        return readout_loss(hs, ro, tg, mask, loss, reduction, loss_mask)
+
+    return compiled(jax.grad(total))
+
+
+def deltas(
+    cell,
+    p,
+    ro,
+    xs,
+    targets,
+    carry,
+    *,
+    mask=None,
+    loss_mask=None,
+    resets=None,
+    loss="xent",
+    reduction="mean",
+    truncate=None,
+    delta_clip=None,
+):
+    """``delta_t = dL/dh_t`` (T, B, H) of ``scan_loss``: the gradient with respect to a
+    perturbation added to every h_t (after the mask, before the clipping, so it is the error
+    after ``delta_clip``). Compiled once per cell, loss, reduction and shapes."""
+    eps = jnp.zeros((*xs.shape[:2], cell.hidden_size), xs.dtype)
+    opts = _options(xs, mask, loss_mask, resets, truncate, delta_clip)
+    return _compiled_deltas(cell, loss, reduction)(eps, p, ro, xs, targets, carry, *opts)

@@ -2,7 +2,8 @@
 
 ``backward="checkpointed"`` stores only the carry entering every segment and re-runs each
 segment's forward inside the hand-written backward. Its gradients must equal autodiff of the
-plain-scan reference for every cell, dtype, mask, reset, truncation and segment length.
+plain-scan reference for every cell, dtype, mask, loss mask, reset, truncation (or none),
+clipping, final-carry cotangent and segment length (or memory budget).
 """
 
 import itertools
@@ -15,80 +16,154 @@ import bptt_jax
 from bptt_jax import engine
 from tests import reference as ref
 
-
-def _grid():
-    for name, dtype, (t, segment), (masked, loss) in itertools.product(
-        ref.CELLS,
-        [jnp.float64, jnp.float32],
-        [(9, None), (10, 3), (9, 1)],  # sqrt(T) with padding; padding; one step per segment
-        [(True, "xent"), (False, "mse")],
-    ):
-        yield pytest.param(
-            name,
-            dtype,
-            t,
-            segment,
-            masked,
-            loss,
-            id=f"{name}-{jnp.dtype(dtype).name}-T{t}-s{segment}-"
-            f"{'mask' if masked else 'nomask'}-{loss}",
-        )
+T = 10  # ref.draw's sequence length
 
 
-@pytest.mark.parametrize("name,dtype,t,segment,masked,loss", list(_grid()))
-def test_checkpointed_loss_grads_match_autodiff(name, dtype, t, segment, masked, loss, key):
+def _vdot(tree, other):
+    return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(other)))
+
+
+def _budget_for_segment(cell, dtype, b, segment):
+    """The smallest ``memory_budget`` (bytes) for which the library picks ``segment``."""
+    for budget in range(64, 2**20, 8):
+        try:
+            if engine.segment_for_budget(cell, T, b, dtype, budget) == segment:
+                return budget
+        except ValueError:
+            continue
+    raise AssertionError("no budget gives that segment")
+
+
+#: sequence_loss schedules, each on every cell: segment (None: about sqrt(T); 1; 3 with a
+#: padded last segment; 20 > T: one segment; a memory budget that picks 2), masks, resets,
+#: truncation, clipping, reduction, loss and a cotangent on the final carry (return_carry).
+LOSS_OPTIONS = {
+    "s1-mask-lmask-resets-trunc4-clip-sum-xent": dict(
+        segment=1, mask=True, loss_mask=True, resets=True, truncate=4, delta_clip=0.3,
+        reduction="sum", loss="xent",
+    ),
+    "sNone-nomask-lmask-resets-trunc4-mean-mse": dict(
+        segment=None, mask=False, loss_mask=True, resets=True, truncate=4, reduction="mean",
+        loss="mse",
+    ),
+    "s3-nomask-full-carry-mean-mse": dict(
+        segment=3, mask=False, carry=True, reduction="mean", loss="mse"
+    ),
+    "budget-mask-resets-full-clip-carry-sum-xent": dict(
+        budget=2, mask=True, resets=True, delta_clip=0.3, carry=True, reduction="sum",
+        loss="xent",
+    ),
+    "s20-mask-lmask-trunc3-mean-xent": dict(
+        segment=20, mask=True, loss_mask=True, truncate=3, reduction="mean", loss="xent"
+    ),
+}  # fmt: skip
+
+
+def _loss_grid():
+    """Every cell x schedule x dtype; the default run keeps every cell x schedule in one
+    dtype, alternating."""
+    for i, (name, opt) in enumerate(itertools.product(ref.CELLS, LOSS_OPTIONS)):
+        for j, dtype in enumerate([jnp.float64, jnp.float32]):
+            yield pytest.param(
+                name,
+                opt,
+                dtype,
+                id=f"{name}-{opt}-{jnp.dtype(dtype).name}",
+                marks=() if j == (i + i // len(LOSS_OPTIONS)) % 2 else pytest.mark.slow,
+            )
+
+
+@pytest.mark.parametrize("name,options,dtype", list(_loss_grid()))
+def test_checkpointed_loss_grads_match_autodiff(name, options, dtype, rng):
     cell = ref.CELLS[name]
-    k1, k2, k3 = jax.random.split(key, 3)
-    p, ro, xs, tg, c0, m = ref.problem(cell, k1, dtype, t=t, mask=masked, loss=loss)
-    resets = jax.random.bernoulli(k2, 0.15, xs.shape[:2])
-    loss_mask = jax.random.bernoulli(k3, 0.7, xs.shape[:2])
+    o = LOSS_OPTIONS[options]
+    loss = o["loss"]
+    p, ro, xs, tg, c0, m = ref.draw(cell, rng, dtype, mask=o["mask"], loss=loss)
+    opts = dict(
+        mask=m,
+        loss_mask=ref.flags(rng, xs.shape[:2], 0.7) if o.get("loss_mask") else None,
+        resets=ref.flags(rng, xs.shape[:2], 0.15) if o.get("resets") else None,
+        truncate=o.get("truncate"),
+        delta_clip=o.get("delta_clip"),
+        loss=loss,
+        reduction=o["reduction"],
+    )
+    if "budget" in o:
+        seg = dict(memory_budget=_budget_for_segment(cell, dtype, xs.shape[1], o["budget"]))
+    else:
+        seg = dict(segment=o["segment"])
+    w = ref.normal_like(rng, c0) if o.get("carry") else None  # h and c each on their own
     argnums = (0, 1, 2, 3, 4) if loss == "mse" else (0, 1, 2, 4)
-    # Half the grid also clips the error per step (with "sum", so the errors are large).
-    clip = 0.3 if masked else None
-    opts = dict(loss=loss, reduction="sum" if masked else "mean", truncate=4)
 
     def checkpointed(p, ro, xs, tg, c0):
-        return bptt_jax.sequence_loss(
-            cell, p, ro, xs, tg, c0, mask=m, loss_mask=loss_mask, resets=resets,
-            backward="checkpointed", segment=segment, delta_clip=clip, **opts,
-        )  # fmt: skip
+        v, c = bptt_jax.sequence_loss(
+            cell, p, ro, xs, tg, c0, backward="checkpointed", return_carry=True, **seg, **opts
+        )
+        return v if w is None else v + _vdot(c, w), c
 
-    def reference(p, ro, xs, tg, c0):
-        return ref.scan_loss(
-            cell, p, ro, xs, tg, c0, m, opts["loss"], opts["reduction"], opts["truncate"],
-            loss_mask=loss_mask, resets=resets, delta_clip=clip,
-        )  # fmt: skip
-
-    v_c, g_c = jax.jit(jax.value_and_grad(checkpointed, argnums))(p, ro, xs, tg, c0)
-    v_r, g_r = jax.value_and_grad(reference, argnums)(p, ro, xs, tg, c0)
+    (v_c, c_c), g_c = jax.jit(jax.value_and_grad(checkpointed, argnums, has_aux=True))(
+        p, ro, xs, tg, c0
+    )
+    v_r, c_r, g_r = ref.loss_grads(cell, p, ro, xs, tg, c0, carry_ct=w, argnums=argnums, **opts)
+    if w is not None:
+        v_r = v_r + _vdot(c_r, w)
     assert ref.rel_err(v_c, v_r) <= ref.TOL[dtype]
+    ref.assert_trees_close(c_c, c_r, dtype)
     ref.assert_trees_close(g_c, g_r, dtype)
 
 
-@pytest.mark.parametrize("name", list(ref.CELLS))
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("segment", [None, 4, 20])  # 20 > T: a single segment
-def test_checkpointed_unroll_vjp_matches_autodiff(name, dtype, segment, key):
+#: unroll schedules: segment (None, 4, 20 > T, a memory budget that picks 3), masks, resets,
+#: truncation and clipping.
+UNROLL_OPTIONS = {
+    "sNone-mask-resets-trunc5-clip": dict(segment=None, mask=True, resets=True, truncate=5,
+                                          delta_clip=0.5),
+    "s4-nomask-full": dict(segment=4, mask=False),
+    "s20-mask-trunc5": dict(segment=20, mask=True, truncate=5),
+    "budget-nomask-resets-clip": dict(budget=3, mask=False, resets=True, delta_clip=0.5),
+}  # fmt: skip
+
+
+def _unroll_grid():
+    """Every cell x schedule x dtype; the default run keeps two schedules per cell, in turn,
+    in alternating dtypes (each schedule meets three cells)."""
+    opts = list(UNROLL_OPTIONS)
+    for i, name in enumerate(ref.CELLS):
+        for j, opt in enumerate(opts):
+            for k, dtype in enumerate([jnp.float64, jnp.float32]):
+                fast = j in {(2 * i) % 4, (2 * i + 1) % 4} and k == (i + j) % 2
+                yield pytest.param(
+                    name,
+                    opt,
+                    dtype,
+                    id=f"{name}-{opt}-{jnp.dtype(dtype).name}",
+                    marks=() if fast else pytest.mark.slow,
+                )
+
+
+@pytest.mark.parametrize("name,options,dtype", list(_unroll_grid()))
+def test_checkpointed_unroll_vjp_matches_autodiff(name, options, dtype, rng):
     cell = ref.CELLS[name]
-    k1, k2, k3 = jax.random.split(key, 3)
-    p, _, xs, _, c0, m = ref.problem(cell, k1, dtype, t=11)
-    resets = jax.random.bernoulli(k2, 0.15, xs.shape[:2])
+    o = UNROLL_OPTIONS[options]
+    p, _, xs, _, c0, m = ref.draw(cell, rng, dtype, mask=o["mask"])
+    r = ref.flags(rng, xs.shape[:2], 0.15) if o.get("resets") else None
+    kw = dict(truncate=o.get("truncate"), delta_clip=o.get("delta_clip"))
+    if "budget" in o:
+        seg = dict(memory_budget=_budget_for_segment(cell, dtype, xs.shape[1], o["budget"]))
+    else:
+        seg = dict(segment=o["segment"])
 
-    def checkpointed(p, xs, c0):
-        return bptt_jax.unroll(
-            cell, p, xs, c0, mask=m, resets=resets, truncate=5, delta_clip=0.5,
-            backward="checkpointed", segment=segment,
-        )  # fmt: skip
+    def checkpointed(p, xs, c0, ct):
+        f = lambda p, xs, c0: bptt_jax.unroll(  # noqa: E731
+            cell, p, xs, c0, mask=m, resets=r, backward="checkpointed", **seg, **kw
+        )
+        out, vjp = jax.vjp(f, p, xs, c0)
+        return out, vjp(ct)
 
-    out_c, vjp_c = jax.vjp(checkpointed, p, xs, c0)
-    out_r, vjp_r = jax.vjp(
-        lambda *a: ref.scan_unroll(cell, *a, m, 5, resets, delta_clip=0.5), p, xs, c0
-    )
+    ct = ref.normal_like(rng, (jnp.zeros((*xs.shape[:2], cell.hidden_size), dtype), c0))
+    out_c, g_c = jax.jit(checkpointed)(p, xs, c0, ct)
+    out_r, g_r = ref.unroll_vjp(cell, p, xs, c0, ct, mask=m, resets=r, **kw)
     ref.assert_trees_close(out_c, out_r, dtype)
-    leaves, treedef = jax.tree.flatten(out_r)
-    keys = jax.random.split(k3, len(leaves))
-    ct = treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-    ref.assert_trees_close(vjp_c(ct), vjp_r(ct), dtype)
+    ref.assert_trees_close(g_c, g_r, dtype)
 
 
 def _temp_mib(backward, t, **kw):
@@ -149,9 +224,9 @@ def test_default_segment_is_about_sqrt_t_and_covers_t():
         ({"backward": "recompute"}, ValueError, "backward"),
     ],
 )
-def test_bad_checkpoint_options_name_the_argument(kwargs, err, match, key):
+def test_bad_checkpoint_options_name_the_argument(kwargs, err, match, rng):
     cell = bptt_jax.GRU(4)
-    p, ro, xs, tg, c0, _ = ref.problem(cell, key, jnp.float32, t=6, b=2, mask=False)
+    p, ro, xs, tg, c0, _ = ref.draw(cell, rng, jnp.float32, t=6, b=2, mask=False)
     kwargs = {"backward": "checkpointed", **kwargs}
     with pytest.raises(err, match=match):
         bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, **kwargs)
