@@ -1,7 +1,20 @@
-"""The sequence engine: forward scan, hand-written reverse scan, and :func:`unroll`.
+"""The one engine: forward scans, hand-written reverse scans, and :func:`unroll`.
 
-Written once for every cell. A cell contributes its step forward and its step backward (see
-:mod:`bptt_jax.cells._common`); the engine does the rest:
+It composes three independent choices, so that every combination is composed, not written:
+
+1. **What is differentiated**: a cell walked forward in time (its step forward and step
+   backward come from the cell, see :mod:`bptt_jax.cells._common`), a cell walked over each
+   sequence's reversed valid prefix (a :class:`~bptt_jax.Bidirectional` layer's second
+   direction), and layers of those composed into a :class:`~bptt_jax.Stack`
+   (:func:`model_forward`, :func:`model_backward`).
+2. **What sits on top**: nothing (:func:`unroll`: the outputs ``hs`` are the result) or a
+   loss head (:class:`bptt_jax.losses.LossHead`: readout and per-token loss).
+3. **How time is walked** (:class:`Walk`): ``"full"`` (every step stored), ``"segmented"``
+   (checkpointed BPTT: only segment carries stored, each segment re-run in the backward) or
+   ``"chunked"`` (truncated BPTT: chunk groups forward, one batched k-step reverse scan each).
+
+:func:`bptt` is the library's one ``jax.custom_vjp`` over all of them. For each cell, the
+engine owns every matmul over all ``T*B`` rows:
 
 * the input projection ``x_t W_x + b`` for all ``T`` steps is one ``(T*B, D) @ (D, G*H)``
   matmul before the forward scan, so each step only does the recurrent ``(B, H) @ (H, G*H)``;
@@ -12,7 +25,8 @@ Written once for every cell. A cell contributes its step forward and its step ba
 * every shared-weight gradient, summed over all steps, and ``dxs`` are then single matmuls over
   the ``T*B`` rows: ``dW_h = H_prev^T dA``, ``dW_x = X^T dA``, ``db = sum dA``, ``dX = dA W_x^T``.
 
-Masks (right-padded variable-length batches) and truncation are handled here, for all cells.
+Masks (right-padded variable-length batches), resets, truncation and per-step clipping are
+handled here, for all cells and models.
 """
 
 from __future__ import annotations
