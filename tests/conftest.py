@@ -26,3 +26,26 @@ def rng(request):
     """A numpy Generator that differs per test (seeded by the test's id), deterministic across
     runs: drawing with it compiles nothing (``tests.reference.draw``)."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------------------------- xdist
+#: Test files whose tests share one expensive module-scoped fixture: each file runs on one
+#: xdist worker (else every worker builds the fixture): test_bench's smoke run of
+#: ``bptt-jax bench``. (``--dist loadgroup`` cannot do it: xdist 3.8 marks a group in the
+#: test ids, which pytest 9.2 no longer lets it change.)
+ONE_WORKER_FILES = ("tests/test_bench.py",)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook, on the controller
+def pytest_xdist_make_scheduler(config, log):
+    """``-n N``'s "load" distribution, with each of ONE_WORKER_FILES as one unit of work."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return path if path in ONE_WORKER_FILES else nodeid
+
+    return Scheduling(config, log)
