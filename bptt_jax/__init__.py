@@ -1,8 +1,12 @@
 """bptt_jax: Backpropagation Through Time for JAX, with the backward written by hand.
 
-Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`) run over time-major sequences with
-:func:`unroll` and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse
-``lax.scan`` (the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`.
+Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`) and models of them (:class:`Stack`,
+:class:`Bidirectional`, :func:`stacked`) run over time-major sequences with :func:`unroll`
+and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse ``lax.scan``
+(the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`.
+
+The names below are the public API. ``bptt_jax.engine`` (the sequence engine) and
+``bptt_jax.validation`` are internals: their functions may change without notice.
 """
 
 from bptt_jax.cells import (
@@ -55,10 +59,16 @@ from bptt_jax.diagnostics import (
 )
 from bptt_jax.engine import unroll as unroll
 from bptt_jax.losses import (
+    LossAndGrads as LossAndGrads,
+)
+from bptt_jax.losses import (
     ReadoutParams as ReadoutParams,
 )
 from bptt_jax.losses import (
     init_readout as init_readout,
+)
+from bptt_jax.losses import (
+    loss_and_grads as loss_and_grads,
 )
 from bptt_jax.losses import (
     sequence_loss as sequence_loss,
