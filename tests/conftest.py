@@ -31,9 +31,10 @@ def rng(request):
 # ---------------------------------------------------------------------------------- xdist
 #: Test files whose tests share one expensive module-scoped fixture: each file runs on one
 #: xdist worker (else every worker builds the fixture): test_bench's smoke run of
-#: ``bptt-jax bench``. (``--dist loadgroup`` cannot do it: xdist 3.8 marks a group in the
-#: test ids, which pytest 9.2 no longer lets it change.)
-ONE_WORKER_FILES = ("tests/test_bench.py",)
+#: ``bptt-jax bench``, test_docs' interpreter running every docstring example. (``--dist
+#: loadgroup`` cannot do it: xdist 3.8 marks a group in the test ids, which pytest 9.2 no
+#: longer lets it change.)
+ONE_WORKER_FILES = ("tests/test_bench.py", "tests/test_docs.py")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook, on the controller
