@@ -217,30 +217,12 @@ CELLS = {
 
 
 def problem(cell, key, dtype, *, t=7, b=3, d=4, o=5, mask=True, random_carry=True, loss="xent"):
-    """Random everything: params, readout, inputs, targets, initial carry and mask (the
-    draw is jit-compiled once per cell and sizes)."""
-    return _problem_draw(cell, jnp.dtype(dtype), t, b, d, o, bool(mask), random_carry, loss)(key)
-
-
-@cache
-def _problem_draw(cell, dtype, t, b, d, o, mask, random_carry, loss):
-    from bptt_jax.verify import random_problem
-
-    def draw(key):
-        return random_problem(
-            cell,
-            key,
-            seq_len=t,
-            batch_size=b,
-            input_size=d,
-            output_size=o,
-            dtype=dtype,
-            mask=mask,
-            random_carry=random_carry,
-            loss=loss,
-        )
-
-    return jax.jit(draw)
+    """Random everything: params, readout, inputs, targets, initial carry and mask, drawn
+    with numpy from ``key`` (:func:`draw`: nothing compiled)."""
+    return draw(
+        cell, numpy_rng(key), dtype, t=t, b=b, d=d, o=o, mask=mask, random_carry=random_carry,
+        loss=loss,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

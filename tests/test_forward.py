@@ -55,8 +55,10 @@ def test_padded_steps_contribute_no_loss_and_no_gradient(name, key):
     noise = jax.random.normal(jax.random.fold_in(key, 7), xs.shape, xs.dtype)
     xs2 = jnp.where(m[..., None], xs, noise)
     tg2 = jnp.where(m, tg, -1)  # even out-of-range targets are fine where padded
-    f = jax.value_and_grad(
-        lambda p, xs, tg: bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, mask=m)
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda p, xs, tg: bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, mask=m)
+        )
     )
     (v1, g1), (v2, g2) = f(p, xs, tg), f(p, xs2, tg2)
     assert v1 == v2
@@ -72,7 +74,9 @@ def test_dtype_and_shapes_are_preserved(name, dtype, key):
     chex.assert_shape(hs, (5, 2, cell.hidden_size))
     chex.assert_trees_all_equal_shapes_and_dtypes(c_t, c0)
     chex.assert_type(hs, dtype)
-    grads = jax.grad(bptt_jax.sequence_loss, argnums=(1, 2))(cell, p, ro, xs, tg, c0, mask=m)
+    grads = jax.jit(
+        jax.grad(lambda p, ro: bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, mask=m), (0, 1))
+    )(p, ro)
     chex.assert_trees_all_equal_shapes_and_dtypes(grads, (p, ro))
 
 
@@ -143,7 +147,7 @@ def test_xent_is_stable_for_huge_logits(key):
     cell = bptt_jax.Elman(4)
     p, ro, xs, tg, _, _ = ref.problem(cell, key, jnp.float32, t=3)
     ro = ro._replace(w_hy=ro.w_hy * 1e4)
-    v, g = jax.value_and_grad(bptt_jax.sequence_loss, argnums=2)(cell, p, ro, xs, tg)
+    v, g = jax.jit(jax.value_and_grad(lambda ro: bptt_jax.sequence_loss(cell, p, ro, xs, tg)))(ro)
     assert jnp.isfinite(v) and all(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(g))
 
 
@@ -156,9 +160,14 @@ def test_return_carry_and_its_gradient(key):
         v, c = impl_loss(p)
         return v + jnp.sum(c.h**2) + jnp.sum(jnp.sin(c.c))
 
-    manual = jax.grad(
-        lambda p: f(
-            lambda p: bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, mask=m, return_carry=True), p
+    manual = jax.jit(
+        jax.grad(
+            lambda p: f(
+                lambda p: bptt_jax.sequence_loss(
+                    cell, p, ro, xs, tg, c0, mask=m, return_carry=True
+                ),
+                p,
+            )
         )
     )(p)
 
@@ -166,7 +175,7 @@ def test_return_carry_and_its_gradient(key):
         hs, c = ref.scan_unroll(cell, p, xs, c0, m)
         return ref.scan_loss(cell, p, ro, xs, tg, c0, m), c
 
-    ref.assert_trees_close(manual, jax.grad(lambda p: f(refl, p))(p), jnp.float64)
+    ref.assert_trees_close(manual, jax.jit(jax.grad(lambda p: f(refl, p)))(p), jnp.float64)
 
 
 def test_out_of_range_target_inside_jit_is_nan_not_a_number(key):
