@@ -11,13 +11,23 @@ from bptt_jax.cells import elman as elman_module
 from tests import reference as ref
 
 
-@pytest.mark.parametrize("name", list(ref.CELLS))
-@pytest.mark.parametrize("path", ["loss", "unroll"])
+@pytest.mark.parametrize(
+    "name,path",
+    [
+        pytest.param(
+            name, path, id=f"{path}-{name}", marks=() if (i + j) % 2 == 0 else pytest.mark.slow
+        )
+        for i, name in enumerate(ref.CELLS)
+        for j, path in enumerate(["loss", "unroll"])
+    ],
+)
 def test_check_gradients_passes_for_every_cell(name, path, key):
+    """Every cell in the default run, on one path or the other in turn (the hand-written
+    gradients themselves are checked path by path in test_gradients.py)."""
     report = bptt_jax.check_gradients(ref.CELLS[name], path=path, key=key, truncate=None)
     assert report.passed, report
     assert report.finite_diff  # float64 also ran finite differences
-    assert 0 < report.max_error <= 1e-10  # a real comparison: not identical, but close
+    assert 0 < report.max_error <= ref.TOL[jnp.float64]  # a real comparison, and close
 
 
 def test_check_gradients_catches_a_wrong_backward(monkeypatch, key):
@@ -40,6 +50,45 @@ def test_check_gradients_float32_skips_finite_differences(key):
     assert report.passed and not report.finite_diff and report.tolerance == 1e-5
 
 
+#: A small grid for the command's wiring: a cell's loss, a checkpointed model, float32 unroll.
+SMALL_GRID = [
+    (bptt_jax.Elman(4), dict(dtype=jnp.float64, loss="xent", mask=True, random_carry=True)),
+    (
+        bptt_jax.stacked(bptt_jax.LSTM(3), 2),
+        dict(dtype=jnp.float64, loss="mse", backward="checkpointed", mask=True, random_carry=True),
+    ),
+    (bptt_jax.GRU(4), dict(dtype=jnp.float32, path="unroll", mask=True, random_carry=True)),
+]
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["right", "wrong-elman-backward"])
+def test_verify_command_wiring_on_a_small_grid(wrong, monkeypatch, capsys):
+    """``bptt-jax verify`` (in this process, on SMALL_GRID): a table row per configuration,
+    exit status 0 and PASSED; with a wrong Elman backward, exit status 1 and FAILED. The
+    full command (its default grid, in a fresh interpreter) is in the slow run."""
+    from bptt_jax import cli, verify
+
+    monkeypatch.setattr(verify, "default_grid", lambda: SMALL_GRID)
+    if wrong:
+        original = elman_module.Elman.backward
+
+        def wrong_backward(self, params, res, state, state_prev, dstate, w_t):
+            dprev, *rest = original(self, params, res, state, state_prev, dstate, w_t)
+            return (dprev * 1.001, *rest)
+
+        monkeypatch.setattr(elman_module.Elman, "backward", wrong_backward)
+    status = cli.main(["verify"])
+    out = capsys.readouterr().out
+    assert "3 configurations" in out
+    for name in ("Elman(tanh)", "Stack[LSTM", "GRU", "checkpointed", "unroll"):
+        assert name in out, name
+    if wrong:
+        assert status == 1 and "FAILED" in out and "params.w_hh" in out
+    else:
+        assert status == 0 and "PASSED" in out
+
+
+@pytest.mark.slow
 def test_verify_command_exits_zero_and_prints_the_table():
     out = subprocess.run(
         [sys.executable, "-m", "bptt_jax", "verify"], capture_output=True, text=True, timeout=600
