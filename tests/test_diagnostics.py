@@ -48,11 +48,13 @@ def _perturbed_unroll(cell, p, xs, c0, eps, mask, resets, clip=None, eps_c=None)
 
 
 def _problem(name, key, dtype, t=6):
+    """A random problem (numpy, from ``key``) with a loss mask that counts the last step and
+    resets with at least one after step 0."""
     cell = ref.CELLS[name]
-    k1, k2, k3 = jax.random.split(key, 3)
-    p, ro, xs, tg, c0, m = ref.problem(cell, k1, dtype, t=t)
-    lm = jax.random.bernoulli(k2, 0.6, xs.shape[:2]).at[-1].set(True)
-    r = jax.random.bernoulli(k3, 0.1, xs.shape[:2])
+    rng = ref.numpy_rng(key)
+    p, ro, xs, tg, c0, m = ref.draw(cell, rng, dtype, t=t)
+    lm = ref.flags(rng, xs.shape[:2], 0.6, at_least_one=False).at[-1].set(True)
+    r = ref.flags(rng, xs.shape[:2], 0.1)
     return cell, p, ro, xs, tg, c0, m, lm, r
 
 
@@ -112,13 +114,17 @@ def _jacobian_reference(cell, p, xs, c0, m, r):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jacobian_norms_match_jacrev_of_the_reference_loop(name, dtype, key):
     cell, p, _, xs, _, c0, m, _, r = _problem(name, key, dtype)
+    b_ = xs.shape[1]
     expected = _jacobian_reference(cell, p, xs, c0, m, r)
     got = diagnostics.jacobian_norms(cell, p, xs, c0, mask=m, resets=r)
     assert got.shape == xs.shape[:2] and got.dtype == dtype
     assert ref.rel_err(got, expected) <= ref.TOL[dtype]
-    # a step whose carry was reset cuts every Jacobian across it
-    t, b = np.nonzero(np.asarray(r)[1:])
-    assert np.all(np.asarray(got)[: t.min(), b[t == t.min()]] == 0) if t.size else True
+    # a reset at step s >= 1 cuts every Jacobian across it: dh_T/dh_t = 0 for every t < s
+    resets, norms = np.asarray(r), np.asarray(got)
+    last = {b: 1 + np.nonzero(resets[1:, b])[0].max() for b in range(b_) if resets[1:, b].any()}
+    assert last  # _problem draws at least one
+    for b, s in last.items():
+        assert np.all(norms[:s, b] == 0) and norms[s:, b].any(), (b, s, norms[:, b])
 
 
 def test_jacobian_norms_with_more_probes_than_the_hidden_size_use_the_key(key):
