@@ -15,6 +15,7 @@ import pytest
 import bptt_jax
 from bptt_jax import checkpoint, config, losses, tasks, train, truncated
 from bptt_jax.config import ConfigError
+from tests import reference
 from tests.reference import TOL, assert_trees_close
 from tests.test_truncated import LR, sgd, stream
 
@@ -51,16 +52,12 @@ def test_full_bptt_step_applies_the_hand_written_gradient_and_passes_the_carry_o
     state = state_from(t, cell, p, ro, carry)
     new, metrics = t.step(state, batch_of(xs, ys, mask, loss_mask, resets))
 
-    def f(p_, ro_):  # the autodiff reference: jax.grad through a plain lax.scan
-        return bptt_jax.sequence_loss(
-            cell, p_, ro_, xs, ys, carry, mask=mask, loss_mask=loss_mask, resets=resets,
-            backward="autodiff",
-        )  # fmt: skip
-
-    value, (gp, gro) = jax.value_and_grad(f, argnums=(0, 1))(p, ro)
+    # the independent reference: jax.grad of a plain lax.scan (tests/reference.py)
+    value, carry_ref, (gp, gro) = reference.loss_grads(
+        cell, p, ro, xs, ys, carry, mask=mask, loss_mask=loss_mask, resets=resets, argnums=(0, 1)
+    )
     assert_trees_close(new.params, jax.tree.map(lambda w, g: w - LR * g, p, gp), dtype)
     assert_trees_close(new.readout, jax.tree.map(lambda w, g: w - LR * g, ro, gro), dtype)
-    _, carry_ref = bptt_jax.unroll(cell, p, xs, carry, mask=mask, resets=resets)
     assert_trees_close(new.carry, carry_ref, dtype)
     assert int(new.step) == 1
     assert {k: v.shape for k, v in metrics.items()} == {
@@ -71,8 +68,9 @@ def test_full_bptt_step_applies_the_hand_written_gradient_and_passes_the_carry_o
     assert not metrics["clipped"][0] and metrics["skipped"][0] == 0
 
 
-def test_tbptt_step_is_the_tbptt_driver_with_an_sgd_update(key):
-    """``truncated.tbptt`` is checked against the definition in test_truncated.py."""
+def test_tbptt_step_wiring_is_the_tbptt_driver_with_an_sgd_update(key):
+    """Wiring: the trainer's TBPTT step is the library's own ``truncated.tbptt`` (which is
+    checked against the definition in test_truncated.py)."""
     cell, dtype = bptt_jax.GRU(5), jnp.float64
     p, ro, xs, ys, carry, mask, loss_mask, resets = stream(cell, key, dtype)
     t = train.trainer(cell, SGD, k1=4, k2=7)
