@@ -160,6 +160,21 @@ def max_rel_err(a, b):
 
 
 @pytest.mark.parametrize("name", list(ref.CELLS))
+def test_unroll_backward_autodiff_flag_matches_the_reference(name, rng):
+    """unroll(backward="autodiff") (the library's plain lax.scan, its clipping a custom rule
+    of its own) with truncation, resets and clipping together, against the reference."""
+    cell = ref.CELLS[name]
+    options = UNROLL_OPTIONS["trunc3-resets-clip"]
+    p, xs, c0, m, r, kw = unroll_case(cell, rng, jnp.float64, True, options)
+    lib = _unroll_vjp(cell, kw["truncate"], kw["delta_clip"], backward="autodiff")
+    ct = ref.normal_like(rng, (jnp.zeros((*xs.shape[:2], cell.hidden_size)), c0))
+    out_a, grads_a = lib(p, xs, c0, ct, m, r)
+    out_r, grads_r = ref.unroll_vjp(cell, p, xs, c0, ct, mask=m, resets=r, **kw)
+    ref.assert_trees_close(out_a, out_r, jnp.float64)
+    ref.assert_trees_close(grads_a, grads_r, jnp.float64)
+
+
+@pytest.mark.parametrize("name", list(ref.CELLS))
 def test_grads_match_finite_differences_in_float64(name, rng):
     """Central differences along random directions, one argument leaf at a time."""
     cell = ref.CELLS[name]
