@@ -98,17 +98,18 @@ def _unroll_grid():
     """Every cell x options x mask x dtype; the default run keeps one (mask, dtype) per cell
     x options, rotating so every cell meets both masks and both dtypes."""
     settings = list(itertools.product([True, False], DTYPES))
-    for i, (name, opt) in enumerate(itertools.product(ref.CELLS, UNROLL_OPTIONS)):
-        for j, (mask, dtype) in enumerate(settings):
-            fast = j == (i + i // len(UNROLL_OPTIONS)) % len(settings)
-            yield pytest.param(
-                name,
-                opt,
-                mask,
-                dtype,
-                id=f"{name}-{opt}-{'mask' if mask else 'nomask'}-{_dt(dtype)}",
-                marks=() if fast else pytest.mark.slow,
-            )
+    for c, name in enumerate(ref.CELLS):
+        for o, opt in enumerate(UNROLL_OPTIONS):
+            for j, (mask, dtype) in enumerate(settings):
+                fast = j == (c + o) % len(settings)
+                yield pytest.param(
+                    name,
+                    opt,
+                    mask,
+                    dtype,
+                    id=f"{name}-{opt}-{'mask' if mask else 'nomask'}-{_dt(dtype)}",
+                    marks=() if fast else pytest.mark.slow,
+                )
 
 
 @cache
@@ -258,10 +259,8 @@ def _final_carry_grid():
     settings = list(itertools.product(DTYPES, ["xent", "mse"]))
     for i, (name, group) in enumerate(itertools.product(ref.CELLS, [1, 2, 3])):
         for j, (dtype, loss) in enumerate(settings):
-            fast = j == (i + i // 3) % len(settings)
-            mask, red = [(True, "mean"), (False, "sum"), (True, "sum"), (False, "mean")][
-                (i + j) % 4
-            ]
+            fast = j == (i // 3 + group) % len(settings)
+            mask, red = [(True, "mean"), (False, "sum"), (True, "sum"), (False, "mean")][i % 4]
             yield pytest.param(
                 name,
                 dtype,
