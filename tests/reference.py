@@ -486,8 +486,11 @@ def flags(rng, shape, p, at_least_one=True):
     ``at_least_one``, some entry after step 0 is set and some is not."""
     f = rng.random(shape) < p
     if at_least_one:
-        f[1 + rng.integers(shape[0] - 1), rng.integers(shape[1])] = True
-        f[rng.integers(shape[0]), rng.integers(shape[1])] = False
+        assert shape[0] >= 2, "a set entry after step 0 needs T >= 2"
+        cells = rng.permutation(f.size)  # two distinct entries: one set (after step 0), one not
+        on = next(c for c in cells if c >= shape[1])  # flat index >= B: t >= 1
+        off = next(c for c in cells if c != on)
+        f.flat[on], f.flat[off] = True, False
     return jnp.asarray(f)
 
 
