@@ -906,7 +906,7 @@ def bptt(model, head, walk, params, readout, xs, targets, carry0, mask, valid, r
     return out, carry_t
 
 
-def _bptt_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops):
+def bptt_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops):
     t, b = xs.shape[:2]
     if walk.kind == "chunked":
         return _chunked_fwd(
@@ -941,7 +941,7 @@ def _bptt_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, val
     return (out, carry_t), res
 
 
-def _bptt_bwd(model, head, walk, saved, cotangents):
+def bptt_bwd(model, head, walk, saved, cotangents):
     nones = (None, None, None, None)  # mask, valid, resets, drops
     if walk.kind == "chunked":
         return (*_chunked_bwd(model, walk.truncate, saved, cotangents), *nones)
@@ -987,7 +987,7 @@ def _bptt_bwd(model, head, walk, saved, cotangents):
     return grads, d_readout, dxs, d_tg, dcarry0, *nones
 
 
-bptt.defvjp(_bptt_fwd, _bptt_bwd)
+bptt.defvjp(bptt_fwd, bptt_bwd)
 
 
 def resolve_segment(fn: str, model, xs, dtype, segment, memory_budget) -> int:

@@ -343,7 +343,9 @@ def loss_and_grads(
 ) -> LossAndGrads:
     """The loss of :func:`sequence_loss` and its hand-written gradients, in one call.
 
-    It is ``jax.value_and_grad(sequence_loss, argnums=(1, 2))`` (the same hand-written path),
+    Its value and gradients are ``jax.value_and_grad(sequence_loss, argnums=(1, 2))``'s: the
+    same hand-written forward and backward (those of :func:`bptt_jax.engine.bptt`), called
+    directly,
     plus what a truncated or diagnostic loop needs besides: the carry after any step (a
     TBPTT(k1, k2) window passes on the carry after its k1-th step; a forward-only run of the
     first ``carry_index + 1`` steps) and the error ``delta^h_t`` reaching every hidden state
@@ -397,13 +399,12 @@ def loss_and_grads(
     head = LossHead(loss, reduction)
     walk = engine.plan_walk(model, "manual", truncate, delta_clip, None, t, head)
 
-    def value_and_carry(p, ro):
-        return engine.bptt(model, head, walk, p, ro, xs, targets, carry0, mask, valid, resets,
-                           drops)  # fmt: skip
-
-    (value, carry), (grads, d_readout) = jax.value_and_grad(
-        value_and_carry, argnums=(0, 1), has_aux=True
-    )(params, readout)
+    # The forward and hand-written backward of engine.bptt, the custom_vjp that
+    # jax.grad(sequence_loss) runs, called directly with a unit cotangent on the loss.
+    args = (params, readout, xs, targets, carry0, mask, valid, resets, drops)
+    (value, carry), saved = engine.bptt_fwd(model, head, walk, *args)
+    cotangents = (jnp.ones((), value.dtype), jax.tree.map(jnp.zeros_like, carry))
+    grads, d_readout, *_ = engine.bptt_bwd(model, head, walk, saved, cotangents)
     if carry_index is not None and carry_index != t - 1:
         n = carry_index + 1
         head_of = lambda a: None if a is None else a[:n]  # noqa: E731

@@ -513,29 +513,33 @@ REFERENCE_COMPILER_OPTIONS = {
 
 
 class compiled:  # noqa: N801 (used like jax.jit)
-    """``jax.jit(fn)`` compiled with REFERENCE_COMPILER_OPTIONS, once per input signature."""
+    """``jax.jit(fn)`` compiled with ``options`` (default REFERENCE_COMPILER_OPTIONS), once
+    per input signature; options this XLA does not know fall back to its defaults."""
 
-    def __init__(self, fn):
+    _unknown = False  # an option was refused once: XLA's defaults from then on
+
+    def __init__(self, fn, options="reference"):
         self._jit = jax.jit(fn)
         self._cache = {}
+        self._options = REFERENCE_COMPILER_OPTIONS if options == "reference" else options
 
     def __call__(self, *args):
         leaves, tdef = jax.tree.flatten(args)
         sig = (tdef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
         if sig not in self._cache:
-            self._cache[sig] = _compile(self._jit.lower(*args))
+            self._cache[sig] = self._compile(self._jit.lower(*args))
         return self._cache[sig](*args)
 
-
-def _compile(lowered):
-    global REFERENCE_COMPILER_OPTIONS
-    try:
-        return lowered.compile(compiler_options=REFERENCE_COMPILER_OPTIONS)
-    except Exception as e:  # an XLA without one of the options: XLA's defaults
-        if REFERENCE_COMPILER_OPTIONS is None or "compile option" not in str(e):
-            raise
-        REFERENCE_COMPILER_OPTIONS = None
-        return lowered.compile()
+    def _compile(self, lowered):
+        if self._options is None or compiled._unknown:
+            return lowered.compile()
+        try:
+            return lowered.compile(compiler_options=self._options)
+        except Exception as e:  # an XLA without one of the options: XLA's defaults
+            if "compile option" not in str(e):
+                raise
+            compiled._unknown = True
+            return lowered.compile()
 
 
 def _options(xs, mask, loss_mask, resets, truncate, delta_clip):

@@ -185,30 +185,9 @@ def _random_resets(key, p=0.2):
     return jnp.asarray(r)
 
 
-class _Compiled:
+def _Compiled(fn):  # noqa: N802 (used like jax.jit)
     """``jax.jit(fn)`` compiled with COMPILER_OPTIONS, once per input signature."""
-
-    def __init__(self, fn):
-        self._jit = jax.jit(fn)
-        self._cache = {}
-
-    def __call__(self, *args):
-        leaves, tdef = jax.tree.flatten(args)
-        sig = (tdef, tuple((jnp.shape(x), getattr(x, "dtype", type(x))) for x in leaves))
-        if sig not in self._cache:
-            self._cache[sig] = _compile(self._jit.lower(*args))
-        return self._cache[sig](*args)
-
-
-def _compile(lowered):
-    global COMPILER_OPTIONS
-    try:
-        return lowered.compile(compiler_options=COMPILER_OPTIONS)
-    except Exception as e:  # an XLA without one of the options: XLA's defaults
-        if COMPILER_OPTIONS is None or "compile option" not in str(e):
-            raise
-        COMPILER_OPTIONS = None
-        return lowered.compile()
+    return ref.compiled(fn, COMPILER_OPTIONS)
 
 
 @functools.cache
