@@ -5,10 +5,11 @@ Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`) and models of them (:class:`
 and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse ``lax.scan``
 (the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`.
 
-The names below are the public API. ``bptt_jax.engine`` (the sequence engine) and
+The names below are the public API. ``bptt_jax._engine`` (the sequence engine) and
 ``bptt_jax.validation`` are internals: their functions may change without notice.
 """
 
+from bptt_jax._engine import unroll as unroll
 from bptt_jax.cells import (
     GRU as GRU,
 )
@@ -57,7 +58,6 @@ from bptt_jax.diagnostics import (
 from bptt_jax.diagnostics import (
     truncation_bias as truncation_bias,
 )
-from bptt_jax.engine import unroll as unroll
 from bptt_jax.losses import (
     LossAndGrads as LossAndGrads,
 )

@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bptt_jax import config, engine, losses, validation
+from bptt_jax import _engine as engine
+from bptt_jax import config, losses, validation
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional
 

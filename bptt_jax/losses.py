@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bptt_jax import engine, validation
+from bptt_jax import _engine as engine
+from bptt_jax import validation
 from bptt_jax.cells import _common
 from bptt_jax.models import is_bidirectional, output_size
 
@@ -137,7 +138,7 @@ class LossHead:
     """A readout and a per-token loss on top of a model's outputs: the engine's loss head.
 
     ``y_t = h_t W_hy + b_y``, ``L = sum_{t,b} w_{t,b} l(y_{t,b}, target_{t,b})``. The engine
-    (:func:`bptt_jax.engine.bptt`) calls it on the whole sequence (``value``, ``forward``,
+    (:func:`bptt_jax._engine.bptt`) calls it on the whole sequence (``value``, ``forward``,
     ``backward``) or a segment at a time (``scale``, ``segment_args``, ``segment_value``,
     ``segment_value_and_cotangent``); its hand-written backward is ``delta^y_t = dL/dy_t``,
     ``dW_hy = sum_t h_t^T delta^y_t`` and the error ``W_hy^T delta^y_t`` on each output.
@@ -344,7 +345,7 @@ def loss_and_grads(
     """The loss of :func:`sequence_loss` and its hand-written gradients, in one call.
 
     Its value and gradients are ``jax.value_and_grad(sequence_loss, argnums=(1, 2))``'s: the
-    same hand-written forward and backward (those of :func:`bptt_jax.engine.bptt`), called
+    same hand-written forward and backward (those of :func:`bptt_jax._engine.bptt`), called
     directly,
     plus what a truncated or diagnostic loop needs besides: the carry after any step (a
     TBPTT(k1, k2) window passes on the carry after its k1-th step; a forward-only run of the

@@ -3,7 +3,7 @@
 A model has a cell's public face (``init``, ``zero_carry``) and goes everywhere a cell goes:
 :func:`bptt_jax.unroll`, :func:`bptt_jax.sequence_loss`, ``loss_and_grads``,
 :func:`bptt_jax.check_gradients`, the diagnostics and the trainer. Its backward is the same
-hand-written BPTT, layer by layer and direction by direction (see :mod:`bptt_jax.engine`).
+hand-written BPTT, layer by layer and direction by direction (see :mod:`bptt_jax._engine`).
 
 Layout, as PyTorch indexes ``nn.LSTM(num_layers=L, bidirectional=True)``:
 

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bptt_jax import engine, losses
+from bptt_jax import _engine as engine
+from bptt_jax import losses
 from bptt_jax.config import ConfigError
 from bptt_jax.truncated import Batch
 

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax import engine, losses, validation
+from bptt_jax import _engine as engine
+from bptt_jax import losses, validation
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional, stacked
 from bptt_jax.models import output_size as output_size_of

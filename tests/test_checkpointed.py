@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
-from bptt_jax import engine
+from bptt_jax import _engine as engine
 from tests import reference as ref
 
 T = 10  # ref.draw's sequence length

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
-from bptt_jax import engine
+from bptt_jax import _engine as engine
 from tests import reference as ref
 
 DTYPES = [jnp.float64, jnp.float32]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import bptt_jax
-from bptt_jax import engine
+from bptt_jax import _engine as engine
 from bptt_jax.losses import loss_and_grads
 from tests import reference as ref
 

@@ -128,7 +128,7 @@ def test_check_gradients_passes_for_models(model, backward, key):
 def test_check_gradients_catches_a_wrong_reverse_direction_backward(monkeypatch, key):
     """A backward that hands the reverse direction its output error in forward time (not
     reversed with its sequence) is caught; the forward is untouched."""
-    from bptt_jax import engine
+    from bptt_jax import _engine as engine
 
     original = engine._split_error
 

@@ -5,7 +5,7 @@ params' shapes). It offers two faces:
 
 * the public one, for users: ``init``, ``zero_carry`` and ``step`` (one time step in
   ``lax.scan`` order ``(carry, x_t) -> (carry, h_t)``);
-* the engine one, used by :mod:`bptt_jax.engine`: the input projection for all steps at once,
+* the engine one, used by :mod:`bptt_jax._engine`: the input projection for all steps at once,
   a forward step on the projected input that also returns what the backward needs, and the
   hand-written backward of that step.
 
