@@ -7,6 +7,13 @@ into a temporary directory and renames it into place only once every file is com
 run killed mid-save leaves the previous checkpoints intact and never a partial one under a
 step's name. The newest ``keep`` checkpoints are kept.
 
+**Sharded states** (data parallelism, :mod:`bptt_jax.parallel`) are saved as they lie: each
+process writes the shards of its own devices (orbax's ``StandardSave``; every process of a
+multi-process run calls :meth:`Checkpointer.save`), and a checkpoint holds the global arrays,
+not a device layout. A restore places every array as the state it is restored into is placed
+(``like``'s shardings): restoring onto another number of devices, or from a sharded run onto
+one device, is giving it a ``like`` made there (e.g. ``trainer(..., mesh=new_mesh).init``).
+
 Example:
   >>> import tempfile, jax, bptt_jax
   >>> from bptt_jax import checkpoint, train
@@ -30,6 +37,13 @@ import orbax.checkpoint as ocp
 def _to_disk(state):
     """Typed PRNG keys as their raw ``uint32`` data (orbax stores plain arrays)."""
     return state._replace(key=jax.random.key_data(state.key))
+
+
+def _target(like):
+    """The abstract arrays to restore into: ``like``'s shapes, dtypes and shardings."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _to_disk(like)
+    )
 
 
 def signature(state) -> list[str]:
@@ -86,7 +100,9 @@ class Checkpointer:
 
         Args:
           like: a state of the same structure, shapes and dtypes (e.g. a fresh
-            ``trainer.init(...)``); it only gives the structure.
+            ``trainer.init(...)``); it gives the structure and where each array goes: the
+            restored arrays have ``like``'s shardings, on any number of devices (a restore
+            onto another device count is a ``like`` from a trainer on the new mesh).
 
         Raises:
           FileNotFoundError: no checkpoint (of that step) in the directory.
@@ -110,7 +126,7 @@ class Checkpointer:
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_to_disk(like)),
+                state=ocp.args.StandardRestore(_target(like)),
                 metadata=ocp.args.JsonRestore(),
             ),
         )

@@ -45,11 +45,12 @@ import numpy as np
 import optax
 
 from bptt_jax import config as config_lib
-from bptt_jax import losses, tasks, truncated
+from bptt_jax import losses, parallel, tasks, truncated
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.config import ConfigError
 from bptt_jax.models import Stack, is_bidirectional, stacked
 from bptt_jax.models import output_size as output_size_of
+from bptt_jax.parallel import DistributedConfig, ParallelConfig
 from bptt_jax.truncated import Batch
 
 
@@ -129,6 +130,8 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    distributed: DistributedConfig = DistributedConfig()
     adding: tasks.AddingConfig = tasks.AddingConfig()
     recall: tasks.RecallConfig = tasks.RecallConfig()
     charlm: tasks.CharLMConfig = tasks.CharLMConfig()
@@ -199,6 +202,13 @@ def check_config(cfg: Config) -> None:
             "config: 'train.k1' (TBPTT) is undefined for a bidirectional model (its reverse "
             "direction needs the whole future); set model.bidirectional=false or train.k1=none"
         )
+    if cfg.parallel.devices < 0:
+        raise ConfigError(
+            f"config: 'parallel.devices' must be >= 0 (0: all devices); got {cfg.parallel.devices}"
+        )
+    if not cfg.parallel.axis:
+        raise ConfigError("config: 'parallel.axis' must be a non-empty mesh axis name")
+    parallel.distributed_args(cfg.distributed)  # every value, the environment's too
     if m.bidirectional and cfg.task != "adding":
         raise ConfigError(
             f"config: 'model.bidirectional' needs a task of independent sequences (adding); "
@@ -290,6 +300,28 @@ class Trainer(NamedTuple):
     tx: optax.GradientTransformation  # the optimizer (clipping included)
     init: Callable[..., TrainState]  # init(key, input_size, output_size, batch_size, dtype)
     step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jit-compiled
+    mesh: jax.sharding.Mesh | None = None  # data parallelism: the batch split along data_axis
+    data_axis: str = "data"
+
+    def put_batch(self, batch: Batch) -> Batch:
+        """A global batch ``(T, B, ...)`` split along ``B`` over the mesh (unchanged without
+        one); each process places only its own devices' rows (:func:`parallel.put_global`)."""
+        if self.mesh is None:
+            return batch
+        b = np.shape(batch.xs)[1]
+        parallel.check_batch_size("Trainer.put_batch", "batch.xs.shape[1] (B)", b, self.mesh,
+                                  self.data_axis)  # fmt: skip
+        return parallel.put_global(batch, parallel.batch_sharding(self.mesh, self.data_axis))
+
+    def state_sharding(self) -> TrainState | None:
+        """The :class:`TrainState` of shardings (a prefix of the state): every field
+        replicated but ``carry``, split along its batch axis; ``None`` without a mesh."""
+        return None if self.mesh is None else _state_sharding(self.mesh, self.data_axis)
+
+
+def _state_sharding(mesh, axis: str) -> TrainState:
+    rep = parallel.replicated(mesh)
+    return TrainState(rep, rep, rep, parallel.carry_sharding(mesh, axis), rep, rep)
 
 
 def trainer(
@@ -301,6 +333,8 @@ def trainer(
     k1: int | None = None,
     k2: int | None = None,
     metrics_fn: MetricsFn | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> Trainer:
     """A jit-compiled train step for full BPTT (``k1=None``) or TBPTT(k1, k2).
 
@@ -320,16 +354,29 @@ def trainer(
     raises. A :class:`~bptt_jax.Stack` with dropout draws batch s's masks (window j's with
     TBPTT) from ``state.key``, ``s`` (and ``j``), so runs stay deterministic.
 
+    **Data parallelism** (``mesh``): the batch is split along ``B`` over the devices of the
+    mesh's ``data_axis`` (:mod:`bptt_jax.parallel`), params, readout and optimizer state
+    are replicated, and ``state.carry`` is split like the batch, so a stream's carry stays
+    on the device of its examples from step to step. ``init`` places the state so and
+    ``step`` is compiled with these shardings as its inputs' and outputs'; each device runs
+    the scans over its own ``B / n`` examples and each gradient is summed over the devices
+    once per update. The results are the single-device step's, up to the order of that sum.
+    Give the step a batch placed by :meth:`Trainer.put_batch`.
+
     Args:
       cell: the cell or model (:class:`~bptt_jax.Stack`, :class:`~bptt_jax.Bidirectional`).
       optim: clipping and optimizer (:func:`make_optimizer`).
       loss, reduction: as in :func:`bptt_jax.sequence_loss` (per update).
       k1, k2: ``None`` for full BPTT, else TBPTT(k1, k2) (``k2=None``: k1).
       metrics_fn: extra per-update metrics (see :data:`MetricsFn`).
+      mesh: a ``jax.sharding.Mesh`` with an axis ``data_axis`` (e.g.
+        :func:`bptt_jax.parallel.data_mesh`), or ``None`` for one device.
+      data_axis: the mesh axis the batch is split along.
 
     Raises:
       ValueError: ``k1``/``k2`` not positive or ``k1 > k2`` (naming the argument); TBPTT for
-        a bidirectional model.
+        a bidirectional model; a mesh without ``data_axis``; with a mesh, a batch size (of
+        ``init`` or of the step's batch) not divisible by the devices along ``data_axis``.
     """
     if k1 is not None:
         k1, k2 = truncated.check_k1_k2("trainer", k1, k2)
@@ -340,16 +387,18 @@ def trainer(
             )
     elif k2 is not None:
         raise ValueError("trainer: k2 needs k1 (TBPTT(k1, k2)); got k1=None")
-    return _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn)
+    if mesh is not None:
+        parallel.axis_size("trainer", mesh, data_axis)
+    return _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis)
 
 
 @lru_cache(maxsize=32)
-def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
+def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis) -> Trainer:
     """:func:`trainer`, cached: equal arguments share one compiled step (cells and configs
     are frozen dataclasses, so equal settings hash equal)."""
     tx = make_optimizer(optim)
 
-    def init(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
+    def make_state(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
         k_cell, k_ro, k_data = jax.random.split(key, 3)
         params = cell.init(k_cell, input_size, dtype)
         readout = losses.init_readout(k_ro, output_size_of(cell), output_size, dtype)
@@ -361,6 +410,25 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
             step=jnp.zeros((), jnp.int32),
             key=k_data,
         )
+
+    if mesh is None:
+        init = make_state
+    else:
+        state_sharding = _state_sharding(mesh, data_axis)
+
+        @partial(jax.jit, static_argnums=(1, 2, 3, 4, 5), out_shardings=state_sharding)
+        def init_on_mesh(key_data, impl, input_size, output_size, batch_size, dtype):
+            key = jax.random.wrap_key_data(key_data, impl=impl)
+            return make_state(key, input_size, output_size, batch_size, dtype)
+
+        def init(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
+            parallel.check_batch_size("trainer.init", "batch_size", batch_size, mesh, data_axis)
+            # the key as host data: the same in every process, an input of the mesh program
+            key_data = np.asarray(jax.random.key_data(key))
+            impl = jax.random.key_impl(key)
+            return init_on_mesh(
+                key_data, impl, input_size, output_size, batch_size, jnp.dtype(dtype)
+            )
 
     def update(opt_state, params, readout, lg, window):
         grads = (lg.params, lg.readout)
@@ -388,6 +456,9 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
     dropout = isinstance(cell, Stack) and cell.dropout > 0
 
     def step(state: TrainState, batch: Batch):
+        if mesh is not None:  # at trace time: before any work
+            parallel.check_batch_size("trainer.step", "batch.xs.shape[1] (B)", batch.xs.shape[1],
+                                      mesh, data_axis)  # fmt: skip
         resets = None if bidirectional else batch.resets
         common = dict(mask=batch.mask, loss_mask=batch.loss_mask, resets=resets)
         dkey = None
@@ -432,7 +503,13 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn) -> Trainer:
         new = TrainState(params, readout, opt_state, carry, state.step + 1, state.key)
         return new, metrics
 
-    return Trainer(tx, init, jax.jit(step))
+    if mesh is None:
+        return Trainer(tx, init, jax.jit(step))
+    shardings = (_state_sharding(mesh, data_axis), parallel.batch_sharding(mesh, data_axis))
+    step_on_mesh = jax.jit(
+        step, in_shardings=shardings, out_shardings=(shardings[0], parallel.replicated(mesh))
+    )
+    return Trainer(tx, init, step_on_mesh, mesh, data_axis)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -443,6 +520,7 @@ class FitResult(NamedTuple):
     history: list  # the log records (dicts), as written to train.log_file
     task: Any  # the task (e.g. to sample from a char-LM)
     cell: Any  # the cell
+    mesh: Any = None  # the data-parallel mesh (None: one device)
 
 
 #: ``hook(step, record)`` is called with every log record (a dict of Python numbers) after
@@ -450,13 +528,49 @@ class FitResult(NamedTuple):
 Hook = Callable[[int, dict], None]
 
 
-def build(cfg: Config):
-    """Check ``cfg`` and build ``(task, cell, trainer)``: every error before any work."""
+def build(cfg: Config, mesh: jax.sharding.Mesh | None = None):
+    """Check ``cfg`` and build ``(task, cell, trainer)``: every error before any work.
+
+    Touches no device (so ``jax.distributed`` can still start after it); ``mesh`` (from
+    :func:`make_mesh`) makes the trainer data-parallel.
+    """
     check_config(cfg)
     task = tasks.make_task(cfg.task, getattr(cfg, cfg.task), cfg.model.dtype)
     cell = make_cell(cfg.model)
-    t = trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2)
+    kwargs = {} if mesh is None else dict(mesh=mesh, data_axis=cfg.parallel.axis)
+    t = trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2, **kwargs)
     return task, cell, t
+
+
+def make_mesh(cfg: Config) -> jax.sharding.Mesh | None:
+    """The data-parallel mesh of ``cfg.parallel`` (``None`` for a single device).
+
+    Connects the processes of ``cfg.distributed`` first (:func:`bptt_jax.parallel.initialize`,
+    before any device is touched), then checks that ``train.batch_size`` splits over the
+    devices.
+
+    Raises:
+      ConfigError: naming 'parallel.devices' (more devices than there are, or not a multiple
+        of the processes) or 'train.batch_size' (not divisible by the devices).
+    """
+    check_config(cfg)
+    parallel.initialize(cfg.distributed)
+    pc = cfg.parallel
+    try:
+        mesh = parallel.data_mesh(pc.devices, pc.axis)
+    except ValueError as e:
+        raise ConfigError(f"config: 'parallel.devices': {e}") from None
+    n = mesh.shape[pc.axis]
+    if n == 1 and jax.process_count() == 1:
+        return None  # one device: the plain step
+    if cfg.train.batch_size % n:
+        raise ConfigError(
+            f"config: 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the {n} "
+            f"devices the batch is split over ('parallel.devices' = {pc.devices}"
+            f"{': all' if pc.devices == 0 else ''}); set train.batch_size to a multiple of {n} "
+            f"or parallel.devices to a divisor of {cfg.train.batch_size}"
+        )
+    return mesh
 
 
 def fit(
@@ -472,12 +586,22 @@ def fit(
     the params of an uninterrupted one. Evaluates every ``train.eval_every`` steps and at the
     end; logs every ``train.log_every`` steps (progress bar, ``hooks``, ``train.log_file``).
 
+    On several devices (``[parallel]``, all of them by default) the batch is split over them
+    (:func:`trainer` with a mesh); with several processes (``[distributed]``) each process
+    runs this same loop: each draws the global batch ``s`` (the tasks' batches are cheap
+    functions of ``(key, s)``) and places only its own devices' rows, so the run is the same
+    whatever the number of processes. Only process 0 prints and writes the log file; every
+    process calls ``hooks`` and writes its part of each checkpoint. Evaluation runs on each
+    process's first device.
+
     Raises:
       ConfigError: a bad value, naming the key, or a checkpoint to resume that does not fit
         the config ('checkpoint.dir'), before any training.
     """
     out = sys.stdout if out is None else out
-    task, cell, t = build(cfg)
+    mesh = make_mesh(cfg)
+    task, cell, t = build(cfg, mesh)
+    main = parallel.is_main_process()
     tc, cc = cfg.train, cfg.checkpoint
     dtype = jnp.dtype(cfg.model.dtype)
     state = t.init(
@@ -497,10 +621,11 @@ def fit(
                 f"config: 'checkpoint.dir' holds a checkpoint of another model, optimizer or "
                 f"batch size: {e}; use another checkpoint.dir or checkpoint.resume=false"
             ) from None
-        print(f"resumed from {cc.dir} at step {int(state.step)}", file=out)
+        if main:
+            print(f"resumed from {cc.dir} at step {int(state.step)}", file=out)
     tokens_per_step = tc.batch_size * task.seq_len
     history: list[dict] = []
-    log = open(tc.log_file, "a") if tc.log_file else None  # noqa: SIM115
+    log = open(tc.log_file, "a") if tc.log_file and main else None  # noqa: SIM115
 
     def record(rec: dict):
         history.append(rec)
@@ -511,24 +636,27 @@ def fit(
             hook(rec["step"], rec)
 
     def evaluate(step: int):
-        rec = {"kind": "eval", "step": step, **task.evaluate(cell, state.params, state.readout)}
+        params, readout = parallel.local_copy((state.params, state.readout))
+        rec = {"kind": "eval", "step": step, **task.evaluate(cell, params, readout)}
         if isinstance(task, tasks.CharLMTask) and task.sample_len:
             key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
-            rec["sample"] = task.sample(cell, state.params, state.readout, key)
+            rec["sample"] = task.sample(cell, params, readout, key)
         text = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float))
-        _write(bar, out, f"[eval step {step}] {text}")
-        if "sample" in rec:
-            _write(bar, out, "sample: " + repr(rec["sample"]))
+        if main:
+            _write(bar, out, f"[eval step {step}] {text}")
+            if "sample" in rec:
+                _write(bar, out, "sample: " + repr(rec["sample"]))
         record(rec)
 
     start = int(state.step)
-    bar = _progress(tc, start, out)
+    bar = _progress(tc, start, out) if main else None
+    data_key = parallel.local_copy(state.key)  # the same in every process
     window: list[dict] = []
     t_last, step_last = time.perf_counter(), start
     try:
         for s in range(start, tc.steps):
-            batch = _batch(task, state.key, s, tc.batch_size)
-            state, metrics = t.step(state, batch)
+            batch = _batch(task, data_key, s, tc.batch_size)  # the global batch s
+            state, metrics = t.step(state, t.put_batch(batch))
             window.append(metrics)
             done = s + 1
             if done % tc.log_every == 0 or done == tc.steps:
@@ -538,7 +666,8 @@ def fit(
                 rec = _train_record(done, host, rate)
                 if tc.horizon_every and done % tc.horizon_every == 0:
                     t_h = time.perf_counter()  # not throughput either
-                    rec["horizon"] = int(_horizon(cell, state.params, batch.xs, state.key))
+                    params, key = parallel.local_copy((state.params, state.key))
+                    rec["horizon"] = int(_horizon(cell, params, batch.xs, key))
                     now += time.perf_counter() - t_h
                 t_last, step_last, window = now, done, []
                 if bar is not None:
@@ -564,7 +693,7 @@ def fit(
             log.close()
         if ckpt is not None:
             ckpt.close()
-    return FitResult(state, history, task, cell)
+    return FitResult(state, history, task, cell, mesh)
 
 
 @partial(jax.jit, static_argnums=(0,))
@@ -631,23 +760,34 @@ def cli_main(args) -> int:
         return 2
     try:
         cfg = config_lib.from_args(Config, args)
-        build(cfg)  # every check (and the corpus read) before any work
+        build(cfg)  # every check (and the corpus read) before any work; no device touched
+        procs = parallel.distributed_args(cfg.distributed)
     except ConfigError as e:
         print(f"bptt-jax train: error: {e}", file=sys.stderr)
         return 2
-    print(
-        f"bptt-jax train: task={cfg.task} cell={cfg.model.cell} H={cfg.model.hidden_size} "
-        f"layers={cfg.model.num_layers}{' bidirectional' if cfg.model.bidirectional else ''}"
-        f"{f' dropout={cfg.model.dropout}' if cfg.model.dropout else ''} "
-        f"k1={cfg.train.k1} k2={cfg.train.k2} optim={cfg.optim.name} seed={cfg.seed}"
-    )
+    main = procs is None or not procs["process_id"]  # jax.process_index() would start JAX
+    if main:
+        print(
+            f"bptt-jax train: task={cfg.task} cell={cfg.model.cell} H={cfg.model.hidden_size} "
+            f"layers={cfg.model.num_layers}{' bidirectional' if cfg.model.bidirectional else ''}"
+            f"{f' dropout={cfg.model.dropout}' if cfg.model.dropout else ''} "
+            f"k1={cfg.train.k1} k2={cfg.train.k2} optim={cfg.optim.name} seed={cfg.seed}",
+            flush=True,
+        )
     t0 = time.perf_counter()
     try:
         result = fit(cfg)
-    except ConfigError as e:  # a checkpoint that does not fit, found before any training
+    except ConfigError as e:  # devices, batch size or checkpoint, found before any training
         print(f"bptt-jax train: error: {e}", file=sys.stderr)
         return 2
-    last = [r for r in result.history if r["kind"] == "eval"][-1]
-    text = " ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
-    print(f"done: {int(result.state.step)} steps in {time.perf_counter() - t0:.1f} s; {text}")
+    if parallel.is_main_process():
+        last = [r for r in result.history if r["kind"] == "eval"][-1]
+        text = " ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
+        where = ""
+        if result.mesh is not None:
+            where = f" on {result.mesh.devices.size} devices, {jax.process_count()} process(es),"
+        print(
+            f"done: {int(result.state.step)} steps{where} in "
+            f"{time.perf_counter() - t0:.1f} s; {text}"
+        )
     return 0
