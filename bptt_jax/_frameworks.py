@@ -74,6 +74,10 @@ class Layout(NamedTuple):
     b: int
 
 
+def _dtype_of(x) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
 def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
@@ -144,9 +148,10 @@ def _mask(fn: str, seq_lengths, mask, layout: Layout):
                 f"{fn}: seq_lengths must have shape {want} (one length per sequence); got "
                 f"{np.shape(seq_lengths)}"
             )
+        dt = _dtype_of(seq_lengths)
+        if not jnp.issubdtype(dt, jnp.integer):
+            raise TypeError(f"{fn}: seq_lengths must be integers; got dtype {dt}")
         lengths = jnp.asarray(seq_lengths)
-        if not jnp.issubdtype(lengths.dtype, jnp.integer):
-            raise TypeError(f"{fn}: seq_lengths must be integers; got dtype {lengths.dtype}")
         if not _is_traced(seq_lengths):
             values = np.asarray(seq_lengths)
             if values.size and (values.min() < 0 or values.max() > t):
@@ -166,9 +171,10 @@ def _mask(fn: str, seq_lengths, mask, layout: Layout):
         raise ValueError(
             f"{fn}: mask must have shape {name} = {want} to match inputs; got {np.shape(mask)}"
         )
+    dt = _dtype_of(mask)
+    if not (dt == np.bool_ or jnp.issubdtype(dt, jnp.number)):
+        raise TypeError(f"{fn}: mask must be bool or 0/1 numbers; got dtype {dt}")
     mask = jnp.asarray(mask)
-    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.number)):
-        raise TypeError(f"{fn}: mask must be bool or 0/1 numbers; got dtype {mask.dtype}")
     mask = mask if mask.dtype == jnp.bool_ else mask != 0
     if layout.unbatched:
         return mask[:, None]
