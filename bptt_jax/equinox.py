@@ -70,7 +70,8 @@ class RNN(eqx.Module):
         y = rnn(x, seq_lengths=jnp.array([10, 7, 3, 1]))
         assert y.shape == (4, 10, 16)
 
-        grads = eqx.filter_grad(lambda m: jnp.mean(m(x) ** 2))(rnn)   # hand-written BPTT
+        loss = lambda m, x: jnp.mean(m(x) ** 2)
+        grads = eqx.filter_jit(eqx.filter_grad(loss))(rnn, x)   # the hand-written BPTT
         assert type(grads.params[1][0]) is bptt_jax.GRUParams
     """
 

@@ -78,8 +78,14 @@ class RNN(nnx.Module):
         assert y.shape == (4, 10, 16) and carry.h.shape == (4, 16)
 
         opt = nnx.Optimizer(rnn, optax.adam(1e-3), wrt=nnx.Param)
-        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(rnn)   # the hand-written BPTT
-        opt.update(rnn, grads)
+
+        @nnx.jit
+        def train_step(rnn, opt, x):
+            loss = lambda m: jnp.mean(m(x) ** 2)
+            grads = nnx.grad(loss)(rnn)                 # the hand-written BPTT
+            opt.update(rnn, grads)
+
+        train_step(rnn, opt, x)
     """
 
     def __init__(
