@@ -1,0 +1,59 @@
+"""The scripts in ``examples/`` run, at their ``--tiny`` size, as a user runs them.
+
+Each runs in a fresh interpreter (default float32, no x64, no strict dtype promotion), must
+exit 0 and end with its final metric (``final NAME VALUE``, a finite number). A script that
+needs an optional package says it skips and exits 0 when the package is missing; its test
+then checks that message.
+"""
+
+import importlib.util
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+#: script -> (the package it needs, or None; the metric it ends with)
+EXAMPLES = {
+    "classify_bilstm.py": (None, "accuracy"),
+    "charlm_tbptt.py": (None, "bpc"),
+    "torch_finetune.py": ("torch", "test_mse"),
+    "nnx_train.py": ("flax", "test_mse"),
+    "equinox_train.py": ("equinox", "test_mse"),
+}
+
+#: As in test_docs: compile without XLA's backend optimization (a third of the compile time;
+#: the same semantics), for scripts that are mostly compilation at their tiny size.
+XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def test_every_example_is_tested():
+    scripts = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+    assert set(EXAMPLES) <= set(scripts), scripts
+
+
+@pytest.mark.parametrize("script", sorted(EXAMPLES))
+def test_example_runs_at_tiny_size_and_prints_its_final_metric(script):
+    needs, metric = EXAMPLES[script]
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    log = out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, log
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        assert f"{needs} is not installed: skipping" in out.stdout, log
+        return
+    last = out.stdout.strip().splitlines()[-1]
+    found = re.fullmatch(rf"final {metric} (\S+)", last)
+    assert found and math.isfinite(float(found.group(1))), log
