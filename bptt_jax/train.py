@@ -456,9 +456,6 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis) 
     dropout = isinstance(cell, Stack) and cell.dropout > 0
 
     def step(state: TrainState, batch: Batch):
-        if mesh is not None:  # at trace time: before any work
-            parallel.check_batch_size("trainer.step", "batch.xs.shape[1] (B)", batch.xs.shape[1],
-                                      mesh, data_axis)  # fmt: skip
         resets = None if bidirectional else batch.resets
         common = dict(mask=batch.mask, loss_mask=batch.loss_mask, resets=resets)
         dkey = None
@@ -509,7 +506,29 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis) 
     step_on_mesh = jax.jit(
         step, in_shardings=shardings, out_shardings=(shardings[0], parallel.replicated(mesh))
     )
-    return Trainer(tx, init, step_on_mesh, mesh, data_axis)
+    return Trainer(tx, init, _MeshStep(step_on_mesh, mesh, data_axis), mesh, data_axis)
+
+
+class _MeshStep(NamedTuple):
+    """A train step compiled for a mesh, behind the check of the batch's size (else jit's
+    placement of the batch would fail first, without naming it)."""
+
+    jitted: Any  # jax.jit(step, in_shardings=..., out_shardings=...)
+    mesh: jax.sharding.Mesh
+    axis: str
+
+    def _check(self, batch: Batch) -> None:
+        b = np.shape(batch.xs)[1]
+        parallel.check_batch_size("trainer.step", "batch.xs.shape[1] (B)", b, self.mesh, self.axis)
+
+    def __call__(self, state: TrainState, batch: Batch):
+        self._check(batch)
+        return self.jitted(state, batch)
+
+    def lower(self, state: TrainState, batch: Batch):
+        """``jax.jit``'s ``lower`` (e.g. ``.compile().as_text()`` to read the program)."""
+        self._check(batch)
+        return self.jitted.lower(state, batch)
 
 
 # ---------------------------------------------------------------------------- the loop

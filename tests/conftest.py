@@ -34,7 +34,7 @@ def rng(request):
 #: ``bptt-jax bench``, test_docs' interpreter running every docstring example. (``--dist
 #: loadgroup`` cannot do it: xdist 3.8 marks a group in the test ids, which pytest 9.2 no
 #: longer lets it change.)
-ONE_WORKER_FILES = ("tests/test_bench.py", "tests/test_docs.py")
+ONE_WORKER_FILES = ("tests/test_bench.py", "tests/test_docs.py", "tests/test_parallel.py")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook, on the controller
