@@ -8,7 +8,7 @@ Peng 1990), every gradient from bptt_jax's hand-written backward. The carry at t
 chunk is passed to the next one, so the model's memory runs across chunk boundaries while
 its gradient is truncated; ``resets`` zero it where a new document starts.
 
-    python examples/charlm_tbptt.py                     # LSTM(256), 600 chunks: ~2.3 bpc
+    python examples/charlm_tbptt.py                     # LSTM(256), 600 chunks: ~2.1 bpc
     python examples/charlm_tbptt.py --k1 25 --k2 50
     python examples/charlm_tbptt.py --tiny              # a few seconds (CI)
 

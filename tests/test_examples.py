@@ -57,3 +57,29 @@ def test_example_runs_at_tiny_size_and_prints_its_final_metric(script):
     last = out.stdout.strip().splitlines()[-1]
     found = re.fullmatch(rf"final {metric} (\S+)", last)
     assert found and math.isfinite(float(found.group(1))), log
+
+
+def _readme_block(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+@pytest.mark.parametrize(
+    "marker,needs",
+    [
+        ("from bptt_jax.interop import", ("torch",)),
+        ("bptt_jax.nnx.RNN(", ("flax", "equinox")),
+    ],
+)
+def test_readme_snippet_runs(marker, needs):
+    """The README's PyTorch-weights and NNX/Equinox snippets, as written, in a fresh
+    interpreter (skipped without the packages they import)."""
+    for package in needs:
+        pytest.importorskip(package)
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()}
+    code = _readme_block(marker) + "\nprint('snippet ok')\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+    )
+    assert out.returncode == 0 and "snippet ok" in out.stdout, out.stdout + out.stderr
