@@ -5,7 +5,8 @@
 
 Parts, in the order ``parts`` lists them (each is a script here, also runnable alone):
 ``manual_vs_autodiff``, ``scaling`` (tokens/s and memory vs T), ``truncation``, ``peers``,
-``floor``, ``models`` (stacked and bidirectional). Every timed gradient path is checked
+``floor``, ``models`` (stacked and bidirectional), ``parallel`` (the batch split over devices;
+not in the default list). Every timed gradient path is checked
 against autodiff first; an entry that fails its check is reported loudly and never timed, and
 the run exits 1.
 
@@ -31,6 +32,7 @@ import harness
 import jax
 import manual_vs_autodiff
 import models
+import parallel
 import peers
 import plots
 import scaling
@@ -45,6 +47,7 @@ PARTS = {
     "peers": (peers, "other implementations of the same loss and gradient"),
     "floor": (floor, "bptt_jax against the matmuls it cannot avoid"),
     "models": (models, "stacked and bidirectional models: vs autodiff, the peers; memory"),
+    "parallel": (parallel, "data parallelism: the gradient step on 1, 2, 4, 8 devices"),
 }
 SCHEMA_VERSION = 1
 

@@ -29,9 +29,19 @@ from typing import Literal
 from bptt_jax import config
 
 Cell = Literal["elman", "lstm", "gru"]
-Part = Literal["manual_vs_autodiff", "scaling", "truncation", "peers", "floor", "models"]
+Part = Literal[
+    "manual_vs_autodiff", "scaling", "truncation", "peers", "floor", "models", "parallel"
+]
 Library = Literal["torch", "flax", "cudnn"]
-PARTS: tuple[str, ...] = ("manual_vs_autodiff", "scaling", "truncation", "peers", "floor", "models")
+PARTS: tuple[str, ...] = (
+    "manual_vs_autodiff",
+    "scaling",
+    "truncation",
+    "peers",
+    "floor",
+    "models",
+    "parallel",
+)
 
 #: A model spec: ``[bi]<cell>[:<layers>]``. ``"gru"`` is the cell itself, ``"bigru"``
 #: ``Bidirectional(GRU(H))``, ``"lstm:2"`` ``stacked(LSTM(H), 2)`` (a Stack; ``"lstm:1"`` a
@@ -158,6 +168,26 @@ class Models:
 
 
 @dataclasses.dataclass(frozen=True)
+class Parallel:
+    """Part 7: data parallelism: the gradient step with the batch split over n devices.
+
+    For each n of ``devices`` (up to the devices there are), the gradient step with the
+    batch split along B over an n-device mesh, checked against the 1-device autodiff
+    reference and timed side by side; with the all-reduce bytes per step and the FLOPs per
+    device of each compiled program. On a CPU with fewer devices, in a fresh interpreter with
+    ``simulate`` simulated CPU devices (they share the cores: overhead, not speedup).
+    """
+
+    model: str = "lstm"  # a model spec: [bi]<cell>[:<layers>]
+    size: Size = (100, 64, 32, 128)  # [T, B, D, H]; B divisible by every device count
+    devices: tuple[int, ...] = (1, 2, 4, 8)
+    backward: Literal["manual", "checkpointed"] = "manual"
+    simulate: int = 8  # CPU devices of the fresh interpreter on a CPU; 0: only those there are
+    repeats: int | None = None  # timed samples per entry; none: timing.repeats
+    warmup: int | None = None  # untimed calls per entry; none: timing.warmup
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """Everything ``bptt-jax bench`` runs; each table is one part (see ``benchmarks/``)."""
 
@@ -178,6 +208,7 @@ class BenchConfig:
     peers: Peers = Peers()
     floor: Floor = Floor()
     models: Models = Models()
+    parallel: Parallel = Parallel()
 
 
 def _positive(key: str, value, minimum: int | float = 1) -> None:
@@ -230,6 +261,29 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     _positive("floor.matmul_size", cfg.floor.matmul_size)
     _positive("peers.torch_threads", cfg.peers.torch_threads, 0)
     _positive("peers.settle", cfg.peers.settle, 0)
+    pc = cfg.parallel
+    try:
+        parse_model(pc.model)
+    except ValueError as e:
+        raise config.ConfigError(f"config: 'parallel.model': {e}") from None
+    if len(pc.size) != 4 or min(pc.size) < 1:
+        raise config.ConfigError(
+            f"config: 'parallel.size' must be [T, B, D, H], four positive ints; got {list(pc.size)}"
+        )
+    if not pc.devices:
+        raise config.ConfigError("config: 'parallel.devices' must list at least one count")
+    for i, n in enumerate(pc.devices):
+        _positive(f"parallel.devices[{i}]", n)
+        if pc.size[1] % n:
+            raise config.ConfigError(
+                f"config: 'parallel.devices[{i}]' = {n} does not divide the batch B = "
+                f"{pc.size[1]} ('parallel.size'[1]); each device takes B / n examples"
+            )
+    _positive("parallel.simulate", pc.simulate, 0)
+    if pc.repeats is not None:
+        _positive("parallel.repeats", pc.repeats)
+    if pc.warmup is not None:
+        _positive("parallel.warmup", pc.warmup, 0)
     if len(set(cfg.parts)) != len(cfg.parts):
         raise config.ConfigError(f"config: 'parts' lists a part twice: {list(cfg.parts)}")
     return cfg

@@ -29,7 +29,7 @@ Example:
   >>> mesh.axis_names, parallel.axis_size("example", mesh, "data")
   (('data',), 1)
   >>> parallel.batch_sharding(mesh).spec            # (T, B, ...): B along "data"
-  PartitionSpec(None, 'data')
+  P(None, 'data')
 """
 
 from __future__ import annotations

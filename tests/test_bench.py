@@ -258,6 +258,18 @@ def test_floor_is_positive_and_consistent(tiny_run):
     assert row["chain_floor_s"] > row["chain"]["median_s"] > 0
 
 
+def test_parallel_part_times_the_device_counts_there_are(tiny_run):
+    """bench_tiny runs the data-parallel part in-process (simulate = 0): one device here, the
+    other counts noted as skipped (the 8-device run: tests/test_parallel.py, slow)."""
+    res, _, _ = tiny_run
+    (row,) = res["parallel"]["rows"]
+    assert row["devices"] == 1 and row["all_reduces"] == 0 and row["speedup"] == 1.0
+    assert row["collectives_in_loops"] == 0 and row["flops_per_device"] > 0
+    _check_timed(row, row["T"] * row["B"])
+    assert res["parallel"]["simulated"] is False
+    assert any("[2, 4, 8] devices skipped" in n for n in res["notes"]), res["notes"]
+
+
 def test_targets_are_evaluated_from_the_ratios(tiny_run):
     res, _, _ = tiny_run
     assert res["targets"]
@@ -304,6 +316,7 @@ def test_plots_are_written(tiny_run):
         ("models.memory_sizes=[[64, 2, 3]]", "models.memory_sizes[0]"),
         ("models.memory_variants=['manual', 'nope']", "models.memory_variants[1]"),
         ("models.repeats=0", "models.repeats"),
+        ("parallel.devices=[1, 3]", "parallel.devices[1]"),
     ],
 )
 def test_config_error_names_the_key_and_exits_2(override, key, tmp_path):

@@ -365,3 +365,26 @@ def test_the_one_device_fit_path_is_unchanged():
     cfg = config.load(train.Config, None, [])
     assert train.make_mesh(cfg) is None
     assert np.asarray(parallel.local_copy(jnp.arange(3))).tolist() == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_the_parallel_bench_part_on_8_simulated_devices(tmp_path):
+    """``benchmarks/parallel.py`` from a 1-device process: a fresh interpreter with 8
+    simulated devices; every count checked, timed, one all-reduce of the gradient per step
+    outside the loops, 1/n of the FLOPs per device, and the overhead-not-speedup note."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "parallel.py"), "bench_tiny",
+         f"out={tmp_path}", "plots=false", "parallel.simulate=8", "parallel.size=[12, 16, 4, 8]"],
+        env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "parallel.json").read_text())
+    rows = res["parallel"]["rows"]
+    assert [r["devices"] for r in rows] == [1, 2, 4, 8] and res["parallel"]["simulated"]
+    for r in rows:
+        assert r["check"]["passed"] and r["collectives_in_loops"] == 0, r
+        assert r["flops_vs_one_device"] == pytest.approx(1 / r["devices"], rel=0.15)
+        if r["devices"] > 1:
+            assert r["all_reduces"] >= 1
+            assert r["gradient_bytes"] <= r["all_reduce_bytes"] <= r["gradient_bytes"] + 64
+    assert any("not a speedup" in n for n in res["notes"])
