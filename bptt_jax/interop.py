@@ -231,7 +231,7 @@ def _forget_vector(cell, dtype) -> np.ndarray:
 
 def _check_jax_dtype(fn: str, dtype) -> np.dtype:
     dtype = np.dtype(dtype)
-    if not np.issubdtype(dtype, np.floating):
+    if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{fn}: dtype must be a floating-point dtype; got {dtype}")
     if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
         raise TypeError(
@@ -480,7 +480,7 @@ def params_to_torch(
                 )
             for name, leaf in zip(ptype._fields, p):
                 dt = np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype))
-                if not np.issubdtype(dt, np.floating):
+                if not jnp.issubdtype(dt, jnp.floating):
                     raise TypeError(f"{fn}: {where}.{name} must be floating point; got {dt}")
                 pdtype = pdtype or dt
             d_in = np.shape(p[0])[0] if np.ndim(p[0]) == 2 else None
@@ -496,8 +496,11 @@ def params_to_torch(
                     )
             checked.append((k, cell, p))
     dtype = np.dtype(pdtype) if dtype is None else np.dtype(dtype)
-    if not np.issubdtype(dtype, np.floating):
-        raise TypeError(f"{fn}: dtype must be a floating-point dtype; got {dtype}")
+    if not np.issubdtype(dtype, np.floating):  # numpy's: float16, float32, float64
+        raise TypeError(
+            f"{fn}: the state dict's dtype must be float16, float32 or float64 (what "
+            f"torch.from_numpy takes); got {dtype}: pass dtype=np.float32"
+        )
     direction = {}
     for k, cell, p in checked:
         dd = direction.get(k, 0)

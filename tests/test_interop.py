@@ -358,3 +358,16 @@ def test_outputs_equal_pytorch_on_the_same_weights(cell_name, layers, bidirectio
         if kind == "LSTM":
             np.testing.assert_allclose(c, c_n, rtol=1e-12, atol=1e-13)
     print(f"max |bptt_jax - torch| {cell_name} L={layers} bi={bidirectional}: {max(errors):.2e}")
+
+
+def test_bfloat16_params_export_with_a_dtype(rng):
+    """torch.from_numpy has no bfloat16: exporting bfloat16 params needs ``dtype=``."""
+    cell = bptt_jax.GRU(H)
+    p = random_params(rng, cell, np.float32)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+    with pytest.raises(TypeError, match="got bfloat16: pass dtype=np.float32"):
+        params_to_torch(cell, p16)
+    sd = params_to_torch(cell, p16, dtype=np.float32)
+    assert leaves_equal(
+        params_from_torch(cell, sd), jax.tree.map(lambda a: a.astype(np.float32), p16)
+    )
