@@ -330,6 +330,22 @@ def error_entries() -> dict:
     )
 
 
+def readme_entry() -> dict:
+    """The README's data-parallel example (its first python block under "Several devices
+    and hosts"), run here on 8 devices; what it prints."""
+    import contextlib
+    import io
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Several devices and hosts") :]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    return dict(printed=out.getvalue())
+
+
 def main():
     # before anything starts JAX's backend (importing bptt_jax does not)
     jax.config.update("jax_num_cpu_devices", N)
@@ -355,6 +371,7 @@ def main():
     if not full:
         results["fit"] = timed("fit", lambda: fit_entries(out_dir))
         results["errors"] = timed("errors", error_entries)
+        results["readme"] = timed("readme", readme_entry)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
 

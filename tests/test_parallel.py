@@ -217,6 +217,12 @@ def test_two_processes_train_to_the_params_of_one_process_with_8_devices(runs):
     assert [r["step"] for r in losses if r["kind"] == "train"] == list(range(1, 11))
 
 
+def test_the_readme_data_parallel_example_runs_on_8_devices(runs):
+    r = runs["grid"]["readme"]
+    assert "error" not in r, r["error"]
+    assert r["printed"].strip() == "P('data',) P()"
+
+
 @pytest.mark.slow
 def test_every_model_schedule_and_mode(tmp_path):
     """The whole grid: every model x schedule x {Explicit jit, Auto jit, shard_map}."""
