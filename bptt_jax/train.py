@@ -556,9 +556,12 @@ def build(cfg: Config, mesh: jax.sharding.Mesh | None = None):
     check_config(cfg)
     task = tasks.make_task(cfg.task, getattr(cfg, cfg.task), cfg.model.dtype)
     cell = make_cell(cfg.model)
+    return task, cell, _trainer_of(cfg, task, cell, mesh)
+
+
+def _trainer_of(cfg: Config, task, cell, mesh) -> Trainer:
     kwargs = {} if mesh is None else dict(mesh=mesh, data_axis=cfg.parallel.axis)
-    t = trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2, **kwargs)
-    return task, cell, t
+    return trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2, **kwargs)
 
 
 def make_mesh(cfg: Config) -> jax.sharding.Mesh | None:
@@ -618,8 +621,10 @@ def fit(
         the config ('checkpoint.dir'), before any training.
     """
     out = sys.stdout if out is None else out
-    mesh = make_mesh(cfg)
-    task, cell, t = build(cfg, mesh)
+    task, cell, t = build(cfg)  # every check and the corpus read, touching no device
+    mesh = make_mesh(cfg)  # connects the processes first, if there are several
+    if mesh is not None:
+        t = _trainer_of(cfg, task, cell, mesh)
     main = parallel.is_main_process()
     tc, cc = cfg.train, cfg.checkpoint
     dtype = jnp.dtype(cfg.model.dtype)
