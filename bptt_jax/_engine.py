@@ -39,7 +39,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bptt_jax import validation
+from bptt_jax import precision, validation
+from bptt_jax._sharding import finish_cotangents, like_batch, sum_over_rows, vary_like
+from bptt_jax.cells import _common
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional, output_size
 
 BACKWARDS = ("manual", "checkpointed", "autodiff")
@@ -75,7 +77,7 @@ def output_error(dy, w):
     t, b, _ = dy.shape
     if t * b * w.shape[0] * dy.dtype.itemsize >= LARGE_BYTES:
         return OutputError(dy, w)
-    return dy @ w.T
+    return _common.matmul(dy, w.T)
 
 
 def _select(m, a, b):
@@ -130,11 +132,7 @@ def project_inputs(cell, params, xs):
     times slower (~95 vs ~40 us a GRU step at B=32, H=128). The bias is added inside the
     step: adding it here would materialise a second buffer next to each matmul's output.
     """
-    t, b, d = xs.shape
-    x2d = xs.reshape(t * b, d)
-    return tuple(
-        (x2d @ w).reshape(t, b, -1) for w in _blocks(cell.input_kernel(params), cell.n_blocks)
-    )
+    return tuple(xs @ w for w in _blocks(cell.input_kernel(params), cell.n_blocks))
 
 
 def _index(x, t):
@@ -142,7 +140,7 @@ def _index(x, t):
 
 
 def _write(buf, row, t):
-    return lax.dynamic_update_index_in_dim(buf, row, t, 0)
+    return lax.dynamic_update_index_in_dim(buf, row.astype(buf.dtype), t, 0)
 
 
 def _rows(bufs, t):
@@ -178,7 +176,10 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
       gradients over all of them); ``None`` when ``keep_residuals`` is False.
     """
     n_res = cell.residual_blocks if keep_residuals else 0
+    params = precision.compute_params(params, xs.dtype)  # kernels in the compute dtype
+    carry0 = like_batch(carry0, xs)
     xp = project_inputs(cell, params, xs)
+    store = xp[0].dtype  # the stacked states are stored in the compute dtype
     # Residual i overwrites input projection i in place; extra residuals get fresh buffers.
     n_in = min(cell.n_blocks, n_res)
     bufs0 = xp[:n_in] + _fresh(n_res - n_in, xp[0])
@@ -194,7 +195,7 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
             new = _select(m_t, new, carry)
         if n_res:
             bufs = tuple(_write(buf, r, t) for buf, r in zip(bufs, res))
-        return (new, bufs), new
+        return (new, bufs), jax.tree.map(lambda c: c.astype(store), new)
 
     ts = jnp.arange(xs.shape[0])
     (carry_t, bufs), states = lax.scan(body, (carry0, bufs0), (ts, xp[n_in:], mask, resets))
@@ -235,6 +236,8 @@ def reverse_scan(
       returns from the error on the whole carry at each step.
     """
     hs = cell.hidden(states)
+    params = precision.compute_params(params, hs.dtype)
+    dcarry_t, carry0 = like_batch((dcarry_t, carry0), hs)
     bufs = () if res is None else tuple(res)
     n_res, n_grad = cell.residual_blocks, cell.grad_blocks
     if len(bufs) < n_res:
@@ -248,6 +251,7 @@ def reverse_scan(
     out_w = None
     if isinstance(dhs, OutputError):
         dhs, out_w = dhs
+        out_w = out_w.astype(hs.dtype)
     n_in = min(n_res, n_grad)
     res_rest = bufs[n_in:n_res]
 
@@ -263,7 +267,7 @@ def reverse_scan(
         )
         prev_t = _reset(r_t, prev_t)
         if out_w is not None:  # dh_t is the readout's dy_t
-            dh_t = dh_t @ out_w.T
+            dh_t = _common.matmul(dh_t, out_w.T)
         if dh_t is not None:
             dstate = cell.add_to_hidden(dstate, dh_t)
         if delta_clip is not None:
@@ -304,31 +308,35 @@ def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
     ``(dparams, dxs)``: per gate, ``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, ``db = sum dA``
     (assembled by the cell) and ``dX = sum_gates dA W_x^T``.
     """
-    t_len, b, d = xs.shape
-    h = cell.hidden_size
-    rows = t_len * b
-    da = [g.reshape(rows, h) for g in dcols]
-    h_prev = jnp.concatenate([cell.hidden(carry0)[None], cell.hidden(states)[:-1]], 0)
+    acc = cell.input_kernel(params).dtype  # sums in the params' dtype
+    cparams = precision.compute_params(params, xs.dtype)
+    hs = cell.hidden(states)
+    carry0 = like_batch(carry0, hs)
+    h_prev = jnp.concatenate([cell.hidden(carry0).astype(hs.dtype)[None], hs[:-1]], 0)
     if resets is not None:
-        h_prev = jnp.where(resets[..., None], 0, h_prev)
-    x2d, h2d = xs.reshape(rows, d), h_prev.reshape(rows, h)
+        h_prev = jnp.where(resets[..., None], jnp.zeros((), hs.dtype), h_prev)
 
-    def side(a2d, blocks):
+    def side(x, blocks):
         cat = (lambda parts: jnp.concatenate(parts, -1)) if len(blocks) > 1 else (lambda p: p[0])
-        a_t = a2d.T
+        da = [dcols[k].astype(x.dtype) for k in blocks]
+        x_t = None
         if len(blocks) > 1:
-            # Transposed once, row-major, for all the gates' matmuls: XLA:CPU's matmul is
-            # slower with a transpose folded in (time: LSTM B=64, H=256, T=256 -2%; LSTM
-            # and GRU B=32, H=128, T=100 -3%).
-            a_t = lax.optimization_barrier(a_t)
-        return cat([a_t @ da[k] for k in blocks]), cat([da[k].sum(0) for k in blocks])
+            # Laid out once as (D, T, B), row-major, for all the gates' matmuls: XLA:CPU's
+            # matmul is slower with a transpose folded in (time: LSTM B=64, H=256, T=256 -2%;
+            # LSTM and GRU B=32, H=128, T=100 -3%).
+            x_t = lax.optimization_barrier(jnp.transpose(x, (2, 0, 1)))
+        dw = cat([sum_over_rows(x, a, acc, x_t=x_t) for a in da])
+        return dw, cat([dcols[k].sum((0, 1), dtype=acc) for k in blocks])
 
-    dw_x, db_x = side(x2d, cell.input_grads)  # sum_t x_t^T dA_t, sum_t dA_t
-    dw_h, db_h = side(h2d, cell.recurrent_grads)  # sum_t h_{t-1}^T dA_t
+    dw_x, db_x = side(xs, cell.input_grads)  # sum_t x_t^T dA_t, sum_t dA_t
+    dw_h, db_h = side(h_prev, cell.recurrent_grads)  # sum_t h_{t-1}^T dA_t
     grads = cell.assemble_grads(params, dw_x, dw_h, db_x, db_h)
-    w_x = _blocks(cell.input_kernel(params), cell.n_blocks)
-    dxs = sum(da[k] @ w.T for k, w in zip(cell.input_grads, w_x))
-    return grads, dxs.reshape(t_len, b, d)
+    w_x = _blocks(cell.input_kernel(cparams), cell.n_blocks)
+    dxs = sum(
+        jnp.matmul(dcols[k].astype(w.dtype), w.T, preferred_element_type=acc)
+        for k, w in zip(cell.input_grads, w_x)
+    )
+    return grads, dxs
 
 
 # ====================================================================== models
@@ -649,7 +657,7 @@ def _segments(x, n: int, s: int, fill=0):
         return None
     pad = n * s - x.shape[0]
     if pad:
-        x = jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), fill, x.dtype)])
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
     return x.reshape(n, s, *x.shape[1:])
 
 
@@ -712,7 +720,7 @@ def checkpointed_forward(model, params, xs_s, carry0, mask_s, resets_s, drops_s,
         return carry_out, (carry, out)
 
     carry_t, (checkpoints, outs) = lax.scan(
-        body, carry0, (xs_s, mask_s, resets_s, drops_s, extras_s)
+        body, like_batch(carry0, xs_s[0]), (xs_s, mask_s, resets_s, drops_s, extras_s)
     )
     return checkpoints, outs, carry_t
 
@@ -747,7 +755,7 @@ def checkpointed_backward(
         add = partial(jax.tree.map, jnp.add)
         return (dcarry_in, add(grads, g), add(acc, acc_seg)), (dx, out)
 
-    init = (dcarry_t, _zeros_like(params), acc0)
+    init = vary_like((like_batch(dcarry_t, xs_s[0]), _zeros_like(params), acc0), xs_s)
     inputs = (xs_s, mask_s, resets_s, drops_s, cuts_s, real_s, checkpoints, extras_s)
     (dcarry0, grads, acc), (dxs_s, outs) = lax.scan(body, init, inputs, reverse=True)
     return grads, dxs_s, dcarry0, acc, outs
@@ -775,29 +783,40 @@ def chunk_group(model, truncate: int, n_chunks: int, batch: int, dtype) -> int:
 
 
 def _chunk_major(x, g: int):
-    """(g*k, B, ...) -> (k, g*B, ...): chunk j's step i is row i, examples j*B..(j+1)*B-1."""
+    """(g*k, B, ...) -> (k, B*g, ...): chunk j's step i of example b is row i, column b*g + j.
+
+    Example-major columns keep a batch sharded over devices sharded: each device's examples
+    stay a contiguous block of columns.
+    """
     if x is None:
         return None
     k = x.shape[0] // g
-    x = x.reshape(g, k, *x.shape[1:]).swapaxes(0, 1)
-    return x.reshape(k, g * x.shape[2], *x.shape[3:])
+    x = jnp.moveaxis(x.reshape(g, k, *x.shape[1:]), 0, 2)  # (k, B, g, ...)
+    return x.reshape(k, x.shape[1] * g, *x.shape[3:])
 
 
 def _time_major(x, g: int):
-    """The inverse of :func:`_chunk_major`: (k, g*B, ...) -> (g*k, B, ...)."""
-    k, gb = x.shape[:2]
-    x = x.reshape(k, g, gb // g, *x.shape[2:]).swapaxes(0, 1)
+    """The inverse of :func:`_chunk_major`: (k, B*g, ...) -> (g*k, B, ...)."""
+    k, bg = x.shape[:2]
+    x = jnp.moveaxis(x.reshape(k, bg // g, g, *x.shape[2:]), 2, 0)  # (g, k, B, ...)
     return x.reshape(g * k, *x.shape[2:])
+
+
+def _loss_dtype(readout, xs):
+    """The dtype of a loss value: the readout's (the params'), also under a policy."""
+    leaves = jax.tree.leaves(readout)
+    return leaves[0].dtype if leaves else xs.dtype
 
 
 def _chunked_fwd(model, head, k, params, readout, xs, targets, carry0, mask, valid, resets, drops):
     t, b = xs.shape[:2]
     n_chunks = math.ceil(t / k)
     g = chunk_group(model, k, n_chunks, b, xs.dtype)
-    scale = head.scale(valid, t, b, xs.dtype)
+    ldt = _loss_dtype(readout, xs)
+    scale = head.scale(valid, t, b, ldt)
     n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, g * k)
     extras = head.segment_args(targets, valid, t, b, n, g * k)
-    one = jnp.ones((), xs.dtype)
+    one = jnp.ones((), ldt)
     cm = partial(_chunk_major, g=g)
     add = partial(jax.tree.map, jnp.add)
 
@@ -805,12 +824,14 @@ def _chunked_fwd(model, head, k, params, readout, xs, targets, carry0, mask, val
         carry, grads, d_readout, value = acc
         x, m, r, d, extra = inputs
         _, carry_out, saved = model_forward(model, params, x, carry, m, r, d)
-        # The carry entering each of the g chunks, every layer: (g, B, ...) -> (g*B, ...).
+        # The carry entering each of the g chunks, every layer: (g, B, ...) -> (B*g, ...).
         states = from_layers(model, [s[0] for s in saved[0]])
         entering = jax.tree.map(
-            lambda c0, st: jnp.concatenate([c0[None], st[k - 1 :: k][: g - 1]]), carry, states
+            lambda c0, st: jnp.concatenate([c0[None], st[k - 1 :: k][: g - 1].astype(c0.dtype)]),
+            carry,
+            states,
         )
-        flat = jax.tree.map(lambda c: c.reshape(g * b, *c.shape[2:]), entering)
+        flat = jax.tree.map(lambda c: jnp.moveaxis(c, 0, 1).reshape(b * g, *c.shape[2:]), entering)
         saved_c, x_c, m_c, r_c, d_c, extra_c = jax.tree.map(cm, (saved, x, m, r, d, extra))
         # The head on the chunk-major outputs: the loss and its error from one readout.
         hs_c = _layer_output(layers_of(model)[-1], saved_c[0][-1], None)
@@ -820,10 +841,12 @@ def _chunked_fwd(model, head, k, params, readout, xs, targets, carry0, mask, val
         )
         acc = (carry_out, add(grads, gr), add(d_readout, d_ro), value + v)
         d_tg = None if d_tg is None else _time_major(d_tg, g)
-        dcarry_in = jax.tree.map(lambda c: c[:b], dcarry_in)  # chunk 0's: the group's carry
+        # Chunk 0's: the error on the group's entering carry.
+        dcarry_in = jax.tree.map(lambda c: c.reshape(b, g, *c.shape[1:])[:, 0], dcarry_in)
         return acc, (entering, _time_major(dx, g), d_tg, dcarry_in)
 
-    init = (carry0, _zeros_like(params), _zeros_like(readout), jnp.zeros((), xs.dtype))
+    init = (like_batch(carry0, xs), _zeros_like(params), _zeros_like(readout), jnp.zeros((), ldt))
+    init = vary_like(init, xs)
     inputs = (xs_s, mask_s, resets_s, segment_drops(drops, n, g * k), extras)
     (carry_t, grads, d_readout, value), (entering, dxs_s, d_tg, dcarry_in) = lax.scan(
         body, init, inputs
@@ -907,6 +930,25 @@ def bptt(model, head, walk, params, readout, xs, targets, carry0, mask, valid, r
 
 
 def bptt_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops):
+    """:func:`bptt`'s forward: ``((outputs, carry_T), residuals)``."""
+    out, res = _walk_fwd(
+        model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops
+    )
+    # Empty slices of the differentiable inputs: their dtypes and device-variance, for
+    # finish_cotangents.
+    protos = jax.tree.map(lambda x: x[:0], (params, readout, xs, carry0))
+    return out, (res, protos)
+
+
+def bptt_bwd(model, head, walk, saved, cotangents):
+    """:func:`bptt`'s hand-written backward: the cotangents of its arguments."""
+    res, protos = saved
+    grads, d_readout, dxs, d_tg, dcarry0 = _walk_bwd(model, head, walk, res, cotangents)
+    grads, d_readout, dxs, dcarry0 = finish_cotangents((grads, d_readout, dxs, dcarry0), protos)
+    return grads, d_readout, dxs, d_tg, dcarry0, None, None, None, None  # mask, valid, ...
+
+
+def _walk_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops):
     t, b = xs.shape[:2]
     if walk.kind == "chunked":
         return _chunked_fwd(
@@ -920,7 +962,7 @@ def bptt_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, vali
         if head is None:
             extras, out_fn = None, lambda hs, _: hs
         else:
-            scale = head.scale(valid, t, b, xs.dtype)
+            scale = head.scale(valid, t, b, _loss_dtype(readout, xs))
             extras = head.segment_args(targets, valid, t, b, n, s)
             out_fn = lambda hs, e: head.segment_value(readout, hs, *e, scale)  # noqa: E731
         ckpt, outs, carry_t = checkpointed_forward(
@@ -941,10 +983,9 @@ def bptt_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, vali
     return (out, carry_t), res
 
 
-def bptt_bwd(model, head, walk, saved, cotangents):
-    nones = (None, None, None, None)  # mask, valid, resets, drops
+def _walk_bwd(model, head, walk, saved, cotangents):
     if walk.kind == "chunked":
-        return (*_chunked_bwd(model, walk.truncate, saved, cotangents), *nones)
+        return _chunked_bwd(model, walk.truncate, saved, cotangents)
     g_out, g_carry = cotangents
     if walk.kind == "segmented":
         params, readout, xs, targets, carry0, mask, valid, resets, drops, ckpt = saved
@@ -957,7 +998,7 @@ def bptt_bwd(model, head, walk, saved, cotangents):
             def cotangent(hs, dh):
                 return dh, (), None
         else:
-            scale = head.scale(valid, t, b, xs.dtype)
+            scale = head.scale(valid, t, b, _loss_dtype(readout, xs))
             extras = head.segment_args(targets, valid, t, b, n, s)
             acc0 = _zeros_like(readout)
 
@@ -973,7 +1014,7 @@ def bptt_bwd(model, head, walk, saved, cotangents):
         )  # fmt: skip
         d_tg = None if d_tg is None else _unsegment(d_tg, t)
         d_readout = None if head is None else d_readout
-        return grads, d_readout, _unsegment(dxs_s, t), d_tg, dcarry0, *nones
+        return grads, d_readout, _unsegment(dxs_s, t), d_tg, dcarry0
     params, readout, xs, carry0, mask, resets, drops, fsaved, hs, head_saved = saved
     if head is None:
         dhs, d_readout, d_tg = g_out, None, None
@@ -984,7 +1025,7 @@ def bptt_bwd(model, head, walk, saved, cotangents):
         truncation_cuts(xs.shape[0], walk.truncate), delta_clip=walk.delta_clip,
         walk=_cell_walk(walk),
     )  # fmt: skip
-    return grads, d_readout, dxs, d_tg, dcarry0, *nones
+    return grads, d_readout, dxs, d_tg, dcarry0
 
 
 bptt.defvjp(bptt_fwd, bptt_bwd)
@@ -1046,9 +1087,9 @@ def _scan_autodiff(cell, params, xs, carry0, mask, truncate, resets, delta_clip)
             new = _select(m_t, new, carry)
         if delta_clip is not None:
             new = _clip_cotangent(new, delta_clip)
-        return new, cell.hidden(new)
+        return new, cell.hidden(new).astype(xs.dtype)
 
-    carry_t, hs = lax.scan(body, carry0, (xs, mask, cuts, resets))
+    carry_t, hs = lax.scan(body, like_batch(carry0, xs), (xs, mask, cuts, resets))
     return hs, carry_t
 
 
@@ -1059,8 +1100,11 @@ def unroll_autodiff(model, params, xs, carry0, mask=None, truncate=None, resets=
     This is the loop a user would write, layer by layer; ``jax.grad`` derives its backward.
     Truncation is ``lax.stop_gradient`` on the carry entering steps k, 2k, ...; a reset
     replaces the carry by zeros; ``delta_clip`` wraps each new carry in an identity whose
-    VJP clips the error arriving at it.
+    VJP clips the error arriving at it. Under a precision policy (``xs`` in a compute dtype
+    narrower than the params'), the kernels are cast to it and each step's matmuls run as
+    the policy says; autodiff differentiates the casts.
     """
+    params = precision.compute_params(params, xs.dtype)
     layers = layers_of(model)
     ps, cs = per_layer(model, params), per_layer(model, carry0)
     idx = reversal(mask, xs.shape[0]) if is_bidirectional(model) else None
@@ -1095,6 +1139,7 @@ def unroll(
     segment=None,
     memory_budget=None,
     dropout_key=None,
+    compute_dtype=None,
 ):
     """Run a cell or model over a time-major sequence; ``jax.grad`` uses the hand-written BPTT.
 
@@ -1157,9 +1202,13 @@ def unroll(
         used (:func:`segment_for_budget`).
       dropout_key: a PRNG key for a :class:`~bptt_jax.Stack` 's dropout between layers
         (:meth:`~bptt_jax.Stack.dropout_masks`); ``None``: no dropout.
+      compute_dtype: ``None`` (compute in the params' dtype) or a narrower floating dtype,
+        e.g. ``jnp.bfloat16``: matmul operands and stored residuals in it, carries, errors
+        and sums in the params' dtype (:mod:`bptt_jax.precision`).
 
     Returns:
-      ``(hs, carry_T)``: the (last layer's) outputs ``(T, B, F)`` and the final carry.
+      ``(hs, carry_T)``: the (last layer's) outputs ``(T, B, F)``, in the compute dtype, and
+      the final carry, in the params' dtype.
 
     Raises:
       ValueError / TypeError at trace time for wrong shapes, dtypes, carry structure or
@@ -1180,11 +1229,11 @@ def unroll(
     """
     fn = "unroll"
     validation.check_choice(fn, "backward", backward, BACKWARDS)
-    xs, carry0, mask, resets, dtype = validation.check_model_args(
-        fn, model, params, xs, carry0, mask, truncate, resets
+    xs, carry0, mask, resets, _ = validation.check_model_args(
+        fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
     )
     validation.check_positive(fn, "delta_clip", delta_clip)
-    seg = resolve_segment(fn, model, xs, dtype, segment, memory_budget)
+    seg = resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget)
     drops = dropout_multipliers(fn, model, dropout_key, xs)
     if backward == "autodiff":
         return unroll_autodiff(model, params, xs, carry0, mask, truncate, resets, delta_clip,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from bptt_jax import _engine as engine
 from bptt_jax import validation
+from bptt_jax._sharding import sum_over_rows
 from bptt_jax.cells import _common
 from bptt_jax.models import is_bidirectional, output_size
 
@@ -51,9 +52,9 @@ def _one_hot(targets, n):
 
 
 def token_losses(loss: str, logits, targets):
-    """Per-token loss ``l_{t,b}`` for ``logits`` (N, O).
+    """Per-token loss ``l_{t,b}`` for ``logits`` (..., O).
 
-    ``"xent"``: ``logsumexp(y) - y[target]`` (targets (N,) integers); a target outside
+    ``"xent"``: ``logsumexp(y) - y[target]`` (targets (...) integers); a target outside
     ``[0, O)`` gives NaN, never a plausible number. ``"mse"``: ``mean_o (y - target)^2``.
     """
     if loss == "xent":
@@ -67,21 +68,21 @@ def token_losses(loss: str, logits, targets):
 
 
 def _token_loss_grads(loss: str, logits, targets):
-    """Hand-written ``dl_{t,b}/dy_{t,b}``, (N, O)."""
+    """Hand-written ``dl_{t,b}/dy_{t,b}``, (..., O)."""
     o = logits.shape[-1]
     if loss == "xent":
         hot = _one_hot(targets, o)
         g = jax.nn.softmax(logits, axis=-1) - hot.astype(logits.dtype)
         in_range = (targets >= 0) & (targets < o)
-        return jnp.where(in_range[:, None], g, jnp.nan)
+        return jnp.where(in_range[..., None], g, jnp.nan)
     return (2.0 / o) * (logits - targets)
 
 
 def _weights(mask, reduction: str, n: int, dtype):
-    """Per-token weights ``w`` with ``L = sum w * l``; (N,) or a scalar."""
+    """Per-token weights ``w`` with ``L = sum w * l``; the mask's shape or a scalar."""
     if mask is None:
         return jnp.asarray(1.0 / n if reduction == "mean" else 1.0, dtype)
-    m = mask.reshape(-1).astype(dtype)
+    m = mask.astype(dtype)
     if reduction == "sum":
         return m
     return m / jnp.maximum(jnp.sum(m), 1)
@@ -89,19 +90,23 @@ def _weights(mask, reduction: str, n: int, dtype):
 
 def reduce_losses(l, mask, reduction: str):
     """``L = sum_{t,b} w_{t,b} l_{t,b}`` (masked-out tokens contribute exactly 0)."""
-    w = _weights(mask, reduction, l.shape[0], l.dtype)
+    w = _weights(mask, reduction, l.size, l.dtype)
     if mask is not None:
-        l = jnp.where(mask.reshape(-1), l, 0)
+        l = jnp.where(mask, l, 0)
     return jnp.sum(w * l)
 
 
 def _readout(readout, hs):
-    t, b, h = hs.shape
-    return hs.reshape(t * b, h) @ readout.w_hy + readout.b_y
+    """The logits ``hs @ W_hy + b_y`` (T, B, O), in the readout's dtype; under a precision
+    policy the product runs on ``hs``'s compute dtype and accumulates in the readout's."""
+    w = readout.w_hy.astype(hs.dtype)
+    return jnp.matmul(hs, w, preferred_element_type=readout.b_y.dtype) + readout.b_y
 
 
-def _flat_targets(loss, targets):
-    return targets.reshape(-1) if loss == "xent" else targets.reshape(-1, targets.shape[-1])
+def _readout_grads(readout, hs, dy):
+    """``(dW_hy = sum_{t,b} h^T dy, db_y = sum_{t,b} dy)``, in the readout's dtype."""
+    acc = readout.b_y.dtype
+    return ReadoutParams(sum_over_rows(hs, dy.astype(hs.dtype), acc), dy.sum((0, 1), dtype=acc))
 
 
 def _valid(mask, loss_mask):
@@ -122,15 +127,11 @@ def _scale(valid, reduction, t, b, dtype):
 
 def _segment_losses(loss, readout, hs, targets, valid, scale):
     """One segment's logits, per-token losses and weights (``valid * scale``)."""
-    s, b = hs.shape[:2]
-    hs = hs.reshape(s * b, -1)
-    logits = hs @ readout.w_hy + readout.b_y
-    flat = _flat_targets(loss, targets)
-    l = token_losses(loss, logits, flat)
+    logits = _readout(readout, hs)
+    l = token_losses(loss, logits, targets)
     if valid is None:
-        return hs, logits, flat, l, scale
-    valid = valid.reshape(-1)
-    return hs, logits, flat, jnp.where(valid, l, 0), jnp.where(valid, scale, 0)
+        return logits, l, scale
+    return logits, jnp.where(valid, l, 0), jnp.where(valid, scale, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,8 @@ class LossHead:
     ``backward``) or a segment at a time (``scale``, ``segment_args``, ``segment_value``,
     ``segment_value_and_cotangent``); its hand-written backward is ``delta^y_t = dL/dy_t``,
     ``dW_hy = sum_t h_t^T delta^y_t`` and the error ``W_hy^T delta^y_t`` on each output.
+    Arrays keep their (T, B, ...) axes (never merged, so a batch sharded over devices stays
+    sharded); logits, losses and sums are in the readout's dtype.
     """
 
     loss: str
@@ -149,29 +152,27 @@ class LossHead:
 
     def value(self, readout, hs, targets, valid):
         """The loss ``L`` of outputs ``hs`` (T, B, F)."""
-        l = token_losses(self.loss, _readout(readout, hs), _flat_targets(self.loss, targets))
+        l = token_losses(self.loss, _readout(readout, hs), targets)
         return reduce_losses(l, valid, self.reduction)
 
     def forward(self, readout, hs, targets, valid):
-        """``(L, delta^y)``: the value and ``dL/dy`` (T*B, O) for a unit cotangent, kept
+        """``(L, delta^y)``: the value and ``dL/dy`` (T, B, O) for a unit cotangent, kept
         instead of the logits."""
         logits = _readout(readout, hs)
-        flat = _flat_targets(self.loss, targets)
-        l = token_losses(self.loss, logits, flat)
+        l = token_losses(self.loss, logits, targets)
         value = reduce_losses(l, valid, self.reduction)
-        w = _weights(valid, self.reduction, l.shape[0], l.dtype)
-        dy = _token_loss_grads(self.loss, logits, flat)
-        dy = jnp.where(valid.reshape(-1, 1), dy, 0) if valid is not None else dy
-        return value, (w[:, None] if jnp.ndim(w) else w) * dy
+        w = _weights(valid, self.reduction, l.size, l.dtype)
+        dy = _token_loss_grads(self.loss, logits, targets)
+        dy = jnp.where(valid[..., None], dy, 0) if valid is not None else dy
+        return value, (w[..., None] if jnp.ndim(w) else w) * dy
 
     def backward(self, readout, hs, dy, g):
         """``(dL/dhs, dL/dreadout, dL/dtargets)`` for the cotangent ``g`` of ``L``."""
-        t, b = hs.shape[:2]
-        dy = g * dy  # (T*B, O)
-        h2 = hs.reshape(t * b, -1)
-        d_readout = ReadoutParams(h2.T @ dy, dy.sum(0))  # dW_hy = sum_t h_t^T delta^y_t
-        dhs = engine.output_error(dy.reshape(t, b, -1), readout.w_hy)  # W_hy^T delta^y_t
-        d_targets = None if self.loss == "xent" else (-dy).reshape(t, b, -1)
+        dy = g * dy  # (T, B, O)
+        d_readout = _readout_grads(readout, hs, dy)  # dW_hy = sum_t h_t^T delta^y_t
+        # W_hy^T delta^y_t, on the compute dtype's operands
+        dhs = engine.output_error(dy, readout.w_hy.astype(hs.dtype))
+        d_targets = None if self.loss == "xent" else -dy
         return dhs, d_readout, d_targets
 
     def scale(self, valid, t, b, dtype):
@@ -184,7 +185,7 @@ class LossHead:
         return engine._segments(targets, n, s), engine._segments(valid, n, s, False)
 
     def segment_value(self, readout, hs, targets, valid, scale):
-        _, _, _, l, w = _segment_losses(self.loss, readout, hs, targets, valid, scale)
+        _, l, w = _segment_losses(self.loss, readout, hs, targets, valid, scale)
         return jnp.sum(w * l)  # tokens not counted have l = 0 and w = 0
 
     def segment_value_and_cotangent(self, readout, hs, targets, valid, scale, g):
@@ -192,24 +193,23 @@ class LossHead:
 
         Returns ``(value, dhs (s, B, F), d_readout, d_targets (s, B, O) or None)``.
         """
-        s, b = hs.shape[:2]
-        h2, logits, flat, l, w = _segment_losses(self.loss, readout, hs, targets, valid, scale)
-        dy = _token_loss_grads(self.loss, logits, flat)
+        logits, l, w = _segment_losses(self.loss, readout, hs, targets, valid, scale)
+        dy = _token_loss_grads(self.loss, logits, targets)
         if valid is not None:  # tokens not counted: exactly 0, even a NaN from a bad target
-            dy = jnp.where(valid.reshape(-1, 1), dy, 0)
-        dy = g * (w[:, None] if jnp.ndim(w) else w) * dy
-        d_readout = ReadoutParams(h2.T @ dy, dy.sum(0))
-        dhs = (dy @ readout.w_hy.T).reshape(s, b, -1)
-        d_targets = None if self.loss == "xent" else (-dy).reshape(s, b, -1)
+            dy = jnp.where(valid[..., None], dy, 0)
+        dy = g * (w[..., None] if jnp.ndim(w) else w) * dy
+        d_readout = _readout_grads(readout, hs, dy)
+        dhs = _common.matmul(dy, readout.w_hy.astype(hs.dtype).T)
+        d_targets = None if self.loss == "xent" else -dy
         return jnp.sum(w * l), dhs, d_readout, d_targets
 
 
 def _check_loss_args(fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets,
-                     loss, reduction, truncate, delta_clip):  # fmt: skip
+                     loss, reduction, truncate, delta_clip, compute_dtype=None):  # fmt: skip
     validation.check_choice(fn, "loss", loss, LOSSES)
     validation.check_choice(fn, "reduction", reduction, REDUCTIONS)
     xs, carry0, mask, resets, dtype = validation.check_model_args(
-        fn, model, params, xs, carry0, mask, truncate, resets
+        fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
     )
     t, b, _ = xs.shape
     loss_mask = validation.check_mask(fn, loss_mask, t, b, name="loss_mask")
@@ -240,6 +240,7 @@ def sequence_loss(
     memory_budget: int | None = None,
     return_carry: bool = False,
     dropout_key: jax.Array | None = None,
+    compute_dtype=None,
 ):
     """Loss of a readout on every hidden state, with the whole backward written by hand.
 
@@ -249,8 +250,10 @@ def sequence_loss(
     reverse scan over ``delta^h_t``, and the weight sums as single matmuls over ``T*B`` rows.
 
     Args:
-      model, params, xs, carry0, mask, resets, truncate, delta_clip, dropout_key: as in
-        :func:`bptt_jax.unroll` (a cell, a Bidirectional or a Stack).
+      model, params, xs, carry0, mask, resets, truncate, delta_clip, dropout_key,
+        compute_dtype: as in :func:`bptt_jax.unroll` (a cell, a Bidirectional or a Stack;
+        under a precision policy the logits, the loss and every gradient stay in the
+        params' dtype, :mod:`bptt_jax.precision`).
       loss_mask: optional ``(T, B)`` 0/1 or bool: tokens where it is 0 have no loss, but the
         carry runs through them as usual (unlike ``mask``). The counted tokens are
         ``mask & loss_mask``. E.g. only the last step of the adding problem, or the last k1
@@ -293,11 +296,11 @@ def sequence_loss(
     """
     fn = "sequence_loss"
     validation.check_choice(fn, "backward", backward, engine.BACKWARDS)
-    xs, targets, carry0, mask, valid, resets, dtype = _check_loss_args(
+    xs, targets, carry0, mask, valid, resets, _ = _check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
-        reduction, truncate, delta_clip,
+        reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
-    seg = engine.resolve_segment(fn, model, xs, dtype, segment, memory_budget)
+    seg = engine.resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget)
     drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
     head = LossHead(loss, reduction)
     if backward == "autodiff":
@@ -341,6 +344,7 @@ def loss_and_grads(
     carry_index: int | None = None,
     return_deltas: bool = False,
     dropout_key: jax.Array | None = None,
+    compute_dtype=None,
 ) -> LossAndGrads:
     """The loss of :func:`sequence_loss` and its hand-written gradients, in one call.
 
@@ -354,7 +358,7 @@ def loss_and_grads(
 
     Args:
       model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
-        truncate, delta_clip, dropout_key: as in :func:`sequence_loss`.
+        truncate, delta_clip, dropout_key, compute_dtype: as in :func:`sequence_loss`.
       carry_index: the step whose resulting carry to return, in ``[0, T)``; ``None`` for the
         last (``carry_T``).
       return_deltas: also return ``delta^h_t`` (T, B, H): ``dL/dh_t`` in total, from the
@@ -380,7 +384,7 @@ def loss_and_grads(
     fn = "loss_and_grads"
     xs, targets, carry0, mask, valid, resets, _ = _check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
-        reduction, truncate, delta_clip,
+        reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
     t = xs.shape[0]
     if carry_index is not None and (
@@ -417,7 +421,7 @@ def loss_and_grads(
     if return_deltas:
         hs, carry_t, saved = engine.model_forward(model, params, xs, carry0, mask, resets, drops)
         _, dy = head.forward(readout, hs, targets, valid)
-        dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), xs.dtype))
+        dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), value.dtype))
         *_, deltas = engine.model_backward(
             model, params, xs, carry0, mask, resets, drops, saved, dhs,
             jax.tree.map(jnp.zeros_like, carry_t), engine.truncation_cuts(t, truncate),

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bptt_jax import precision
+from bptt_jax._sharding import like_batch
 from bptt_jax.cells import LSTM, PARAMS_TYPES, LSTMCarry
 
 
@@ -267,14 +269,28 @@ def _check_tuple(fn: str, what: str, value, n: int, of: str) -> tuple:
     return tuple(value)
 
 
-def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=None):
+def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=None,
+                     compute_dtype=None):  # fmt: skip
     """The shared checks of every entry point, for a cell or a model.
 
-    Returns ``(xs, carry0, mask, resets, dtype)`` with ``carry0`` filled in (zeros) and the
-    masks as bool. A :class:`~bptt_jax.Stack` 's params and carry are checked layer by layer
+    Returns ``(xs, carry0, mask, resets, dtype)`` with ``carry0`` filled in (zeros, varying
+    like ``xs`` inside ``shard_map``), the masks as bool, ``dtype`` the params' and ``xs``
+    cast to ``compute_dtype`` (:mod:`bptt_jax.precision`) when one is given. A
+    :class:`~bptt_jax.Stack` 's params and carry are checked layer by layer
     (layer k's input size against layer k-1's output size), a
     :class:`~bptt_jax.Bidirectional` 's direction by direction.
     """
+    xs, carry0, mask, resets, dtype = _check_model_args(
+        fn, model, params, xs, carry0, mask, truncate, resets
+    )
+    carry0 = like_batch(carry0, xs)
+    cdt = precision.resolve(fn, compute_dtype, dtype)
+    if cdt is not None:
+        xs = xs.astype(cdt)
+    return xs, carry0, mask, resets, dtype
+
+
+def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets):
     from bptt_jax.models import Bidirectional, Stack, is_bidirectional, is_model
 
     if not is_model(model):

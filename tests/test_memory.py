@@ -44,18 +44,61 @@ def test_manual_backward_uses_less_temp_memory_than_autodiff(cell):
     assert manual < auto, (manual / unit, auto / unit)
 
 
-def _copies_in_loops(text: str) -> list[str]:
-    """The ``copy`` instructions of rank-3 arrays (per-step buffers such as (T, B, H), or
-    the truncated loss's chunk-major (k, chunks*B, H)) outside the entry computation."""
-    found, where = [], None
+def _computations(text: str) -> dict[str, list[str]]:
+    """HLO text split into its computations: name -> instruction lines."""
+    comps, name = {}, None
     for line in text.splitlines():
         if line and not line.startswith(" ") and "{" in line:
-            where = line.split("(")[0]
-        elif re.search(r"= f32\[\d+,\d+,\d+\]\{[\d,]+\} copy\(", line) and not where.startswith(
-            "ENTRY"
-        ):
-            found.append(f"{where}: {line.strip()[:120]}")
-    return found
+            name = line.split("(")[0].split()[-1].lstrip("%")
+            comps[name] = []
+        elif name is not None and line.startswith(" "):
+            comps[name].append(line.strip())
+    return comps
+
+
+def _copies_in_loops(text: str) -> list[str]:
+    """The ``copy`` instructions of rank-3 arrays (per-step buffers such as (T, B, H), or
+    the truncated loss's chunk-major (k, chunks*B, H)) in a while loop's body, or in any
+    computation (a fusion, ...) that a body calls."""
+    comps = _computations(text)
+    called = lambda line: re.findall(r"(?:body|calls|to_apply|condition)=%?([\w.\-]+)", line)  # noqa: E731
+    todo = [
+        b
+        for lines in comps.values()
+        for line in lines
+        for b in re.findall(r"body=%?([\w.\-]+)", line)
+    ]
+    seen = set()
+    while todo:
+        c = todo.pop()
+        if c in seen or c not in comps:
+            continue
+        seen.add(c)
+        todo.extend(x for line in comps[c] for x in called(line))
+    return [
+        f"{c}: {line[:120]}"
+        for c in sorted(seen)
+        for line in comps[c]
+        if re.search(r"= f32\[\d+,\d+,\d+\]\{[\d,]+\} copy\(", line)
+    ]
+
+
+def test_copies_in_loops_finds_a_copy_in_a_loop_body():
+    """The detector itself: a loop that copies a (T, B, H) buffer every step is found, the
+    same copy outside any loop is not."""
+
+    def in_loop(buf):
+        def body(i, b):
+            return jnp.transpose(b, (1, 0, 2)).reshape(b.shape) + b[0, 0, 0]
+
+        return jax.lax.fori_loop(0, 3, body, buf)
+
+    buf = jnp.ones((8, 4, 6), jnp.float32)
+    looped = jax.jit(in_loop).lower(buf).compile().as_text()
+    outside = jax.jit(lambda b: jnp.transpose(b, (1, 0, 2)) + 1).lower(buf).compile().as_text()
+    assert "while" in looped and "copy(" in looped
+    assert _copies_in_loops(looped)
+    assert not _copies_in_loops(outside)
 
 
 @pytest.mark.parametrize(

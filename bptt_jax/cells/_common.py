@@ -67,6 +67,20 @@ ACTIVATIONS: dict[str, Activation] = {
 INITS = ("uniform", "orthogonal")
 
 
+def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    """``a @ w`` with the operands in ``w``'s dtype and the result in ``a``'s.
+
+    The one matmul of a cell's step. Under a precision policy (see :mod:`bptt_jax.precision`)
+    the engine hands the cell its kernels in the compute dtype (e.g. bfloat16) while the
+    carry and the error ``delta`` stay in the params' dtype (float32): the product then runs
+    on bfloat16 operands and accumulates into float32 (``preferred_element_type``). Without
+    a policy both dtypes agree and this is ``a @ w``.
+    """
+    if a.dtype == w.dtype:
+        return a @ w
+    return jnp.matmul(a.astype(w.dtype), w, preferred_element_type=a.dtype)
+
+
 def check_hidden_size(cls_name: str, hidden_size) -> None:
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
         raise ValueError(f"{cls_name}: hidden_size must be a positive int; got {hidden_size!r}")

@@ -92,7 +92,7 @@ class Elman:
     def step(self, params: ElmanParams, carry: jax.Array, x: jax.Array):
         """One time step: ``(h_{t-1} (B, H), x_t (B, D)) -> (h_t, h_t)``."""
         f = _common.ACTIVATIONS[self.activation].fn
-        h = f(x @ params.w_xh + carry @ params.w_hh + params.b_h)
+        h = f(x @ params.w_xh + _common.matmul(carry, params.w_hh) + params.b_h)
         return h, h
 
     # ------------------------------------------------------------------ engine face
@@ -114,13 +114,14 @@ class Elman:
     def forward(self, params: ElmanParams, carry: jax.Array, xp):
         f = _common.ACTIVATIONS[self.activation].fn
         (xa,) = xp
-        return f(xa + carry @ params.w_hh), ()  # h_t is the state: nothing else to keep
+        # h_t is the state: nothing else to keep
+        return f(xa + _common.matmul(carry, params.w_hh)), ()
 
     def backward(self, params: ElmanParams, res, state, state_prev, dstate, w_t):
         del res, state_prev
         # delta^a_t = (dL/dh_t) * f'(a_t), with f'(a_t) read off h_t.
         da = dstate * _common.ACTIVATIONS[self.activation].grad_from_output(state)
-        return da @ w_t, (da,)
+        return _common.matmul(da, w_t), (da,)
 
     def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> ElmanParams:
         del params, db_h  # one bias: db_x = db_h = sum_t d a_t

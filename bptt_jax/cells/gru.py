@@ -102,7 +102,7 @@ class GRU:
         return dstate + dh
 
     def forward(self, params: GRUParams, carry: jax.Array, xp):
-        hp = carry @ params.w_h + params.b_h
+        hp = _common.matmul(carry, params.w_h) + params.b_h
         xr, xz, xn = xp
         hr, hz, hn = jnp.split(hp, 3, axis=-1)
         r = jax.nn.sigmoid(xr + hr)
@@ -120,7 +120,7 @@ class GRU:
         dz = dh * (state_prev - n) * z * (1 - z)
         dr = dn * hn * r * (1 - r)
         dhp = jnp.concatenate([dr, dz, dn * r], axis=-1)  # d of h_{t-1} W_h + b_h
-        return dh * z + dhp @ w_t, (dr, dz, dn, dn * r)
+        return dh * z + _common.matmul(dhp, w_t), (dr, dz, dn, dn * r)
 
     def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> GRUParams:
         del params

@@ -123,7 +123,7 @@ class LSTM:
         return LSTMCarry(dstate.h + dh, dstate.c)
 
     def forward(self, params: LSTMParams, carry: LSTMCarry, xp):
-        hz = jnp.split(carry.h @ params.w_h, 4, axis=-1)
+        hz = jnp.split(_common.matmul(carry.h, params.w_h), 4, axis=-1)
         zi, zf, zg, zo = (a + b for a, b in zip(xp, hz))
         i, f, o = jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jax.nn.sigmoid(zo)
         g = jnp.tanh(zg)
@@ -146,7 +146,7 @@ class LSTM:
             dc * i * (1 - g * g),  # d z_g
             dh * tc * o * (1 - o),  # d z_o
         )
-        return LSTMCarry(jnp.concatenate(dz, axis=-1) @ w_t, dc * f), dz
+        return LSTMCarry(_common.matmul(jnp.concatenate(dz, axis=-1), w_t), dc * f), dz
 
     def assemble_grads(self, params, dw_x, dw_h, db_x, db_h) -> LSTMParams:
         del params, db_h  # one bias: db_x = db_h = sum_t d z_t
