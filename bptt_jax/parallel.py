@@ -1,4 +1,4 @@
-"""Data parallelism: a mesh with a batch axis, the shardings of a train, and multi-process runs.
+"""Data parallelism: a mesh with a batch axis, the shardings of a train state, many processes.
 
 The batch ``(T, B, ...)`` is split along ``B`` over the devices of one mesh axis (``"data"``);
 params, readout and optimizer state are replicated on every device, and a carried stream
@@ -189,9 +189,7 @@ def initialize(cfg: DistributedConfig, environ: Mapping[str, str] | None = None)
     args = distributed_args(cfg, environ)
     if args is None:
         return False
-    from jax._src import distributed as _distributed  # the one way to ask "connected yet?"
-
-    if getattr(_distributed.global_state, "client", None) is not None:
+    if jax.distributed.is_initialized():
         return True
     try:
         jax.distributed.initialize(**args)
