@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 
 from bptt_jax import _engine as engine
-from bptt_jax import config, losses, validation
+from bptt_jax import config, losses, precision, validation
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional
 
@@ -123,7 +123,8 @@ def _check_probes(fn: str, probes, key) -> None:
 
 def _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, dtype):
     """``||dh_T/d carry_t||_F`` (T, B) of one cell from its forward's states and buffers."""
-    zeros = jax.tree.map(lambda s: jnp.zeros_like(s[-1]), states)  # (B, H) per carry part
+    # (B, H) per carry part, in the carry's dtype (the states may be in a compute dtype)
+    zeros = jax.tree.map(lambda s, c: jnp.zeros(s.shape[1:], c.dtype), states, carry0)
     h, b = cell.hidden_size, jax.tree.leaves(states)[0].shape[1]
     if probes is None:  # the one-hot basis: the rows of every example's Jacobian
         vs = jnp.broadcast_to(jnp.eye(h, dtype=dtype)[:, None, :], (h, b, h))
@@ -149,7 +150,8 @@ def _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, d
 def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
     """``||dh_T/d carry_t||_F`` per step and example from one forward and P reverse scans."""
     states, res, _ = engine.forward(cell, params, xs, carry0, mask, resets=resets)
-    return _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, xs.dtype)
+    dtype = jax.tree.leaves(carry0)[0].dtype  # the params' (xs may be in a compute dtype)
+    return _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, dtype)
 
 
 def _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, key):
@@ -168,7 +170,7 @@ def _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, 
         nonlocal i
         k = None if key is None else jax.random.fold_in(key, i)
         i += 1
-        return _probe_norms(cell, probes, p, c, mask, r, *saved, k, xs.dtype)
+        return _probe_norms(cell, probes, p, c, mask, r, *saved, k, jax.tree.leaves(c)[0].dtype)
 
     for layer, p, c, saved in zip(engine.layers_of(model), ps, cs, per_saved):
         if isinstance(layer, Bidirectional):
@@ -199,6 +201,7 @@ def jacobian_norms(
     resets=None,
     probes: int | None = None,
     key: jax.Array | None = None,
+    compute_dtype=None,
 ) -> jax.Array:
     """``||dh_T/dh_t||_F`` for every step t and example: how much the last state hears of h_t.
 
@@ -233,6 +236,8 @@ def jacobian_norms(
         reverse scans.
       key: PRNG key for the random probes (required when ``probes`` is an int). For a
         model, cell i (layer by layer, forward direction first) uses ``fold_in(key, i)``.
+      compute_dtype: a precision policy (:mod:`bptt_jax.precision`), as in
+        :func:`bptt_jax.unroll`: the Jacobians of the model as it runs under it.
 
     Returns:
       ``(T, B)`` in the params' dtype; for a model, one such array per cell in the model's
@@ -263,11 +268,25 @@ def jacobian_norms(
             fn, model, params, xs, carry0, mask, None, resets
         )
         _check_probes(fn, probes, key)
+        xs = _in_compute_dtype(fn, xs, compute_dtype)
         return _model_jacobian_norms(model, probes, params, xs, carry0, mask, resets, key)
     xs, carry0, mask, _ = validation.check_unroll_args(fn, model, params, xs, carry0, mask, None)
     resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     _check_probes(fn, probes, key)
+    xs = _in_compute_dtype(fn, xs, compute_dtype)
     return _jacobian_norms(model, probes, params, xs, carry0, mask, resets, key)
+
+
+def _compute_name(fn: str, xs, compute_dtype) -> str | None:
+    """The policy's compute dtype (by name, a static argument), checked; ``None``: none.
+    ``xs`` has the params' dtype here (checked)."""
+    cdt = precision.resolve(fn, compute_dtype, xs.dtype)
+    return None if cdt is None else cdt.name
+
+
+def _in_compute_dtype(fn: str, xs, compute_dtype):
+    cdt = _compute_name(fn, xs, compute_dtype)
+    return xs if cdt is None else xs.astype(cdt)
 
 
 def effective_horizon(
@@ -350,6 +369,7 @@ def gradient_flow(
     fraction: float = 0.01,
     probes: int | None = None,
     key: jax.Array | None = None,
+    compute_dtype=None,
 ) -> GradientFlow:
     """How the error of BPTT travels back in time, per step, for one batch.
 
@@ -375,7 +395,7 @@ def gradient_flow(
 
     Args:
       model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
-        delta_clip: as in :func:`bptt_jax.sequence_loss`.
+        delta_clip, compute_dtype: as in :func:`bptt_jax.sequence_loss`.
       fraction: the horizon's threshold, in ``(0, 1)``; default 0.01.
       probes, key: as in :func:`jacobian_norms` (default: exact).
 
@@ -417,22 +437,24 @@ def gradient_flow(
         )
         resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     loss_mask = validation.check_mask(fn, loss_mask, *xs.shape[:2], name="loss_mask")
+    cdt = _compute_name(fn, xs, compute_dtype)
     return _gradient_flow(
-        model, loss, reduction, delta_clip, probes, fraction,
+        model, loss, reduction, delta_clip, probes, fraction, cdt,
         params, readout, xs, targets, carry0, mask, loss_mask, resets, key,
     )  # fmt: skip
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _gradient_flow(
-    model, loss, reduction, delta_clip, probes, fraction,
+    model, loss, reduction, delta_clip, probes, fraction, cdt,
     params, readout, xs, targets, carry0, mask, loss_mask, resets, key,
 ):  # fmt: skip
     out = losses.loss_and_grads(
         model, params, readout, xs, targets, carry0,
         mask=mask, loss_mask=loss_mask, resets=resets, loss=loss, reduction=reduction,
-        delta_clip=delta_clip, return_deltas=True,
+        delta_clip=delta_clip, return_deltas=True, compute_dtype=cdt,
     )  # fmt: skip
+    xs = xs if cdt is None else xs.astype(cdt)
     if _is_composite(model):
         jac = _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, key)
         return jax.tree.map(lambda d, j: _flow(out.value, d, j, fraction), out.deltas, jac)
@@ -553,16 +575,17 @@ def _flat(tree) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _truncation_bias(cell, ks, loss, reduction, params, readout, xs, targets, carry0, mask,
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _truncation_bias(cell, ks, loss, reduction, cdt, params, readout, xs, targets, carry0, mask,
                      loss_mask, resets):  # fmt: skip
     # The error arriving at each h_t from outside the recurrence (the readout): what the
     # reverse scan carries when every carry is cut, i.e. the deltas of truncate=1.
     dhs = losses.loss_and_grads(
         cell, params, readout, xs, targets, carry0,
         mask=mask, loss_mask=loss_mask, resets=resets, loss=loss, reduction=reduction,
-        truncate=1, return_deltas=True,
+        truncate=1, return_deltas=True, compute_dtype=cdt,
     ).deltas  # fmt: skip
+    xs = xs if cdt is None else xs.astype(cdt)
     states, res, carry_t = engine.forward(cell, params, xs, carry0, mask, resets=resets)
     zeros = jax.tree.map(jnp.zeros_like, carry_t)
     t = np.arange(xs.shape[0])
@@ -596,10 +619,11 @@ def _model_truncation_bias(model, ks, loss, reduction, params, readout, xs, targ
                            mask, valid, resets):  # fmt: skip
     # One forward of the stack and the readout's error on its outputs (independent of k);
     # then one backward of every layer per k, each layer's carries cut at the same steps.
+    # (xs arrives in the compute dtype under a policy.)
     head = losses.LossHead(loss, reduction)
     hs, carry_t, saved = engine.model_forward(model, params, xs, carry0, mask, resets, None)
     _, dy = head.forward(readout, hs, targets, valid)
-    dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), xs.dtype))
+    dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), readout.b_y.dtype))
     zeros = jax.tree.map(jnp.zeros_like, carry_t)
     t = np.arange(xs.shape[0])
     cuts = np.stack([(t % k == 0) & (t > 0) for k in (*ks, xs.shape[0])])  # last: full BPTT
@@ -628,6 +652,7 @@ def truncation_bias(
     resets=None,
     loss: str = "xent",
     reduction: str = "mean",
+    compute_dtype=None,
 ) -> TruncationBias:
     """How far truncated-k gradients are from the full-BPTT gradient, for a sweep of k.
 
@@ -648,8 +673,8 @@ def truncation_bias(
     :class:`~bptt_jax.Bidirectional`, or a Stack with one): ``ValueError``.
 
     Args:
-      model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction:
-        as in :func:`bptt_jax.sequence_loss`.
+      model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
+        compute_dtype: as in :func:`bptt_jax.sequence_loss`.
       ks: a non-empty sequence of positive ints, the truncation lengths.
 
     Returns:
@@ -688,7 +713,7 @@ def truncation_bias(
             )
         xs, targets, carry0, mask, valid, resets, _ = losses._check_loss_args(
             fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
-            reduction, None, None,
+            reduction, None, None, compute_dtype,
         )  # fmt: skip
         return _model_truncation_bias(
             model, tuple(ks), loss, reduction,
@@ -698,7 +723,7 @@ def truncation_bias(
     resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     loss_mask = validation.check_mask(fn, loss_mask, *xs.shape[:2], name="loss_mask")
     return _truncation_bias(
-        model, tuple(ks), loss, reduction,
+        model, tuple(ks), loss, reduction, _compute_name(fn, xs, compute_dtype),
         params, readout, xs, targets, carry0, mask, loss_mask, resets,
     )  # fmt: skip
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import _engine as engine
-from bptt_jax import losses, validation
+from bptt_jax import losses, precision, validation
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional, stacked
 from bptt_jax.models import output_size as output_size_of
@@ -27,6 +27,19 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 #: O(eps^2) ~ 1e-12 plus round-off O(1e-16 / eps) ~ 1e-10, amplified by the loss's scale.
 FD_TOLERANCE = 1e-6
 FD_EPS = 1e-6
+#: Under a precision policy (``compute_dtype``), tolerances in units of the compute dtype's
+#: machine epsilon (bfloat16: 2^-7 = 7.8e-3 with its 8-bit significand): each term of a
+#: gradient sum has a few factors rounded once to the compute dtype (the matmul operands,
+#: the stored states and gate residuals), each off by at most eps/2, so the manual gradient
+#: is within a few eps of the full-precision one: ``POLICY_ULPS * eps`` against autodiff in
+#: the params' dtype; twice that against autodiff of the same policy, itself that far off.
+POLICY_ULPS = 4
+
+
+def policy_tolerances(compute_dtype) -> tuple[float, float]:
+    """``(vs the params' dtype, vs autodiff of the same policy)`` for a compute dtype."""
+    eps = float(jnp.finfo(compute_dtype).eps)
+    return POLICY_ULPS * eps, 2 * POLICY_ULPS * eps
 
 
 def relative_error(a, b) -> float:
@@ -49,16 +62,29 @@ class GradientReport:
       finite_diff: leaf name -> relative error of the manual directional derivative vs a
         central finite difference (float64 only; empty otherwise).
       tolerance: the autodiff tolerance used (by dtype).
+      full_precision: under a precision policy (``compute_dtype``), leaf name -> max
+        relative error of the manual gradient vs autodiff in the params' dtype (no policy);
+        empty otherwise.
+      naive: under a policy, leaf name -> the same error of a naive run (params and inputs
+        cast to the compute dtype, no policy), for comparison; not part of ``passed``.
+      full_precision_tolerance: the tolerance of ``full_precision``.
     """
 
     config: str
     autodiff: dict[str, float]
     finite_diff: dict[str, float]
     tolerance: float
+    full_precision: dict[str, float] = dataclasses.field(default_factory=dict)
+    naive: dict[str, float] = dataclasses.field(default_factory=dict)
+    full_precision_tolerance: float = 0.0
 
     @property
     def passed(self) -> bool:
         ok = all(np.isfinite(e) and e <= self.tolerance for e in self.autodiff.values())
+        ok &= all(
+            np.isfinite(e) and e <= self.full_precision_tolerance
+            for e in self.full_precision.values()
+        )
         return ok and all(np.isfinite(e) and e <= FD_TOLERANCE for e in self.finite_diff.values())
 
     @property
@@ -134,6 +160,7 @@ def check_gradients(
     truncate: int | None = None,
     finite_differences: bool | None = None,
     key: jax.Array | None = None,
+    compute_dtype=None,
 ) -> GradientReport:
     """Compare the hand-written gradients with autodiff (and finite differences) on random data.
 
@@ -158,6 +185,11 @@ def check_gradients(
         gradient is by design not the derivative of the loss; its reference is autodiff
         with ``lax.stop_gradient`` at the chunk boundaries).
       key: PRNG key; default ``jax.random.key(0)``.
+      compute_dtype: a precision policy to check (:mod:`bptt_jax.precision`), e.g.
+        ``jnp.bfloat16`` with ``dtype=jnp.float32``: the manual gradient under the policy
+        is compared with autodiff of the same policy (``autodiff``) and with autodiff in
+        ``dtype`` (``full_precision``), within :func:`policy_tolerances`; a naive run in the
+        compute dtype is reported beside (``naive``).
 
     Both gradients are computed with ``jax.default_matmul_precision("highest")``, so that
     on GPUs and TPUs too the matmuls are true float32 and the dtype's tolerance applies.
@@ -175,6 +207,7 @@ def check_gradients(
     validation.check_choice("check_gradients", "path", path, ("loss", "unroll"))
     validation.check_choice("check_gradients", "backward", backward, ("manual", "checkpointed"))
     dtype = jnp.dtype(dtype)
+    cdt = precision.resolve("check_gradients", compute_dtype, dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError(
             "check_gradients: dtype float64 needs jax.config.update('jax_enable_x64', True)"
@@ -198,7 +231,7 @@ def check_gradients(
         argnums = (0, 1, 2, 3, 4) if loss == "mse" else (0, 1, 2, 4)
         names = ("params", "readout", "xs", "targets", "carry0")
 
-        def make(backward):
+        def make(backward, compute_dtype=cdt):
             def f(p, ro, x, tg, c0):
                 return losses.sequence_loss(
                     model,
@@ -212,6 +245,7 @@ def check_gradients(
                     reduction=reduction,
                     truncate=truncate,
                     backward=backward,
+                    compute_dtype=compute_dtype,
                 )
 
             return f
@@ -232,13 +266,20 @@ def check_gradients(
             ],
         )
 
-        def make(backward):
+        def make(backward, compute_dtype=cdt):
             def f(p, x, c0):  # <(hs, carry_T), random cotangent>: its gradient is the VJP
                 hs, c_t = engine.unroll(
-                    model, p, x, c0, mask=m, truncate=truncate, backward=backward
+                    model,
+                    p,
+                    x,
+                    c0,
+                    mask=m,
+                    truncate=truncate,
+                    backward=backward,
+                    compute_dtype=compute_dtype,
                 )
                 dots = [
-                    jnp.vdot(a, b)
+                    jnp.vdot(a.astype(b.dtype), b)
                     for a, b in zip(jax.tree.leaves((hs, c_t)), jax.tree.leaves((ct_hs, ct_carry)))
                 ]
                 return sum(dots)
@@ -254,14 +295,28 @@ def check_gradients(
         g_manual = jax.jit(jax.grad(f_manual, argnums=argnums))(*args)
         g_auto = jax.jit(jax.grad(f_auto, argnums=argnums))(*args)
 
-    errors, fd_errors = {}, {}
-    for i, gm, ga in zip(argnums, g_manual, g_auto):
-        lm, la = _named_leaves(gm, names[i]), _named_leaves(ga, names[i])
-        for name in lm:
-            errors[name] = relative_error(lm[name], la[name])
+    def leaf_errors(g, reference):
+        out = {}
+        for i, gm, ga in zip(argnums, g, reference):
+            lm, la = _named_leaves(gm, names[i]), _named_leaves(ga, names[i])
+            out.update({name: relative_error(lm[name], la[name]) for name in lm})
+        return out
+
+    errors, fd_errors, full, naive = leaf_errors(g_manual, g_auto), {}, {}, {}
+    tolerance = TOLERANCE[dtype.name]
+    full_tolerance = 0.0
+    if cdt is not None:
+        full_tolerance, tolerance = policy_tolerances(cdt)
+        with jax.default_matmul_precision("highest"):
+            g_full = jax.jit(jax.grad(make("autodiff", None), argnums=argnums))(*args)
+            low = jax.tree.map(
+                lambda a: a.astype(cdt) if jnp.issubdtype(a.dtype, jnp.floating) else a, args
+            )
+            g_naive = jax.jit(jax.grad(make(backward, None), argnums=argnums))(*low)
+        full, naive = leaf_errors(g_manual, g_full), leaf_errors(g_naive, g_full)
 
     if finite_differences is None:
-        finite_differences = dtype == jnp.float64 and truncate is None
+        finite_differences = dtype == jnp.float64 and truncate is None and cdt is None
     if finite_differences:
         with jax.default_matmul_precision("highest"):
             fd_errors = _finite_difference_errors(f_manual, args, argnums, g_manual, names, kv)
@@ -272,8 +327,9 @@ def check_gradients(
         f"mask={mask} carry0={'random' if random_carry else 'zero'}"
         + (f" loss={loss}/{reduction}" if path == "loss" else "")
         + (f" truncate={truncate}" if truncate else "")
+        + (f" compute={cdt.name}" if cdt is not None else "")
     )
-    return GradientReport(desc, errors, fd_errors, TOLERANCE[dtype.name])
+    return GradientReport(desc, errors, fd_errors, tolerance, full, naive, full_tolerance)
 
 
 def _finite_difference_errors(f, args, argnums, grads, names, key) -> dict[str, float]:
