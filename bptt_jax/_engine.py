@@ -3,7 +3,7 @@
 It composes three independent choices, so that every combination is composed, not written:
 
 1. **What is differentiated**: a cell walked forward in time (its step forward and step
-   backward come from the cell, see :mod:`bptt_jax.cells._common`), a cell walked over each
+   backward come from the cell, see :mod:`bptt_jax.cells.protocol`), a cell walked over each
    sequence's reversed valid prefix (a :class:`~bptt_jax.Bidirectional` layer's second
    direction), and layers of those composed into a :class:`~bptt_jax.Stack`
    (:func:`model_forward`, :func:`model_backward`).
@@ -25,6 +25,16 @@ engine owns every matmul over all ``T*B`` rows:
 * every shared-weight gradient, summed over all steps, and ``dxs`` are then single matmuls over
   the ``T*B`` rows: ``dW_h = H_prev^T dA``, ``dW_x = X^T dA``, ``db = sum dA``, ``dX = dA W_x^T``.
 
+That is the fast path, for a :class:`~bptt_jax.cells.FastCell` (the built-in cells). Any
+other cell (:class:`~bptt_jax.cells.Cell`: ``init``, ``zero_carry``, ``step``) takes the
+generic path, the same walks and the same sequence-level BPTT one step at a time: the
+forward ``lax.scan`` of ``cell.step`` stores the carries; the reverse ``lax.scan`` carries
+the error on the carry back in time and sums the params' gradient over the steps in its
+carry, each step's backward being the cell's ``step_backward``
+(:class:`~bptt_jax.cells.ManualCell`) or else ``jax.vjp`` of ``cell.step`` at
+``(params, carry_{t-1}, x_t)``. That per-step ``jax.vjp`` is the one place the library
+derives a backward by autodiff; no sequence is ever differentiated as a whole.
+
 Masks (right-padded variable-length batches), resets, truncation and per-step clipping are
 handled here, for all cells and models.
 """
@@ -40,8 +50,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from bptt_jax import precision, validation
-from bptt_jax._sharding import finish_cotangents, like_batch, sum_over_rows, vary_like
-from bptt_jax.cells import _common
+from bptt_jax._sharding import (
+    finish_cotangents,
+    like_batch,
+    sum_over_rows,
+    time_major_sharding,
+    vary_like,
+)
+from bptt_jax.cells import _common, protocol
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional, output_size
 
 BACKWARDS = ("manual", "checkpointed", "autodiff")
@@ -80,9 +96,14 @@ def output_error(dy, w):
     return _common.matmul(dy, w.T)
 
 
+def _per_example(v, x):
+    """``v`` (B,) shaped to broadcast against ``x`` (B, ...)."""
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
 def _select(m, a, b):
     """Per-example select over a carry pytree: ``a`` where ``m`` (B,) is set, else ``b``."""
-    return jax.tree.map(lambda x, y: jnp.where(m[:, None], x, y), a, b)
+    return jax.tree.map(lambda x, y: jnp.where(_per_example(m, x), x, y), a, b)
 
 
 def _select_all(c, a, b):
@@ -105,10 +126,10 @@ def clip_delta(dstate, threshold):
     ``delta * min(1, threshold / ||delta||)`` per example, the norm taken over every leaf of
     the carry (``h`` and ``c`` for the LSTM).
     """
-    sq = sum(jnp.sum(g * g, axis=-1) for g in jax.tree.leaves(dstate))  # (B,)
-    norm = jnp.sqrt(sq)
+    sq = sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(dstate))
+    norm = jnp.sqrt(sq)  # (B,)
     scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1)
-    return jax.tree.map(lambda g: g * scale[:, None].astype(g.dtype), dstate)
+    return jax.tree.map(lambda g: g * _per_example(scale, g).astype(g.dtype), dstate)
 
 
 def truncation_cuts(length: int, truncate: int | None):
@@ -173,8 +194,11 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
       a leading T axis (``cell.hidden(states)`` is ``hs``); ``buffers`` a tuple of (T, B, H)
       arrays whose first ``cell.residual_blocks`` hold what the cell's backward needs per
       step and the rest are input projections no longer needed (the backward writes its
-      gradients over all of them); ``None`` when ``keep_residuals`` is False.
+      gradients over all of them); ``None`` when ``keep_residuals`` is False. For a cell
+      off the fast path (not a :class:`~bptt_jax.cells.FastCell`): ``(xs,)``.
     """
+    if not protocol.is_fast(cell):
+        return _generic_forward(cell, params, xs, carry0, mask, keep_residuals, resets)
     n_res = cell.residual_blocks if keep_residuals else 0
     params = precision.compute_params(params, xs.dtype)  # kernels in the compute dtype
     carry0 = like_batch(carry0, xs)
@@ -233,8 +257,14 @@ def reverse_scan(
       forward's buffers in place (fresh ones where there are too few); and ``delta^h_t``
       (T, B, H), the error reaching each hidden state (after clipping), when ``keep_deltas``
       is True (else ``None``); a callable ``keep_deltas(dstate)`` instead stacks what it
-      returns from the error on the whole carry at each step.
+      returns from the error on the whole carry at each step. For a cell off the fast
+      path, ``dcols`` is ``(dparams, dxs)`` (see :func:`_generic_reverse_scan`).
     """
+    if not protocol.is_fast(cell):
+        return _generic_reverse_scan(
+            cell, params, carry0, mask, states, res, dhs, dcarry_t, cuts,
+            resets=resets, delta_clip=delta_clip, keep_deltas=keep_deltas, real=real,
+        )  # fmt: skip
     hs = cell.hidden(states)
     params = precision.compute_params(params, hs.dtype)
     dcarry_t, carry0 = like_batch((dcarry_t, carry0), hs)
@@ -306,8 +336,11 @@ def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
 
     ``dcols`` is the reverse scan's tuple of pre-activation gradients. Returns
     ``(dparams, dxs)``: per gate, ``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, ``db = sum dA``
-    (assembled by the cell) and ``dX = sum_gates dA W_x^T``.
+    (assembled by the cell) and ``dX = sum_gates dA W_x^T``. Off the fast path the reverse
+    scan has summed them already: ``dcols`` is ``(dparams, dxs)``.
     """
+    if not protocol.is_fast(cell):
+        return dcols
     acc = cell.input_kernel(params).dtype  # sums in the params' dtype
     cparams = precision.compute_params(params, xs.dtype)
     hs = cell.hidden(states)
@@ -337,6 +370,108 @@ def weight_grads(cell, params, xs, carry0, states, dcols, resets=None):
         for k, w in zip(cell.input_grads, w_x)
     )
     return grads, dxs
+
+
+# ================================================================ the generic path
+# Any cell that is not a FastCell: the sequence-level BPTT of the fast path, one step at a
+# time. The forward scan stores the carries (no residuals: the backward of step t runs at
+# (params, carry_{t-1}, x_t), carry_{t-1} read from the stored states); the reverse scan
+# carries the error on the carry and the params' gradient summed so far, and emits dx_t.
+# Masks, resets, truncation cuts, per-step clipping and kept deltas are those of
+# reverse_scan, line for line.
+
+
+def _step_backward(cell):
+    """``(cparams, carry, x, new, dnew) -> (dparams, dcarry, dx)`` of one step: the cell's
+    ``step_backward``, or ``jax.vjp`` of ``cell.step``'s new carry."""
+    if protocol.has_step_backward(cell):
+        return cell.step_backward
+
+    def vjp(params, carry, x, new, dnew):
+        del new
+        _, pullback = jax.vjp(lambda p, c, x_: cell.step(p, c, x_)[0], params, carry, x)
+        return pullback(dnew)
+
+    return vjp
+
+
+def _generic_forward(cell, params, xs, carry0, mask, keep_residuals, resets):
+    """:func:`forward` of a cell off the fast path: a ``lax.scan`` of ``cell.step``."""
+    cparams = precision.compute_params(params, xs.dtype)  # matrices in the compute dtype
+    carry0 = like_batch(carry0, xs)
+    store = xs.dtype  # the stacked states are stored in the compute dtype
+
+    def body(carry, inputs):
+        x_t, m_t, r_t = inputs
+        carry = _reset(r_t, carry)
+        new, _ = cell.step(cparams, carry, x_t)
+        if m_t is not None:  # padded step: the carry passes through unchanged
+            new = _select(m_t, new, carry)
+        return new, jax.tree.map(lambda c: c.astype(store), new)
+
+    carry_t, states = lax.scan(body, carry0, (xs, mask, resets))
+    return states, ((xs,) if keep_residuals else None), carry_t
+
+
+def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t, cuts, *,
+                          resets, delta_clip, keep_deltas, real):  # fmt: skip
+    """:func:`reverse_scan` of a cell off the fast path.
+
+    Returns ``(dcarry0, (dparams, dxs), deltas)``: ``dparams`` summed over the steps in the
+    params' dtype, ``dxs`` (T, B, D).
+    """
+    (xs,) = res
+    cparams = precision.compute_params(params, xs.dtype)
+    dcarry_t, carry0 = like_batch((dcarry_t, carry0), xs)
+    step_bwd = _step_backward(cell)
+    out_w = None
+    if isinstance(dhs, OutputError):
+        dhs, out_w = dhs
+        out_w = out_w.astype(xs.dtype)
+
+    def as_carry(state):  # a stored state back in the carry's dtypes
+        return jax.tree.map(lambda s, c: s.astype(c.dtype), state, carry0)
+
+    def body(scan_carry, inputs):
+        dstate, dparams = scan_carry
+        t, x_t, state_t, dh_t, m_t, cut_t, r_t, real_t = inputs
+        state_t = as_carry(state_t)
+        # The carry entering step t: carry0 at t = 0, else the state after step t-1.
+        prev_t = jax.tree.map(
+            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0)).astype(c0.dtype)),
+            carry0,
+            states,
+        )
+        prev_t = _reset(r_t, prev_t)
+        if out_w is not None:  # dh_t is the readout's dy_t
+            dh_t = _common.matmul(dh_t, out_w.T)
+        if dh_t is not None:
+            dstate = protocol.add_to_hidden(cell, dstate, dh_t)
+        if delta_clip is not None:
+            clipped = clip_delta(dstate, delta_clip)
+            dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
+        delta_h = None
+        if keep_deltas:
+            delta_h = keep_deltas(dstate) if callable(keep_deltas) else protocol.hidden(cell, dstate)
+        if m_t is None:
+            dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, dstate)
+        else:  # padded step: its error goes straight to the previous carry
+            zeros = _zeros_like(dstate)
+            dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, _select(m_t, dstate, zeros))
+            dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
+        if cut_t is not None:
+            dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
+        if r_t is not None:  # the carry was replaced by zeros: nothing flows further back
+            dprev = _select(r_t, _zeros_like(dprev), dprev)
+        dprev = jax.tree.map(lambda g, c: g.astype(c.dtype), dprev, carry0)
+        dparams = jax.tree.map(lambda a, g: a + g.astype(a.dtype), dparams, dp)
+        return (dprev, dparams), (dx.astype(xs.dtype), delta_h)
+
+    ts = jnp.arange(xs.shape[0])
+    init = (dcarry_t, vary_like(_zeros_like(params), xs))
+    inputs = (ts, xs, states, dhs, mask, cuts, resets, real)
+    (dcarry0, dparams), (dxs, deltas) = lax.scan(body, init, inputs, reverse=True)
+    return dcarry0, (dparams, dxs), deltas
 
 
 # ====================================================================== models
@@ -407,7 +542,7 @@ def _split_error(layer, dhs, idx):
     The reverse direction's comes in its own (reversed) time. An :class:`OutputError` stays
     one: its readout kernel is split by rows, its ``dy`` reversed.
     """
-    hf, merge = layer.forward.hidden_size, layer.merge
+    hf, merge = protocol.output_size(layer.forward), layer.merge
     if isinstance(dhs, OutputError):
         dy, w = dhs
         dy_b = reverse_time(dy, idx)
@@ -437,7 +572,7 @@ class _Full:
         states, bufs, carry_t = forward(
             cell, params, xs, carry0, mask, keep_residuals=keep, resets=resets
         )
-        return cell.hidden(states), carry_t, (states, bufs) if keep else None
+        return protocol.hidden_seq(cell, states), carry_t, (states, bufs) if keep else None
 
     @staticmethod
     def backward(cell, params, xs, carry0, mask, resets, saved, dhs, dcarry_t, cuts, clip, real,
@@ -491,9 +626,9 @@ def _layer_output(layer, saved, idx):
     """A layer's outputs, from what its full-BPTT forward stored."""
     if isinstance(layer, Bidirectional):
         (sf, _), (sb, _) = saved
-        hb = reverse_time(layer.backward.hidden(sb), idx)
-        return merge_outputs(layer.merge, layer.forward.hidden(sf), hb)
-    return layer.hidden(saved[0])
+        hb = reverse_time(protocol.hidden_seq(layer.backward, sb), idx)
+        return merge_outputs(layer.merge, protocol.hidden_seq(layer.forward, sf), hb)
+    return protocol.hidden_seq(layer, saved[0])
 
 
 def model_forward(model, params, xs, carry0, mask, resets, drops, *, keep=True, walk=FULL):
@@ -612,17 +747,21 @@ def default_segment(length: int) -> int:
     return math.ceil(length / n)
 
 
-def _carry_parts(cell) -> int:
-    return len(jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1))))
+def _carry_units(cell) -> int:
+    """Numbers per example in the cell's carry (``H`` per part for the built-in cells)."""
+    leaves = jax.tree.leaves(jax.eval_shape(lambda: cell.zero_carry(1)))
+    return sum(math.prod(c.shape[1:]) for c in leaves)
 
 
 def stored_per_step(model, batch: int, dtype) -> int:
-    """Bytes the manual backward stores per step: every cell's carry parts and in-place block
-    buffers (input projections, then residuals, then gradients), and the readout's error."""
+    """Bytes the manual backward stores per step: every cell's carry and in-place block
+    buffers (input projections, then residuals, then gradients; none off the fast path),
+    and the readout's error."""
     units = output_size(model)
     for cell in cells_of(model):
-        blocks = max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
-        units += cell.hidden_size * (_carry_parts(cell) + blocks)
+        units += _carry_units(cell)
+        if protocol.is_fast(cell):
+            units += cell.hidden_size * max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
     return batch * units * jnp.dtype(dtype).itemsize
 
 
@@ -634,7 +773,7 @@ def segment_for_budget(model, length: int, batch: int, dtype, budget: int) -> in
     ``ValueError`` when even the smallest fit is too big.
     """
     per_step = stored_per_step(model, batch, dtype)
-    units = sum(c.hidden_size * _carry_parts(c) for c in cells_of(model))
+    units = sum(_carry_units(c) for c in cells_of(model))
     per_carry = batch * units * jnp.dtype(dtype).itemsize
 
     def need(s):
@@ -1053,7 +1192,8 @@ def dropout_multipliers(fn: str, model, key, xs):
                 f"{fn}: dropout_key must be a PRNG key (jax.random.key(seed)); got "
                 f"{type(key).__name__}{getattr(key, 'shape', '')}"
             )
-    return model.dropout_masks(key, xs.shape[0], xs.shape[1], xs.dtype)
+    out = time_major_sharding(xs)  # drawn per device under an Explicit mesh
+    return model.dropout_masks(key, xs.shape[0], xs.shape[1], xs.dtype, out_sharding=out)
 
 
 # ------------------------------------------------------------- the autodiff reference
@@ -1087,7 +1227,7 @@ def _scan_autodiff(cell, params, xs, carry0, mask, truncate, resets, delta_clip)
             new = _select(m_t, new, carry)
         if delta_clip is not None:
             new = _clip_cotangent(new, delta_clip)
-        return new, cell.hidden(new).astype(xs.dtype)
+        return new, protocol.hidden(cell, new).astype(xs.dtype)
 
     carry_t, hs = lax.scan(body, like_batch(carry0, xs), (xs, mask, cuts, resets))
     return hs, carry_t
@@ -1150,13 +1290,15 @@ def unroll(
             for t in range(T):
                 new, h = cell.step(params, carry, xs[t])
                 carry = new if mask is None else where(mask[t], new, carry)
-                hs.append(cell.hidden(carry))
+                hs.append(hidden(carry))  # cell.hidden(carry), or the carry itself
             return stack(hs), carry
 
-    but compiled as one ``lax.scan`` with the input projection hoisted out of the loop, and
-    differentiated by a hand-written reverse scan (a ``jax.custom_vjp``) that returns real
-    cotangents for ``params``, ``xs`` and ``carry0``, so any loss built on ``hs`` and
-    ``carry_T`` gets the manual backward under ``jax.grad``. A :class:`~bptt_jax.Stack` runs
+    but compiled as one ``lax.scan`` (for the built-in cells with the input projection
+    hoisted out of the loop), and differentiated by a hand-written reverse scan (a
+    ``jax.custom_vjp``) that returns real cotangents for ``params``, ``xs`` and ``carry0``,
+    so any loss built on ``hs`` and ``carry_T`` gets the manual backward under ``jax.grad``.
+    A cell of your own (:mod:`bptt_jax.cells.protocol`) gets the same sequence-level BPTT,
+    each step's backward being its ``step_backward`` or ``jax.vjp`` of its ``step``. A :class:`~bptt_jax.Stack` runs
     its layers in turn, each on the previous one's outputs; a
     :class:`~bptt_jax.Bidirectional` runs its second cell over each sequence's reversed valid
     prefix and merges the outputs. Forward-mode AD (``jax.jvp``, ``jax.jacfwd``) cannot pass
@@ -1164,8 +1306,8 @@ def unroll(
 
     Args:
       model: a cell (:class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM`,
-        :class:`~bptt_jax.GRU`), a :class:`~bptt_jax.Bidirectional` or a
-        :class:`~bptt_jax.Stack`.
+        :class:`~bptt_jax.GRU`, or any :class:`~bptt_jax.cells.Cell`), a
+        :class:`~bptt_jax.Bidirectional` or a :class:`~bptt_jax.Stack`.
       params: the model's params (``model.init(key, D)``).
       xs: inputs, time-major ``(T, B, D)``, the params' dtype.
       carry0: initial carry (a cell's: ``(B, H)`` or ``LSTMCarry(h, c)``; a model's: see

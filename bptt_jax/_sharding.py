@@ -36,6 +36,28 @@ def vary_like(tree, like):
     return jax.tree.map(cast, tree)
 
 
+def _explicit_batch(xs):
+    """The mesh axes sharding ``xs``'s batch axis (axis 1), if they are Explicit; else None."""
+    sharding = getattr(jax.typeof(xs), "sharding", None)
+    if sharding is None or sharding.mesh.empty or len(sharding.spec) < 2:
+        return None
+    batch = sharding.spec[1]
+    if batch is None:
+        return None
+    names = batch if isinstance(batch, tuple) else (batch,)
+    mesh = sharding.mesh
+    if any(mesh.axis_types[mesh.axis_names.index(n)] != AxisType.Explicit for n in names):
+        return None
+    return batch
+
+
+def time_major_sharding(xs):
+    """``out_sharding`` for a new (T, B, ...) array laid out like ``xs`` under an Explicit
+    mesh (e.g. dropout masks drawn per example); ``None`` otherwise."""
+    batch = _explicit_batch(xs)
+    return None if batch is None else P(None, batch)
+
+
 def like_batch(tree, xs):
     """Carries ``tree`` (leaves ``(B, ...)``) laid out like the batch axis of ``xs`` (T, B, ...).
 
@@ -44,15 +66,8 @@ def like_batch(tree, xs):
     carry must keep one type from step to step).
     """
     tree = vary_like(tree, xs)
-    sharding = getattr(jax.typeof(xs), "sharding", None)
-    if sharding is None or sharding.mesh.empty or len(sharding.spec) < 2:
-        return tree
-    batch = sharding.spec[1]
+    batch = _explicit_batch(xs)
     if batch is None:
-        return tree
-    names = batch if isinstance(batch, tuple) else (batch,)
-    mesh = sharding.mesh
-    if any(mesh.axis_types[mesh.axis_names.index(n)] != AxisType.Explicit for n in names):
         return tree
 
     def put(x):

@@ -221,19 +221,25 @@ class Stack:
             new.append(c)
         return tuple(new), x
 
-    def dropout_masks(self, key, seq_len: int, batch_size: int, dtype=jnp.float32) -> tuple:
+    def dropout_masks(
+        self, key, seq_len: int, batch_size: int, dtype=jnp.float32, out_sharding=None
+    ) -> tuple:
         """The inverted-dropout multipliers of layers 1..L-1, drawn from ``key``.
 
         Returns a tuple of L-1 arrays ``(T, B, F_k)`` (``F_k`` layer k's input size), each
         entry ``0`` or ``1 / (1 - dropout)``; layer k's input is ``outputs_{k-1} * masks[k-1]``.
-        ``key=None`` or ``dropout=0``: ``None`` (no dropout).
+        ``key=None`` or ``dropout=0``: ``None`` (no dropout). ``out_sharding``: as in
+        ``jax.random.bernoulli`` (the engine draws them sharded like a sharded batch; the
+        values do not depend on it).
         """
         if key is None or self.dropout == 0.0 or len(self.layers) == 1:
             return None
         keep = 1.0 - self.dropout
         keys = jax.random.split(key, len(self.layers) - 1)
         return tuple(
-            jax.random.bernoulli(k, keep, (seq_len, batch_size, _output_size(layer))).astype(dtype)
+            jax.random.bernoulli(
+                k, keep, (seq_len, batch_size, _output_size(layer)), out_sharding=out_sharding
+            ).astype(dtype)
             * jnp.asarray(1.0 / keep, dtype)
             for k, layer in zip(keys, self.layers[:-1])
         )
