@@ -212,7 +212,8 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
     def body(scan_carry, inputs):
         carry, bufs = scan_carry
         t, xp_rest, m_t, r_t = inputs
-        xp_t = tuple(a + b for a, b in zip(_rows(bufs[:n_in], t) + xp_rest, bias))
+        # (under a policy: the stored projection up to the bias's, the params', dtype)
+        xp_t = tuple(a.astype(b.dtype) + b for a, b in zip(_rows(bufs[:n_in], t) + xp_rest, bias))
         carry = _reset(r_t, carry)
         new, res = cell.forward(params, carry, xp_t)
         if m_t is not None:  # padded step: the carry passes through unchanged
@@ -285,13 +286,18 @@ def reverse_scan(
     n_in = min(n_res, n_grad)
     res_rest = bufs[n_in:n_res]
 
+    acc = jax.tree.leaves(carry0)[0].dtype  # the carry's (params') dtype
+
     def body(scan_carry, inputs):
         dstate, out, res_next = scan_carry
         t, state_t, dh_t, m_t, cut_t, r_t, real_t, res_t_rest = inputs
-        res_t = res_next + res_t_rest
+        # The cell's step backward sees everything in the carry's dtype (under a policy the
+        # stored rows are in the compute dtype).
+        res_t = tuple(r.astype(acc) for r in res_next + res_t_rest)
+        state_t = jax.tree.map(lambda s, c: s.astype(c.dtype), state_t, carry0)
         # The carry entering step t: carry0 at t = 0, else the state after step t-1.
         prev_t = jax.tree.map(
-            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0))),
+            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0)).astype(c0.dtype)),
             carry0,
             states,
         )
@@ -299,7 +305,7 @@ def reverse_scan(
         if out_w is not None:  # dh_t is the readout's dy_t
             dh_t = _common.matmul(dh_t, out_w.T)
         if dh_t is not None:
-            dstate = cell.add_to_hidden(dstate, dh_t)
+            dstate = cell.add_to_hidden(dstate, dh_t.astype(acc))
         if delta_clip is not None:
             clipped = clip_delta(dstate, delta_clip)
             dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
@@ -452,7 +458,8 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
             dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
         delta_h = None
         if keep_deltas:
-            delta_h = keep_deltas(dstate) if callable(keep_deltas) else protocol.hidden(cell, dstate)
+            kept = keep_deltas if callable(keep_deltas) else partial(protocol.hidden, cell)
+            delta_h = kept(dstate)
         if m_t is None:
             dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, dstate)
         else:  # padded step: its error goes straight to the previous carry
@@ -727,7 +734,7 @@ def model_backward(model, params, xs, carry0, mask, resets, drops, saved, dhs, d
                 delta_clip, real, keep_deltas,
             )  # fmt: skip
         if k:
-            dhs = dx if drops is None else dx * drops[k - 1]
+            dhs = dx if drops is None else dx * drops[k - 1].astype(dx.dtype)
     out_deltas = from_layers(model, deltas) if keep_deltas else None
     return from_layers(model, grads), dx, from_layers(model, dcarry0), out_deltas
 
@@ -1222,6 +1229,8 @@ def _scan_autodiff(cell, params, xs, carry0, mask, truncate, resets, delta_clip)
         if cut_t is not None:
             carry = jax.tree.map(lambda c: jnp.where(cut_t, lax.stop_gradient(c), c), carry)
         carry = _reset(r_t, carry)
+        # under a policy x_t in the carry's dtype; the step's matmuls cast it to the kernels'
+        x_t = x_t.astype(jax.tree.leaves(carry)[0].dtype)
         new, _ = cell.step(params, carry, x_t)
         if m_t is not None:
             new = _select(m_t, new, carry)
@@ -1298,8 +1307,8 @@ def unroll(
     ``jax.custom_vjp``) that returns real cotangents for ``params``, ``xs`` and ``carry0``,
     so any loss built on ``hs`` and ``carry_T`` gets the manual backward under ``jax.grad``.
     A cell of your own (:mod:`bptt_jax.cells.protocol`) gets the same sequence-level BPTT,
-    each step's backward being its ``step_backward`` or ``jax.vjp`` of its ``step``. A :class:`~bptt_jax.Stack` runs
-    its layers in turn, each on the previous one's outputs; a
+    each step's backward being its ``step_backward`` or ``jax.vjp`` of its ``step``. A
+    :class:`~bptt_jax.Stack` runs its layers in turn, each on the previous one's outputs; a
     :class:`~bptt_jax.Bidirectional` runs its second cell over each sequence's reversed valid
     prefix and merges the outputs. Forward-mode AD (``jax.jvp``, ``jax.jacfwd``) cannot pass
     a ``custom_vjp``: use ``backward="autodiff"`` for it.

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from bptt_jax import config as config_lib
-from bptt_jax import losses, parallel, tasks, truncated
+from bptt_jax import losses, parallel, precision, tasks, truncated
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.config import ConfigError
 from bptt_jax.models import Stack, is_bidirectional, stacked
@@ -73,6 +73,9 @@ class ModelConfig:
     forget_bias: float = 1.0  # lstm only
     init: Literal["uniform", "orthogonal"] = "uniform"
     dtype: Literal["float32", "float64"] = "float32"
+    # the precision policy (bptt_jax.precision): "bfloat16" or "float16" compute with
+    # params, carries and sums in `dtype`; "" (the default): compute in `dtype`
+    compute_dtype: Literal["", "bfloat16", "float16", "float32", "float64"] = ""
 
 
 #: Optimizers with their own handling; any other optax alias taking ``learning_rate`` as its
@@ -190,6 +193,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("config: 'checkpoint.every' needs 'checkpoint.dir'")
     if m.num_layers < 1:
         raise ConfigError(f"config: 'model.num_layers' must be a positive int; got {m.num_layers}")
+    if m.compute_dtype and jnp.dtype(m.compute_dtype).itemsize > jnp.dtype(m.dtype).itemsize:
+        raise ConfigError(
+            f"config: 'model.compute_dtype' ({m.compute_dtype}) must be no wider than "
+            f"'model.dtype' ({m.dtype}): the policy computes in it and keeps params in dtype"
+        )
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"config: 'model.dropout' must be in [0, 1); got {m.dropout!r}")
     if m.dropout and m.num_layers == 1:
@@ -335,6 +343,7 @@ def trainer(
     metrics_fn: MetricsFn | None = None,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
+    compute_dtype=None,
 ) -> Trainer:
     """A jit-compiled train step for full BPTT (``k1=None``) or TBPTT(k1, k2).
 
@@ -372,6 +381,9 @@ def trainer(
       mesh: a ``jax.sharding.Mesh`` with an axis ``data_axis`` (e.g.
         :func:`bptt_jax.parallel.data_mesh`), or ``None`` for one device.
       data_axis: the mesh axis the batch is split along.
+      compute_dtype: a precision policy (:mod:`bptt_jax.precision`), e.g. ``"bfloat16"``:
+        the forward and backward compute in it while the params (the optimizer's master
+        weights), carries and gradient sums stay in the params' dtype.
 
     Raises:
       ValueError: ``k1``/``k2`` not positive or ``k1 > k2`` (naming the argument); TBPTT for
@@ -389,11 +401,18 @@ def trainer(
         raise ValueError("trainer: k2 needs k1 (TBPTT(k1, k2)); got k1=None")
     if mesh is not None:
         parallel.axis_size("trainer", mesh, data_axis)
-    return _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis)
+    if compute_dtype is not None:  # a floating dtype; checked against the params' at step 1
+        precision.resolve("trainer", compute_dtype, jnp.float64)
+        compute_dtype = jnp.dtype(compute_dtype).name
+    return _trainer(
+        cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis, compute_dtype
+    )
 
 
 @lru_cache(maxsize=32)
-def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis) -> Trainer:
+def _trainer(
+    cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis, compute_dtype
+) -> Trainer:
     """:func:`trainer`, cached: equal arguments share one compiled step (cells and configs
     are frozen dataclasses, so equal settings hash equal)."""
     tx = make_optimizer(optim)
@@ -472,6 +491,7 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis) 
                 loss=loss,
                 reduction=reduction,
                 dropout_key=dkey,
+                compute_dtype=compute_dtype,
                 **common,
             )
             opt_state, params, readout, metrics = update(
@@ -494,6 +514,7 @@ def _trainer(cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis) 
                 loss=loss,
                 reduction=reduction,
                 dropout_key=dkey,
+                compute_dtype=compute_dtype,
                 **common,
             )
             opt_state, params, readout, carry, metrics = out
@@ -561,6 +582,7 @@ def build(cfg: Config, mesh: jax.sharding.Mesh | None = None):
 
 def _trainer_of(cfg: Config, task, cell, mesh) -> Trainer:
     kwargs = {} if mesh is None else dict(mesh=mesh, data_axis=cfg.parallel.axis)
+    kwargs["compute_dtype"] = cfg.model.compute_dtype or None
     return trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2, **kwargs)
 
 

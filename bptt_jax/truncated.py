@@ -205,6 +205,7 @@ def tbptt(
     loss: str = "xent",
     reduction: str = "mean",
     dropout_key: jax.Array | None = None,
+    compute_dtype=None,
 ) -> TBPTTResult:
     """Train over one sequence (or chunk of a stream) with TBPTT(k1, k2): N = ceil(T/k1) updates.
 
@@ -280,6 +281,7 @@ def tbptt(
             reduction=reduction,
             carry_index=carry_index,
             dropout_key=None if dropout_key is None else jax.random.fold_in(dropout_key, j),
+            compute_dtype=compute_dtype,
         )
         ustate, p, ro, aux = update(ustate, p, ro, lg, win)
         return (ustate, p, ro, lg.carry, j + 1), aux

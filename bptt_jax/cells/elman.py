@@ -92,7 +92,7 @@ class Elman:
     def step(self, params: ElmanParams, carry: jax.Array, x: jax.Array):
         """One time step: ``(h_{t-1} (B, H), x_t (B, D)) -> (h_t, h_t)``."""
         f = _common.ACTIVATIONS[self.activation].fn
-        h = f(x @ params.w_xh + _common.matmul(carry, params.w_hh) + params.b_h)
+        h = f(_common.matmul(x, params.w_xh) + _common.matmul(carry, params.w_hh) + params.b_h)
         return h, h
 
     # ------------------------------------------------------------------ engine face

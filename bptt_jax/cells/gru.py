@@ -81,7 +81,7 @@ class GRU:
 
     def step(self, params: GRUParams, carry: jax.Array, x: jax.Array):
         """One time step: ``(h_{t-1} (B, H), x_t (B, D)) -> (h_t, h_t)``."""
-        xp = jnp.split(x @ params.w_x + params.b_x, 3, axis=-1)
+        xp = jnp.split(_common.matmul(x, params.w_x) + params.b_x, 3, axis=-1)
         new, _ = self.forward(params, carry, xp)
         return new, new
 

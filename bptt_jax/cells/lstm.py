@@ -96,7 +96,7 @@ class LSTM:
 
     def step(self, params: LSTMParams, carry: LSTMCarry, x: jax.Array):
         """One time step: ``(LSTMCarry, x_t (B, D)) -> (LSTMCarry, h_t)``."""
-        xp = x @ params.w_x + self._bias(params)
+        xp = _common.matmul(x, params.w_x) + self._bias(params)
         new, _ = self.forward(params, carry, jnp.split(xp, 4, axis=-1))
         return new, new.h
 
