@@ -3,7 +3,9 @@
 Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`) and models of them (:class:`Stack`,
 :class:`Bidirectional`, :func:`stacked`) run over time-major sequences with :func:`unroll`
 and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse ``lax.scan``
-(the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`.
+(the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`. Any cell
+of your own that meets :class:`Cell` (``init``, ``zero_carry``, ``step``) goes wherever a
+built-in one goes (:mod:`bptt_jax.cells.protocol`).
 
 The names below are the public API. ``bptt_jax._engine`` (the sequence engine) and
 ``bptt_jax.validation`` are internals: their functions may change without notice.
@@ -17,10 +19,16 @@ from bptt_jax.cells import (
     LSTM as LSTM,
 )
 from bptt_jax.cells import (
+    Cell as Cell,
+)
+from bptt_jax.cells import (
     Elman as Elman,
 )
 from bptt_jax.cells import (
     ElmanParams as ElmanParams,
+)
+from bptt_jax.cells import (
+    FastCell as FastCell,
 )
 from bptt_jax.cells import (
     GRUParams as GRUParams,
@@ -30,6 +38,9 @@ from bptt_jax.cells import (
 )
 from bptt_jax.cells import (
     LSTMParams as LSTMParams,
+)
+from bptt_jax.cells import (
+    ManualCell as ManualCell,
 )
 from bptt_jax.diagnostics import (
     GradientFlow as GradientFlow,

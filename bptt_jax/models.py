@@ -15,6 +15,11 @@ Layout, as PyTorch indexes ``nn.LSTM(num_layers=L, bidirectional=True)``:
 
 So ``params[1][0].w_h`` is layer 1's forward recurrent kernel, and PyTorch's ``h_n[2*k + d]``
 is ``carry[k][d]`` (its ``.h`` for an LSTM).
+
+Any cell goes into a model, the built-in ones and your own (:mod:`bptt_jax.cells.protocol`);
+a layer's output size, the next layer's input size, is its cell's
+:func:`~bptt_jax.cells.protocol.output_size` (``hidden_size`` for the built-in cells, else
+the last axis of ``hidden(zero_carry(1))``).
 """
 
 from __future__ import annotations
@@ -25,14 +30,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.cells import GRU, LSTM, Elman, _common
+from bptt_jax.cells import GRU, LSTM, Elman, _common, protocol
 
 MERGES = ("concat", "sum", "mean")
+#: The built-in cells.
 CELL_TYPES = (Elman, LSTM, GRU)
 
 
 def _is_cell(x) -> bool:
-    return isinstance(x, CELL_TYPES)
+    """A cell: anything with ``init``, ``zero_carry`` and ``step`` that is not a model."""
+    return not isinstance(x, (Stack, Bidirectional)) and protocol.is_cell(x)
+
+
+def not_a_cell(where: str, x, also: str = "") -> str:
+    """The message for ``x`` given where a cell goes: what it is, and what it lacks."""
+    name = type(x).__name__
+    missing = protocol.missing_methods(x)
+    lacks = ""
+    if missing and not isinstance(x, (str, int, float, tuple, list, dict, type(None), type)):
+        lacks = f" (it has no {', '.join(missing)})"
+    return (
+        f"{where} must be a cell (bptt_jax.Elman, LSTM, GRU or your own: an object with "
+        f"init(key, input_size, dtype), zero_carry(batch_size, dtype) and "
+        f"step(params, carry, x_t) -> (carry, h_t), see bptt_jax.cells.Cell){also}; "
+        f"got {name}{lacks}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +72,7 @@ class Bidirectional:
     ``mean``.
 
     Args:
-      forward: the forward-time cell (``Elman``, ``LSTM`` or ``GRU``).
+      forward: the forward-time cell (``Elman``, ``LSTM``, ``GRU`` or your own).
       backward: the reverse-time cell; ``None`` for a cell configured like ``forward`` (its
         params are still its own).
       merge: ``"concat"`` (output size 2H), ``"sum"`` or ``"mean"`` (output size H; both cells
@@ -76,20 +98,14 @@ class Bidirectional:
 
     def __post_init__(self):
         if not _is_cell(self.forward):
-            raise TypeError(
-                "Bidirectional: forward must be a cell (bptt_jax.Elman, LSTM or GRU); "
-                f"got {type(self.forward).__name__}"
-            )
+            raise TypeError(not_a_cell("Bidirectional: forward", self.forward))
         if self.backward is None:
             object.__setattr__(self, "backward", self.forward)
         if not _is_cell(self.backward):
-            raise TypeError(
-                "Bidirectional: backward must be a cell (bptt_jax.Elman, LSTM or GRU) or None; "
-                f"got {type(self.backward).__name__}"
-            )
+            raise TypeError(not_a_cell("Bidirectional: backward", self.backward, " or None"))
         if self.merge not in MERGES:
             raise ValueError(f"Bidirectional: merge must be one of {MERGES}; got {self.merge!r}")
-        hf, hb = self.forward.hidden_size, self.backward.hidden_size
+        hf, hb = protocol.output_size(self.forward), protocol.output_size(self.backward)
         if self.merge != "concat" and hf != hb:
             raise ValueError(
                 f"Bidirectional: merge={self.merge!r} needs equal hidden sizes; got forward "
@@ -104,8 +120,8 @@ class Bidirectional:
     @property
     def output_size(self) -> int:
         """Features per step of the merged output."""
-        hf = self.forward.hidden_size
-        return hf + self.backward.hidden_size if self.merge == "concat" else hf
+        hf = protocol.output_size(self.forward)
+        return hf + protocol.output_size(self.backward) if self.merge == "concat" else hf
 
     def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> tuple:
         """``(forward.init(k0, D), backward.init(k1, D))`` with ``k0, k1 = split(key)``."""
@@ -121,7 +137,7 @@ class Bidirectional:
 
 
 def _output_size(layer) -> int:
-    return layer.output_size if isinstance(layer, Bidirectional) else layer.hidden_size
+    return layer.output_size if isinstance(layer, Bidirectional) else protocol.output_size(layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +179,7 @@ class Stack:
             )
         for k, layer in enumerate(layers):
             if not (_is_cell(layer) or isinstance(layer, Bidirectional)):
-                raise TypeError(
-                    f"Stack: layers[{k}] must be a cell (Elman, LSTM, GRU) or a Bidirectional; "
-                    f"got {type(layer).__name__}"
-                )
+                raise TypeError(not_a_cell(f"Stack: layers[{k}]", layer, " or a Bidirectional"))
         object.__setattr__(self, "layers", layers)
         p = self.dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
@@ -254,7 +267,8 @@ def stacked(cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: 
     :class:`Bidirectional` with ``merge="concat"`` when ``bidirectional``.
 
     Args:
-      cell: the cell every layer (and direction) is configured like; each has its own params.
+      cell: the cell every layer (and direction) is configured like (a built-in one or your
+        own); each has its own params.
       num_layers: L >= 1.
       bidirectional: make every layer bidirectional.
       dropout: between layers (see :class:`Stack`).
@@ -265,9 +279,7 @@ def stacked(cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: 
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"stacked: num_layers must be a positive int; got {num_layers!r}")
     if not _is_cell(cell):
-        raise TypeError(
-            f"stacked: cell must be a bptt_jax.Elman, LSTM or GRU; got {type(cell).__name__}"
-        )
+        raise TypeError(not_a_cell("stacked: cell", cell))
     layer = Bidirectional(cell) if bidirectional else cell
     return Stack((layer,) * num_layers, dropout=dropout)
 
@@ -279,7 +291,9 @@ def is_model(x) -> bool:
 
 def output_size(model) -> int:
     """Features per step of a model's output ``hs``."""
-    return model.output_size if isinstance(model, (Bidirectional, Stack)) else model.hidden_size
+    if isinstance(model, (Bidirectional, Stack)):
+        return model.output_size
+    return protocol.output_size(model)
 
 
 def is_bidirectional(model) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from bptt_jax import precision
 from bptt_jax._sharding import like_batch
-from bptt_jax.cells import LSTM, PARAMS_TYPES, LSTMCarry
+from bptt_jax.cells import LSTM, PARAMS_TYPES, LSTMCarry, protocol
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -42,12 +42,137 @@ def check_choice(fn: str, name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{fn}: {name} must be one of {choices}; got {value!r}")
 
 
-def check_cell(fn: str, cell) -> None:
-    if type(cell) not in PARAMS_TYPES:
+def _builtin(cell) -> bool:
+    return type(cell) in PARAMS_TYPES
+
+
+def check_cell(fn: str, cell, where: str = "cell") -> None:
+    """``cell`` meets a contract of :mod:`bptt_jax.cells.protocol` and is hashable."""
+    from bptt_jax.models import _is_cell, not_a_cell
+
+    if _builtin(cell):
+        return
+    if not _is_cell(cell):
+        raise TypeError(not_a_cell(f"{fn}: {where}", cell))
+    name = type(cell).__name__
+    missing = protocol.missing_fast_members(cell)
+    if missing:
+        has = [m for m in protocol.FAST_MEMBERS if hasattr(cell, m)]
         raise TypeError(
-            f"{fn}: cell must be a bptt_jax.Elman, bptt_jax.LSTM or bptt_jax.GRU; "
-            f"got {type(cell).__name__}"
+            f"{fn}: {where} {name} has some of a FastCell's members ({', '.join(has)}) but not "
+            f"{', '.join(missing)}; give it all of them (bptt_jax.cells.FastCell, the fast path) "
+            "or none of them (a bptt_jax.cells.Cell: init, zero_carry, step)"
         )
+    try:
+        hash(cell)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: {where} {name} must be hashable (a cell is a static argument of jax.jit and "
+            "of the engine's custom_vjp); make it a frozen dataclass, "
+            "@dataclasses.dataclass(frozen=True), or define __hash__ and __eq__"
+        ) from None
+
+
+def check_model(fn: str, model, where: str = "model") -> None:
+    """``model`` is a cell (:func:`check_cell`), a Bidirectional or a Stack (of cells)."""
+    from bptt_jax.models import Bidirectional, Stack, is_model, not_a_cell
+
+    if not is_model(model):
+        raise TypeError(
+            not_a_cell(f"{fn}: {where}", model, ", a bptt_jax.Bidirectional or a bptt_jax.Stack")
+        )
+    if not isinstance(model, (Stack, Bidirectional)):
+        check_cell(fn, model, where)
+        return
+    for layer in model.layers if isinstance(model, Stack) else (model,):
+        for cell in layer.cells if isinstance(layer, Bidirectional) else (layer,):
+            check_cell(fn, cell, f"{where}'s cell")
+
+
+def _path(where: str, path) -> str:
+    return where + jax.tree_util.keystr(path)
+
+
+def _structure_error(fn: str, where: str, got, want, what: str) -> TypeError:
+    """The TypeError for ``got`` not having the tree structure of ``want``: the paths
+    missing from it and those it should not have."""
+    got_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(got)]
+    want_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(want)]
+    missing = [where + p for p in want_paths if p not in got_paths]
+    extra = [where + p for p in got_paths if p not in want_paths]
+    detail = ""
+    if missing:
+        detail += f"; missing: {', '.join(missing)}"
+    if extra:
+        detail += f"; not expected: {', '.join(extra)}"
+    return TypeError(
+        f"{fn}: {where} must have the structure of {what}, {jax.tree.structure(want)}; got "
+        f"{jax.tree.structure(got)}{detail}"
+    )
+
+
+def check_tree(fn: str, where: str, got, want, what: str, *, dtypes: bool = True) -> None:
+    """``got`` (arrays) has ``want`` 's (ShapeDtypeStructs) structure, shapes and dtypes.
+
+    ``what`` says where ``want`` comes from (e.g. ``IndRNN.init(key, input_size=3)``).
+    Raises TypeError for the structure and dtypes, ValueError for shapes, naming the leaf.
+    """
+    if jax.tree.structure(got) != jax.tree.structure(want):
+        raise _structure_error(fn, where, got, want, what)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        if _shape(g) != tuple(w.shape):
+            raise ValueError(
+                f"{fn}: {_path(where, path)} must have shape {tuple(w.shape)}, as {what} "
+                f"returns; got {_shape(g)}"
+            )
+        if dtypes and _dtype(g) != w.dtype:
+            raise TypeError(
+                f"{fn}: {_path(where, path)} must have dtype {w.dtype}, as {what} returns; "
+                f"got {_dtype(g)}"
+            )
+
+
+def _noted(e: BaseException, note: str) -> BaseException:
+    e.add_note(note)
+    return e
+
+
+def check_cell_params(fn: str, cell, params, d: int, where: str = "params", source: str = ""):
+    """Params of a cell that is not built in, against ``cell.init(key, d, dtype)``'s.
+
+    The dtype is the first leaf's; every leaf must be floating. ``source`` says where ``d``
+    comes from (e.g. ``" for xs (T, B, 3)"``). Returns the params' dtype (``None`` for a
+    cell without params).
+    """
+    name = type(cell).__name__
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for path, leaf in leaves:
+        if not jnp.issubdtype(_dtype(leaf), jnp.floating):
+            raise TypeError(
+                f"{fn}: {_path(where, path)} must be floating point (every leaf of a cell's "
+                f"params); got dtype {_dtype(leaf)}"
+            )
+    dtype = _dtype(leaves[0][1]) if leaves else jnp.dtype(jnp.float32)
+    what = f"{name}.init(key, input_size={d}, dtype={dtype.name}){source}"
+    try:
+        want = jax.eval_shape(lambda k: cell.init(k, d, dtype), jax.random.key(0))
+    except Exception as e:
+        raise _noted(e, f"{fn}: raised by {what}, called to check {where}") from None
+    check_tree(fn, where, params, want, what)
+    if protocol.is_fast(cell):  # the layout the fast path reads
+        h, g = cell.hidden_size, cell.n_blocks * cell.hidden_size
+        for part, want_shape in (
+            ("input_kernel", (d, g)),
+            ("recurrent_kernel", (h, g)),
+            ("input_bias", (g,)),
+        ):
+            got = _shape(getattr(cell, part)(params))
+            if got != want_shape:
+                raise ValueError(
+                    f"{fn}: {name}.{part}({where}) must have shape {want_shape} (n_blocks="
+                    f"{cell.n_blocks}, hidden_size={h}, D={d}); got {got}"
+                )
+    return dtype if leaves else None
 
 
 def check_truncate(fn: str, truncate) -> None:
@@ -59,8 +184,19 @@ def check_truncate(fn: str, truncate) -> None:
         raise ValueError(f"{fn}: truncate must be a positive int (k >= 1); got {truncate}")
 
 
-def check_params(fn: str, cell, params, where: str = "params") -> tuple[int, jnp.dtype]:
-    """Check ``params`` against ``cell``; return (input size D, dtype)."""
+def check_params(fn: str, cell, params, where: str = "params", d: int | None = None):
+    """Check ``params`` against ``cell``; return (input size D, dtype).
+
+    A built-in cell's params are read field by field; any other cell's are compared with
+    what its ``init`` returns for inputs of size ``d`` (a FastCell's D is read off its input
+    kernel when ``d`` is None).
+    """
+    if not _builtin(cell):
+        if d is None:
+            if not protocol.is_fast(cell):
+                raise TypeError(f"{fn}: the input size of {type(cell).__name__} is unknown")
+            d = _shape(cell.input_kernel(params))[0]
+        return d, check_cell_params(fn, cell, params, d, where)
     ptype = PARAMS_TYPES[type(cell)]
     if not isinstance(params, ptype):
         raise TypeError(
@@ -95,14 +231,18 @@ def check_params(fn: str, cell, params, where: str = "params") -> tuple[int, jnp
     return kx[0], dtypes[first]
 
 
-def check_xs(fn: str, xs, params_name: str, d: int, dtype) -> tuple[int, int]:
-    """Check ``xs`` (T, B, D); return (T, B)."""
+def check_xs(fn: str, xs, params_name: str, d: int | None, dtype) -> tuple[int, int]:
+    """Check ``xs`` (T, B, D); return (T, B). ``d=None``: any D (a cell whose params are
+    then checked against ``init`` for this D)."""
     shape = _shape(xs)
     if len(shape) != 3:
+        with_d = "" if d is None else f" with D={d}"
         raise ValueError(
-            f"{fn}: xs must have shape (T, B, D), time-major, with D={d}; got {shape} "
+            f"{fn}: xs must have shape (T, B, D), time-major,{with_d}; got {shape} "
             f"(rank {len(shape)}). For one sequence use xs[:, None, :]."
         )
+    if d is None:
+        d = shape[2]
     dt = _dtype(xs)
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(
@@ -122,8 +262,110 @@ def check_xs(fn: str, xs, params_name: str, d: int, dtype) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
+def check_cell_carry(fn: str, cell, carry, batch: int, dtype, where: str = "carry0"):
+    """A carry of a cell that is not built in, against ``cell.zero_carry(B, dtype)``'s (which
+    must have floating leaves ``(B, ...)`` of ``dtype``); ``None`` becomes that carry."""
+    name = type(cell).__name__
+    what = f"{name}.zero_carry({batch}, dtype={jnp.dtype(dtype).name})"
+    try:
+        want = jax.eval_shape(lambda: cell.zero_carry(batch, dtype))
+    except Exception as e:
+        raise _noted(e, f"{fn}: raised by {what}, called to check {where}") from None
+    leaves = jax.tree_util.tree_leaves_with_path(want)
+    if not leaves:
+        raise TypeError(f"{fn}: {what} returned a carry with no arrays; a carry holds the state")
+    for path, w in leaves:
+        if len(w.shape) < 1 or w.shape[0] != batch:
+            raise ValueError(
+                f"{fn}: {what} must return arrays with the batch axis first, (B, ...) with "
+                f"B={batch}; its leaf carry{jax.tree_util.keystr(path)} has shape {w.shape}"
+            )
+        if w.dtype != jnp.dtype(dtype):
+            raise TypeError(
+                f"{fn}: {what} must return arrays of dtype {jnp.dtype(dtype).name}; its leaf "
+                f"carry{jax.tree_util.keystr(path)} has dtype {w.dtype}"
+            )
+    if carry is None:
+        return cell.zero_carry(batch, dtype)
+    carry = jax.tree.map(lambda c: as_array(fn, where, c), carry)
+    check_tree(fn, where, carry, want, what)
+    return carry
+
+
+def check_cell_step(fn: str, cell, params, carry, d: int, dtype, compute_dtype=None,
+                    where: str = "cell") -> None:  # fmt: skip
+    """One ``step`` of a cell that is not built in, traced for shapes only
+    (``jax.eval_shape``): the new carry must keep the carry's structure, shapes and dtypes;
+    the hidden state must be ``(B, H)`` and pick out part of the carry (linear in it)."""
+    name = type(cell).__name__
+    batch = jax.tree.leaves(carry)[0].shape[0]
+    cdt = jnp.dtype(dtype if compute_dtype is None else compute_dtype)
+    x = jax.ShapeDtypeStruct((batch, d), cdt)
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(_shape(a), _dtype(a)), (params, carry))
+    policy = "" if compute_dtype is None else f" under compute_dtype={cdt.name}"
+    try:
+        new, h = jax.eval_shape(
+            lambda p, c, x_t: cell.step(precision.compute_params(p, compute_dtype), c, x_t),
+            *args,
+            x,
+        )
+    except Exception as e:
+        raise _noted(
+            e, f"{fn}: raised by {name}.step(params, carry, x_t) with x_t {(batch, d)} {cdt.name}"
+        ) from None
+    got, want = new, args[1]
+    if jax.tree.structure(got) != jax.tree.structure(want):
+        err = _structure_error(fn, f"the carry {name}.step returns", got, want, "its carry")
+        raise TypeError(f"{err}. A carry keeps its structure from step to step.")
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        leaf = f"carry{jax.tree_util.keystr(path)}"
+        if g.shape != w.shape:
+            raise ValueError(
+                f"{fn}: {name}.step changes the shape of {leaf} from {w.shape} to {g.shape}; "
+                "a carry keeps its shapes from step to step"
+            )
+        if g.dtype != w.dtype:
+            hint = ""
+            if compute_dtype is not None:
+                hint = (
+                    f" (under a precision policy the step gets its kernels in {cdt.name} and "
+                    f"the carry in {w.dtype}: bptt_jax.cells.matmul(carry, kernel) keeps the "
+                    "carry's dtype)"
+                )
+            raise TypeError(
+                f"{fn}: {name}.step changes the dtype of {leaf} from {w.dtype} to {g.dtype}"
+                f"{policy}; a carry keeps its dtype from step to step{hint}"
+            )
+    try:
+        hid = jax.eval_shape(lambda c: protocol.hidden(cell, c), want)
+    except TypeError as e:
+        raise TypeError(f"{fn}: {e}") from None
+    if not hasattr(hid, "shape") or len(hid.shape) != 2 or hid.shape[0] != batch:
+        raise ValueError(
+            f"{fn}: the hidden state of {name} (hidden(carry)) must be one array (B, H) with "
+            f"B={batch}; got {getattr(hid, 'shape', type(hid).__name__)}"
+        )
+    if hasattr(h, "shape") and tuple(h.shape) != tuple(hid.shape):
+        raise ValueError(
+            f"{fn}: {name}.step returns h_t of shape {tuple(h.shape)} but hidden(carry) has "
+            f"shape {tuple(hid.shape)}; the engine's outputs are hidden(carry_t), so h_t must "
+            f"be that (give {name} a method hidden(carry) that picks h_t out of the carry)"
+        )
+    try:
+        jax.eval_shape(lambda c, dh: protocol.add_to_hidden(cell, c, dh), want, hid)
+    except Exception as e:
+        raise TypeError(
+            f"{fn}: {name}.hidden(carry) must pick out part of the carry (a linear function of "
+            f"it, e.g. carry['h']): the engine applies its transpose to put the error on the "
+            f"carry, and it has none ({type(e).__name__}: {e}). Keep what you compute from "
+            "the state in the carry itself."
+        ) from None
+
+
 def check_carry(fn: str, cell, carry, batch: int, dtype, where: str = "carry0"):
     """Check (and normalise) an initial carry; ``None`` becomes the zero carry."""
+    if not _builtin(cell):
+        return check_cell_carry(fn, cell, carry, batch, dtype, where)
     h = cell.hidden_size
     if carry is None:
         return cell.zero_carry(batch, dtype)
@@ -247,10 +489,25 @@ def check_positive(fn: str, name: str, value, kind=float, allow_none: bool = Tru
     return value
 
 
+def _params_dtype(params):
+    leaves = jax.tree.leaves(params)
+    return _dtype(leaves[0]) if leaves else None
+
+
 def check_unroll_args(fn: str, cell, params, xs, carry0, mask, truncate):
-    """The shared checks of :func:`unroll` and :func:`sequence_loss`."""
+    """The shared checks of :func:`unroll` and :func:`sequence_loss`, for a cell."""
     check_cell(fn, cell)
     check_truncate(fn, truncate)
+    if not _builtin(cell):
+        xs = as_array(fn, "xs", xs)
+        pdt = _params_dtype(params)
+        t, b = check_xs(fn, xs, "the params", None, _dtype(xs) if pdt is None else pdt)
+        d = xs.shape[2]
+        dtype = check_cell_params(fn, cell, params, d, source=f" for xs {_shape(xs)}") or xs.dtype
+        carry0 = check_cell_carry(fn, cell, carry0, b, dtype)
+        check_cell_step(fn, cell, params, carry0, d, dtype)
+        mask = check_mask(fn, mask, t, b)
+        return xs, carry0, mask, dtype
     d, dtype = check_params(fn, cell, params)
     xs = as_array(fn, "xs", xs)
     pname = f"params.{type(params)._fields[0]} {_shape(params[0])}"
@@ -286,18 +543,37 @@ def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=
     carry0 = like_batch(carry0, xs)
     cdt = precision.resolve(fn, compute_dtype, dtype)
     if cdt is not None:
+        _check_steps(fn, model, params, carry0, xs.shape[2], dtype, cdt)
         xs = xs.astype(cdt)
     return xs, carry0, mask, resets, dtype
 
 
-def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets):
-    from bptt_jax.models import Bidirectional, Stack, is_bidirectional, is_model
+def _cells_with_inputs(model, params, carry0, d: int):
+    """``(cell, params, carry, input size)`` of every cell of ``model``, layer by layer."""
+    from bptt_jax.models import Bidirectional, Stack, _output_size
 
-    if not is_model(model):
-        raise TypeError(
-            f"{fn}: model must be a cell (bptt_jax.Elman, bptt_jax.LSTM, bptt_jax.GRU), a "
-            f"bptt_jax.Bidirectional or a bptt_jax.Stack; got {type(model).__name__}"
-        )
+    stack = isinstance(model, Stack)
+    layers = model.layers if stack else (model,)
+    ps, cs = (params, carry0) if stack else ((params,), (carry0,))
+    for layer, p, c in zip(layers, ps, cs):
+        if isinstance(layer, Bidirectional):
+            yield from ((cell, q, cc, d) for cell, q, cc in zip(layer.cells, p, c))
+        else:
+            yield layer, p, c, d
+        d = _output_size(layer)
+
+
+def _check_steps(fn: str, model, params, carry0, d: int, dtype, compute_dtype) -> None:
+    """:func:`check_cell_step` for every cell of ``model`` that is not built in."""
+    for cell, p, c, d_in in _cells_with_inputs(model, params, carry0, d):
+        if not _builtin(cell):
+            check_cell_step(fn, cell, p, c, d_in, dtype, compute_dtype)
+
+
+def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets):
+    from bptt_jax.models import Bidirectional, Stack, _output_size, is_bidirectional
+
+    check_model(fn, model)
     if not isinstance(model, (Stack, Bidirectional)):
         xs, carry0, mask, dtype = check_unroll_args(fn, model, params, xs, carry0, mask, truncate)
         resets = check_mask(fn, resets, *xs.shape[:2], name="resets")
@@ -324,6 +600,12 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
     dtype = None
     d_in = None  # the input size layer k expects: layer k-1's output size
     d_model = None
+    xs = as_array(fn, "xs", xs)
+    first_cell = layers[0].forward if isinstance(layers[0], Bidirectional) else layers[0]
+    if not _builtin(first_cell):  # its params are checked against init for xs's D
+        if len(_shape(xs)) != 3:
+            check_xs(fn, xs, "", None, _dtype(xs))  # raises
+        d_model = _shape(xs)[2]
     for k, (layer, p) in enumerate(zip(layers, ps)):
         where = f"params[{k}]" if stack else "params"
         if isinstance(layer, Bidirectional):
@@ -332,7 +614,16 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
         else:
             dirs = [(layer, p, where)]
         for cell, q, name in dirs:
-            d, dt = check_params(fn, cell, q, name)
+            if _builtin(cell):
+                d, dt = check_params(fn, cell, q, name)
+            else:
+                d = d_model if d_in is None else d_in
+                source = (
+                    f" for layer {k - 1}'s output size" if k and d_in is not None else " for xs"
+                )
+                dt = check_cell_params(fn, cell, q, d, name, source)
+                if dt is None:  # a cell without params
+                    continue
             if dtype is None:
                 dtype, d_model = dt, d
             elif dt != dtype:
@@ -352,32 +643,35 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
                     f"{fn}: {name}.{first} must have shape ({want}, G*H) to match {source}; "
                     f"got {_shape(q[0])}"
                 )
-        d_in = layer.output_size if isinstance(layer, Bidirectional) else layer.hidden_size
-    xs = as_array(fn, "xs", xs)
+        d_in = _output_size(layer)
+    if dtype is None:  # no cell has params
+        dtype = _dtype(xs)
     first = ps[0][0] if isinstance(layers[0], Bidirectional) else ps[0]
     pname = ("params[0]" if stack else "params") + (
         "[0]" if isinstance(layers[0], Bidirectional) else ""
     )
-    t, b = check_xs(fn, xs, f"{pname}.{type(first)._fields[0]} {_shape(first[0])}", d_model, dtype)
-    if carry0 is None:
-        carry0 = model.zero_carry(b, dtype)
+    if _builtin(first_cell):
+        pname = f"{pname}.{type(first)._fields[0]} {_shape(first[0])}"
+    t, b = check_xs(fn, xs, pname, d_model, dtype)
+    if carry0 is None:  # each cell's zero_carry (checked)
+        cs = tuple((None, None) if isinstance(layer, Bidirectional) else None for layer in layers)
+    elif stack:
+        cs = _check_tuple(fn, "carry0", carry0, len(layers), "one carry per layer")
     else:
-        cs = (
-            _check_tuple(fn, "carry0", carry0, len(layers), "one carry per layer")
-            if stack else (carry0,)
-        )  # fmt: skip
-        out = []
-        for k, (layer, c) in enumerate(zip(layers, cs)):
-            where = f"carry0[{k}]" if stack else "carry0"
-            if isinstance(layer, Bidirectional):
-                pair = _check_tuple(fn, where, c, 2, "the (forward, backward) carries")
-                out.append(tuple(
-                    check_carry(fn, cell, cc, b, dtype, f"{where}[{d}]")
-                    for d, (cell, cc) in enumerate(zip(layer.cells, pair))
-                ))  # fmt: skip
-            else:
-                out.append(check_carry(fn, layer, c, b, dtype, where))
-        carry0 = tuple(out) if stack else out[0]
+        cs = (carry0,)
+    out = []
+    for k, (layer, c) in enumerate(zip(layers, cs)):
+        where = f"carry0[{k}]" if stack else "carry0"
+        if isinstance(layer, Bidirectional):
+            pair = _check_tuple(fn, where, c, 2, "the (forward, backward) carries")
+            out.append(tuple(
+                check_carry(fn, cell, cc, b, dtype, f"{where}[{d}]")
+                for d, (cell, cc) in enumerate(zip(layer.cells, pair))
+            ))  # fmt: skip
+        else:
+            out.append(check_carry(fn, layer, c, b, dtype, where))
+    carry0 = tuple(out) if stack else out[0]
+    _check_steps(fn, model, params, carry0, d_model, dtype, None)
     mask = check_mask(fn, mask, t, b)
     resets = check_mask(fn, resets, t, b, name="resets")
     return xs, carry0, mask, resets, dtype

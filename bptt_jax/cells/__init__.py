@@ -1,6 +1,7 @@
-"""Recurrent cells: Elman, LSTM and GRU, each with a hand-written step backward.
-
-See :mod:`bptt_jax.cells._common` for the contract between a cell and the sequence engine.
+"""Recurrent cells: Elman, LSTM and GRU, each with a hand-written step backward, and the
+contract any cell of your own meets (:mod:`bptt_jax.cells.protocol`): :class:`Cell` (tier
+1: ``init``, ``zero_carry``, ``step``), :class:`ManualCell` (tier 2: plus a hand-written
+``step_backward``) and :class:`FastCell` (the fast path of the built-in cells).
 """
 
 from bptt_jax.cells.elman import Elman as Elman
@@ -10,5 +11,11 @@ from bptt_jax.cells.gru import GRUParams as GRUParams
 from bptt_jax.cells.lstm import LSTM as LSTM
 from bptt_jax.cells.lstm import LSTMCarry as LSTMCarry
 from bptt_jax.cells.lstm import LSTMParams as LSTMParams
+from bptt_jax.cells.protocol import Cell as Cell
+from bptt_jax.cells.protocol import FastCell as FastCell
+from bptt_jax.cells.protocol import ManualCell as ManualCell
+from bptt_jax.cells.protocol import matmul as matmul
 
+#: The built-in cells' params types (their params are checked field by field; any other
+#: cell's against what its ``init`` returns).
 PARAMS_TYPES = {Elman: ElmanParams, LSTM: LSTMParams, GRU: GRUParams}

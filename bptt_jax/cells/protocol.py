@@ -1,0 +1,344 @@
+"""The contract between a cell and the sequence engine, in two tiers.
+
+The engine (:mod:`bptt_jax._engine`) runs every schedule (full, checkpointed, truncated and
+TBPTT), masks and resets, :class:`~bptt_jax.Stack` s and :class:`~bptt_jax.Bidirectional`
+layers, the trainer, the diagnostics and :func:`~bptt_jax.check_gradients` for any object
+that meets one of these contracts:
+
+* **Tier 1,** :class:`Cell`: ``init``, ``zero_carry`` and ``step``, nothing else. The
+  engine owns the sequence-level BPTT (the forward ``lax.scan`` storing the carries, the
+  reverse ``lax.scan`` carrying the error back in time, the weight gradients summed over
+  the steps, masks, resets, truncation cuts, per-step clipping); the backward of **one
+  step** is ``jax.vjp`` of ``cell.step`` at ``(params, carry_{t-1}, x_t)``, inside the
+  reverse scan. This is the one place the library derives a backward by autodiff; the
+  sequence is never differentiated as a whole.
+* **Tier 2,** :class:`ManualCell`: a tier-1 cell that also has ``step_backward``, its
+  hand-written one-step backward, used by the engine instead of ``jax.vjp``.
+* **Tier 2, fast path,** :class:`FastCell`: the contract of the built-in cells
+  (:class:`~bptt_jax.Elman`, :class:`~bptt_jax.LSTM`, :class:`~bptt_jax.GRU`). The input
+  projection ``x_t W_x`` of all steps is one hoisted matmul, the step works on gate blocks
+  ``(B, H)``, and every weight gradient is a single matmul over all ``T*B`` rows after the
+  reverse scan.
+
+**The hidden state** of a carry, what the engine stacks as the outputs ``hs`` (T, B, H)
+and what a readout reads, is ``hidden(carry)``: the cell's ``hidden`` method if it has one,
+else the carry itself when the carry is one array. ``hidden`` must *pick out* part of the
+carry (``carry["h"]``, ``carry.h``, ``carry[0]``; a linear function of it): the engine
+also applies its transpose to put the error ``dL/dh_t`` on the carry. The ``h_t`` that
+``step`` returns is for loops written by hand (``lax.scan(partial(cell.step, params), ...)``)
+and should equal ``hidden(carry_t)``; the engine reads ``hidden``. So at a padded step, where
+the carry passes through, the output repeats the last valid one, for every cell.
+
+**Carries** are pytrees of floating arrays, each with the batch axis first: ``(B, ...)``.
+**Params** are pytrees of floating arrays, one dtype. Cells are static arguments of
+``jax.jit`` and of the engine's ``jax.custom_vjp``: they must be hashable (a frozen
+dataclass is the easy way).
+
+Example: an IndRNN (Li et al. 2018), ``h_t = relu(x_t W + u * h_{t-1} + b)``, whose
+recurrent weight ``u`` is a vector, as a tier-1 cell:
+
+  >>> import dataclasses, jax, jax.numpy as jnp, bptt_jax
+  >>> @dataclasses.dataclass(frozen=True)
+  ... class IndRNN:
+  ...     hidden_size: int
+  ...     def init(self, key, input_size, dtype=jnp.float32):
+  ...         kw, ku = jax.random.split(key)
+  ...         w = jax.random.normal(kw, (input_size, self.hidden_size), dtype) / input_size**0.5
+  ...         u = jax.random.uniform(ku, (self.hidden_size,), dtype, 0.5, 1.0)
+  ...         return {"w": w, "u": u, "b": jnp.zeros((self.hidden_size,), dtype)}
+  ...     def zero_carry(self, batch_size, dtype=jnp.float32):
+  ...         return jnp.zeros((batch_size, self.hidden_size), dtype)
+  ...     def step(self, params, h, x):
+  ...         h = jax.nn.relu(x @ params["w"] + params["u"] * h + params["b"])
+  ...         return h, h
+  >>> cell = IndRNN(8)
+  >>> params = cell.init(jax.random.key(0), input_size=3)
+  >>> xs = jax.random.normal(jax.random.key(1), (20, 4, 3))
+  >>> hs, h_T = bptt_jax.unroll(cell, params, xs)
+  >>> hs.shape, sorted(jax.grad(lambda p: bptt_jax.unroll(cell, p, xs)[0].sum())(params))
+  ((20, 4, 8), ['b', 'u', 'w'])
+  >>> bptt_jax.check_gradients(cell, dtype=jnp.float32).passed
+  True
+
+References:
+  Li, Li, Cook, Zhu & Gao, "Independently recurrent neural network (IndRNN): building a
+  longer and deeper RNN", CVPR 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+
+from bptt_jax.cells._common import matmul as matmul
+
+Params = Any  # a pytree of floating arrays
+Carry = Any  # a pytree of floating arrays, each (B, ...)
+
+
+@runtime_checkable
+class Cell(Protocol):
+    """Tier 1: a cell with only its public face; the engine derives each step's backward.
+
+    ``step`` is one time step in ``lax.scan`` order. The engine runs, for the forward::
+
+        carry = carry0
+        for t in range(T):
+            new, _ = cell.step(params, carry, xs[t])
+            carry = where(mask[t], new, carry)     # a padded step passes the carry on
+            states.append(carry); hs.append(hidden(carry))
+
+    and for the backward a reverse ``lax.scan`` carrying ``delta_t``, the error on the carry
+    after step t, from ``t = T - 1`` down to 0; at each step it adds the error arriving at
+    ``hidden(carry_t)`` from outside (the readout, the next layer), then::
+
+        _, vjp = jax.vjp(lambda p, c, x: cell.step(p, c, x)[0], params, carry_{t-1}, xs[t])
+        dparams_t, delta_{t-1}, dxs[t] = vjp(delta_t)
+        dparams += dparams_t                       # summed over time in the scan carry
+
+    Optional: ``hidden(carry) -> (B, H)``, the part of the carry that is the hidden state
+    (see :mod:`bptt_jax.cells.protocol`); without it the carry must be one array.
+
+    Under a precision policy (``compute_dtype``, :mod:`bptt_jax.precision`) ``step`` gets
+    the params with every matrix cast to the compute dtype, ``x_t`` in it and the carry in
+    the params' dtype; it must return the carry in the params' dtype.
+    :func:`bptt_jax.cells.matmul` does a ``carry @ kernel`` that way.
+    """
+
+    def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> Params:
+        """Draw params for inputs of size ``input_size`` (D), every leaf of ``dtype``."""
+        ...
+
+    def zero_carry(self, batch_size: int, dtype=jnp.float32) -> Carry:
+        """The initial carry of ``batch_size`` (B) sequences: leaves ``(B, ...)``."""
+        ...
+
+    def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
+        """One step: ``(carry_{t-1}, x_t (B, D)) -> (carry_t, h_t (B, H))``; the new carry
+        has the structure, shapes and dtypes of the old one."""
+        ...
+
+
+@runtime_checkable
+class ManualCell(Cell, Protocol):
+    """Tier 2: a :class:`Cell` with its own hand-written one-step backward.
+
+    The engine calls ``step_backward`` where a tier-1 cell gets ``jax.vjp`` of ``step``;
+    everything else (the sequence-level BPTT) is the same.
+    """
+
+    def step_backward(
+        self, params: Params, carry: Carry, x: jax.Array, new_carry: Carry, dnew: Carry
+    ) -> tuple[Params, Carry, jax.Array]:
+        """The VJP of ``step``'s new carry: one cotangent per argument of ``step``.
+
+        Args:
+          params, carry, x: ``step``'s arguments at step t (``carry`` is ``carry_{t-1}``,
+            after a reset).
+          new_carry: ``step(params, carry, x)[0]``, as the forward stored it (rounded to
+            the compute dtype under a precision policy).
+          dnew: the error on ``new_carry`` (its structure), the output's error included.
+
+        Returns:
+          ``(dparams, dcarry, dx)``: the params' structure (this step's contribution),
+          the carry's, and ``(B, D)``.
+        """
+        ...
+
+
+@runtime_checkable
+class FastCell(Protocol):
+    """Tier 2, the fast path: the built-in cells' contract with the engine.
+
+    ``G`` gate blocks of ``H`` units; every block is ``(B, H)``. The engine hoists the input
+    projection out of the time loop (``x W_x`` for all steps, one matmul per block), stores
+    the states and the cell's per-step residuals in ``(T, B, H)`` buffers it reuses in place,
+    and after the reverse scan turns the per-step pre-activation gradients ``dA_t`` into
+    every weight gradient with matmuls over all ``T*B`` rows: ``dW_x = X^T dA``,
+    ``dW_h = H_prev^T dA``, ``db = sum dA`` (gate by gate), ``dX = dA W_x^T``.
+
+    Attributes:
+      hidden_size: H.
+      n_blocks: G, the gate blocks of the kernels ``(D, G*H)`` and ``(H, G*H)``.
+      residual_blocks: how many ``(B, H)`` blocks ``forward`` keeps per step.
+      grad_blocks: how many ``(B, H)`` pre-activation gradient blocks ``backward`` emits.
+      input_grads: the indices into those of the G blocks of the input side
+        (``x_t @ input_kernel + input_bias``), in gate order.
+      recurrent_grads: the indices of the G blocks of the recurrent side
+        (``h_{t-1} @ recurrent_kernel``, plus a recurrent bias if the cell has one).
+
+    Besides ``init``, ``zero_carry`` and ``step`` (as :class:`Cell`; ``step`` is what
+    ``backward="autodiff"`` differentiates), the methods below. ``hidden`` and
+    ``add_to_hidden`` must also work on states stacked over time (leading axes
+    ``(T, B)``). The block buffers are shared in place: residual block i is written over
+    input projection i, gradient block k over residual block k.
+    """
+
+    hidden_size: int
+    n_blocks: int
+    residual_blocks: int
+    grad_blocks: int
+    input_grads: tuple[int, ...]
+    recurrent_grads: tuple[int, ...]
+
+    def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> Params: ...
+
+    def zero_carry(self, batch_size: int, dtype=jnp.float32) -> Carry: ...
+
+    def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]: ...
+
+    def input_kernel(self, params: Params) -> jax.Array:
+        """``W_x`` (D, G*H)."""
+        ...
+
+    def input_bias(self, params: Params) -> jax.Array:
+        """The bias added to the input projection, (G*H,)."""
+        ...
+
+    def recurrent_kernel(self, params: Params) -> jax.Array:
+        """``W_h`` (H, G*H)."""
+        ...
+
+    def forward(self, params: Params, carry: Carry, xp: tuple) -> tuple[Carry, tuple]:
+        """One step on the projected input ``xp`` (G blocks ``x_t W_x + b``, gate by gate):
+        ``(carry_t, residuals_t)``, ``residual_blocks`` blocks kept for ``backward``."""
+        ...
+
+    def backward(
+        self, params: Params, res: tuple, state: Carry, state_prev: Carry, dstate: Carry, w_t
+    ) -> tuple[Carry, tuple]:
+        """The step's hand-written backward: ``(dstate_prev, dcols_t)``.
+
+        ``dstate`` is the error on ``state`` (= carry_t), ``w_t`` the recurrent kernel
+        transposed (G*H, H), laid out once by the engine; ``dcols_t`` the ``grad_blocks``
+        pre-activation gradients of the step.
+        """
+        ...
+
+    def hidden(self, state: Carry) -> jax.Array:
+        """The hidden state h of a carry (also of states stacked over time)."""
+        ...
+
+    def add_to_hidden(self, dstate: Carry, dh: jax.Array) -> Carry:
+        """``dstate`` with ``dh`` added to its ``h`` part."""
+        ...
+
+    def assemble_grads(self, params: Params, dw_x, dw_h, db_x, db_h) -> Params:
+        """The params-typed gradient from ``dW_x`` (D, G*H) and ``dW_h`` (H, G*H) (blocks
+        in ``input_grads`` / ``recurrent_grads`` order) and the sums of the input-side and
+        recurrent-side blocks ``db_x``, ``db_h`` (G*H,)."""
+        ...
+
+
+#: What every cell has.
+CELL_METHODS = ("init", "zero_carry", "step")
+#: What a :class:`FastCell` has besides; these names (but ``hidden_size``, ``forward``,
+#: ``backward`` and ``hidden``, which other cells may have for their own reasons) mark a
+#: cell that means to be one.
+FAST_MEMBERS = (
+    "n_blocks",
+    "residual_blocks",
+    "grad_blocks",
+    "input_grads",
+    "recurrent_grads",
+    "input_kernel",
+    "input_bias",
+    "recurrent_kernel",
+    "add_to_hidden",
+    "assemble_grads",
+    "hidden_size",
+    "forward",
+    "backward",
+    "hidden",
+)
+FAST_MARKERS = FAST_MEMBERS[:-4]
+
+
+def missing_methods(x) -> tuple[str, ...]:
+    """The tier-1 methods (``init``, ``zero_carry``, ``step``) that ``x`` lacks."""
+    return tuple(m for m in CELL_METHODS if not callable(getattr(x, m, None)))
+
+
+def is_cell(x) -> bool:
+    """Whether ``x`` has a cell's public face (``init``, ``zero_carry``, ``step``)."""
+    return not isinstance(x, type) and not missing_methods(x)
+
+
+def missing_fast_members(cell) -> tuple[str, ...]:
+    """For a cell that has some :class:`FastCell` member, those it lacks (else ``()``)."""
+    if not any(hasattr(cell, m) for m in FAST_MARKERS):
+        return ()
+    return tuple(m for m in FAST_MEMBERS if not hasattr(cell, m))
+
+
+def is_fast(cell) -> bool:
+    """Whether the engine takes the fast path (:class:`FastCell`) for ``cell``."""
+    return all(hasattr(cell, m) for m in FAST_MEMBERS)
+
+
+def has_step_backward(cell) -> bool:
+    """Whether ``cell`` is a :class:`ManualCell` (its own ``step_backward``)."""
+    return callable(getattr(cell, "step_backward", None))
+
+
+def tier(cell) -> str:
+    """``"fast"`` (:class:`FastCell`), ``"manual"`` (:class:`ManualCell`) or ``"vjp"``
+    (a tier-1 :class:`Cell`, each step's backward by ``jax.vjp``)."""
+    if is_fast(cell):
+        return "fast"
+    return "manual" if has_step_backward(cell) else "vjp"
+
+
+def hidden(cell, carry) -> jax.Array:
+    """The hidden state of one step's ``carry``: ``cell.hidden(carry)``, or the carry itself
+    when it is one array and the cell has no ``hidden``.
+
+    Raises:
+      TypeError: the carry is not one array and the cell has no ``hidden``.
+    """
+    fn = getattr(cell, "hidden", None)
+    if fn is not None:
+        return fn(carry)
+    if hasattr(carry, "shape") and hasattr(carry, "dtype"):
+        return carry
+    name = type(cell).__name__
+    raise TypeError(
+        f"{name}: its carry is a {type(carry).__name__}, not one array, so the engine cannot "
+        f"tell which part is the hidden state; give the cell a method "
+        f"hidden(self, carry) -> (B, H) that picks it out (e.g. return carry['h'])"
+    )
+
+
+def hidden_seq(cell, states) -> jax.Array:
+    """The hidden states of carries stacked over time (leading axes (T, B)): (T, B, H)."""
+    if is_fast(cell) or getattr(cell, "hidden", None) is None:
+        return hidden(cell, states)
+    return jax.vmap(cell.hidden)(states)
+
+
+def add_to_hidden(cell, dcarry, dh):
+    """``dcarry`` (an error on one step's carry) with ``dh`` (B, H) added to its hidden part:
+    the transpose of :func:`hidden` applied to ``dh``."""
+    if is_fast(cell):
+        return cell.add_to_hidden(dcarry, dh)
+    if getattr(cell, "hidden", None) is None:
+        return jax.tree.map(lambda d: d + dh.astype(d.dtype), dcarry)
+    out = jax.eval_shape(cell.hidden, dcarry)
+    (ct,) = jax.linear_transpose(cell.hidden, dcarry)(dh.astype(out.dtype))
+    return jax.tree.map(lambda d, c: d + c.astype(d.dtype), dcarry, ct)
+
+
+def output_size(cell) -> int:
+    """H, the features per step of a cell's outputs: ``hidden_size`` for a
+    :class:`FastCell`, else the last axis of ``hidden(zero_carry(1))``."""
+    if is_fast(cell):
+        return cell.hidden_size
+    shape = jax.eval_shape(lambda: hidden(cell, cell.zero_carry(1, jnp.float32))).shape
+    if len(shape) != 2:
+        raise TypeError(
+            f"{type(cell).__name__}: the hidden state must have shape (B, H); "
+            f"hidden(zero_carry(1)) has shape {shape}"
+        )
+    return shape[-1]
