@@ -406,11 +406,13 @@ def _generic_forward(cell, params, xs, carry0, mask, keep_residuals, resets):
     cparams = precision.compute_params(params, xs.dtype)  # matrices in the compute dtype
     carry0 = like_batch(carry0, xs)
     store = xs.dtype  # the stacked states are stored in the compute dtype
+    acc = jax.tree.leaves(carry0)[0].dtype  # the carry's (params') dtype
 
     def body(carry, inputs):
         x_t, m_t, r_t = inputs
         carry = _reset(r_t, carry)
-        new, _ = cell.step(cparams, carry, x_t)
+        # as in the autodiff path: x_t in the carry's dtype, the kernels in the compute dtype
+        new, _ = cell.step(cparams, carry, x_t.astype(acc))
         if m_t is not None:  # padded step: the carry passes through unchanged
             new = _select(m_t, new, carry)
         return new, jax.tree.map(lambda c: c.astype(store), new)
@@ -429,6 +431,7 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
     (xs,) = res
     cparams = precision.compute_params(params, xs.dtype)
     dcarry_t, carry0 = like_batch((dcarry_t, carry0), xs)
+    acc = jax.tree.leaves(carry0)[0].dtype  # the carry's (params') dtype
     step_bwd = _step_backward(cell)
     out_w = None
     if isinstance(dhs, OutputError):
@@ -441,7 +444,7 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
     def body(scan_carry, inputs):
         dstate, dparams = scan_carry
         t, x_t, state_t, dh_t, m_t, cut_t, r_t, real_t = inputs
-        state_t = as_carry(state_t)
+        x_t, state_t = x_t.astype(acc), as_carry(state_t)
         # The carry entering step t: carry0 at t = 0, else the state after step t-1.
         prev_t = jax.tree.map(
             lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0)).astype(c0.dtype)),
@@ -452,7 +455,7 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
         if out_w is not None:  # dh_t is the readout's dy_t
             dh_t = _common.matmul(dh_t, out_w.T)
         if dh_t is not None:
-            dstate = protocol.add_to_hidden(cell, dstate, dh_t)
+            dstate = protocol.add_to_hidden(cell, dstate, dh_t.astype(acc))
         if delta_clip is not None:
             clipped = clip_delta(dstate, delta_clip)
             dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)

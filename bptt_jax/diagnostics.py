@@ -52,7 +52,7 @@ from jax import lax
 
 from bptt_jax import _engine as engine
 from bptt_jax import config, losses, precision, validation
-from bptt_jax.cells import GRU, LSTM, Elman
+from bptt_jax.cells import GRU, LSTM, Elman, protocol
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional
 
 #: Probes per vectorised batch of reverse scans in :func:`jacobian_norms` (memory vs speed).
@@ -125,17 +125,17 @@ def _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, d
     """``||dh_T/d carry_t||_F`` (T, B) of one cell from its forward's states and buffers."""
     # (B, H) per carry part, in the carry's dtype (the states may be in a compute dtype)
     zeros = jax.tree.map(lambda s, c: jnp.zeros(s.shape[1:], c.dtype), states, carry0)
-    h, b = cell.hidden_size, jax.tree.leaves(states)[0].shape[1]
+    h, b = protocol.output_size(cell), jax.tree.leaves(states)[0].shape[1]
     if probes is None:  # the one-hot basis: the rows of every example's Jacobian
         vs = jnp.broadcast_to(jnp.eye(h, dtype=dtype)[:, None, :], (h, b, h))
     else:
         vs = jax.random.normal(key, (probes, b, h), dtype)
 
     def squared_norm(dstate):  # over every part of the carry: h, and c for the LSTM
-        return sum(jnp.sum(g * g, axis=-1) for g in jax.tree.leaves(dstate))
+        return sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(dstate))
 
     def one_probe(v):  # v (B, H): the error on carry t is v^T dh_T/d(carry_t), by hand
-        dcarry = cell.add_to_hidden(zeros, v)
+        dcarry = protocol.add_to_hidden(cell, zeros, v)
         _, _, sq = engine.reverse_scan(
             cell, params, carry0, mask, states, res, None, dcarry, None,
             resets=resets, keep_deltas=squared_norm,
@@ -516,6 +516,7 @@ def spectral_norms(model, params) -> SpectralNorms:
       1.0
     """
     fn = "spectral_norms"
+    validation.check_fast_cells(fn, model, "the spectral norms of a recurrent kernel")
     if _is_composite(model):
         return _per_cell(fn, model, params, _spectral_norms)
     validation.check_cell(fn, model)
@@ -556,7 +557,7 @@ def _spectral_norms(cell, params) -> SpectralNorms:
     def sigma_max(a):
         return jnp.linalg.svd(a, compute_uv=False)[0]
 
-    names = BLOCK_NAMES[type(cell)]
+    names = BLOCK_NAMES.get(type(cell)) or tuple(str(i) for i in range(cell.n_blocks))
     blocks = {n: sigma_max(w[:, i * h : (i + 1) * h]) for i, n in enumerate(names)}
     return SpectralNorms(sigma_max(w), blocks)
 

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 from bptt_jax import config as config_lib
-from bptt_jax import losses, parallel, precision, tasks, truncated
+from bptt_jax import losses, parallel, precision, tasks, truncated, validation
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.config import ConfigError
 from bptt_jax.models import Stack, is_bidirectional, stacked
@@ -390,6 +390,7 @@ def trainer(
         a bidirectional model; a mesh without ``data_axis``; with a mesh, a batch size (of
         ``init`` or of the step's batch) not divisible by the devices along ``data_axis``.
     """
+    validation.check_model("trainer", cell, "cell")  # a cell of your own must be hashable
     if k1 is not None:
         k1, k2 = truncated.check_k1_k2("trainer", k1, k2)
         if is_bidirectional(cell):

@@ -89,6 +89,22 @@ def check_model(fn: str, model, where: str = "model") -> None:
             check_cell(fn, cell, f"{where}'s cell")
 
 
+def check_fast_cells(fn: str, model, what: str) -> None:
+    """Every cell of ``model`` is a :class:`~bptt_jax.cells.FastCell` (``what`` needs its
+    recurrent kernel (H, G*H))."""
+    from bptt_jax.models import Bidirectional, Stack
+
+    check_model(fn, model)
+    for layer in model.layers if isinstance(model, Stack) else (model,):
+        for cell in layer.cells if isinstance(layer, Bidirectional) else (layer,):
+            if not protocol.is_fast(cell):
+                raise TypeError(
+                    f"{fn}: {what} are defined for cells with a recurrent kernel (H, G*H) "
+                    f"(bptt_jax.cells.FastCell, as the built-in cells); {type(cell).__name__} "
+                    "is a cell of another form"
+                )
+
+
 def _path(where: str, path) -> str:
     return where + jax.tree_util.keystr(path)
 
@@ -292,28 +308,34 @@ def check_cell_carry(fn: str, cell, carry, batch: int, dtype, where: str = "carr
     return carry
 
 
-def check_cell_step(fn: str, cell, params, carry, d: int, dtype, compute_dtype=None,
-                    where: str = "cell") -> None:  # fmt: skip
+def check_cell_step(fn: str, cell, params, carry, d: int, dtype, compute_dtype=None) -> None:
     """One ``step`` of a cell that is not built in, traced for shapes only
     (``jax.eval_shape``): the new carry must keep the carry's structure, shapes and dtypes;
     the hidden state must be ``(B, H)`` and pick out part of the carry (linear in it)."""
     name = type(cell).__name__
     batch = jax.tree.leaves(carry)[0].shape[0]
     cdt = jnp.dtype(dtype if compute_dtype is None else compute_dtype)
-    x = jax.ShapeDtypeStruct((batch, d), cdt)
+    x = jax.ShapeDtypeStruct((batch, d), jnp.dtype(dtype))  # x_t in the carry's dtype
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(_shape(a), _dtype(a)), (params, carry))
     policy = "" if compute_dtype is None else f" under compute_dtype={cdt.name}"
     try:
-        new, h = jax.eval_shape(
+        out = jax.eval_shape(
             lambda p, c, x_t: cell.step(precision.compute_params(p, compute_dtype), c, x_t),
             *args,
             x,
         )
     except Exception as e:
         raise _noted(
-            e, f"{fn}: raised by {name}.step(params, carry, x_t) with x_t {(batch, d)} {cdt.name}"
+            e,
+            f"{fn}: raised by {name}.step(params, carry, x_t) with x_t {(batch, d)} "
+            f"{jnp.dtype(dtype).name}{policy}",
         ) from None
-    got, want = new, args[1]
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"{fn}: {name}.step(params, carry, x_t) must return the pair (carry, h_t); got "
+            f"{type(out).__name__}" + (f" of {len(out)}" if isinstance(out, tuple) else "")
+        )
+    (got, h), want = out, args[1]
     if jax.tree.structure(got) != jax.tree.structure(want):
         err = _structure_error(fn, f"the carry {name}.step returns", got, want, "its carry")
         raise TypeError(f"{err}. A carry keeps its structure from step to step.")
@@ -329,8 +351,8 @@ def check_cell_step(fn: str, cell, params, carry, d: int, dtype, compute_dtype=N
             if compute_dtype is not None:
                 hint = (
                     f" (under a precision policy the step gets its kernels in {cdt.name} and "
-                    f"the carry in {w.dtype}: bptt_jax.cells.matmul(carry, kernel) keeps the "
-                    "carry's dtype)"
+                    f"the carry and x_t in {w.dtype}: bptt_jax.cells.matmul(a, kernel) "
+                    "keeps a's dtype)"
                 )
             raise TypeError(
                 f"{fn}: {name}.step changes the dtype of {leaf} from {w.dtype} to {g.dtype}"

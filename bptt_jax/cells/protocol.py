@@ -102,9 +102,11 @@ class Cell(Protocol):
     (see :mod:`bptt_jax.cells.protocol`); without it the carry must be one array.
 
     Under a precision policy (``compute_dtype``, :mod:`bptt_jax.precision`) ``step`` gets
-    the params with every matrix cast to the compute dtype, ``x_t`` in it and the carry in
-    the params' dtype; it must return the carry in the params' dtype.
-    :func:`bptt_jax.cells.matmul` does a ``carry @ kernel`` that way.
+    the params with every matrix cast to the compute dtype and the carry and ``x_t`` in the
+    params' dtype; it must return the carry in the params' dtype.
+    ``bptt_jax.cells.matmul(a, kernel)`` multiplies in the kernel's dtype, accumulating into
+    ``a`` 's, as the built-in cells do (a plain ``a @ kernel`` computes in float32 under
+    JAX's standard dtype promotion, and is refused under strict promotion).
     """
 
     def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> Params:
