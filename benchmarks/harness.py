@@ -242,6 +242,9 @@ VARIANTS: dict[str, LossBuilder] = {
     "manual": sequence_loss_variant("manual"),
     "autodiff": sequence_loss_variant("autodiff"),
     "checkpointed": sequence_loss_variant("checkpointed"),  # segment ~ sqrt(T)
+    # the precision policy: bfloat16 compute, float32 params, carries and sums
+    "bf16": sequence_loss_variant("manual", compute_dtype=jnp.bfloat16),
+    "bf16_autodiff": sequence_loss_variant("autodiff", compute_dtype=jnp.bfloat16),
     # jax.grad of the per-cell plain scans, composed layer by layer in the benchmark
     "composed_autodiff": composed_autodiff,
 }
@@ -494,14 +497,21 @@ class Session:
             self._reference[k] = (out, compile_s, compiled, args)
         return self._reference[k]
 
-    def prepare(self, problem: Problem, variant: str, truncate: int | None = None) -> Timed:
+    def prepare(
+        self,
+        problem: Problem,
+        variant: str,
+        truncate: int | None = None,
+        tolerance: float | None = None,
+    ) -> Timed:
         """Compile ``variant`` on ``problem``, check it against the reference, return it ready
         to time (cached). Raises :class:`CheckFailed` when it disagrees, :class:`EntryFailed`
-        when it cannot compile or run: either way the entry is reported, never timed."""
+        when it cannot compile or run: either way the entry is reported, never timed.
+        ``tolerance``: instead of :meth:`tolerance` (e.g. a bfloat16 variant's)."""
         k = (id(problem), variant, truncate)
         if k not in self._compiled:
             try:
-                self._compiled[k] = self._prepare(problem, variant, truncate)
+                self._compiled[k] = self._prepare(problem, variant, truncate, tolerance)
             except EntryFailed:
                 raise
             except Exception as e:  # noqa: BLE001 - reported as this entry's failure
@@ -509,9 +519,9 @@ class Session:
                 raise EntryFailed(f"{what}: '{variant}': {type(e).__name__}: {e}") from e
         return self._compiled[k]
 
-    def _prepare(self, problem: Problem, variant: str, truncate: int | None) -> Timed:
+    def _prepare(self, problem: Problem, variant: str, truncate: int | None, tolerance) -> Timed:
         ref_out, ref_compile_s, ref_compiled, ref_args = self.reference(problem, truncate)
-        tol = self.tolerance(problem.T)
+        tol = self.tolerance(problem.T) if tolerance is None else tolerance
         what = f"{problem.label}" + (f" truncate={truncate}" if truncate else "")
         if variant == problem.reference:
             compiled, args, compile_s = ref_compiled, ref_args, ref_compile_s

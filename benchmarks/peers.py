@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax
+from bptt_jax import verify
 
 BASELINE = "bptt_jax"
 
@@ -56,12 +57,12 @@ def _xent_mean(logits, targets):
     return jnp.mean(lse - picked)
 
 
-def _checked(session, problem, name, run_once, to_ours, compile_s, memory, runner):
+def _checked(session, problem, name, run_once, to_ours, compile_s, memory, runner, tol=None):
     """Run once, map the gradients to bptt_jax's layout, check, and return a Timed."""
     ref_out = session.reference(problem, None)[0]
     value, grads = run_once()
     out = (jnp.asarray(value, jnp.float32), to_ours(grads))
-    tol = session.tolerance(problem.T)
+    tol = session.tolerance(problem.T) if tol is None else tol
     err = harness.check(problem.label, f"peer {name}", out, ref_out, tol, problem.reference)
     return harness.Timed(
         name=name,
@@ -138,11 +139,15 @@ def from_torch_grads(kind: str, grads: dict[str, np.ndarray], shape: list[tuple]
     return layers
 
 
-def torch_peer(session, p: harness.Problem) -> harness.Timed:
+def torch_peer(session, p: harness.Problem, autocast: str | None = None) -> harness.Timed:
+    """PyTorch's RNN module on the problem, in float32, or under ``torch.autocast`` with
+    ``autocast`` (``"bfloat16"``; then checked within the bfloat16 policy tolerance)."""
     try:
         import torch
     except ImportError as e:
         raise Unavailable(f"torch is not installed ({e}); pip install -e '.[bench]'") from None
+    name = "torch" if autocast is None else {"bfloat16": "torch_bf16"}.get(autocast, autocast)
+    tol = None if autocast is None else verify.policy_tolerances(jnp.dtype(autocast))[0]
     kind, n_layers, bi = _structure(p)
     cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -168,11 +173,18 @@ def torch_peer(session, p: harness.Problem) -> harness.Timed:
     targets = torch.from_numpy(np.asarray(p.targets, np.int64).reshape(-1)).to(dev)
     weights = [*rnn.parameters(), *lin.parameters()]
 
+    def forward():
+        hs, _ = rnn(xs)
+        return torch.nn.functional.cross_entropy(lin(hs.reshape(T * B, F)).float(), targets)
+
     def step():
         for w in weights:
             w.grad = None
-        hs, _ = rnn(xs)
-        loss = torch.nn.functional.cross_entropy(lin(hs.reshape(T * B, F)), targets)
+        if autocast is None:
+            loss = forward()
+        else:
+            with torch.autocast(dev.type, dtype=getattr(torch, autocast)):
+                loss = forward()
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
@@ -195,7 +207,7 @@ def torch_peer(session, p: harness.Problem) -> harness.Timed:
     first_s = time.perf_counter() - start
     memory = dict(temp_bytes=None, argument_bytes=None, output_bytes=None, code_bytes=None)
     memory["device_peak_bytes"] = int(torch.cuda.max_memory_allocated()) if cuda else None
-    return _checked(session, p, "torch", lambda: first, to_ours, first_s, memory, step)
+    return _checked(session, p, name, lambda: first, to_ours, first_s, memory, step, tol)
 
 
 # ------------------------------------------------------------------------------- Flax
@@ -392,7 +404,12 @@ def cudnn_peer(session, p: harness.Problem) -> harness.Timed:
 
 
 #: library name -> builder ``(session, problem) -> Timed`` (checked), or raises Unavailable.
-PEERS = {"torch": torch_peer, "flax": flax_peer, "cudnn": cudnn_peer}
+PEERS = {
+    "torch": torch_peer,
+    "flax": flax_peer,
+    "cudnn": cudnn_peer,
+    "torch_bf16": lambda session, p: torch_peer(session, p, autocast="bfloat16"),
+}
 
 
 def add_peers(session, part: str, problem, libraries, timed: dict, noted: set) -> dict[str, str]:

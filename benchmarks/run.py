@@ -35,6 +35,7 @@ import models
 import parallel
 import peers
 import plots
+import precision
 import scaling
 import truncation
 
@@ -48,6 +49,7 @@ PARTS = {
     "floor": (floor, "bptt_jax against the matmuls it cannot avoid"),
     "models": (models, "stacked and bidirectional models: vs autodiff, the peers; memory"),
     "parallel": (parallel, "data parallelism: the gradient step on 1, 2, 4, 8 devices"),
+    "precision": (precision, "the precision policy: float32 against bfloat16 compute"),
 }
 SCHEMA_VERSION = 1
 
@@ -62,6 +64,7 @@ def check_names(cfg) -> None:
             ("scaling", "variants"),
             ("models", "variants"),
             ("models", "memory_variants"),
+            ("precision", "variants"),
         )
         for i, v in enumerate(getattr(getattr(cfg, part), key))
     ]
@@ -86,6 +89,9 @@ TARGETS = {
     "model_vs_autodiff": 1.2,  # autodiff/manual time of a Stack or Bidirectional model
     "model_vs_torch": 0.9,  # torch/manual time: nn.LSTM(num_layers=2), nn.GRU(bidirectional)
     "checkpoint_saving": 10.0,  # temp(manual)/temp(checkpointed) of a deep stack: <= 1/10
+    # the precision policy (the precision part)
+    "bf16_temp": 1 / 0.75,  # temp(float32)/temp(bf16 compute): bf16 at most 0.75x
+    "bf16_vs_torch_bf16": 1.0,  # torch autocast bf16 time / bptt_jax bf16 time (on GPUs)
 }
 #: B*H at or below which a size counts as "small" (per-step cost dominates) for the torch
 #: targets; an assumption of this suite, stated in benchmarks/README.md.
@@ -158,6 +164,14 @@ def targets(results: dict) -> list[dict[str, Any]]:
         entry = f"{r['model']} T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
         saving = r.get("temp_saving", {}).get("checkpointed")
         add("checkpoint_saving", entry, saving, TARGETS["checkpoint_saving"])
+    for r in results.get("precision") or []:
+        entry = f"{r['cell']} T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
+        temp = r.get("temp_vs_manual", {}).get("bf16")
+        add("bf16_temp", entry, None if not temp else 1 / temp, TARGETS["bf16_temp"])
+        v = r["variants"]
+        if "bf16" in v and "torch_bf16" in v and jax.default_backend() == "gpu":
+            ratio = v["torch_bf16"]["median_s"] / v["bf16"]["median_s"]
+            add("bf16_vs_torch_bf16", entry, ratio, 1.0, [v["bf16"], v["torch_bf16"]])
     return out
 
 
@@ -168,7 +182,10 @@ def run(cfg, config_file: str | None = None, print_fn=print) -> dict[str, Any]:
     libraries = {
         *(cfg.peers.libraries if "peers" in cfg.parts else ()),
         *(cfg.models.libraries if "models" in cfg.parts else ()),
+        *(cfg.precision.libraries if "precision" in cfg.parts else ()),
     }
+    if "torch_bf16" in libraries:
+        libraries.add("torch")
     if "torch" in libraries:
         # on a GPU, JAX would otherwise take 75% of its memory up front and leave PyTorch
         # little (no effect once JAX's backend has started, nor on a CPU)

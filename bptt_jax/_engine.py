@@ -42,6 +42,7 @@ handled here, for all cells and models.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 from typing import NamedTuple
 
@@ -61,6 +62,19 @@ from bptt_jax.cells import _common, protocol
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional, output_size
 
 BACKWARDS = ("manual", "checkpointed", "autodiff")
+
+#: The ``unroll`` factor of the fast path's forward and reverse scans, per backend: how many
+#: steps XLA compiles into one loop iteration. Measured (benchmarks/README.md): on the CPU 1
+#: is best; ``BPTT_JAX_SCAN_UNROLL`` overrides it (read at trace time, for measuring).
+SCAN_UNROLL = {"cpu": 1, "gpu": 1, "tpu": 1}
+
+
+def scan_unroll() -> int:
+    """The scans' ``unroll`` factor on the default backend (see :data:`SCAN_UNROLL`)."""
+    override = os.environ.get("BPTT_JAX_SCAN_UNROLL")
+    if override:
+        return max(1, int(override))
+    return SCAN_UNROLL.get(jax.default_backend(), 1)
 
 
 class OutputError(NamedTuple):
@@ -223,7 +237,9 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
         return (new, bufs), jax.tree.map(lambda c: c.astype(store), new)
 
     ts = jnp.arange(xs.shape[0])
-    (carry_t, bufs), states = lax.scan(body, (carry0, bufs0), (ts, xp[n_in:], mask, resets))
+    (carry_t, bufs), states = lax.scan(
+        body, (carry0, bufs0), (ts, xp[n_in:], mask, resets), unroll=scan_unroll()
+    )
     if not keep_residuals:
         return states, None, carry_t
     return states, bufs + xp[n_in:], carry_t
@@ -332,7 +348,11 @@ def reverse_scan(
     ts = jnp.arange(hs.shape[0])
     init = (dcarry_t, out0, _rows(out0[:n_in], hs.shape[0] - 1))
     (dcarry0, dcols, _), deltas = lax.scan(
-        body, init, (ts, states, dhs, mask, cuts, resets, real, res_rest), reverse=True
+        body,
+        init,
+        (ts, states, dhs, mask, cuts, resets, real, res_rest),
+        reverse=True,
+        unroll=scan_unroll(),
     )
     return dcarry0, dcols, deltas
 

@@ -30,9 +30,16 @@ from bptt_jax import config
 
 Cell = Literal["elman", "lstm", "gru"]
 Part = Literal[
-    "manual_vs_autodiff", "scaling", "truncation", "peers", "floor", "models", "parallel"
+    "manual_vs_autodiff",
+    "scaling",
+    "truncation",
+    "peers",
+    "floor",
+    "models",
+    "parallel",
+    "precision",
 ]
-Library = Literal["torch", "flax", "cudnn"]
+Library = Literal["torch", "flax", "cudnn", "torch_bf16"]
 PARTS: tuple[str, ...] = (
     "manual_vs_autodiff",
     "scaling",
@@ -41,6 +48,7 @@ PARTS: tuple[str, ...] = (
     "floor",
     "models",
     "parallel",
+    "precision",
 )
 
 #: A model spec: ``[bi]<cell>[:<layers>]``. ``"gru"`` is the cell itself, ``"bigru"``
@@ -188,6 +196,23 @@ class Parallel:
 
 
 @dataclasses.dataclass(frozen=True)
+class Precision:
+    """Part 8: the precision policy: float32 against bfloat16 compute, time and temp memory.
+
+    Each variant (``manual``: float32; ``bf16``: ``compute_dtype=bfloat16``, float32 params,
+    carries and sums) and each library (``torch``: PyTorch in float32; ``torch_bf16``: the
+    same under ``torch.autocast(dtype=torch.bfloat16)``) is checked against float32
+    autodiff (a bfloat16 entry within ``bptt_jax.verify.policy_tolerances``), then timed
+    side by side.
+    """
+
+    cells: tuple[Cell, ...] = ("lstm", "gru")
+    sizes: tuple[Size, ...] = ((256, 64, 128, 256),)
+    variants: tuple[str, ...] = ("manual", "bf16")  # names in harness.VARIANTS
+    libraries: tuple[Library, ...] = ("torch", "torch_bf16")
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """Everything ``bptt-jax bench`` runs; each table is one part (see ``benchmarks/``)."""
 
@@ -209,6 +234,7 @@ class BenchConfig:
     floor: Floor = Floor()
     models: Models = Models()
     parallel: Parallel = Parallel()
+    precision: Precision = Precision()
 
 
 def _positive(key: str, value, minimum: int | float = 1) -> None:
@@ -231,6 +257,7 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
         ("floor", "sizes"),
         ("models", "sizes"),
         ("models", "memory_sizes"),
+        ("precision", "sizes"),
     ):
         for i, size in enumerate(getattr(getattr(cfg, part), key)):
             if len(size) != 4 or min(size) < 1:
