@@ -1,0 +1,154 @@
+"""GPU measurements of issue 13 that are not a bench part: one section per call.
+
+    python benchmarks/gpu_probe.py cudnn      # jax.experimental.rnn's LSTM gradient vs lstm_ref
+    python benchmarks/gpu_probe.py unroll     # the scans' unroll factor: time per factor
+    python benchmarks/gpu_probe.py compile    # compile and run time of two gradient programs
+
+Each prints one JSON line per measurement (``{"section": ..., ...}``) and runs on any backend;
+the numbers mean something on a GPU. ``compile`` honours ``BPTT_JAX_CACHE_DIR`` (cold or warm
+persistent cache) and ``XLA_FLAGS`` (e.g. ``--xla_gpu_autotune_level=0``), so it is run once
+per setting, each in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bptt_jax
+
+
+def emit(**record) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def cudnn() -> None:
+    """jax.experimental.rnn.lstm (cuDNN) against its own pure-JAX ``lstm_ref`` on identical
+    weights, gate block by gate block; and the cuDNN gradient called twice (a backward that
+    accumulates into an uncleared buffer gives two different answers)."""
+    from jax.experimental import rnn as jrnn
+
+    for T, B, D, H in [(5, 3, 4, 6), (100, 64, 128, 256)]:
+        k = jax.random.split(jax.random.key(0), 6)
+        x = jax.random.normal(k[0], (B, T, D), jnp.float32)
+        h0 = jax.random.normal(k[1], (1, B, H), jnp.float32)
+        c0 = jax.random.normal(k[2], (1, B, H), jnp.float32)
+        n = jrnn.get_num_params_in_lstm(D, H, 1, False)
+        w = jax.random.uniform(k[3], (n,), jnp.float32, -1 / H**0.5, 1 / H**0.5)
+        lengths = jnp.full((B,), T, jnp.int32)
+        cy = jax.random.normal(k[4], (B, T, H), jnp.float32)
+        ch = jax.random.normal(k[5], (2, 1, B, H), jnp.float32)
+
+        def loss(fn, w, x, h0, c0):
+            y, hn, cn = fn(w, x, h0, c0)
+            return jnp.vdot(y, cy) + jnp.vdot(hn, ch[0]) + jnp.vdot(cn, ch[1])
+
+        def cudnn_fn(w, x, h0, c0):
+            return jrnn.lstm(x, h0, c0, w, lengths, D, H, 1, 0.0, False)
+
+        def ref_fn(w, x, h0, c0):
+            wih, whh, bih, bhh = jrnn.unpack_lstm_weights(w, D, H, 1, False)
+            return jrnn.lstm_ref(x, h0, c0, wih, whh, bih, bhh, lengths, D, H, 1, 0.0, False)
+
+        with jax.default_matmul_precision("highest"):
+            g_c = jax.jit(jax.value_and_grad(lambda *a: loss(cudnn_fn, *a), argnums=(0, 1, 2, 3)))
+            g_r = jax.jit(jax.value_and_grad(lambda *a: loss(ref_fn, *a), argnums=(0, 1, 2, 3)))
+            (vc, gc), (vc2, gc2), (vr, gr) = g_c(w, x, h0, c0), g_c(w, x, h0, c0), g_r(w, x, h0, c0)
+        blocks = {}
+        parts_c = jrnn.unpack_lstm_weights(gc[0], D, H, 1, False)
+        parts_r = jrnn.unpack_lstm_weights(gr[0], D, H, 1, False)
+        for name, pc, pr in zip(("W_ih", "W_hh", "b_ih", "b_hh"), parts_c, parts_r):
+            for gate, bc, br in zip("ifgo", jnp.split(pc[0], 4, 0), jnp.split(pr[0], 4, 0)):
+                blocks[f"{name}.{gate}"] = _rel(bc, br)
+        emit(
+            section="cudnn",
+            size=[T, B, D, H],
+            value_rel_err=abs(float(vc) - float(vr)) / abs(float(vr)),
+            x_rel_err=_rel(gc[1], gr[1]),
+            h0_rel_err=_rel(gc[2], gr[2]),
+            c0_rel_err=_rel(gc[3], gr[3]),
+            weights_rel_err=blocks,
+            repeat_call_max_diff=float(jnp.max(jnp.abs(gc2[0] - gc[0]))),
+        )
+
+
+def _grad_fn(model, T, B, D, H, O=128, **options):
+    k = jax.random.split(jax.random.key(1), 4)
+    params = model.init(k[0], D)
+    readout = bptt_jax.init_readout(k[1], bptt_jax.models.output_size(model), O)
+    xs = jax.random.normal(k[2], (T, B, D), jnp.float32)
+    ys = jax.random.randint(k[3], (T, B), 0, O)
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda p, r, x: bptt_jax.sequence_loss(model, p, r, x, ys, **options), argnums=(0, 1)
+        )
+    )
+    return f, (params, readout, xs)
+
+
+def _time(call, repeats=20) -> float:
+    jax.block_until_ready(call())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def unroll() -> None:
+    """Time the manual gradient with the scans unrolled 1, 2, 4, 8 steps per iteration."""
+    cases = [
+        ("lstm", bptt_jax.LSTM(512), (512, 128, 256, 512), (1, 2, 4, 8)),
+        ("lstm", bptt_jax.LSTM(256), (100, 64, 128, 256), (1, 2, 4, 8)),
+        ("gru", bptt_jax.GRU(512), (512, 128, 256, 512), (1, 4)),
+    ]
+    with jax.default_matmul_precision("highest"):
+        for name, model, (T, B, D, H), factors in cases:
+            for u in factors:
+                os.environ["BPTT_JAX_SCAN_UNROLL"] = str(u)  # read when the scan is traced
+                f, args = _grad_fn(model, T, B, D, H)
+                start = time.perf_counter()
+                compiled = f.lower(*args).compile()
+                compile_s = time.perf_counter() - start
+                ms = 1e3 * _time(lambda c=compiled: c(*args))
+                emit(section="unroll", cell=name, size=[T, B, D, H], unroll=u, ms=ms,
+                     compile_s=compile_s)  # fmt: skip
+    os.environ.pop("BPTT_JAX_SCAN_UNROLL", None)
+
+
+def compile_() -> None:
+    """Compile and run time of the manual LSTM and GRU gradients (T, B, D, H) = (512, 128,
+    256, 512), under this interpreter's cache directory and XLA flags."""
+    from bptt_jax import cli
+
+    cache = os.environ.get("BPTT_JAX_CACHE_DIR")
+    if cache:
+        cli.enable_compile_cache(cache)
+    with jax.default_matmul_precision("highest"):
+        for name, model in (("lstm", bptt_jax.LSTM(512)), ("gru", bptt_jax.GRU(512))):
+            for variant in ("manual", "bf16"):
+                cd = jnp.bfloat16 if variant == "bf16" else None
+                f, args = _grad_fn(model, 512, 128, 256, 512, compute_dtype=cd)
+                start = time.perf_counter()
+                compiled = f.lower(*args).compile()
+                compile_s = time.perf_counter() - start
+                ms = 1e3 * _time(lambda c=compiled: c(*args), repeats=10)
+                emit(section="compile", cell=name, variant=variant, cache=cache or None,
+                     xla_flags=os.environ.get("XLA_FLAGS"), compile_s=compile_s, ms=ms)  # fmt: skip
+
+
+if __name__ == "__main__":
+    {"cudnn": cudnn, "unroll": unroll, "compile": compile_}[sys.argv[1]]()
