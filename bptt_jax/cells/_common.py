@@ -1,38 +1,13 @@
-"""What every cell shares: activations, initialisers and the engine contract.
+"""What the built-in cells share: activations, initialisers and the policy-aware matmul.
 
-A cell is a frozen, hashable dataclass holding hyper-parameters only (sizes come from the
-params' shapes). It offers two faces:
-
-* the public one, for users: ``init``, ``zero_carry`` and ``step`` (one time step in
-  ``lax.scan`` order ``(carry, x_t) -> (carry, h_t)``);
-* the engine one, used by :mod:`bptt_jax._engine`: the input projection for all steps at once,
-  a forward step on the projected input that also returns what the backward needs, and the
-  hand-written backward of that step.
-
-The engine contract (``G`` gate blocks, ``H`` the hidden size; every block is ``(B, H)``)::
-
-    input_kernel(params)            -> (D, G*H)    x_t @ input_kernel + input_bias is
-    input_bias(params)              -> (G*H,)      the input side of every pre-activation
-    recurrent_kernel(params)        -> (H, G*H)
-    forward(params, carry, xp_t)    -> (carry_new, residual_t)
-        xp_t: tuple of G blocks (input projection plus bias, gate by gate);
-        residual_t: tuple of residual_blocks blocks, what the step backward needs
-    backward(params, residual_t, state_t, state_prev, dstate, w_t)
-                                    -> (dstate_prev, dcols_t: tuple of grad_blocks blocks)
-        w_t: recurrent_kernel(params).T, (G*H, H), laid out once by the engine
-    hidden(state)                   -> h  (B, H)
-    add_to_hidden(dstate, dh)       -> dstate with dh added to its h part
-    input_grads, recurrent_grads    -> indices into dcols_t of the input side's and the
-                                       recurrent side's G pre-activation gradients
-    assemble_grads(params, dW_x, dW_h, db_x, db_h) -> params-typed gradient
-
-``dcols_t`` holds the gradients of the step's pre-activations (``xp_t`` and the recurrent
-``h_{t-1} @ recurrent_kernel``); the engine stacks them over time, one (T, B, H) buffer per
-block, and turns them into every weight gradient with matmuls over all ``T*B`` rows after
-the reverse scan (``dW_x = X^T dA``, ``dW_h = H_prev^T dA``, gate by gate). The buffers are
-shared in place: residual block i is written over input projection i, and gradient block k
-over residual block k (or over a spare input projection), so no (T, B, H) buffer is
-allocated twice.
+A built-in cell is a frozen, hashable dataclass holding hyper-parameters only (sizes come
+from the params' shapes). It offers two faces, both documented in
+:mod:`bptt_jax.cells.protocol`: the public one (:class:`~bptt_jax.cells.Cell`: ``init``,
+``zero_carry`` and ``step``, one time step in ``lax.scan`` order
+``(carry, x_t) -> (carry, h_t)``) and the fast path's
+(:class:`~bptt_jax.cells.FastCell`: the input projection for all steps at once, a forward
+step on the projected input that also returns what the backward needs, and the
+hand-written backward of that step, in ``(B, H)`` gate blocks).
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class Elman:
         h = f(_common.matmul(x, params.w_xh) + _common.matmul(carry, params.w_hh) + params.b_h)
         return h, h
 
-    # ------------------------------------------------------------------ engine face
+    # ------------------------------------- the fast path (bptt_jax.cells.FastCell)
     def input_kernel(self, params: ElmanParams) -> jax.Array:
         return params.w_xh
 

@@ -85,7 +85,7 @@ class GRU:
         new, _ = self.forward(params, carry, xp)
         return new, new
 
-    # ------------------------------------------------------------------ engine face
+    # ------------------------------------- the fast path (bptt_jax.cells.FastCell)
     def input_kernel(self, params: GRUParams) -> jax.Array:
         return params.w_x
 

@@ -100,7 +100,7 @@ class LSTM:
         new, _ = self.forward(params, carry, jnp.split(xp, 4, axis=-1))
         return new, new.h
 
-    # ------------------------------------------------------------------ engine face
+    # ------------------------------------- the fast path (bptt_jax.cells.FastCell)
     def _bias(self, params: LSTMParams) -> jax.Array:
         if self.forget_bias == 0.0:
             return params.b
