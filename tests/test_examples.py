@@ -25,6 +25,7 @@ EXAMPLES = {
     "torch_finetune.py": ("torch", "test_mse"),
     "nnx_train.py": ("flax", "test_mse"),
     "equinox_train.py": ("equinox", "test_mse"),
+    "custom_cell.py": (None, "test_mse"),
 }
 
 #: As in test_docs: compile without XLA's backend optimization (a third of the compile time;
@@ -70,11 +71,12 @@ def _readme_block(marker: str) -> str:
     [
         ("from bptt_jax.interop import", ("torch",)),
         ("bptt_jax.nnx.RNN(", ("flax", "equinox")),
+        ("class IndRNN:", ()),
     ],
 )
 def test_readme_snippet_runs(marker, needs):
-    """The README's PyTorch-weights and NNX/Equinox snippets, as written, in a fresh
-    interpreter (skipped without the packages they import)."""
+    """The README's PyTorch-weights, NNX/Equinox and own-cell snippets, as written, in a
+    fresh interpreter (skipped without the packages they import)."""
     for package in needs:
         pytest.importorskip(package)
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()}
