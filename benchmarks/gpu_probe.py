@@ -108,24 +108,33 @@ def _time(call, repeats=20) -> float:
     return statistics.median(samples)
 
 
-def unroll() -> None:
-    """Time the manual gradient with the scans unrolled 1, 2, 4, 8 steps per iteration."""
-    cases = [
-        ("lstm", bptt_jax.LSTM(512), (512, 128, 256, 512), (1, 2, 4, 8)),
-        ("lstm", bptt_jax.LSTM(256), (100, 64, 128, 256), (1, 2, 4, 8)),
-        ("gru", bptt_jax.GRU(512), (512, 128, 256, 512), (1, 4)),
-    ]
+CELLS = {"elman": bptt_jax.Elman, "lstm": bptt_jax.LSTM, "gru": bptt_jax.GRU}
+
+
+def unroll(spec: str | None = None) -> None:
+    """Time the manual gradient with the scans unrolled 1, 2, 4, 8 steps per iteration.
+
+    ``spec``: cases ``cell:T,B,D,H:u1,u2[:bf16]`` separated by ``;`` instead of the default."""
+    spec = (
+        spec or "lstm:512,128,256,512:1,2,4,8;lstm:100,64,128,256:1,2,4,8;gru:512,128,256,512:1,4"
+    )
+    cases = []
+    for case in spec.split(";"):
+        name, size, factors, *rest = case.split(":")
+        T, B, D, H = map(int, size.split(","))
+        cases.append((name, CELLS[name](H), (T, B, D, H), tuple(map(int, factors.split(","))),
+                      jnp.bfloat16 if rest == ["bf16"] else None))  # fmt: skip
     with jax.default_matmul_precision("highest"):
-        for name, model, (T, B, D, H), factors in cases:
+        for name, model, (T, B, D, H), factors, cd in cases:
             for u in factors:
                 os.environ["BPTT_JAX_SCAN_UNROLL"] = str(u)  # read when the scan is traced
-                f, args = _grad_fn(model, T, B, D, H)
+                f, args = _grad_fn(model, T, B, D, H, compute_dtype=cd)
                 start = time.perf_counter()
                 compiled = f.lower(*args).compile()
                 compile_s = time.perf_counter() - start
                 ms = 1e3 * _time(lambda c=compiled: c(*args))
                 emit(section="unroll", cell=name, size=[T, B, D, H], unroll=u, ms=ms,
-                     compile_s=compile_s)  # fmt: skip
+                     compile_s=compile_s, compute_dtype=None if cd is None else "bfloat16")  # fmt: skip
     os.environ.pop("BPTT_JAX_SCAN_UNROLL", None)
 
 
@@ -151,4 +160,4 @@ def compile_() -> None:
 
 
 if __name__ == "__main__":
-    {"cudnn": cudnn, "unroll": unroll, "compile": compile_}[sys.argv[1]]()
+    {"cudnn": cudnn, "unroll": unroll, "compile": compile_}[sys.argv[1]](*sys.argv[2:])
