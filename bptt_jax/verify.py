@@ -434,6 +434,16 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
         ]
         if uni:
             grid.append((model, dict(common, dtype=jnp.float64, loss="xent", truncate=4)))
+    # The bfloat16 tier: float32 params, bfloat16 compute (bptt_jax.precision), on a longer
+    # sequence; every cell kind and both model kinds, full, checkpointed and truncated.
+    bf16 = dict(dtype=jnp.float32, compute_dtype=jnp.bfloat16, seq_len=64, mask=True)
+    grid += [
+        (cells[0], dict(bf16, loss="xent")),
+        (cells[3], dict(bf16, loss="mse", backward="checkpointed")),
+        (cells[4], dict(bf16, path="unroll", truncate=8)),
+        (models[0], dict(bf16, loss="xent", truncate=8)),
+        (models[2], dict(bf16, path="unroll")),
+    ]
     return grid
 
 
@@ -447,25 +457,35 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
     print_fn(
         f"bptt-jax verify: {len(grid)} configurations, manual vs jax.grad of a plain "
         f"lax.scan (normwise relative error),\nand vs central finite differences in float64. "
-        f"Tolerances: {TOLERANCE}, finite differences {FD_TOLERANCE:g}. "
+        f"Tolerances: {TOLERANCE}, finite differences {FD_TOLERANCE:g}; bfloat16 compute: "
+        f"{policy_tolerances(jnp.bfloat16)[1]:.2g} vs autodiff of the same policy, "
+        f"{policy_tolerances(jnp.bfloat16)[0]:.2g} vs float32 autodiff. "
         f"Device: {jax.devices()[0].platform}.\n"
     )
     header = f"{'configuration':<84} {'worst leaf':<20} {'vs autodiff':>11} {'vs FD':>9}  ok"
     print_fn(header)
     print_fn("-" * len(header))
-    all_ok, worst = True, {"float64": 0.0, "float32": 0.0}
+    all_ok, worst = True, {"float64": 0.0, "float32": 0.0, "bfloat16": 0.0}
     for n, (cell, kw) in enumerate(grid):
         report = check_gradients(cell, key=jax.random.fold_in(key, n), **kw)
         leaf = max(report.autodiff, key=report.autodiff.get)
         fd = max(report.finite_diff.values()) if report.finite_diff else float("nan")
-        dt = jnp.dtype(kw["dtype"]).name
-        worst[dt] = max(worst[dt], report.max_error)
+        dt = jnp.dtype(kw.get("compute_dtype") or kw["dtype"]).name
+        worst[dt] = max(worst[dt], max(report.full_precision.values(), default=report.max_error))
         all_ok &= report.passed
         fd_s = f"{fd:9.1e}" if report.finite_diff else f"{'-':>9}"
         print_fn(
             f"{report.config:<84} {leaf:<20} {report.max_error:11.1e} {fd_s}  "
             f"{'ok' if report.passed else 'FAIL'}"
         )
+        if report.full_precision:
+            full = max(report.full_precision.values())
+            naive = max(report.naive.values())
+            tol = report.full_precision_tolerance
+            print_fn(
+                f"    vs float32 autodiff {full:.1e} (tolerance {tol:.1e}); "
+                f"a naive bfloat16 run: {naive:.1e}"
+            )
         if not report.passed:
             for name, e in report.autodiff.items():
                 print_fn(
@@ -478,7 +498,8 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
                 )
     print_fn(
         f"\nworst relative error vs autodiff: float64 {worst['float64']:.1e}, "
-        f"float32 {worst['float32']:.1e}; {time.perf_counter() - start:.1f} s"
+        f"float32 {worst['float32']:.1e}; bfloat16 compute vs float32 "
+        f"{worst['bfloat16']:.1e}; {time.perf_counter() - start:.1f} s"
     )
     print_fn("PASSED" if all_ok else "FAILED")
     return all_ok
