@@ -49,9 +49,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from bptt_jax import precision, validation
 from bptt_jax._sharding import (
+    _explicit_batch,
     finish_cotangents,
     like_batch,
     sum_over_rows,
@@ -63,18 +65,21 @@ from bptt_jax.models import Bidirectional, Stack, is_bidirectional, output_size
 
 BACKWARDS = ("manual", "checkpointed", "autodiff")
 
-#: The ``unroll`` factor of the fast path's forward and reverse scans, per backend: how many
-#: steps XLA compiles into one loop iteration. Measured (benchmarks/README.md): on the CPU 1
-#: is best; ``BPTT_JAX_SCAN_UNROLL`` overrides it (read at trace time, for measuring).
-SCAN_UNROLL = {"cpu": 1, "gpu": 1, "tpu": 1}
+#: The ``unroll`` factor of the fast path's forward and reverse scans, by (backend, cell
+#: class): how many steps XLA compiles into one loop iteration; 1 where not listed. Measured
+#: on an H100 (jax 0.11.2, benchmarks/README.md), gradient time with 2 against 1: Elman -47%
+#: (T=100, B=64, H=256) and -10% (T=512, B=128, H=512), LSTM -4% and -7% (bfloat16 compute
+#: -12%), GRU +4% and +300% (so 1). On the CPU it never helped. ``BPTT_JAX_SCAN_UNROLL``
+#: overrides it for every cell (read at trace time, for measuring).
+SCAN_UNROLL = {("gpu", "Elman"): 2, ("gpu", "LSTM"): 2}
 
 
-def scan_unroll() -> int:
-    """The scans' ``unroll`` factor on the default backend (see :data:`SCAN_UNROLL`)."""
+def scan_unroll(cell) -> int:
+    """The scans' ``unroll`` factor for ``cell`` on the default backend (:data:`SCAN_UNROLL`)."""
     override = os.environ.get("BPTT_JAX_SCAN_UNROLL")
     if override:
         return max(1, int(override))
-    return SCAN_UNROLL.get(jax.default_backend(), 1)
+    return SCAN_UNROLL.get((jax.default_backend(), type(cell).__name__), 1)
 
 
 class OutputError(NamedTuple):
@@ -238,7 +243,7 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
 
     ts = jnp.arange(xs.shape[0])
     (carry_t, bufs), states = lax.scan(
-        body, (carry0, bufs0), (ts, xp[n_in:], mask, resets), unroll=scan_unroll()
+        body, (carry0, bufs0), (ts, xp[n_in:], mask, resets), unroll=scan_unroll(cell)
     )
     if not keep_residuals:
         return states, None, carry_t
@@ -352,7 +357,7 @@ def reverse_scan(
         init,
         (ts, states, dhs, mask, cuts, resets, real, res_rest),
         reverse=True,
-        unroll=scan_unroll(),
+        unroll=scan_unroll(cell),
     )
     return dcarry0, dcols, deltas
 
@@ -449,7 +454,16 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
     params' dtype, ``dxs`` (T, B, D).
     """
     (xs,) = res
-    cparams = precision.compute_params(params, xs.dtype)
+    batch = _explicit_batch(xs)
+    if batch is not None:
+        return _generic_reverse_scan_per_device(
+            batch, cell, params, carry0, mask, states, xs, dhs, dcarry_t, cuts,
+            resets=resets, delta_clip=delta_clip, keep_deltas=keep_deltas, real=real,
+        )  # fmt: skip
+    # Inside shard_map: the params made device-varying like the batch, so that the VJP of
+    # a step gives each device's own gradient (summed over time here, over the devices once
+    # at the end, by finish_cotangents), not one reduced across devices at every step.
+    cparams = vary_like(precision.compute_params(params, xs.dtype), xs)
     dcarry_t, carry0 = like_batch((dcarry_t, carry0), xs)
     acc = jax.tree.leaves(carry0)[0].dtype  # the carry's (params') dtype
     step_bwd = _step_backward(cell)
@@ -502,6 +516,44 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
     inputs = (ts, xs, states, dhs, mask, cuts, resets, real)
     (dcarry0, dparams), (dxs, deltas) = lax.scan(body, init, inputs, reverse=True)
     return dcarry0, (dparams, dxs), deltas
+
+
+def _generic_reverse_scan_per_device(batch, cell, params, carry0, mask, states, xs, dhs,
+                                     dcarry_t, cuts, **options):  # fmt: skip
+    """:func:`_generic_reverse_scan` of a batch sharded over an Explicit mesh: run on each
+    device's rows (``shard_map``), the params' gradient reduced across the devices once,
+    after the loop. (Under ``jit``, the VJP of a step would sum its params' gradient over
+    the batch, so across the devices, at every step.)"""
+    mesh = jax.typeof(xs).sharding.mesh
+    axes = batch if isinstance(batch, tuple) else (batch,)
+    rows, per_example, rep = P(None, batch), P(batch), P()
+    out_w = None
+    if isinstance(dhs, OutputError):
+        dhs, out_w = dhs
+
+    def local(params, carry0, mask, states, xs, dhs, out_w, dcarry_t, cuts, resets, real):
+        d = dhs if out_w is None else OutputError(dhs, out_w)
+        dcarry0, (dparams, dxs), deltas = _generic_reverse_scan(
+            cell, params, carry0, mask, states, (xs,), d, dcarry_t, cuts,
+            resets=resets, real=real, **options,
+        )  # fmt: skip
+        return dcarry0, (lax.psum(dparams, axes), dxs), deltas
+
+    def spec(tree, s):
+        return jax.tree.map(lambda _: s, tree)
+
+    resets, real = options.pop("resets"), options.pop("real")
+    args = (params, carry0, mask, states, xs, dhs, out_w, dcarry_t, cuts, resets, real)
+    in_specs = tuple(
+        spec(a, s)
+        for a, s in zip(
+            args, (rep, per_example, rows, rows, rows, rows, rep, per_example, rep, rows, rep)
+        )  # fmt: skip
+    )
+    # every input laid out as its spec says (e.g. a mask made on one device is split too)
+    args = jax.tree.map(jax.sharding.reshard, args, in_specs)
+    out_specs = (spec(carry0, per_example), (spec(params, rep), rows), rows)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
 # ====================================================================== models

@@ -16,7 +16,12 @@ models, through the trainer, the diagnostics and ``check_gradients``. The cells:
 """
 
 import dataclasses
+import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 from functools import partial
 from typing import NamedTuple
 
@@ -281,7 +286,7 @@ def xent(readout, hs, targets, mask):
 
 
 def _dot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return sum(jnp.sum(x * y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 # ------------------------------------------------------------------- the problems
@@ -724,3 +729,76 @@ def test_params_and_carries_not_matching_init_and_zero_carry_name_the_leaf():
     ps = stack.init(jax.random.key(0), D, F64)
     with _raises(ValueError, "params[1]['w_f']", "(3, 4)", "input_size=3", "layer 0"):
         bptt_jax.unroll(stack, (ps[0], p), xs)
+
+
+# ------------------------------------------------------------------ sharded batches
+SHARDED = """
+import json, sys
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import bptt_jax
+from bptt_jax import parallel
+from tests.test_user_cells import CELLS, problem, _dot
+from tests.reference import rel_err
+model = bptt_jax.Stack((CELLS["gated-memory"], CELLS["indrnn"]))
+p, ro, xs, tg, c0, m, r, ct_h, ct_c = problem(model, jax.random.key(0), b=4)
+def grads(p, ro, xs, c0, tg, m, r, ct_h, ct_c, checkpointed=True):
+    def f(p, ro, xs, c0):  # unroll full and checkpointed, a loss with chunked truncation
+        out = _dot(bptt_jax.unroll(model, p, xs, c0, mask=m, resets=r), (ct_h, ct_c))
+        if checkpointed:
+            out += _dot(bptt_jax.unroll(model, p, xs, c0, mask=m, backward="checkpointed",
+                                        segment=3), (ct_h, ct_c))
+        return out + bptt_jax.sequence_loss(model, p, ro, xs, tg, c0, mask=m, resets=r,
+                                            truncate=3, reduction="sum")
+    return jax.grad(f, argnums=(0, 1, 2, 3))(p, ro, xs, c0)
+args = (p, ro, xs, c0, tg, m, r, ct_h, ct_c)
+want = jax.jit(grads)(*args)
+rows, ex = P(None, "data"), P("data")
+specs = (P(), P(), rows, ex, rows, rows, rows, rows, ex)
+out = {}
+for mode in sys.argv[1:]:
+    kind = AxisType.Auto if mode == "auto" else AxisType.Explicit
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(kind,))
+    placed = [jax.device_put(a, jax.tree.map(lambda _: NamedSharding(mesh, s), a))
+              for a, s in zip(args, specs)]
+    fs = [grads, lambda *a: grads(*a, checkpointed=False)]
+    if mode == "shard_map":  # the gradients of replicated inputs come back reduced
+        fs = [jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(P(), P(), rows, ex))
+              for f in fs]
+    with jax.set_mesh(mesh):
+        got = jax.jit(fs[0])(*placed)
+        # the collectives without checkpointed BPTT (which reduces once per segment)
+        hlo = jax.jit(fs[1]).lower(*placed).compile().as_text()
+    err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    loops = sorted({c.loop_depth for c in parallel.collectives(hlo)})
+    out[mode] = dict(err=err, loop_depths=loops)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize(
+    "modes", [("shard_map", "explicit"), pytest.param(("auto",), marks=pytest.mark.slow)]
+)
+def test_a_user_cell_on_a_batch_sharded_over_two_devices(modes):
+    """2 simulated devices in a fresh interpreter: the gradients of a Stack of tier-1 cells
+    (full, checkpointed, a loss with chunked truncation) equal one device's inside shard_map
+    and under Explicit and Auto meshes; inside shard_map and under an Explicit mesh the
+    params' gradients of full BPTT and of chunked truncation are reduced across the devices
+    outside every loop, not step by step (checkpointed BPTT reduces once per segment, as
+    for the built-in cells)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        JAX_ENABLE_X64="1",
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", SHARDED, *modes], capture_output=True, text=True, timeout=300,
+        cwd=pathlib.Path(__file__).resolve().parents[1], env=env,
+    )  # fmt: skip
+    line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
+    assert run.returncode == 0 and line, run.stdout[-3000:] + run.stderr[-3000:]
+    out = json.loads(line[0][len("RESULT ") :])
+    assert all(r["err"] <= TOL for r in out.values()), out
+    for mode in {"shard_map", "explicit"} & set(out):  # reduced outside every loop
+        assert out[mode]["loop_depths"] == [0], out
