@@ -43,6 +43,7 @@ def enable_compile_cache(directory: str | Path | None = None) -> Path:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 
+
 #: subcommand -> (module, one-line help)
 COMMANDS = {
     "verify": (
