@@ -45,48 +45,47 @@ def cudnn() -> None:
 def _cudnn_case(T, B, D, H) -> None:
     from jax.experimental import rnn as jrnn
 
-    if True:  # noqa: SIM108 - the body of the former loop, unchanged
-        k = jax.random.split(jax.random.key(0), 6)
-        x = jax.random.normal(k[0], (B, T, D), jnp.float32)
-        h0 = jax.random.normal(k[1], (1, B, H), jnp.float32)
-        c0 = jax.random.normal(k[2], (1, B, H), jnp.float32)
-        n = jrnn.get_num_params_in_lstm(D, H, 1, False)
-        w = jax.random.uniform(k[3], (n,), jnp.float32, -1 / H**0.5, 1 / H**0.5)
-        lengths = jnp.full((B,), T, jnp.int32)
-        cy = jax.random.normal(k[4], (B, T, H), jnp.float32)
-        ch = jax.random.normal(k[5], (2, 1, B, H), jnp.float32)
+    k = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(k[0], (B, T, D), jnp.float32)
+    h0 = jax.random.normal(k[1], (1, B, H), jnp.float32)
+    c0 = jax.random.normal(k[2], (1, B, H), jnp.float32)
+    n = jrnn.get_num_params_in_lstm(D, H, 1, False)
+    w = jax.random.uniform(k[3], (n,), jnp.float32, -1 / H**0.5, 1 / H**0.5)
+    lengths = jnp.full((B,), T, jnp.int32)
+    cy = jax.random.normal(k[4], (B, T, H), jnp.float32)
+    ch = jax.random.normal(k[5], (2, 1, B, H), jnp.float32)
 
-        def loss(fn, w, x, h0, c0):
-            y, hn, cn = fn(w, x, h0, c0)
-            return jnp.vdot(y, cy) + jnp.vdot(hn, ch[0]) + jnp.vdot(cn, ch[1])
+    def loss(fn, w, x, h0, c0):
+        y, hn, cn = fn(w, x, h0, c0)
+        return jnp.vdot(y, cy) + jnp.vdot(hn, ch[0]) + jnp.vdot(cn, ch[1])
 
-        def cudnn_fn(w, x, h0, c0):
-            return jrnn.lstm(x, h0, c0, w, lengths, D, H, 1, 0.0, False)
+    def cudnn_fn(w, x, h0, c0):
+        return jrnn.lstm(x, h0, c0, w, lengths, D, H, 1, 0.0, False)
 
-        def ref_fn(w, x, h0, c0):
-            wih, whh, bih, bhh = jrnn.unpack_lstm_weights(w, D, H, 1, False)
-            return jrnn.lstm_ref(x, h0, c0, wih, whh, bih, bhh, lengths, D, H, 1, 0.0, False)
+    def ref_fn(w, x, h0, c0):
+        wih, whh, bih, bhh = jrnn.unpack_lstm_weights(w, D, H, 1, False)
+        return jrnn.lstm_ref(x, h0, c0, wih, whh, bih, bhh, lengths, D, H, 1, 0.0, False)
 
-        with jax.default_matmul_precision("highest"):
-            g_c = jax.jit(jax.value_and_grad(lambda *a: loss(cudnn_fn, *a), argnums=(0, 1, 2, 3)))
-            g_r = jax.jit(jax.value_and_grad(lambda *a: loss(ref_fn, *a), argnums=(0, 1, 2, 3)))
-            (vc, gc), (_, gc2), (vr, gr) = g_c(w, x, h0, c0), g_c(w, x, h0, c0), g_r(w, x, h0, c0)
-        blocks = {}
-        parts_c = jrnn.unpack_lstm_weights(gc[0], D, H, 1, False)
-        parts_r = jrnn.unpack_lstm_weights(gr[0], D, H, 1, False)
-        for name, pc, pr in zip(("W_ih", "W_hh", "b_ih", "b_hh"), parts_c, parts_r):
-            for gate, bc, br in zip("ifgo", jnp.split(pc[0], 4, 0), jnp.split(pr[0], 4, 0)):
-                blocks[f"{name}.{gate}"] = _rel(bc, br)
-        emit(
-            section="cudnn",
-            size=[T, B, D, H],
-            value_rel_err=abs(float(vc) - float(vr)) / abs(float(vr)),
-            x_rel_err=_rel(gc[1], gr[1]),
-            h0_rel_err=_rel(gc[2], gr[2]),
-            c0_rel_err=_rel(gc[3], gr[3]),
-            weights_rel_err=blocks,
-            repeat_call_max_diff=float(jnp.max(jnp.abs(gc2[0] - gc[0]))),
-        )
+    with jax.default_matmul_precision("highest"):
+        g_c = jax.jit(jax.value_and_grad(lambda *a: loss(cudnn_fn, *a), argnums=(0, 1, 2, 3)))
+        g_r = jax.jit(jax.value_and_grad(lambda *a: loss(ref_fn, *a), argnums=(0, 1, 2, 3)))
+        (vc, gc), (_, gc2), (vr, gr) = g_c(w, x, h0, c0), g_c(w, x, h0, c0), g_r(w, x, h0, c0)
+    blocks = {}
+    parts_c = jrnn.unpack_lstm_weights(gc[0], D, H, 1, False)
+    parts_r = jrnn.unpack_lstm_weights(gr[0], D, H, 1, False)
+    for name, pc, pr in zip(("W_ih", "W_hh", "b_ih", "b_hh"), parts_c, parts_r):
+        for gate, bc, br in zip("ifgo", jnp.split(pc[0], 4, 0), jnp.split(pr[0], 4, 0)):
+            blocks[f"{name}.{gate}"] = _rel(bc, br)
+    emit(
+        section="cudnn",
+        size=[T, B, D, H],
+        value_rel_err=abs(float(vc) - float(vr)) / abs(float(vr)),
+        x_rel_err=_rel(gc[1], gr[1]),
+        h0_rel_err=_rel(gc[2], gr[2]),
+        c0_rel_err=_rel(gc[3], gr[3]),
+        weights_rel_err=blocks,
+        repeat_call_max_diff=float(jnp.max(jnp.abs(gc2[0] - gc[0]))),
+    )
 
 
 def _grad_fn(model, T, B, D, H, O=128, **options):
