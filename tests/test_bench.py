@@ -270,12 +270,33 @@ def test_parallel_part_times_the_device_counts_there_are(tiny_run):
     assert any("[2, 4, 8] devices skipped" in n for n in res["notes"]), res["notes"]
 
 
+def test_precision_part_checks_and_compares_bf16_compute_with_float32(tiny_run):
+    """bench_tiny's precision row: float32 and bfloat16 compute, each checked against float32
+    autodiff (bf16 within the policy tolerance, and visibly above float32's error), timed,
+    with the temp-memory ratio and its target."""
+    from bptt_jax import verify
+
+    res, _, _ = tiny_run
+    (row,) = res["precision"]
+    assert set(row["variants"]) == {"manual", "bf16"}
+    tol = verify.policy_tolerances(jax.numpy.bfloat16)[0]
+    bf16, f32 = row["variants"]["bf16"]["check"], row["variants"]["manual"]["check"]
+    assert bf16["tolerance"] == tol and bf16["passed"] and bf16["max_rel_err"] <= tol
+    assert f32["max_rel_err"] < bf16["max_rel_err"]
+    for v in row["variants"].values():
+        _check_timed(v, row["T"] * row["B"])
+    temp = row["temp_vs_manual"]["bf16"]
+    assert temp == row["variants"]["bf16"]["temp_bytes"] / row["variants"]["manual"]["temp_bytes"]
+    (t,) = [t for t in res["targets"] if t["target"] == "bf16_temp"]
+    assert t["value"] == 1 / temp
+
+
 def test_targets_are_evaluated_from_the_ratios(tiny_run):
     res, _, _ = tiny_run
     assert res["targets"]
     for t in res["targets"]:
         assert t["met"] == (t["value"] >= t["threshold"])
-        if t["target"] in ("temp_vs_autodiff", "checkpoint_saving"):  # memory: no samples
+        if t["target"] in ("temp_vs_autodiff", "checkpoint_saving", "bf16_temp"):  # memory
             assert t["spread"] is None and not t["noisy"]
         else:
             assert t["spread"] >= 0

@@ -1,11 +1,10 @@
 """Data parallelism (issue 14): 8 simulated CPU devices, and 2 processes of 4 devices each.
 
 The suite's own processes started JAX with one device, so the multi-device checks run in
-fresh interpreters, all at once, in one module-scoped fixture: ``tests/parallel_script.py``
-on 8 devices (gradients, train steps, ``fit``, checkpoints, errors; it prints JSON) and, at
-the same time, ``bptt-jax train`` as 2 processes of 4 devices connected by
-``jax.distributed`` on localhost. The tests below read their results; the checks that need
-no devices run here.
+fresh interpreters: ``tests/parallel_script.py`` on 8 devices (gradients, train steps,
+``fit``, checkpoints, errors; it prints JSON) in one module-scoped fixture whose results the
+tests below read, and (``-m slow``) ``bptt-jax train`` as 2 processes of 4 devices connected
+by ``jax.distributed`` on localhost beside it. The checks that need no devices run here.
 """
 
 import json
@@ -50,10 +49,10 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
-def _run_all(out: Path, full: bool = False) -> dict:
-    """The 8-device script and (unless ``full``) the 2-process run, side by side."""
+def _run_all(out: Path, full: bool = False, two_process: bool = False) -> dict:
+    """The 8-device script and (with ``two_process``) the 2-process run, side by side."""
     workers = []
-    if not full:
+    if two_process:
         port = _free_port()
         for pid in range(2):
             args = [
@@ -216,11 +215,14 @@ def _restore_on_one_device(directory: Path):
     return state, meta
 
 
-def test_two_processes_train_to_the_params_of_one_process_with_8_devices(runs):
+@pytest.mark.slow
+def test_two_processes_train_to_the_params_of_one_process_with_8_devices(tmp_path):
     """`bptt-jax train` as 2 processes of 4 CPU devices (jax.distributed on localhost, set
     up from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): each process draws
     the global batches and places its rows; both write the final checkpoint. Restored onto
-    this process's one device, it is the checkpoint of the same run on one process with 8."""
+    this process's one device, it is the checkpoint of the same run on one process with 8.
+    (Slow: three more JAX processes on the machine; about 30 s of CPU.)"""
+    runs = _run_all(tmp_path, two_process=True)
     for pid, (rc, out, err) in enumerate(runs["workers"]):
         assert rc == 0, f"process {pid}:\n{out[-2000:]}\n{err[-3000:]}"
     out0, out1 = runs["workers"][0][1], runs["workers"][1][1]

@@ -81,15 +81,15 @@ def test_bf16_compute_is_closer_to_float32_than_naive_bf16_on_a_long_sequence(na
 
 
 CHECKS = [
-    ("elman", dict(path="loss")),
-    ("lstm", dict(path="loss", backward="checkpointed")),
-    ("gru", dict(path="unroll", truncate=5)),
-    ("lstm:2", dict(path="loss", truncate=4)),
-    ("bigru", dict(path="unroll")),
+    pytest.param("elman", dict(path="loss"), id="elman"),
+    pytest.param("lstm", dict(path="loss", backward="checkpointed"), id="lstm"),
+    pytest.param("lstm:2", dict(path="loss", truncate=4), id="lstm:2"),
+    pytest.param("gru", dict(path="unroll", truncate=5), marks=pytest.mark.slow, id="gru"),
+    pytest.param("bigru", dict(path="unroll"), marks=pytest.mark.slow, id="bigru"),
 ]
 
 
-@pytest.mark.parametrize("name, options", CHECKS, ids=[c[0] for c in CHECKS])
+@pytest.mark.parametrize("name, options", CHECKS)
 def test_check_gradients_bf16_tier_passes_for_every_model_kind(name, options):
     """The manual gradient under the policy against autodiff of the same policy and against
     float32 autodiff (every argument's gradient), within policy_tolerances; every gradient
