@@ -777,7 +777,7 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.parametrize(
-    "modes", [("shard_map", "explicit"), pytest.param(("auto",), marks=pytest.mark.slow)]
+    "modes", [("shard_map",), pytest.param(("explicit", "auto"), marks=pytest.mark.slow)]
 )
 def test_a_user_cell_on_a_batch_sharded_over_two_devices(modes):
     """2 simulated devices in a fresh interpreter: the gradients of a Stack of tier-1 cells
