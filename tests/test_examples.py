@@ -26,6 +26,7 @@ EXAMPLES = {
     "nnx_train.py": ("flax", "test_mse"),
     "equinox_train.py": ("equinox", "test_mse"),
     "custom_cell.py": (None, "test_mse"),
+    "data_parallel.py": (None, "train_mse"),
 }
 
 #: As in test_docs: compile without XLA's backend optimization (a third of the compile time;
