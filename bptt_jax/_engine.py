@@ -250,6 +250,53 @@ def forward(cell, params, xs, carry0, mask, *, keep_residuals: bool = True, rese
     return states, bufs + xp[n_in:], carry_t
 
 
+def _error_entering(cell, carry0, states, t, r_t, dstate, dh_t, out_w, real_t, delta_clip,
+                    keep_deltas, acc):  # fmt: skip
+    """What step t of a reverse scan starts from, for any cell.
+
+    Returns ``(prev_t, dstate, delta_h)``: the carry entering step t (``carry0`` at t = 0,
+    else the stored state after step t-1, reset where ``r_t`` is set, in the carry's
+    dtypes); the error on step t's new carry with ``dh_t`` from outside the recurrence
+    added (``dh_t @ out_w.T`` for a readout's error) and clipped by ``delta_clip`` where the
+    step exists; and what ``keep_deltas`` keeps of it (``None`` when off).
+    """
+    prev_t = jax.tree.map(
+        lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0)).astype(c0.dtype)),
+        carry0,
+        states,
+    )
+    prev_t = _reset(r_t, prev_t)
+    if out_w is not None:  # dh_t is the readout's dy_t
+        dh_t = _common.matmul(dh_t, out_w.T)
+    if dh_t is not None:
+        dstate = protocol.add_to_hidden(cell, dstate, dh_t.astype(acc))
+    if delta_clip is not None:
+        clipped = clip_delta(dstate, delta_clip)
+        dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
+    delta_h = None
+    if keep_deltas:
+        kept = keep_deltas if callable(keep_deltas) else partial(protocol.hidden, cell)
+        delta_h = kept(dstate)
+    return prev_t, dstate, delta_h
+
+
+def _back_one_step(step_back, dstate, m_t, cut_t, r_t):
+    """``step_back(dstate) -> (dprev, *rest)`` with the engine's masks, cuts and resets:
+    a padded step passes its error straight to the previous carry, a truncation cut or a
+    reset stops it. Returns ``(dprev, rest)``."""
+    if m_t is None:
+        dprev, *rest = step_back(dstate)
+    else:
+        zeros = _zeros_like(dstate)
+        dprev, *rest = step_back(_select(m_t, dstate, zeros))
+        dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
+    if cut_t is not None:
+        dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
+    if r_t is not None:  # the carry was replaced by zeros: nothing flows further back
+        dprev = _select(r_t, _zeros_like(dprev), dprev)
+    return dprev, rest
+
+
 def reverse_scan(
     cell,
     params,
@@ -316,35 +363,14 @@ def reverse_scan(
         # stored rows are in the compute dtype).
         res_t = tuple(r.astype(acc) for r in res_next + res_t_rest)
         state_t = jax.tree.map(lambda s, c: s.astype(c.dtype), state_t, carry0)
-        # The carry entering step t: carry0 at t = 0, else the state after step t-1.
-        prev_t = jax.tree.map(
-            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0)).astype(c0.dtype)),
-            carry0,
-            states,
-        )
-        prev_t = _reset(r_t, prev_t)
-        if out_w is not None:  # dh_t is the readout's dy_t
-            dh_t = _common.matmul(dh_t, out_w.T)
-        if dh_t is not None:
-            dstate = cell.add_to_hidden(dstate, dh_t.astype(acc))
-        if delta_clip is not None:
-            clipped = clip_delta(dstate, delta_clip)
-            dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
-        delta_h = None
-        if keep_deltas:
-            delta_h = keep_deltas(dstate) if callable(keep_deltas) else cell.hidden(dstate)
-        if m_t is None:
-            dprev, dcols = cell.backward(params, res_t, state_t, prev_t, dstate, w_t)
-        else:  # padded step: its error goes straight to the previous carry
-            zeros = _zeros_like(dstate)
-            dprev, dcols = cell.backward(
-                params, res_t, state_t, prev_t, _select(m_t, dstate, zeros), w_t
-            )
-            dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
-        if cut_t is not None:
-            dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
-        if r_t is not None:  # the carry was replaced by zeros: nothing flows further back
-            dprev = _select(r_t, _zeros_like(dprev), dprev)
+        prev_t, dstate, delta_h = _error_entering(
+            cell, carry0, states, t, r_t, dstate, dh_t, out_w, real_t, delta_clip,
+            keep_deltas, acc,
+        )  # fmt: skip
+        dprev, (dcols,) = _back_one_step(
+            lambda d: cell.backward(params, res_t, state_t, prev_t, d, w_t), dstate, m_t, cut_t,
+            r_t,
+        )  # fmt: skip
         out = tuple(_write(buf, d, t) for buf, d in zip(out, dcols))
         # The residuals of step t-1, read after this step's write.
         res_next = _rows(out[:n_in], jnp.maximum(t - 1, 0))
@@ -419,6 +445,9 @@ def _step_backward(cell):
         return cell.step_backward
 
     def vjp(params, carry, x, new, dnew):
+        # The one autodiff in the library's backward, allowed by issue 15: the ONE-STEP
+        # backward of a user cell that brings none (tier 1). The sequence-level BPTT around
+        # it (the reverse scan, the error carried back, the sums over time) stays hand-written.
         del new
         _, pullback = jax.vjp(lambda p, c, x_: cell.step(p, c, x_)[0], params, carry, x)
         return pullback(dnew)
@@ -479,34 +508,16 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
         dstate, dparams = scan_carry
         t, x_t, state_t, dh_t, m_t, cut_t, r_t, real_t = inputs
         x_t, state_t = x_t.astype(acc), as_carry(state_t)
-        # The carry entering step t: carry0 at t = 0, else the state after step t-1.
-        prev_t = jax.tree.map(
-            lambda c0, s: jnp.where(t == 0, c0, _index(s, jnp.maximum(t - 1, 0)).astype(c0.dtype)),
-            carry0,
-            states,
-        )
-        prev_t = _reset(r_t, prev_t)
-        if out_w is not None:  # dh_t is the readout's dy_t
-            dh_t = _common.matmul(dh_t, out_w.T)
-        if dh_t is not None:
-            dstate = protocol.add_to_hidden(cell, dstate, dh_t.astype(acc))
-        if delta_clip is not None:
-            clipped = clip_delta(dstate, delta_clip)
-            dstate = clipped if real_t is None else _select_all(real_t, clipped, dstate)
-        delta_h = None
-        if keep_deltas:
-            kept = keep_deltas if callable(keep_deltas) else partial(protocol.hidden, cell)
-            delta_h = kept(dstate)
-        if m_t is None:
-            dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, dstate)
-        else:  # padded step: its error goes straight to the previous carry
-            zeros = _zeros_like(dstate)
-            dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, _select(m_t, dstate, zeros))
-            dprev = jax.tree.map(jnp.add, dprev, _select(m_t, zeros, dstate))
-        if cut_t is not None:
-            dprev = jax.tree.map(lambda g: jnp.where(cut_t, jnp.zeros_like(g), g), dprev)
-        if r_t is not None:  # the carry was replaced by zeros: nothing flows further back
-            dprev = _select(r_t, _zeros_like(dprev), dprev)
+        prev_t, dstate, delta_h = _error_entering(
+            cell, carry0, states, t, r_t, dstate, dh_t, out_w, real_t, delta_clip,
+            keep_deltas, acc,
+        )  # fmt: skip
+
+        def step_back(d):  # (dparams, dcarry, dx) -> (dcarry, dparams, dx)
+            dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, d)
+            return dprev, dp, dx
+
+        dprev, (dp, dx) = _back_one_step(step_back, dstate, m_t, cut_t, r_t)
         dprev = jax.tree.map(lambda g, c: g.astype(c.dtype), dprev, carry0)
         dparams = jax.tree.map(lambda a, g: a + g.astype(a.dtype), dparams, dp)
         return (dprev, dparams), (dx.astype(xs.dtype), delta_h)
