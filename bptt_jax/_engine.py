@@ -49,13 +49,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from bptt_jax import precision, validation
 from bptt_jax._sharding import (
-    _explicit_batch,
+    SUMMED,
+    batch_split,
     finish_cotangents,
     like_batch,
+    per_device,
     sum_over_rows,
     time_major_sharding,
     vary_like,
@@ -483,10 +484,10 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
     params' dtype, ``dxs`` (T, B, D).
     """
     (xs,) = res
-    batch = _explicit_batch(xs)
-    if batch is not None:
+    split = batch_split(xs)
+    if split is not None:
         return _generic_reverse_scan_per_device(
-            batch, cell, params, carry0, mask, states, xs, dhs, dcarry_t, cuts,
+            split, cell, params, carry0, mask, states, xs, dhs, dcarry_t, cuts,
             resets=resets, delta_clip=delta_clip, keep_deltas=keep_deltas, real=real,
         )  # fmt: skip
     # Inside shard_map: the params made device-varying like the batch, so that the VJP of
@@ -529,42 +530,26 @@ def _generic_reverse_scan(cell, params, carry0, mask, states, res, dhs, dcarry_t
     return dcarry0, (dparams, dxs), deltas
 
 
-def _generic_reverse_scan_per_device(batch, cell, params, carry0, mask, states, xs, dhs,
-                                     dcarry_t, cuts, **options):  # fmt: skip
-    """:func:`_generic_reverse_scan` of a batch sharded over an Explicit mesh: run on each
-    device's rows (``shard_map``), the params' gradient reduced across the devices once,
+def _generic_reverse_scan_per_device(split, cell, params, carry0, mask, states, xs, dhs,
+                                     dcarry_t, cuts, *, resets, real, **options):  # fmt: skip
+    """:func:`_generic_reverse_scan` of a batch split over a mesh, run on each device's rows
+    (:func:`bptt_jax._sharding.per_device`): the params' gradient crosses the devices once,
     after the loop. (Under ``jit``, the VJP of a step would sum its params' gradient over
     the batch, so across the devices, at every step.)"""
-    mesh = jax.typeof(xs).sharding.mesh
-    axes = batch if isinstance(batch, tuple) else (batch,)
-    rows, per_example, rep = P(None, batch), P(batch), P()
     out_w = None
     if isinstance(dhs, OutputError):
         dhs, out_w = dhs
 
     def local(params, carry0, mask, states, xs, dhs, out_w, dcarry_t, cuts, resets, real):
         d = dhs if out_w is None else OutputError(dhs, out_w)
-        dcarry0, (dparams, dxs), deltas = _generic_reverse_scan(
+        return _generic_reverse_scan(
             cell, params, carry0, mask, states, (xs,), d, dcarry_t, cuts,
             resets=resets, real=real, **options,
         )  # fmt: skip
-        return dcarry0, (lax.psum(dparams, axes), dxs), deltas
 
-    def spec(tree, s):
-        return jax.tree.map(lambda _: s, tree)
-
-    resets, real = options.pop("resets"), options.pop("real")
     args = (params, carry0, mask, states, xs, dhs, out_w, dcarry_t, cuts, resets, real)
-    in_specs = tuple(
-        spec(a, s)
-        for a, s in zip(
-            args, (rep, per_example, rows, rows, rows, rows, rep, per_example, rep, rows, rep)
-        )  # fmt: skip
-    )
-    # every input laid out as its spec says (e.g. a mask made on one device is split too)
-    args = jax.tree.map(jax.sharding.reshard, args, in_specs)
-    out_specs = (spec(carry0, per_example), (spec(params, rep), rows), rows)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+    in_axes = (None, 0, 1, 1, 1, 1, None, 0, None, 1, None)
+    return per_device(split, local, args, in_axes, (0, (SUMMED, 1), 1))
 
 
 # ====================================================================== models
@@ -692,7 +677,7 @@ class _Segmented(NamedTuple):
     def forward(self, cell, params, xs, carry0, mask, resets, keep):
         _, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, self.segment)
         ckpt, hs_s, carry_t = checkpointed_forward(
-            cell, params, xs_s, carry0, mask_s, resets_s, None, out_fn=lambda hs, _: hs
+            cell, params, xs_s, carry0, mask_s, resets_s, None, out_fn=lambda hs, *_: hs
         )
         return _unsegment(hs_s, xs.shape[0]), carry_t, ckpt if keep else None
 
@@ -706,7 +691,7 @@ class _Segmented(NamedTuple):
         grads, dxs_s, dcarry0, _, _ = checkpointed_backward(
             cell, params, xs_s, mask_s, resets_s, None, saved, dcarry_t,
             _segment_cuts(cuts, n, self.segment), _segment_real(clip, n, self.segment, t_len),
-            lambda hs, dh: (dh, (), None), _segments(_dense(dhs), n, self.segment), (),
+            lambda hs, dh, _: (dh, (), None), _segments(_dense(dhs), n, self.segment), (),
             delta_clip=clip,
         )  # fmt: skip
         return grads, _unsegment(dxs_s, t_len), dcarry0, None
@@ -933,22 +918,41 @@ def segment_drops(drops, n: int, s: int):
 
 
 def checkpointed_forward(model, params, xs_s, carry0, mask_s, resets_s, drops_s, extras_s=None,
-                         out_fn=None):  # fmt: skip
+                         out_fn=None, outs_axis=2, consts=()):  # fmt: skip
     """The forward over segments, keeping only the carry entering each segment (every layer's).
+
+    On a mesh the segment loop runs per device (:func:`bptt_jax._sharding.per_device`), so
+    that a segment's loss is not reduced across the devices inside it.
 
     Args:
       xs_s, mask_s, resets_s, drops_s, extras_s: per-segment inputs, leading axes (n, s).
-      out_fn: ``out_fn(hs_seg, extras_seg)`` -> a per-segment output to stack (the outputs
-        themselves, or the segment's loss); ``None`` for none.
+      out_fn: ``out_fn(hs_seg, extras_seg, consts)`` -> a per-segment output to stack (the
+        outputs themselves, or the segment's loss); ``None`` for none.
+      outs_axis: the batch axis of the stacked outputs (2: (n, s, B, ...)), or ``SUMMED``
+        for sums over the batch (a segment's loss).
+      consts: replicated arrays ``out_fn`` reads (a readout, a loss scale); functions run
+        per device take them as arguments, never from a closure.
 
     Returns:
       ``(checkpoints, outputs, carry_T)``; ``checkpoints`` has a leading n axis.
     """
+    split = batch_split(xs_s, axis=2)
+    if split is not None:
+
+        def fn(params, xs_s, carry0, mask_s, resets_s, drops_s, extras_s, consts):
+            return checkpointed_forward(
+                model, params, xs_s, carry0, mask_s, resets_s, drops_s, extras_s, out_fn,
+                outs_axis, consts,
+            )  # fmt: skip
+
+        args = (params, xs_s, carry0, mask_s, resets_s, drops_s, extras_s, consts)
+        in_axes = (None, 2, 0, 2, 2, 2, 2, None)
+        return per_device(split, fn, args, in_axes, (1, outs_axis, 0))
 
     def body(carry, inputs):
         x, m, r, d, extra = inputs
         hs, carry_out, _ = model_forward(model, params, x, carry, m, r, d, keep=False)
-        out = None if out_fn is None else out_fn(hs, extra)
+        out = None if out_fn is None else out_fn(hs, extra, consts)
         return carry_out, (carry, out)
 
     carry_t, (checkpoints, outs) = lax.scan(
@@ -959,27 +963,46 @@ def checkpointed_forward(model, params, xs_s, carry0, mask_s, resets_s, drops_s,
 
 def checkpointed_backward(
     model, params, xs_s, mask_s, resets_s, drops_s, checkpoints, dcarry_t, cuts_s, real_s,
-    cotangent_fn, extras_s, acc0, *, delta_clip=None,
+    cotangent_fn, extras_s, acc0, *, delta_clip=None, consts=(),
 ):  # fmt: skip
     """The hand-written BPTT over segments, each re-run from its checkpoint (every layer).
 
     Args:
       cuts_s, real_s: truncation boundaries and existing steps (see :func:`_segment_real`),
         split into segments, or ``None``.
-      cotangent_fn: ``cotangent_fn(hs_seg, extras_seg)`` -> ``(dhs_seg, acc_seg, out_seg)``:
+      cotangent_fn: ``cotangent_fn(hs_seg, extras_seg, consts)`` -> ``(dhs_seg, acc_seg,
+        out_seg)``:
         the error arriving at the segment's outputs from outside the recurrence, a pytree
         summed over segments (e.g. the readout's gradient) and one stacked per segment.
       acc0: zeros in the structure of ``acc_seg``.
 
     Returns:
       ``(dparams, dxs_s, dcarry0, acc, outs)``; ``dxs_s`` has leading axes (n, s).
+
+    On a mesh the segment loop runs per device (:func:`bptt_jax._sharding.per_device`):
+    each device sums its rows' gradients over the segments, and ``dparams`` and ``acc``
+    cross the devices once, after the loop.
     """
+    split = batch_split(xs_s, axis=2)
+    if split is not None:
+
+        def fn(params, xs_s, mask_s, resets_s, drops_s, checkpoints, dcarry_t, cuts_s, real_s,
+               extras_s, acc0, consts):  # fmt: skip
+            return checkpointed_backward(
+                model, params, xs_s, mask_s, resets_s, drops_s, checkpoints, dcarry_t, cuts_s,
+                real_s, cotangent_fn, extras_s, acc0, delta_clip=delta_clip, consts=consts,
+            )  # fmt: skip
+
+        args = (params, xs_s, mask_s, resets_s, drops_s, checkpoints, dcarry_t, cuts_s, real_s,
+                extras_s, acc0, consts)  # fmt: skip
+        in_axes = (None, 2, 2, 2, 2, 1, 0, None, None, 2, None, None)
+        return per_device(split, fn, args, in_axes, (SUMMED, 2, 0, SUMMED, 2))
 
     def body(carry, inputs):
         dcarry, grads, acc = carry
         x, m, r, d, cut, real, ckpt, extra = inputs
         hs, _, saved = model_forward(model, params, x, ckpt, m, r, d)
-        dhs, acc_seg, out = cotangent_fn(hs, extra)
+        dhs, acc_seg, out = cotangent_fn(hs, extra, consts)
         g, dx, dcarry_in, _ = model_backward(
             model, params, x, ckpt, m, r, d, saved, dhs, dcarry, cut,
             delta_clip=delta_clip, real=real,
@@ -1192,14 +1215,20 @@ def _walk_fwd(model, head, walk, params, readout, xs, targets, carry0, mask, val
         n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, s)
         drops_s = segment_drops(drops, n, s)
         if head is None:
-            extras, out_fn = None, lambda hs, _: hs
+            extras, consts, out_fn = None, (), lambda hs, *_: hs
         else:
             scale = head.scale(valid, t, b, _loss_dtype(readout, xs))
             extras = head.segment_args(targets, valid, t, b, n, s)
-            out_fn = lambda hs, e: head.segment_value(readout, hs, *e, scale)  # noqa: E731
+            consts = (readout, scale)
+
+            def out_fn(hs, e, consts):
+                readout, scale = consts
+                return head.segment_value(readout, hs, *e, scale)
+
         ckpt, outs, carry_t = checkpointed_forward(
-            model, params, xs_s, carry0, mask_s, resets_s, drops_s, extras, out_fn
-        )
+            model, params, xs_s, carry0, mask_s, resets_s, drops_s, extras, out_fn,
+            outs_axis=2 if head is None else SUMMED, consts=consts,
+        )  # fmt: skip
         out = _unsegment(outs, t) if head is None else jnp.sum(outs)
         saved = (params, readout, xs, targets, carry0, mask, valid, resets, drops, ckpt)
         return (out, carry_t), saved
@@ -1225,16 +1254,17 @@ def _walk_bwd(model, head, walk, saved, cotangents):
         s = walk.segment
         n, xs_s, mask_s, resets_s = segment_inputs(xs, mask, resets, s)
         if head is None:
-            extras, acc0 = _segments(g_out, n, s), ()
+            extras, acc0, consts = _segments(g_out, n, s), (), ()
 
-            def cotangent(hs, dh):
+            def cotangent(hs, dh, _):
                 return dh, (), None
         else:
             scale = head.scale(valid, t, b, _loss_dtype(readout, xs))
             extras = head.segment_args(targets, valid, t, b, n, s)
-            acc0 = _zeros_like(readout)
+            acc0, consts = _zeros_like(readout), (readout, scale, g_out)
 
-            def cotangent(hs, e):
+            def cotangent(hs, e, consts):
+                readout, scale, g_out = consts
                 _, dhs, d_ro, d_tg = head.segment_value_and_cotangent(readout, hs, *e, scale, g_out)
                 return dhs, d_ro, d_tg
 
@@ -1242,7 +1272,7 @@ def _walk_bwd(model, head, walk, saved, cotangents):
             model, params, xs_s, mask_s, resets_s, segment_drops(drops, n, s), ckpt, g_carry,
             _segment_cuts(truncation_cuts(t, walk.truncate), n, s),
             _segment_real(walk.delta_clip, n, s, t), cotangent, extras, acc0,
-            delta_clip=walk.delta_clip,
+            delta_clip=walk.delta_clip, consts=consts,
         )  # fmt: skip
         d_tg = None if d_tg is None else _unsegment(d_tg, t)
         d_readout = None if head is None else d_readout

@@ -11,6 +11,8 @@ implicit broadcast would.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -37,12 +39,12 @@ def vary_like(tree, like):
     return jax.tree.map(cast, tree)
 
 
-def _explicit_batch(xs):
-    """The mesh axes sharding ``xs``'s batch axis (axis 1), if they are Explicit; else None."""
+def _explicit_batch(xs, axis: int = 1):
+    """The mesh axes sharding ``xs``'s batch ``axis``, if they are Explicit; else None."""
     sharding = getattr(jax.typeof(xs), "sharding", None)
-    if sharding is None or sharding.mesh.empty or len(sharding.spec) < 2:
+    if sharding is None or sharding.mesh.empty or len(sharding.spec) <= axis:
         return None
-    batch = sharding.spec[1]
+    batch = sharding.spec[axis]
     if batch is None:
         return None
     names = batch if isinstance(batch, tuple) else (batch,)
@@ -50,6 +52,86 @@ def _explicit_batch(xs):
     if any(mesh.axis_types[mesh.axis_names.index(n)] != AxisType.Explicit for n in names):
         return None
     return batch
+
+
+class Split(NamedTuple):
+    """How a per-device loop splits the batch: the mesh and the axes (a name or a tuple of
+    names) its batch axis is split over."""
+
+    mesh: jax.sharding.AbstractMesh
+    axes: str | tuple
+
+
+#: ``out_axes`` entry of :func:`per_device`: an output summed over the devices.
+SUMMED = "summed"
+
+
+def batch_split(xs, axis: int = 1) -> Split | None:
+    """The split of ``xs``'s batch ``axis`` for :func:`per_device`, or ``None`` (one device,
+    inside ``shard_map``, or a batch the mesh does not divide).
+
+    Under an Explicit mesh, the axes that shard the batch in ``xs``'s type. Under an Auto
+    mesh (``jax.set_mesh``) the layout is not in the type: the batch is taken to be split
+    over every axis of the mesh (data parallelism over all its devices), the layout
+    ``shard_map`` then moves it to if it was not already.
+    """
+    batch = _explicit_batch(xs, axis)
+    if batch is not None:
+        return Split(jax.typeof(xs).sharding.mesh, batch)
+    if _varying(xs):
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or any(t != AxisType.Auto for t in mesh.axis_types):
+        return None
+    if xs.shape[axis] % mesh.size:
+        return None
+    names = tuple(mesh.axis_names)
+    return Split(mesh, names[0] if len(names) == 1 else names)
+
+
+def per_device(split: Split, fn, args: tuple, in_axes: tuple, out_axes):
+    """``fn(*args)`` run by every device on its share of the batch (``jax.shard_map``).
+
+    A loop over time whose body sums over the batch (a segment's weight gradients, its
+    loss) reduces across the devices at every iteration when the partitioner sees it whole;
+    run per device, each device sums its own rows and the sums cross devices once, at the
+    end.
+
+    Args:
+      split: from :func:`batch_split`.
+      fn: a function of ``args``; values it closes over must be replicated.
+      args: its arguments.
+      in_axes: one per argument: the batch axis of every leaf, or ``None`` (replicated).
+      out_axes: a prefix of ``fn``'s output: the batch axis of the leaves below, or
+        :data:`SUMMED` (each device's part, summed over the devices).
+    """
+    mesh, batch = split
+    names = batch if isinstance(batch, tuple) else (batch,)
+
+    def spec(axis):
+        return P() if axis in (None, SUMMED) else P(*([None] * axis), batch)
+
+    def local(*args):
+        out = fn(*args)
+        return jax.tree.map(
+            lambda a, o: lax.psum(o, names) if a == SUMMED and o is not None else o,
+            out_axes, out, is_leaf=lambda x: x is None,
+        )  # fmt: skip
+
+    in_specs = tuple(spec(a) for a in in_axes)
+    if all(t == AxisType.Explicit for t in mesh.axis_types):
+        # under an Explicit mesh every input must already be laid out as its spec says
+        # (e.g. a mask made on one device is split too)
+        args = tuple(jax.tree.map(lambda x, s=s: _reshard(x, s), a) for a, s in zip(args, in_specs))
+    out_specs = jax.tree.map(spec, out_axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+def _reshard(x, spec):
+    have = tuple(jax.typeof(x).sharding.spec)
+    have += (None,) * (x.ndim - len(have))
+    want = tuple(spec) + (None,) * (x.ndim - len(spec))
+    return x if have == want else jax.sharding.reshard(x, spec)
 
 
 def time_major_sharding(xs):

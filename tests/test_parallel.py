@@ -114,28 +114,6 @@ def _entry(runs, name):
 GRID = [f"{m}/{s}/{mode}" for m, s, mode in grid(full=False)]
 
 
-def _reduces_per_segment(name: str) -> bool:
-    """Known open problem (issue 14): checkpointed BPTT under jit (Explicit or Auto mesh, not
-    shard_map) reduces each segment's weight gradients and loss inside the segment loop
-    (XLA places the all-reduce of each per-segment sum over the batch; an Explicit mesh
-    would need the sums kept unreduced until the end)."""
-    _, schedule, mode = name.split("/")
-    return schedule == "checkpointed" and mode in ("explicit", "auto")
-
-
-LOOP_GRID = [
-    pytest.param(
-        e,
-        marks=pytest.mark.xfail(
-            strict=True, reason="open: checkpointed under jit reduces once per segment"
-        ),
-    )
-    if _reduces_per_segment(e)
-    else e
-    for e in GRID
-]
-
-
 # ------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("entry", GRID)
 def test_sharded_gradients_equal_single_device_ones(runs, entry):
@@ -148,7 +126,7 @@ def test_sharded_gradients_equal_single_device_ones(runs, entry):
     assert r["out_shardings"]["xs"].startswith("P(None, 'data'"), r["out_shardings"]
 
 
-@pytest.mark.parametrize("entry", LOOP_GRID)
+@pytest.mark.parametrize("entry", GRID)
 def test_no_collective_inside_a_loop_body(runs, entry):
     """The compiled per-device program reduces the weight gradients once, after the scans:
     no collective in any while-loop body (parallel.collectives), no all-gather anywhere."""
@@ -255,8 +233,7 @@ def test_every_model_schedule_and_mode(tmp_path):
     for name, r in results.items():
         assert "error" not in r, (name, r["error"])
         assert max(r["value_err"], *r["grad_err"].values()) <= F64, (name, r["grad_err"])
-        if not _reduces_per_segment(name):  # see test_no_collective_inside_a_loop_body
-            assert r["collectives"]["in_loops"] == [], (name, r["collectives"])
+        assert r["collectives"]["in_loops"] == [], (name, r["collectives"])
         ratio = r["flops_per_device"] / r["flops_single"]
         assert 0.9 / DEVICES <= ratio <= 1.15 / DEVICES, (name, ratio)
 

@@ -742,12 +742,11 @@ from tests.test_user_cells import CELLS, problem, _dot
 from tests.reference import rel_err
 model = bptt_jax.Stack((CELLS["gated-memory"], CELLS["indrnn"]))
 p, ro, xs, tg, c0, m, r, ct_h, ct_c = problem(model, jax.random.key(0), b=4)
-def grads(p, ro, xs, c0, tg, m, r, ct_h, ct_c, checkpointed=True):
+def grads(p, ro, xs, c0, tg, m, r, ct_h, ct_c):
     def f(p, ro, xs, c0):  # unroll full and checkpointed, a loss with chunked truncation
         out = _dot(bptt_jax.unroll(model, p, xs, c0, mask=m, resets=r), (ct_h, ct_c))
-        if checkpointed:
-            out += _dot(bptt_jax.unroll(model, p, xs, c0, mask=m, backward="checkpointed",
-                                        segment=3), (ct_h, ct_c))
+        out += _dot(bptt_jax.unroll(model, p, xs, c0, mask=m, backward="checkpointed",
+                                    segment=3), (ct_h, ct_c))
         return out + bptt_jax.sequence_loss(model, p, ro, xs, tg, c0, mask=m, resets=r,
                                             truncate=3, reduction="sum")
     return jax.grad(f, argnums=(0, 1, 2, 3))(p, ro, xs, c0)
@@ -761,14 +760,13 @@ for mode in sys.argv[1:]:
     mesh = jax.make_mesh((2,), ("data",), axis_types=(kind,))
     placed = [jax.device_put(a, jax.tree.map(lambda _: NamedSharding(mesh, s), a))
               for a, s in zip(args, specs)]
-    fs = [grads, lambda *a: grads(*a, checkpointed=False)]
+    f = grads
     if mode == "shard_map":  # the gradients of replicated inputs come back reduced
-        fs = [jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(P(), P(), rows, ex))
-              for f in fs]
+        f = jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=(P(), P(), rows, ex))
     with jax.set_mesh(mesh):
-        got = jax.jit(fs[0])(*placed)
-        # the collectives without checkpointed BPTT (which reduces once per segment)
-        hlo = jax.jit(fs[1]).lower(*placed).compile().as_text()
+        compiled = jax.jit(f).lower(*placed).compile()
+        got = compiled(*placed)
+        hlo = compiled.as_text()
     err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     loops = sorted({c.loop_depth for c in parallel.collectives(hlo)})
     out[mode] = dict(err=err, loop_depths=loops)
@@ -782,10 +780,8 @@ print("RESULT " + json.dumps(out))
 def test_a_user_cell_on_a_batch_sharded_over_two_devices(modes):
     """2 simulated devices in a fresh interpreter: the gradients of a Stack of tier-1 cells
     (full, checkpointed, a loss with chunked truncation) equal one device's inside shard_map
-    and under Explicit and Auto meshes; inside shard_map and under an Explicit mesh the
-    params' gradients of full BPTT and of chunked truncation are reduced across the devices
-    outside every loop, not step by step (checkpointed BPTT reduces once per segment, as
-    for the built-in cells)."""
+    and under Explicit and Auto meshes, and the params' gradients are reduced across the
+    devices outside every loop, not step by step or segment by segment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -800,5 +796,4 @@ def test_a_user_cell_on_a_batch_sharded_over_two_devices(modes):
     assert run.returncode == 0 and line, run.stdout[-3000:] + run.stderr[-3000:]
     out = json.loads(line[0][len("RESULT ") :])
     assert all(r["err"] <= TOL for r in out.values()), out
-    for mode in {"shard_map", "explicit"} & set(out):  # reduced outside every loop
-        assert out[mode]["loop_depths"] == [0], out
+    assert all(r["loop_depths"] == [0] for r in out.values()), out  # no collective in a loop
