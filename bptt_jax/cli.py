@@ -8,7 +8,9 @@ program compiled once (XLA:GPU takes 10 to 18 s for some gradient programs) is r
 the next time: in ``$BPTT_JAX_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/bptt_jax/xla``
 (``~/.cache/bptt_jax/xla``). ``--cache-dir DIR`` overrides it for one run and
 ``--no-compile-cache`` turns it off. Programs that compile in under
-:data:`CACHE_MIN_COMPILE_S` seconds are not written.
+:data:`CACHE_MIN_COMPILE_S` seconds are not written. A multi-process run on CPUs turns it off
+(:func:`bptt_jax.parallel.initialize`: a cached CPU program with collectives across processes
+hangs).
 """
 
 from __future__ import annotations

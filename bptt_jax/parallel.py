@@ -182,6 +182,8 @@ def initialize(cfg: DistributedConfig, environ: Mapping[str, str] | None = None)
 
     Must run before anything touches a device. Returns whether a multi-process run was set
     up (``False``: one process, nothing done; also when this process is connected already).
+    Processes on CPUs turn JAX's persistent compilation cache off (a cached CPU program with
+    collectives across processes hangs).
 
     Raises:
       ConfigError: as :func:`distributed_args`; or JAX was started before it could connect.
@@ -200,6 +202,12 @@ def initialize(cfg: DistributedConfig, environ: Mapping[str, str] | None = None)
                 "one (devices listed or arrays made) before it could connect to the others"
             ) from None
         raise
+    if jax.default_backend() == "cpu" and jax.process_count() > 1:
+        # A CPU program with cross-process collectives read back from JAX's persistent
+        # compilation cache hangs in its first all-reduce (jax 0.10.2, Gloo): such runs
+        # compile afresh. (Measured: the 2-process test passes on an empty cache, then
+        # hangs on the same cache.)
+        jax.config.update("jax_enable_compilation_cache", False)
     return True
 
 

@@ -49,34 +49,51 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
+def _start_two_processes(out: Path, name: str) -> list[subprocess.Popen]:
+    """`bptt-jax train` (TWO_PROCESS_RUN) as 2 processes of 4 devices, writing ``out/name``
+    and ``out/name.jsonl``, with their compilation cache in ``out/cache``."""
+    port = _free_port()
+    workers = []
+    for pid in range(2):
+        args = [
+            *TWO_PROCESS_RUN,
+            f"checkpoint.dir={out / name}",
+            f"train.log_file={out / (name + '.jsonl')}",
+            "distributed.initialization_timeout=120",
+        ]
+        env = _env(
+            4,
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+            BPTT_JAX_CACHE_DIR=str(out / "cache"),
+        )
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bptt_jax", "train", *args],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return workers
+
+
+def _finish(workers: list[subprocess.Popen]) -> list[tuple]:
+    try:
+        done = [w.communicate(timeout=300) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    return [(w.returncode, o, e) for w, (o, e) in zip(workers, done)]
+
+
 def _run_all(out: Path, full: bool = False, two_process: bool = False) -> dict:
     """The 8-device script and (with ``two_process``) the 2-process run, side by side."""
-    workers = []
-    if two_process:
-        port = _free_port()
-        for pid in range(2):
-            args = [
-                *TWO_PROCESS_RUN,
-                f"checkpoint.dir={out / 'two'}",
-                f"train.log_file={out / 'two.jsonl'}",
-                "distributed.initialization_timeout=120",
-            ]
-            env = _env(
-                4,
-                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                JAX_NUM_PROCESSES="2",
-                JAX_PROCESS_ID=str(pid),
-            )
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "bptt_jax", "train", *args],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
+    workers = _start_two_processes(out, "two") if two_process else []
     try:
         script = subprocess.run(
             [sys.executable, str(SCRIPT), str(out / "grid"), *(["--full"] if full else [])],
@@ -86,18 +103,11 @@ def _run_all(out: Path, full: bool = False, two_process: bool = False) -> dict:
             text=True,
             timeout=900,
         )
-        done = [w.communicate(timeout=300) for w in workers]
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
+        done = _finish(workers)
     results_file = out / "grid" / "results.json"
     assert script.returncode == 0 and results_file.is_file(), script.stderr[-3000:]
-    return dict(
-        grid=json.loads(results_file.read_text()),
-        workers=[(w.returncode, o, e) for w, (o, e) in zip(workers, done)],
-        out=out,
-    )
+    return dict(grid=json.loads(results_file.read_text()), workers=done, out=out)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +208,9 @@ def test_two_processes_train_to_the_params_of_one_process_with_8_devices(tmp_pat
     """`bptt-jax train` as 2 processes of 4 CPU devices (jax.distributed on localhost, set
     up from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID): each process draws
     the global batches and places its rows; both write the final checkpoint. Restored onto
-    this process's one device, it is the checkpoint of the same run on one process with 8.
-    (Slow: three more JAX processes on the machine; about 30 s of CPU.)"""
+    this process's one device, it is the checkpoint of the same run on one process with 8;
+    so is a second run's. (Slow: three more JAX processes on the machine, then two; about
+    45 s of CPU.)"""
     runs = _run_all(tmp_path, two_process=True)
     for pid, (rc, out, err) in enumerate(runs["workers"]):
         assert rc == 0, f"process {pid}:\n{out[-2000:]}\n{err[-3000:]}"
@@ -217,6 +228,14 @@ def test_two_processes_train_to_the_params_of_one_process_with_8_devices(tmp_pat
         assert rel_err(a, b) <= F64, jax.tree_util.keystr(path)
     losses = [json.loads(line) for line in (runs["out"] / "two.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses if r["kind"] == "train"] == list(range(1, 11))
+    # Run again on the compilation cache the first run filled: a CPU program with
+    # cross-process collectives read back from the cache hung in its first all-reduce, so
+    # multi-process CPU runs do not use the cache (parallel.initialize).
+    for pid, (rc, out, err) in enumerate(_finish(_start_two_processes(runs["out"], "again"))):
+        assert rc == 0, f"rerun, process {pid}:\n{out[-2000:]}\n{err[-3000:]}"
+    again, _ = _restore_on_one_device(runs["out"] / "again")
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(two.params), strict=True):
+        assert rel_err(a, b) <= F64
 
 
 def test_the_readme_data_parallel_example_runs_on_8_devices(runs):
