@@ -420,3 +420,13 @@ def test_interleaved_timing_settles_short_samples_only():
     assert calls == {"short": 1 + 2 * (1 + 3), "long": 1 + 2}
     assert [v["repeats"] for v in stats.values()] == [2, 2]
     assert stats["long"]["min_s"] >= harness.SETTLE_BELOW_S
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (bench.BENCHMARKS_DIR.parent / "configs").glob("bench*.toml"))
+)
+def test_every_shipped_bench_config_loads_and_names_known_variants(name):
+    runner = bench.load_runner()
+    cfg = bench.load_config(name)
+    runner.check_names(cfg)
+    assert cfg.parts and cfg.manual_vs_autodiff.sizes

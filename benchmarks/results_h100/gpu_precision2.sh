@@ -6,7 +6,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 O=${OUT:-/tmp/out}; mkdir -p $O
 {
 echo "=== peers cudnn $(date +%T)"
-timeout 110 python3 benchmarks/peers.py bench_gpu out=$O plots=false timing.repeats=5 \
+timeout 110 python3 benchmarks/peers.py bench_gpu_full out=$O plots=false timing.repeats=5 \
   'peers.cells=["lstm"]' 'peers.sizes=[[100,64,128,256]]' 'peers.libraries=["cudnn"]' 2>&1 | tail -12
 echo "=== unroll $(date +%T)"
 timeout 170 python3 benchmarks/gpu_probe.py unroll \

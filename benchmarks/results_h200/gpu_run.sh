@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call: environment, then bench_gpu part by part (each its own JSON), then verify.
+# One device call: environment, then bench_gpu_full part by part (each its own JSON), then verify.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 O=${OUT:-/tmp/out}; mkdir -p $O
@@ -11,7 +11,7 @@ python3 -c "import jax, torch, flax, optax, chex; print('jax', jax.__version__, 
 common="out=$O plots=false timing.repeats=${REPEATS:-10}"
 part() { local name=$1 secs=$2; shift 2
   echo "=== $name (limit ${secs}s) $(date +%T)" | tee -a $log
-  timeout $secs python3 benchmarks/$name.py ${CONFIG:-bench_gpu} $common "$@" 2>&1 | tee -a $log
+  timeout $secs python3 benchmarks/$name.py ${CONFIG:-bench_gpu_full} $common "$@" 2>&1 | tee -a $log
   echo "=== $name rc=${PIPESTATUS[0]} $(date +%T)" | tee -a $log
 }
 part manual_vs_autodiff ${T1:-110}
