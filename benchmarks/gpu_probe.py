@@ -1,8 +1,8 @@
 """GPU measurements of issue 13 that are not a bench part: one section per call.
 
-    python benchmarks/gpu_probe.py cudnn      # jax.experimental.rnn's LSTM gradient vs lstm_ref
-    python benchmarks/gpu_probe.py unroll     # the scans' unroll factor: time per factor
-    python benchmarks/gpu_probe.py compile    # compile and run time of two gradient programs
+    python benchmarks/gpu_probe.py cudnn [after]   # jax.experimental.rnn's LSTM vs lstm_ref
+    python benchmarks/gpu_probe.py unroll [SPEC]   # the scans' unroll factor: time per factor
+    python benchmarks/gpu_probe.py compile [CELLS] [VARIANTS]   # compile and run time
 
 Each prints one JSON line per measurement (``{"section": ..., ...}``) and runs on any backend;
 the numbers mean something on a GPU. ``compile`` honours ``BPTT_JAX_CACHE_DIR`` (cold or warm
@@ -34,10 +34,18 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def cudnn() -> None:
+def cudnn(order: str = "first") -> None:
     """jax.experimental.rnn.lstm (cuDNN) against its own pure-JAX ``lstm_ref`` on identical
     weights, gate block by gate block; and the cuDNN gradient called twice (a backward that
-    accumulates into an uncleared buffer gives two different answers)."""
+    accumulates into an uncleared buffer gives two different answers).
+
+    ``order="after"``: first compile and run bptt_jax's LSTM gradient (100/64/128/256), as
+    the bench's peers part does before its cuDNN peer (the peer fails there, not here when
+    cuDNN runs first in a fresh process)."""
+    if order == "after":
+        f, args = _grad_fn(bptt_jax.LSTM(256), 100, 64, 128, 256)
+        jax.block_until_ready(f(*args))
+        emit(section="cudnn", ran_before="bptt_jax LSTM gradient 100/64/128/256")
     for T, B, D, H in [(5, 3, 4, 6), (100, 64, 128, 256)]:
         _cudnn_case(T, B, D, H)
 
@@ -142,17 +150,19 @@ def unroll(spec: str | None = None) -> None:
     os.environ.pop("BPTT_JAX_SCAN_UNROLL", None)
 
 
-def compile_() -> None:
-    """Compile and run time of the manual LSTM and GRU gradients (T, B, D, H) = (512, 128,
-    256, 512), under this interpreter's cache directory and XLA flags."""
+def compile_(cells: str = "lstm,gru", variants: str = "manual,bf16") -> None:
+    """Compile and run time of the manual gradients (T, B, D, H) = (512, 128, 256, 512) of
+    ``cells`` in ``variants`` (comma-separated), under this interpreter's cache directory
+    and XLA flags (e.g. ``--xla_gpu_enable_triton_gemm=false``)."""
     from bptt_jax import cli
 
     cache = os.environ.get("BPTT_JAX_CACHE_DIR")
     if cache:
         cli.enable_compile_cache(cache)
     with jax.default_matmul_precision("highest"):
-        for name, model in (("lstm", bptt_jax.LSTM(512)), ("gru", bptt_jax.GRU(512))):
-            for variant in ("manual", "bf16"):
+        for name in cells.split(","):
+            model = CELLS[name](512)
+            for variant in variants.split(","):
                 cd = jnp.bfloat16 if variant == "bf16" else None
                 f, args = _grad_fn(model, 512, 128, 256, 512, compute_dtype=cd)
                 start = time.perf_counter()
