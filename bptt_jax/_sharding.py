@@ -6,7 +6,10 @@ batch axis: the matmuls over all ``T*B`` rows are ``dot_general`` s over (T, B, 
 Inside ``shard_map``, values the engine creates (zero carries, gradient accumulators) are
 made device-varying like the inputs, and the hand-written backward reduces each gradient of
 a replicated input once, at its end (never inside a loop), as autodiff's transpose of the
-implicit broadcast would.
+implicit broadcast would. Under ``jit`` on a mesh, a loop whose body sums over the batch
+(checkpointed BPTT's segments, a user cell's steps) would be reduced across the devices at
+every iteration; :func:`per_device` runs such a loop inside ``shard_map`` instead, over the
+split :func:`batch_split` reads from the inputs (Explicit) or the mesh (Auto).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ Autodiff (``jax.grad`` / ``jax.vjp``) appears here only as the *reference*.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -15,8 +18,8 @@ import numpy as np
 
 from bptt_jax import _engine as engine
 from bptt_jax import losses, precision, validation
-from bptt_jax.cells import GRU, LSTM, Elman
-from bptt_jax.models import Bidirectional, Stack, is_bidirectional, stacked
+from bptt_jax.cells import GRU, LSTM, Elman, protocol
+from bptt_jax.models import Bidirectional, Stack, is_bidirectional, not_a_cell, stacked
 from bptt_jax.models import output_size as output_size_of
 
 #: Max normwise relative error allowed between manual and autodiff gradients, by dtype.
@@ -379,6 +382,75 @@ def model_name(model) -> str:
     return _cell_name(model)
 
 
+def _cell_configs(cell) -> list[tuple[Callable, dict]]:
+    """One cell's rows, in float64 and float32: a mean cross-entropy from a zero carry, a
+    summed MSE and a truncated cross-entropy with padding and a random carry, and ``unroll``
+    under random cotangents."""
+    rows = []
+    for dtype in (jnp.float64, jnp.float32):
+        common = dict(dtype=dtype, mask=True, random_carry=True)
+        rows += [
+            (cell, dict(common, loss="xent", reduction="mean", mask=False, random_carry=False)),
+            (cell, dict(common, loss="mse", reduction="sum")),
+            (cell, dict(common, loss="xent", reduction="sum", truncate=4)),
+            (cell, dict(common, path="unroll")),
+        ]
+    return rows
+
+
+def cell_grid(cell) -> list[tuple[Callable, dict]]:
+    """The configurations ``bptt-jax verify --cell`` checks for one cell (a user's, see
+    :class:`bptt_jax.Cell`): :func:`_cell_configs`, checkpointed BPTT, the cell in a
+    2-layer :class:`~bptt_jax.Stack` and a :class:`~bptt_jax.Bidirectional` layer, and
+    bfloat16 compute with float32 params."""
+    common = dict(mask=True, random_carry=True)
+    return [
+        *_cell_configs(cell),
+        (cell, dict(common, dtype=jnp.float64, loss="mse", backward="checkpointed")),
+        (Stack((cell, cell)), dict(common, dtype=jnp.float64, loss="xent")),
+        (Bidirectional(cell), dict(common, dtype=jnp.float64, path="unroll")),
+        (cell, dict(dtype=jnp.float32, compute_dtype=jnp.bfloat16, seq_len=64, loss="xent")),
+    ]
+
+
+def load_cell(spec: str, hidden_size: int = 6):
+    """The cell ``module:name`` names (``bptt-jax verify --cell``).
+
+    ``name`` is a cell, a cell class (called with ``hidden_size``) or a function of
+    ``hidden_size`` returning one. The module is imported with the working directory on
+    ``sys.path``, so a file ``my_cells.py`` there is ``my_cells:MyCell``.
+
+    Raises:
+      ValueError: ``spec`` is not ``module:name``, the module cannot be imported or has no
+        ``name``, or what it names does not give a cell.
+    """
+    module, sep, attr = spec.partition(":")
+    if not (sep and module and attr):
+        raise ValueError(
+            f"verify: --cell must be 'module:name' (e.g. my_cells:MyCell); got {spec!r}"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"verify: --cell {spec!r}: cannot import {module!r}: {e}") from None
+    if not hasattr(mod, attr):
+        raise ValueError(f"verify: --cell {spec!r}: module {module!r} has no {attr!r}")
+    obj = getattr(mod, attr)
+    cell = obj
+    if isinstance(obj, type) or (callable(obj) and not protocol.is_cell(obj)):
+        try:
+            cell = obj(hidden_size)
+        except Exception as e:  # noqa: BLE001 (any failure of the user's constructor)
+            raise ValueError(
+                f"verify: --cell {spec!r}: {attr}({hidden_size}) raised {type(e).__name__}: {e}"
+            ) from None
+    if not protocol.is_cell(cell):
+        raise ValueError(not_a_cell(f"verify: --cell {spec!r}", cell))
+    return cell
+
+
 def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
     """The configurations ``bptt-jax verify`` checks: every cell, model kind and gradient path."""
     cells = [
@@ -396,33 +468,7 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
         Bidirectional(Elman(h, "tanh"), backward=LSTM(h - 1), merge="concat"),
         stacked(LSTM(h - 2), 2, bidirectional=True),
     ]
-    grid = []
-    for cell in cells:
-        for dtype in (jnp.float64, jnp.float32):
-            grid += [
-                (
-                    cell,
-                    dict(
-                        dtype=dtype, loss="xent", reduction="mean", mask=False, random_carry=False
-                    ),
-                ),
-                (
-                    cell,
-                    dict(dtype=dtype, loss="mse", reduction="sum", mask=True, random_carry=True),
-                ),
-                (
-                    cell,
-                    dict(
-                        dtype=dtype,
-                        loss="xent",
-                        reduction="sum",
-                        mask=True,
-                        random_carry=True,
-                        truncate=4,
-                    ),
-                ),
-                (cell, dict(dtype=dtype, path="unroll", mask=True, random_carry=True)),
-            ]
+    grid = [row for cell in cells for row in _cell_configs(cell)]
     for model in models:
         uni = not is_bidirectional(model)
         common = dict(mask=True, random_carry=True)
@@ -447,13 +493,14 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
     return grid
 
 
-def run_verify(seed: int = 0, print_fn=print) -> bool:
-    """Check every configuration of :func:`default_grid`; print a table; return success."""
+def run_verify(seed: int = 0, print_fn=print, grid=None) -> bool:
+    """Check every configuration of ``grid`` (default: :func:`default_grid`); print a table;
+    return success."""
     if not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
     start = time.perf_counter()
     key = jax.random.key(seed)
-    grid = default_grid()
+    grid = default_grid() if grid is None else grid
     print_fn(
         f"bptt-jax verify: {len(grid)} configurations, manual vs jax.grad of a plain "
         f"lax.scan (normwise relative error),\nand vs central finite differences in float64. "
@@ -467,7 +514,12 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
     print_fn("-" * len(header))
     all_ok, worst = True, {"float64": 0.0, "float32": 0.0, "bfloat16": 0.0}
     for n, (cell, kw) in enumerate(grid):
-        report = check_gradients(cell, key=jax.random.fold_in(key, n), **kw)
+        try:
+            report = check_gradients(cell, key=jax.random.fold_in(key, n), **kw)
+        except Exception as e:  # noqa: BLE001 (a user cell may fail anywhere: a FAIL row)
+            all_ok = False
+            print_fn(f"{model_name(cell)} {kw}: FAIL, {type(e).__name__}: {e}")
+            continue
         leaf = max(report.autodiff, key=report.autodiff.get)
         fd = max(report.finite_diff.values()) if report.finite_diff else float("nan")
         dt = jnp.dtype(kw.get("compute_dtype") or kw["dtype"]).name
@@ -508,7 +560,23 @@ def run_verify(seed: int = 0, print_fn=print) -> bool:
 # ------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for the random problems")
+    parser.add_argument(
+        "--cell",
+        metavar="MODULE:NAME",
+        help="check this cell instead of the built-in grid (e.g. my_cells:MyCell, a class "
+        "called with --hidden-size): alone, checkpointed, stacked, bidirectional, bfloat16",
+    )
+    parser.add_argument(
+        "--hidden-size", type=int, default=6, help="H of a --cell class (default 6)"
+    )
 
 
 def cli_main(args) -> int:
-    return 0 if run_verify(seed=args.seed) else 1
+    grid = None
+    if args.cell is not None:
+        try:
+            grid = cell_grid(load_cell(args.cell, args.hidden_size))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0 if run_verify(seed=args.seed, grid=grid) else 1

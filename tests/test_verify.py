@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
+from bptt_jax import verify
 from bptt_jax.cells import elman as elman_module
 from tests import reference as ref
 
@@ -140,3 +141,107 @@ def test_check_gradients_catches_a_wrong_reverse_direction_backward(monkeypatch,
     report = bptt_jax.check_gradients(bptt_jax.Bidirectional(bptt_jax.GRU(4)), key=key)
     assert not report.passed
     assert report.autodiff["params.1.w_h"] > 1e-3
+
+
+# ------------------------------------------------------------ verify --cell (a user's cell)
+USER_CELLS = """
+import dataclasses
+import jax, jax.numpy as jnp
+
+@dataclasses.dataclass(frozen=True)
+class Leaky:  # h_t = tanh(x_t W + a * h_{t-1}), with its hand-written one-step backward
+    hidden_size: int
+    scale: float = 1.0  # 1: the right backward; else d h_{t-1} is off by this factor
+
+    def init(self, key, input_size, dtype=jnp.float32):
+        kw, ka = jax.random.split(key)
+        return {"w": jax.random.normal(kw, (input_size, self.hidden_size), dtype),
+                "a": jax.random.uniform(ka, (self.hidden_size,), dtype)}
+
+    def zero_carry(self, batch_size, dtype=jnp.float32):
+        return jnp.zeros((batch_size, self.hidden_size), dtype)
+
+    def step(self, params, h, x):
+        h = jnp.tanh(x @ params["w"] + params["a"] * h)
+        return h, h
+
+    def step_backward(self, params, h, x, new_h, d_new):
+        da = d_new * (1 - new_h**2)
+        dparams = {"w": x.T @ da, "a": jnp.sum(h * da, axis=0)}
+        return dparams, self.scale * da * params["a"], da @ params["w"].T
+
+def wrong(hidden_size):
+    return Leaky(hidden_size, scale=1.01)
+
+not_a_cell = 3.0
+"""
+
+
+def test_the_cell_grid_covers_every_path_and_model_kind_of_a_cell():
+    cell = bptt_jax.GRU(3)
+    grid = verify.cell_grid(cell)
+    kinds = {
+        (type(m).__name__, kw.get("path", "loss"), kw.get("backward", "manual")) for m, kw in grid
+    }
+    assert {
+        ("GRU", "loss", "manual"), ("GRU", "unroll", "manual"), ("GRU", "loss", "checkpointed"),
+        ("Stack", "loss", "manual"), ("Bidirectional", "unroll", "manual"),
+    } <= kinds  # fmt: skip
+    assert {jnp.dtype(kw["dtype"]).name for _, kw in grid} == {"float64", "float32"}
+    assert any(kw.get("truncate") for _, kw in grid)
+    assert any(kw.get("compute_dtype") == jnp.bfloat16 for _, kw in grid)
+
+
+@pytest.mark.parametrize("name, ok", [("Leaky", True), ("wrong", False)])
+def test_verify_cell_checks_a_users_cell_from_a_module_in_the_working_directory(
+    name, ok, monkeypatch, tmp_path, capsys
+):
+    """``bptt-jax verify --cell user_cells:Leaky`` (a class, called with --hidden-size) passes;
+    ``user_cells:wrong`` (a function returning the cell with a backward 1% off) fails. The
+    grid is cut to its float64 rows of a cell, a Stack and a Bidirectional layer here."""
+    from bptt_jax import cli
+
+    (tmp_path / "user_cells.py").write_text(USER_CELLS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_cell puts the directory on it
+    monkeypatch.delitem(sys.modules, "user_cells", raising=False)
+    full = verify.cell_grid
+
+    def f64_rows(cell):
+        rows = [r for r in full(cell) if r[1]["dtype"] == jnp.float64]
+        return [
+            rows[1],
+            *[r for r in rows if isinstance(r[0], (bptt_jax.Stack, bptt_jax.Bidirectional))],
+        ]
+
+    monkeypatch.setattr(verify, "cell_grid", f64_rows)
+    status = cli.main(["verify", "--cell", f"user_cells:{name}", "--hidden-size", "4"])
+    out = capsys.readouterr().out
+    assert "3 configurations" in out and "Stack[Leaky, Leaky]" in out and "Bi(Leaky)" in out
+    if ok:
+        assert status == 0 and "PASSED" in out
+    else:
+        assert status == 1 and "FAILED" in out and out.count("FAIL\n") == 3
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("user_cells", "must be 'module:name'"),
+        ("no_such_module_xyz:Cell", "cannot import 'no_such_module_xyz'"),
+        ("user_cells:Missing", "module 'user_cells' has no 'Missing'"),
+        ("user_cells:not_a_cell", "must be a cell .*got float"),
+        ("json:dumps", r"dumps\(6\) raised|must be a cell"),
+    ],
+)
+def test_verify_cell_errors_name_the_spec(spec, match, monkeypatch, tmp_path, capsys):
+    from bptt_jax import cli
+
+    (tmp_path / "user_cells.py").write_text(USER_CELLS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "user_cells", raising=False)
+    with pytest.raises(ValueError, match=match):
+        verify.load_cell(spec)
+    assert cli.main(["verify", "--cell", spec]) == 2
+    assert "error: verify: --cell" in capsys.readouterr().err
