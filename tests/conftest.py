@@ -1,5 +1,7 @@
 """Test set-up: float64 available, strict dtype promotion, a fresh random key per test."""
 
+import os
+import tempfile
 import zlib
 
 import jax
@@ -13,6 +15,10 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # True float32 matmuls on every backend: the float32 tolerances (~1e-5) are float32's, and a
 # GPU's default (TF32) or a TPU's (bfloat16 passes) would be ~1e-3 off. No effect on a CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+# The CLI's persistent compilation cache (bptt_jax.cli), in this process and the subprocesses
+# the tests start, in a fresh directory: no test reads programs an earlier run left in
+# ~/.cache (a stale cache once hid, then caused, a hang of the 2-process run).
+os.environ["BPTT_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bptt_jax_test_xla_")
 
 
 @pytest.fixture

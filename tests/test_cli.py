@@ -1,0 +1,66 @@
+"""The command line's persistent compilation cache (issue 13): where it lives, that a second
+run reads what the first compiled, and the two flags that move it and turn it off."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bptt_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+#: A train run of a few seconds whose step compiles for longer than CACHE_MIN_COMPILE_S.
+TINY_TRAIN = (
+    "train",
+    "adding",
+    "adding.seq_len=20",
+    "model.hidden_size=8",
+    "train.batch_size=4",
+    "train.steps=2",
+    "train.eval_every=0",
+    "train.progress=false",
+)
+
+
+def test_the_default_cache_directory_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("BPTT_JAX_CACHE_DIR", str(tmp_path / "mine"))
+    assert cli.default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("BPTT_JAX_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cli.default_cache_dir() == tmp_path / "xdg" / "bptt_jax" / "xla"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cli.default_cache_dir() == tmp_path / "home" / ".cache" / "bptt_jax" / "xla"
+
+
+def _bptt_jax(*args, cache: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    # JAX_LOG_COMPILES: JAX logs each persistent-cache hit ("... cache hit for 'jit_step'")
+    env.update(BPTT_JAX_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "bptt_jax", *args], env=env, cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    return run
+
+
+def _cached_steps(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("jit_step-*")) if directory.is_dir() else []
+
+
+def test_a_second_run_reads_the_programs_the_first_compiled(tmp_path):
+    """Run 1 writes its train step to $BPTT_JAX_CACHE_DIR, run 2 reads it back from there;
+    ``--cache-dir`` writes elsewhere, ``--no-compile-cache`` nowhere."""
+    hit = "Persistent compilation cache hit for 'jit_step'"
+    first = _bptt_jax(*TINY_TRAIN, cache=tmp_path / "env")
+    assert len(_cached_steps(tmp_path / "env")) == 1 and hit not in first.stderr
+    second = _bptt_jax(*TINY_TRAIN, cache=tmp_path / "env")
+    assert hit in second.stderr
+    elsewhere = _bptt_jax(
+        "--cache-dir", str(tmp_path / "flag"), *TINY_TRAIN, cache=tmp_path / "env"
+    )
+    assert hit not in elsewhere.stderr and len(_cached_steps(tmp_path / "flag")) == 1
+    # the programs are in $BPTT_JAX_CACHE_DIR (run 2 read them), but not read with the flag
+    off = _bptt_jax("--no-compile-cache", *TINY_TRAIN, cache=tmp_path / "env")
+    assert hit not in off.stderr
