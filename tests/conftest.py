@@ -15,10 +15,14 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # True float32 matmuls on every backend: the float32 tolerances (~1e-5) are float32's, and a
 # GPU's default (TF32) or a TPU's (bfloat16 passes) would be ~1e-3 off. No effect on a CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
-# The CLI's persistent compilation cache (bptt_jax.cli), in this process and the subprocesses
-# the tests start, in a fresh directory: no test reads programs an earlier run left in
-# ~/.cache (a stale cache once hid, then caused, a hang of the 2-process run).
+# The CLI turns on JAX's persistent compilation cache (bptt_jax.cli); in the suite's own
+# processes and the ones they start it stays off (JAX_ENABLE_COMPILATION_CACHE), else the
+# first in-process `cli.main` would write every later program to disk, or read them from an
+# earlier run's ~/.cache. tests/test_cli.py and the 2-process run of tests/test_parallel.py,
+# which test the cache, turn it on in a directory of their own.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 os.environ["BPTT_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bptt_jax_test_xla_")
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 @pytest.fixture
