@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from bptt_jax import cli
+
 # float64 is needed for the 1e-12 checks; float32 tests pass float32 arrays explicitly.
 jax.config.update("jax_enable_x64", True)
 # Silent upcasts (float32 params meeting a float64 constant) fail loudly instead.
@@ -15,14 +17,18 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # True float32 matmuls on every backend: the float32 tolerances (~1e-5) are float32's, and a
 # GPU's default (TF32) or a TPU's (bfloat16 passes) would be ~1e-3 off. No effect on a CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
-# The CLI turns on JAX's persistent compilation cache (bptt_jax.cli); in the suite's own
-# processes and the ones they start it stays off (JAX_ENABLE_COMPILATION_CACHE), else the
-# first in-process `cli.main` would write every later program to disk, or read them from an
-# earlier run's ~/.cache. tests/test_cli.py and the 2-process run of tests/test_parallel.py,
-# which test the cache, turn it on in a directory of their own.
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-os.environ["BPTT_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="bptt_jax_test_xla_")
-jax.config.update("jax_enable_compilation_cache", False)
+# JAX's persistent compilation cache, as the CLI uses it (bptt_jax.cli), for the whole run:
+# many tests compile the same program again (a fresh jit of the same computation), which
+# the cache then reads back instead (the suite on 2 cores, from an empty cache: 9:02 without
+# it). One directory per run, shared by the xdist workers (they inherit the controller's
+# environment) and the `bptt-jax` subprocesses (BPTT_JAX_CACHE_DIR); never ~/.cache, so no
+# run reads what an earlier one left. tests/test_cli.py and the 2-process run of
+# tests/test_parallel.py test the cache in directories of their own.
+CACHE_DIR = os.environ.setdefault(
+    "BPTT_JAX_TEST_CACHE_DIR", tempfile.mkdtemp(prefix="bptt_jax_test_xla_")
+)
+os.environ["BPTT_JAX_CACHE_DIR"] = CACHE_DIR
+cli.enable_compile_cache(CACHE_DIR)
 
 
 @pytest.fixture
