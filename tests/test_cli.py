@@ -50,17 +50,14 @@ def _cached_steps(directory: Path) -> list[str]:
 
 
 def test_a_second_run_reads_the_programs_the_first_compiled(tmp_path):
-    """Run 1 writes its train step to $BPTT_JAX_CACHE_DIR, run 2 reads it back from there;
-    ``--cache-dir`` writes elsewhere, ``--no-compile-cache`` nowhere."""
+    """Run 1 (``--cache-dir``) writes its train step there, not to $BPTT_JAX_CACHE_DIR; run 2
+    with $BPTT_JAX_CACHE_DIR set to that directory reads it back; ``--no-compile-cache``
+    does not read it."""
     hit = "Persistent compilation cache hit for 'jit_step'"
-    first = _bptt_jax(*TINY_TRAIN, cache=tmp_path / "env")
-    assert len(_cached_steps(tmp_path / "env")) == 1 and hit not in first.stderr
-    second = _bptt_jax(*TINY_TRAIN, cache=tmp_path / "env")
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    first = _bptt_jax("--cache-dir", str(flag), *TINY_TRAIN, cache=env)
+    assert len(_cached_steps(flag)) == 1 and not env.exists() and hit not in first.stderr
+    second = _bptt_jax(*TINY_TRAIN, cache=flag)
     assert hit in second.stderr
-    elsewhere = _bptt_jax(
-        "--cache-dir", str(tmp_path / "flag"), *TINY_TRAIN, cache=tmp_path / "env"
-    )
-    assert hit not in elsewhere.stderr and len(_cached_steps(tmp_path / "flag")) == 1
-    # the programs are in $BPTT_JAX_CACHE_DIR (run 2 read them), but not read with the flag
-    off = _bptt_jax("--no-compile-cache", *TINY_TRAIN, cache=tmp_path / "env")
+    off = _bptt_jax("--no-compile-cache", *TINY_TRAIN, cache=flag)
     assert hit not in off.stderr
