@@ -156,13 +156,7 @@ def like_batch(tree, xs):
     if batch is None:
         return tree
 
-    def put(x):
-        want = P(batch, *([None] * (x.ndim - 1)))
-        spec = jax.typeof(x).sharding.spec
-        have = tuple(spec) + (None,) * (x.ndim - len(spec))
-        return x if have == tuple(want) else jax.sharding.reshard(x, want)
-
-    return jax.tree.map(put, tree)
+    return jax.tree.map(lambda x: _reshard(x, P(batch)), tree)
 
 
 def finish_cotangents(cotangents, primals):

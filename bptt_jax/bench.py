@@ -24,7 +24,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from bptt_jax import config
 
@@ -40,16 +40,7 @@ Part = Literal[
     "precision",
 ]
 Library = Literal["torch", "flax", "cudnn", "torch_bf16"]
-PARTS: tuple[str, ...] = (
-    "manual_vs_autodiff",
-    "scaling",
-    "truncation",
-    "peers",
-    "floor",
-    "models",
-    "parallel",
-    "precision",
-)
+PARTS: tuple[str, ...] = get_args(Part)  # every part, in the order they run
 
 #: A model spec: ``[bi]<cell>[:<layers>]``. ``"gru"`` is the cell itself, ``"bigru"``
 #: ``Bidirectional(GRU(H))``, ``"lstm:2"`` ``stacked(LSTM(H), 2)`` (a Stack; ``"lstm:1"`` a
