@@ -16,6 +16,7 @@ import pytest
 
 import bptt_jax
 from bptt_jax import _engine as engine
+from bptt_jax import verify
 from tests import reference as ref
 
 DTYPES = [jnp.float64, jnp.float32]
@@ -187,7 +188,7 @@ def test_grads_match_finite_differences_in_float64(name, rng):
     )
     args = (p, ro, xs, tg, c0)
     grads = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
-    eps = 1e-6
+    eps = verify.FD_EPS
     for i in range(5):
         leaves, tdef = jax.tree.flatten(args[i])
         for j, (leaf, g) in enumerate(zip(leaves, jax.tree.leaves(grads[i]))):
@@ -202,8 +203,10 @@ def test_grads_match_finite_differences_in_float64(name, rng):
 
             fd = (moved(1.0) - moved(-1.0)) / (2 * eps)
             an = jnp.vdot(g, v)
-            # O(eps^2) truncation + O(1e-16/eps) round-off: 1e-6 relative is ample.
-            assert abs(fd - an) <= 1e-6 * max(abs(an), 1e-8), (i, j, float(fd), float(an))
+            # O(eps^2) truncation + O(1e-16/eps) round-off (verify.FD_TOLERANCE's note),
+            # relative to the directional derivative's scale ||g||, as check_gradients does.
+            scale = max(abs(an), jnp.linalg.norm(g), 1e-8)
+            assert abs(fd - an) <= verify.FD_TOLERANCE * scale, (i, j, float(fd), float(an))
 
 
 # ------------------------------------------------------------------------------ truncation
