@@ -8,7 +8,6 @@ xdist worker, so that interpreter runs once.
 """
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -25,19 +24,11 @@ MODULES = sorted(
 )
 
 
-#: XLA flags for the interpreters here (on a CPU: no backend optimization and the classic
-#: elemental emitters): the examples compile in about a third of the time, with the same
-#: semantics and printed results; the library as XLA compiles it by default is checked by
-#: the gradient tests.
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-
-
 def _run(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()}
+    # (the interpreter inherits the suite's XLA flags: tests/conftest.py)
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-        env=env,
-    )  # fmt: skip
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def _readme_blocks():

@@ -8,7 +8,6 @@ then checks that message.
 
 import importlib.util
 import math
-import os
 import pathlib
 import re
 import subprocess
@@ -29,10 +28,6 @@ EXAMPLES = {
     "data_parallel.py": (None, "train_mse"),
 }
 
-#: As in test_docs: compile without XLA's backend optimization (a third of the compile time;
-#: the same semantics), for scripts that are mostly compilation at their tiny size.
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-
 
 def test_every_example_is_tested():
     scripts = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
@@ -42,15 +37,13 @@ def test_every_example_is_tested():
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
 def test_example_runs_at_tiny_size_and_prints_its_final_metric(script):
     needs, metric = EXAMPLES[script]
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()}
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), "--tiny"],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
-        env=env,
-    )
+    )  # (the suite's XLA flags are inherited: tests/conftest.py)
     log = out.stdout[-3000:] + out.stderr[-3000:]
     assert out.returncode == 0, log
     if needs is not None and importlib.util.find_spec(needs) is None:
@@ -80,9 +73,8 @@ def test_readme_snippet_runs(marker, needs):
     fresh interpreter (skipped without the packages they import)."""
     for package in needs:
         pytest.importorskip(package)
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()}
     code = _readme_block(marker) + "\nprint('snippet ok')\n"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
     )
     assert out.returncode == 0 and "snippet ok" in out.stdout, out.stdout + out.stderr

@@ -6,7 +6,6 @@ bad input names the argument. Each framework's tests are skipped when it is not 
 """
 
 import inspect
-import os
 import re
 import subprocess
 import sys
@@ -311,11 +310,6 @@ def test_bad_inputs_name_the_argument(framework, rng):
 
 
 # ------------------------------------------------------------------------------ docs
-#: As in test_docs: compile without XLA's backend optimization (same semantics, a third of
-#: the compile time) in the fresh interpreters below.
-XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-
-
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_docstring_example_runs(framework):
     """The class docstring's ``Example::`` block (not a doctest, so that ``tests/test_docs``
@@ -324,10 +318,7 @@ def test_docstring_example_runs(framework):
     doc = inspect.getdoc(wrapper.RNN)
     block = re.search(r"Example::\n\n(.*?)(?:\n\S|\Z)", doc, re.S).group(1)
     code = textwrap.dedent(block) + "\nprint('example ok')\n"
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "example ok" in out.stdout, out.stdout + out.stderr
 
 

@@ -41,7 +41,8 @@ def _free_port() -> int:
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        # the suite's flags (tests/conftest.py), then the simulated devices
+        XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
         JAX_PLATFORMS="cpu",
         JAX_ENABLE_X64="1",  # the runs are float64 (model.dtype)
         **extra,

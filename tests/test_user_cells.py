@@ -784,7 +784,7 @@ def test_a_user_cell_on_a_batch_sharded_over_two_devices(modes):
     devices outside every loop, not step by step or segment by segment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2",
         JAX_PLATFORMS="cpu",
         JAX_ENABLE_X64="1",
     )
