@@ -28,10 +28,10 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # GPU's default (TF32) or a TPU's (bfloat16 passes) would be ~1e-3 off. No effect on a CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
 # JAX's persistent compilation cache for the whole run, where the CLI keeps it
-# (bptt_jax.cli: $BPTT_JAX_CACHE_DIR, else ~/.cache/bptt_jax/xla): the suite compiles the same
-# programs run after run, and reads them back (2 cores, a fresh clone: 5:35 with the programs
-# of an earlier run cached, 9:02 from an empty cache, which a run's own repeats do not
-# shorten). tests/test_cli.py and the 2-process run of tests/test_parallel.py test the cache
+# (bptt_jax.cli: $BPTT_JAX_CACHE_DIR, else ~/.cache/bptt_jax/xla), as a user's CLI commands
+# would have it: the suite reads back the programs of an earlier run (with TEST_XLA_FLAGS, a
+# small gain: 4:28 from an empty cache, 4:11 with one filled; without the flags it was 9:02
+# and 5:35). tests/test_cli.py and the 2-process run of tests/test_parallel.py test the cache
 # in directories of their own.
 cli.enable_compile_cache()
 
