@@ -42,6 +42,15 @@ def vary_like(tree, like):
     return jax.tree.map(cast, tree)
 
 
+def unsharded(xs) -> bool:
+    """Whether ``xs`` is outside every device mesh: no mesh set, not inside ``shard_map``,
+    no Explicit sharding in its type (a plain ``jit``'s layout may still come from its
+    inputs' shardings, which XLA's propagation carries through)."""
+    return (
+        jax.sharding.get_abstract_mesh().empty and not _varying(xs) and _explicit_batch(xs) is None
+    )
+
+
 def _explicit_batch(xs, axis: int = 1):
     """The mesh axes sharding ``xs``'s batch ``axis``, if they are Explicit; else None."""
     sharding = getattr(jax.typeof(xs), "sharding", None)

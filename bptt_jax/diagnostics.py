@@ -174,8 +174,9 @@ def _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, 
 
     for layer, p, c, saved in zip(engine.layers_of(model), ps, cs, per_saved):
         if isinstance(layer, Bidirectional):
-            f = norms(layer.forward, p[0], c[0], saved[0], None)
-            b = norms(layer.backward, p[1], c[1], saved[1], None)
+            sf, sb = engine.directions(saved)
+            f = norms(layer.forward, p[0], c[0], sf, None)
+            b = norms(layer.backward, p[1], c[1], sb, None)
             out.append((f, engine.reverse_time(b, idx)))
         else:
             out.append(norms(layer, p, c, saved, resets))

@@ -503,9 +503,10 @@ def flags(rng, shape, p, at_least_one=True):
 
 #: XLA options for the reference programs (on a CPU: no backend optimization and the classic
 #: elemental emitters; about a fifth of the compile time of these small programs, the same
-#: semantics and results to round-off). The library is compiled with XLA's defaults in the
-#: tests, as users compile it. ``None``: XLA's defaults; an option this XLA does not know
-#: is dropped (with all the others).
+#: semantics and results to round-off). The suite's XLA_FLAGS (tests/conftest.py) now set
+#: the same for every program; these keep a reference fast where this module is used on its
+#: own. ``None``: XLA's defaults; an option this XLA does not know is dropped (with all the
+#: others).
 REFERENCE_COMPILER_OPTIONS = {
     "xla_backend_optimization_level": 0,
     "xla_cpu_use_fusion_emitters": False,

@@ -484,17 +484,22 @@ def _model_jacobian_reference(model, p, xs, c0, m, r):
 
 
 @pytest.mark.parametrize(
-    "name,clipped",
+    "name,clipped,fused",
     [
-        pytest.param("stack", False, id="stack"),
-        pytest.param("stack-bi", False, id="stack-bi"),
-        pytest.param("bidirectional", True, id="bidirectional-delta_clip"),
+        pytest.param("stack", False, False, id="stack"),
+        pytest.param("stack-bi", False, False, id="stack-bi"),
+        pytest.param("stack-bi", False, True, id="stack-bi-fused-directions"),
+        pytest.param("bidirectional", True, False, id="bidirectional-delta_clip"),
     ],
 )
 def test_model_flow_jacobians_and_horizons_per_layer_and_direction_match_autodiff(
-    name, clipped, key
+    name, clipped, fused, key, monkeypatch
 ):
-    """gradient_flow, jacobian_norms and effective_horizon of a model, cell by cell."""
+    """gradient_flow, jacobian_norms and effective_horizon of a model, cell by cell (with
+    ``fused``: its Bidirectional GRU layer runs both directions as one scan)."""
+    if fused:
+        monkeypatch.setenv("BPTT_JAX_FUSE_DIRECTIONS", "1")
+        jax.clear_caches()  # the diagnostics' jitted programs are traced again, fused
     model, p, ro, xs, tg, c0, m, lm, r = _model_problem(name, key)
     clip = 0.05 if clipped else None
 

@@ -20,8 +20,9 @@ reference gradient is the VJP of the unroll reference with the readout loss's gr
 the cotangent (the chain rule; the same reference program serves the unroll test). Every
 program is compiled with ``COMPILER_OPTIONS`` (on a CPU: no backend optimization and XLA's
 classic elemental emitters instead of its fusion emitters, a fifth of the compile time of
-these small programs, the same semantics and results to round-off); the library as XLA
-compiles it by default is checked by the rest of the suite and ``bptt-jax verify``. The
+these small programs, the same semantics and results to round-off; the whole suite's
+XLA_FLAGS say the same, tests/conftest.py); the library as XLA compiles it by default is
+checked by tests/test_verify.py's default-flags test and ``bptt-jax verify``. The
 default run has each model kind x schedule x {unroll, sequence_loss} once, in one dtype
 (rotating); ``-m slow`` adds the other dtype and further combinations.
 """
@@ -633,6 +634,47 @@ def test_loss_and_grads_of_a_model_matches_reference(model_name, opts, key):
     assert ref.rel_err(out.value, v_r) <= TOL[jnp.float64]
     assert_close((out.params, out.readout), g_r[:2], jnp.float64, "grads")
     assert_close(out.carry, carry_r, jnp.float64, "carry")
+
+
+@pytest.mark.parametrize(
+    "model_name,fusable",
+    [("bi-lstm-concat", 1), ("bi-gru-sum", 1), ("stacked-bigru2", 2), ("bi-elman-mixed", 0)],
+)
+def test_fused_directions_match_reference(model_name, fusable, monkeypatch, key):
+    """With ``BPTT_JAX_FUSE_DIRECTIONS=1`` (off by default until measured on a GPU) every
+    Bidirectional layer of one cell configuration runs its two directions as one scan each
+    way: 2 scans fewer per such layer in the gradient's jaxpr (none for two different cells).
+    Its outputs, carries and gradients still equal the references': unroll under random
+    cotangents with delta_clip (its errors kept per direction), and sequence_loss, whose
+    readout error the fused reverse scan takes as an OutputError."""
+    model, problem, opts, *_ = _setup(model_name, "clip", jnp.float64, key, CLIP_UNROLL)
+    p, ro, xs, tg, c0, m = problem
+    clip = opts["delta_clip"]
+    zeros = (jnp.zeros((T, B, model.output_size)), model.zero_carry(B, jnp.float64))
+    ct = ref.random_like(jax.random.fold_in(key, 7), zeros)
+
+    def unroll_vjp(p, xs, c0, m, ct):
+        run = lambda p, xs, c0: bptt_jax.unroll(model, p, xs, c0, mask=m, delta_clip=clip)  # noqa: E731
+        out, vjp = jax.vjp(run, p, xs, c0)
+        return out, vjp(ct)
+
+    def loss(p, ro, xs, c0, m):
+        return bptt_jax.sequence_loss(model, p, ro, xs, tg, c0, mask=m, reduction="sum")
+
+    def n_scans(fuse):  # (read when traced: JAX's caches of earlier traces are cleared)
+        monkeypatch.setenv("BPTT_JAX_FUSE_DIRECTIONS", fuse)
+        jax.clear_caches()
+        return str(jax.make_jaxpr(unroll_vjp)(p, xs, c0, m, ct)).count("scan[")
+
+    assert n_scans("0") - n_scans("1") == 2 * fusable
+    out_m, grads_m = _Compiled(unroll_vjp)(p, xs, c0, m, ct)
+    out_r, grads_r = reference_unroll_vjp(model, p, xs, c0, m, ct, delta_clip=clip)
+    assert_close(out_m, out_r, jnp.float64, "out")
+    assert_close(grads_m, grads_r, jnp.float64, "grads")
+    v_m, g_m = _Compiled(jax.value_and_grad(loss, (0, 1, 2, 3)))(p, ro, xs, c0, m)
+    v_r, g_r = reference_loss_grads(model, p, ro, xs, tg, c0, m, "xent", "sum")
+    assert ref.rel_err(v_m, v_r) <= TOL[jnp.float64]
+    assert_close(g_m, g_r, jnp.float64, "loss grads")
 
 
 def _padded_output(layer, carry):
