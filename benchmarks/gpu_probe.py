@@ -3,6 +3,7 @@
     python benchmarks/gpu_probe.py cudnn [after]   # jax.experimental.rnn's LSTM vs lstm_ref
     python benchmarks/gpu_probe.py unroll [SPEC]   # the scans' unroll factor: time per factor
     python benchmarks/gpu_probe.py compile [CELLS] [VARIANTS]   # compile and run time
+    python benchmarks/gpu_probe.py bidirectional [SPEC]   # directions fused or one by one
 
 Each prints one JSON line per measurement (``{"section": ..., ...}``) and runs on any backend;
 the numbers mean something on a GPU. ``compile`` honours ``BPTT_JAX_CACHE_DIR`` (cold or warm
@@ -173,5 +174,42 @@ def compile_(cells: str = "lstm,gru", variants: str = "manual,bf16") -> None:
                      xla_flags=os.environ.get("XLA_FLAGS"), compile_s=compile_s, ms=ms)  # fmt: skip
 
 
+def bidirectional(spec: str | None = None) -> None:
+    """A Bidirectional layer's gradient with its directions one after the other and fused
+    into one scan (``BPTT_JAX_FUSE_DIRECTIONS``, off by default): time, temp memory, and the
+    two gradients' agreement. ``spec``: cases ``cell:T,B,D,H[:bf16]`` separated by ``;``."""
+    spec = spec or "gru:512,128,256,512;lstm:512,128,256,512;gru:100,64,128,256;lstm:100,64,128,256"
+    with jax.default_matmul_precision("highest"):
+        for case in spec.split(";"):
+            name, size, *rest = case.split(":")
+            T, B, D, H = map(int, size.split(","))
+            cd = jnp.bfloat16 if rest == ["bf16"] else None
+            model = bptt_jax.Bidirectional(CELLS[name](H))
+            runs = {}
+            for fuse in ("0", "1"):
+                os.environ["BPTT_JAX_FUSE_DIRECTIONS"] = fuse  # read when traced
+                jax.clear_caches()
+                f, args = _grad_fn(model, T, B, D, H, compute_dtype=cd)
+                start = time.perf_counter()
+                compiled = f.lower(*args).compile()
+                compile_s = time.perf_counter() - start
+                temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+                runs[fuse] = (compiled, args, compile_s, temp)
+            # interleaved, so both see the same machine
+            ms = {fuse: [] for fuse in runs}
+            for _ in range(3):
+                for fuse, (compiled, args, _, _) in runs.items():
+                    ms[fuse].append(1e3 * _time(lambda c=compiled, a=args: c(*a), repeats=7))
+            grads = {fuse: c(*a)[1] for fuse, (c, a, _, _) in runs.items()}
+            err = max(_rel(x, y) for x, y in zip(*(jax.tree.leaves(grads[k]) for k in "10")))
+            for fuse, (_, _, compile_s, temp) in runs.items():
+                emit(section="bidirectional", cell=name, size=[T, B, D, H], fused=fuse == "1",
+                     bf16=cd is not None, ms=statistics.median(ms[fuse]), temp_mib=temp,
+                     compile_s=compile_s, fused_vs_sequential_rel_err=err)  # fmt: skip
+    os.environ.pop("BPTT_JAX_FUSE_DIRECTIONS", None)
+
+
 if __name__ == "__main__":
-    {"cudnn": cudnn, "unroll": unroll, "compile": compile_}[sys.argv[1]](*sys.argv[2:])
+    sections = {"cudnn": cudnn, "unroll": unroll, "compile": compile_}
+    sections["bidirectional"] = bidirectional
+    sections[sys.argv[1]](*sys.argv[2:])
