@@ -141,6 +141,7 @@ def unroll(spec: str | None = None) -> None:
         for name, model, (T, B, D, H), factors, cd in cases:
             for u in factors:
                 os.environ["BPTT_JAX_SCAN_UNROLL"] = str(u)  # read when the scan is traced
+                jax.clear_caches()
                 f, args = _grad_fn(model, T, B, D, H, compute_dtype=cd)
                 start = time.perf_counter()
                 compiled = f.lower(*args).compile()

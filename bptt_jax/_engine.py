@@ -72,7 +72,8 @@ BACKWARDS = ("manual", "checkpointed", "autodiff")
 #: on an H100 (jax 0.11.2, benchmarks/README.md), gradient time with 2 against 1: Elman -47%
 #: (T=100, B=64, H=256) and -10% (T=512, B=128, H=512), LSTM -4% and -7% (bfloat16 compute
 #: -12%), GRU +4% and +300% (so 1). On the CPU it never helped. ``BPTT_JAX_SCAN_UNROLL``
-#: overrides it for every cell (read at trace time, for measuring).
+#: overrides it for every cell (read at trace time, for measuring: JAX reuses a function's
+#: earlier traces, so within one process call ``jax.clear_caches()`` after changing it).
 SCAN_UNROLL = {("gpu", "Elman"): 2, ("gpu", "LSTM"): 2}
 
 
@@ -714,7 +715,8 @@ FULL = _Full()
 
 #: Backends where a Bidirectional layer fuses its directions; none until measured on a GPU
 #: (benchmarks/gpu_probe.py ``bidirectional``). ``BPTT_JAX_FUSE_DIRECTIONS=1`` (or ``0``)
-#: overrides it on every backend (read at trace time, for measuring and testing).
+#: overrides it on every backend (read at trace time, for measuring and testing; as with
+#: ``BPTT_JAX_SCAN_UNROLL``, call ``jax.clear_caches()`` after changing it in a process).
 FUSE_DIRECTIONS: frozenset[str] = frozenset()
 
 
