@@ -179,7 +179,7 @@ def bidirectional(spec: str | None = None) -> None:
     """A Bidirectional layer's gradient with its directions one after the other and fused
     into one scan (``BPTT_JAX_FUSE_DIRECTIONS``, off by default): time, temp memory, and the
     two gradients' agreement. ``spec``: cases ``cell:T,B,D,H[:bf16]`` separated by ``;``."""
-    spec = spec or "gru:512,128,256,512;lstm:512,128,256,512;gru:100,64,128,256;lstm:100,64,128,256"
+    spec = spec or "gru:512,128,256,512;gru:100,64,128,256"
     with jax.default_matmul_precision("highest"):
         for case in spec.split(";"):
             name, size, *rest = case.split(":")
