@@ -711,9 +711,10 @@ FULL = _Full()
 # inputs, outputs and errors cost time and memory: on the 2-core CPU, BiGRU (256, 64, 128,
 # 256) 317 against 298 ms and 242 against 201 MiB temp; BiLSTM (100, 32, 64, 128) 19.7
 # against 18.8 ms; BiElman (256, 64, 128, 256) 118 against 108 ms, 145 against 96 MiB. The
-# memory is in the backward (the forward's is the same), mostly layout copies: under vmap the
-# scans' stacked outputs come out time-major (T, 2, B, H), matmul outputs and the in-place
-# buffers direction-major (2, T, B, H), and each meeting costs a transposed (T, B, H) pair.
+# memory is in the backward (the forward's is the same): its per-direction temporaries, which
+# the sequential directions reuse one after the other, are live for both directions at once.
+# (Keeping each saved array on the direction axis where vmap's scan leaves it, (T, 2, B, H)
+# for stacked outputs, (2, T, B, H) for carried buffers, saved no memory: XLA already does.)
 # Sharded runs (a mesh, shard_map) keep one scan per direction.
 
 #: Backends where a Bidirectional layer fuses its directions; none until measured on a GPU
