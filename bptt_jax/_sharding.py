@@ -134,23 +134,28 @@ def per_device(split: Split, fn, args: tuple, in_axes: tuple, out_axes):
     if all(t == AxisType.Explicit for t in mesh.axis_types):
         # under an Explicit mesh every input must already be laid out as its spec says
         # (e.g. a mask made on one device is split too)
-        args = tuple(jax.tree.map(lambda x, s=s: _reshard(x, s), a) for a, s in zip(args, in_specs))
+        args = tuple(
+            jax.tree.map(lambda x, s=s: _reshard(x, s, mesh), a) for a, s in zip(args, in_specs)
+        )
     out_specs = jax.tree.map(spec, out_axes)
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
-def _reshard(x, spec):
+def _reshard(x, spec, mesh):
+    """``x`` laid out as ``spec`` on ``mesh`` (an Explicit mesh's, from an array's type: a
+    bare spec would need ``jax.set_mesh``, which arrays placed on a mesh by ``device_put``
+    and passed to ``jit`` do not have)."""
     have = tuple(jax.typeof(x).sharding.spec)
     have += (None,) * (x.ndim - len(have))
     want = tuple(spec) + (None,) * (x.ndim - len(spec))
-    return x if have == want else jax.sharding.reshard(x, spec)
+    return x if have == want else jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
 
 def time_major_sharding(xs):
     """``out_sharding`` for a new (T, B, ...) array laid out like ``xs`` under an Explicit
     mesh (e.g. dropout masks drawn per example); ``None`` otherwise."""
     batch = _explicit_batch(xs)
-    return None if batch is None else P(None, batch)
+    return None if batch is None else NamedSharding(jax.typeof(xs).sharding.mesh, P(None, batch))
 
 
 def like_batch(tree, xs):
@@ -165,7 +170,8 @@ def like_batch(tree, xs):
     if batch is None:
         return tree
 
-    return jax.tree.map(lambda x: _reshard(x, P(batch)), tree)
+    mesh = jax.typeof(xs).sharding.mesh
+    return jax.tree.map(lambda x: _reshard(x, P(batch), mesh), tree)
 
 
 def finish_cotangents(cotangents, primals):

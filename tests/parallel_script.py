@@ -5,7 +5,9 @@ The test suite's processes have started JAX with one CPU device; this script sta
 compiles once:
 
 * ``grads``: the gradient of ``sequence_loss`` for a batch split over 8 devices, under
-  ``jit`` with an Explicit and an Auto mesh and inside ``jax.shard_map``, against the same
+  ``jit`` with an Explicit and an Auto mesh (``jax.set_mesh``), with arrays only placed on
+  an Explicit mesh (``device_put``, no ``set_mesh``: "placed") and inside
+  ``jax.shard_map``, against the same
   gradient on one device (float64), with each compiled program's collectives (and how many
   loops enclose each) and its FLOPs per device against the one-device program's;
 * ``train``: the trainer's full-BPTT and TBPTT steps on 8 devices against one device;
@@ -19,6 +21,7 @@ compiles once:
 in which every model and schedule runs under Explicit ``jit`` and each mode meets each model.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -55,7 +58,7 @@ SCHEDULES = {
     "checkpointed": dict(backward="checkpointed", segment=3),
     "truncated": dict(truncate=4),
 }
-MODES = ("explicit", "auto", "shard_map")
+MODES = ("explicit", "auto", "shard_map", "placed")
 
 
 def grid(full: bool):
@@ -76,6 +79,8 @@ def grid(full: bool):
         ("bidirectional", "full", "auto"),
         ("bidirectional", "full", "shard_map"),
         ("bidirectional", "checkpointed", "explicit"),
+        ("stack", "checkpointed", "placed"),
+        ("bidirectional", "full", "placed"),
     ]
 
 
@@ -144,13 +149,14 @@ def grad_entry(model_name, schedule, mode, seed) -> dict:
             local, mesh=mesh, in_specs=specs, out_specs=(rep, (rep, rep, rows, carry_rows))
         )
     else:
-        axis_type = AxisType.Explicit if mode == "explicit" else AxisType.Auto
+        axis_type = AxisType.Auto if mode == "auto" else AxisType.Explicit
         mesh = jax.make_mesh((N,), ("data",), axis_types=(axis_type,))
         f = vg
     placed = tuple(
         jax.device_put(a, NamedSharding(mesh, s)) for a, s in zip(args, specs, strict=True)
     )
-    with jax.set_mesh(mesh):
+    # "placed": the mesh only in the arrays' types, as a user who device_puts and jits has it
+    with contextlib.nullcontext() if mode == "placed" else jax.set_mesh(mesh):
         sharded = jax.jit(f).lower(*placed).compile()
         got = sharded(*placed)
     out_shardings = {

@@ -129,8 +129,9 @@ GRID = [f"{m}/{s}/{mode}" for m, s, mode in grid(full=False)]
 @pytest.mark.parametrize("entry", GRID)
 def test_sharded_gradients_equal_single_device_ones(runs, entry):
     """value_and_grad of sequence_loss over a batch split over 8 devices (jit with an
-    Explicit or an Auto mesh, or inside shard_map) against one device, float64: the loss and
-    the gradients of params, readout, inputs and initial carry."""
+    Explicit or an Auto mesh, jit of arrays placed on an Explicit mesh without
+    ``jax.set_mesh``, or inside shard_map) against one device, float64: the loss and the
+    gradients of params, readout, inputs and initial carry."""
     r = _entry(runs, entry)
     assert r["value_err"] <= F64, r
     assert r["grad_err"] and max(r["grad_err"].values()) <= F64, r["grad_err"]
@@ -247,7 +248,7 @@ def test_the_readme_data_parallel_example_runs_on_8_devices(runs):
 
 @pytest.mark.slow
 def test_every_model_schedule_and_mode(tmp_path):
-    """The whole grid: every model x schedule x {Explicit jit, Auto jit, shard_map}."""
+    """The whole grid: every model x schedule x {Explicit jit, Auto jit, placed, shard_map}."""
     results = _run_all(tmp_path, full=True)["grid"]["grads"]
     assert len(results) == len(grid(full=True))
     for name, r in results.items():
