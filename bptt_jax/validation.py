@@ -266,8 +266,15 @@ def check_xs(fn: str, xs, params_name: str, d: int | None, dtype) -> tuple[int, 
             f"Cast it with xs.astype({dtype.name!r})."
         )
     if dt != dtype:
+        hint = ""
+        if jnp.finfo(dt).bits < jnp.finfo(dtype).bits:  # e.g. bfloat16 inputs, float32 params
+            hint = (
+                f" For {dt.name} compute with {dtype.name} params, pass {dtype.name} xs and "
+                f"compute_dtype={dt.name!r} (the precision policy)."
+            )
         raise TypeError(
             f"{fn}: xs dtype {dt} does not match the params' dtype {dtype}; cast one of them."
+            + hint
         )
     if shape[2] != d:
         raise ValueError(

@@ -190,6 +190,16 @@ def test_bad_compute_dtype_is_refused_naming_the_argument(compute_dtype, error, 
             call()
 
 
+def test_bfloat16_inputs_with_float32_params_point_to_the_policy():
+    """bfloat16 xs with float32 params is refused (TypeError naming xs and both dtypes), and
+    the message says how to get bfloat16 compute: float32 xs and compute_dtype."""
+    model = bptt_jax.Elman(H)
+    params, _, xs, _, _ = _problem(model, t=6)
+    with pytest.raises(TypeError, match="xs dtype bfloat16 does not match the params' dtype "
+                       "float32.*pass float32 xs and compute_dtype='bfloat16'"):  # fmt: skip
+        bptt_jax.unroll(model, params, xs.astype(jnp.bfloat16))
+
+
 def test_the_config_refuses_a_compute_dtype_wider_than_the_params():
     cfg = train.Config(model=train.ModelConfig(compute_dtype="float64", dtype="float32"))
     with pytest.raises(ConfigError, match="'model.compute_dtype' \\(float64\\)"):
