@@ -26,6 +26,7 @@ UNROLL_OPTIONS = {
     "segment": None,
     "memory_budget": None,
     "delta_clip": None,
+    "compute_dtype": None,
 }
 
 

@@ -56,8 +56,9 @@ class RNN(eqx.Module):
       time_major: inputs and outputs ``(T, B, ...)`` instead of ``(B, T, ...)``.
       return_carry: also return the final carry, as ``(carry, outputs)``.
       inference: turn a ``Stack`` 's dropout off (``eqx.nn.inference_mode`` sets it).
-      backward, truncate, segment, memory_budget, delta_clip: passed to
-        :func:`bptt_jax.unroll`.
+      backward, truncate, segment, memory_budget, delta_clip, compute_dtype: passed to
+        :func:`bptt_jax.unroll` (``compute_dtype=jnp.bfloat16``: bfloat16 compute with float32
+        params and gradients, the precision policy).
 
     Example::
 

@@ -63,8 +63,10 @@ class RNN(nnx.Module):
       return_carry: also return the final carry, as ``(carry, outputs)``.
       deterministic: turn a ``Stack`` 's dropout off (``module.eval()`` sets it; ``train()``
         clears it).
-      backward, truncate, segment, memory_budget, delta_clip: passed to
-        :func:`bptt_jax.unroll` (e.g. ``backward="checkpointed"`` for O(sqrt T) memory).
+      backward, truncate, segment, memory_budget, delta_clip, compute_dtype: passed to
+        :func:`bptt_jax.unroll` (e.g. ``backward="checkpointed"`` for O(sqrt T) memory;
+        ``compute_dtype=jnp.bfloat16`` for bfloat16 compute with float32 params and
+        gradients, the precision policy).
 
     Example::
 

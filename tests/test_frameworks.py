@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import bptt_jax
+from bptt_jax import verify
 
 T, B, D, H = 6, 3, 2, 4
 MODELS = {
@@ -245,6 +246,29 @@ def test_options_pass_through_to_unroll(framework, rng):
         np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['trunc'\]"):
         make(framework, model, params, trunc=2)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_compute_dtype_gives_the_precision_policys_gradients(framework, rng):
+    """``compute_dtype=jnp.bfloat16`` on a float32 module: the functional API's gradients under
+    the same policy, in float32 (the master weights' dtype), within the policy's tolerance of
+    the float32 gradients (4 bfloat16 eps) and not equal to them (the policy is in effect)."""
+    model = bptt_jax.LSTM(H)
+    params, x, _, _ = problem(rng, model, np.float32)
+
+    def functional(p, compute_dtype):
+        hs, _ = bptt_jax.unroll(model, p, jnp.swapaxes(x, 0, 1), compute_dtype=compute_dtype)
+        return jnp.sum(jnp.sin(hs.astype(jnp.float32)))
+
+    ref = jax.jit(jax.grad(functional), static_argnums=1)(params, jnp.bfloat16)
+    full = jax.jit(jax.grad(functional), static_argnums=1)(params, None)
+    rnn = make(framework, model, params, compute_dtype=jnp.bfloat16)
+    got = wrapper_grads(framework, rnn, lambda m, _: jnp.sum(jnp.sin(m(x).astype(jnp.float32))))
+    tol = verify.policy_tolerances(jnp.bfloat16)[0]
+    for a, b, f in zip(leaves(got), leaves(ref), leaves(full)):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max())
+        assert 0 < np.abs(a - f).max() <= tol * np.abs(f).max()
 
 
 # ------------------------------------------------------------------------------ bad input
