@@ -1528,7 +1528,9 @@ def unroll(
       mask: optional ``(T, B)`` 0/1 or bool. Sequences are right-padded: at a step where the
         mask is 0 the carry passes through unchanged, so ``hs[t]`` repeats the last valid
         state and ``carry_T`` is each sequence's last valid state. A bidirectional layer
-        reverses each sequence's first ``sum_t mask[t, b]`` steps.
+        reverses each sequence's first ``sum_t mask[t, b]`` steps, so a bidirectional model
+        needs right-padded masks (a left-padded one is a ``ValueError`` when the mask is
+        concrete, i.e. not traced by ``jit``).
       resets: optional ``(T, B)`` bool, for streams of concatenated sequences: where set, a
         new sequence starts at step t, so the carry entering step t is replaced by zeros
         (before the mask applies) and no error flows back across it. Every layer resets.

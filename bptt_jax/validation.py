@@ -702,5 +702,28 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
     carry0 = tuple(out) if stack else out[0]
     _check_steps(fn, model, params, carry0, d_model, dtype, None)
     mask = check_mask(fn, mask, t, b)
+    if is_bidirectional(model):
+        _check_right_padded(fn, mask)
     resets = check_mask(fn, resets, t, b, name="resets")
     return xs, carry0, mask, resets, dtype
+
+
+def _check_right_padded(fn: str, mask) -> None:
+    """A bidirectional model's mask (bool, (T, B)) has each sequence's valid steps first.
+
+    Its reverse direction reads each sequence's first ``sum_t mask[t, b]`` steps backwards,
+    so a left-padded batch, or a gap, would be read wrongly, silently. Checked when the mask
+    is concrete (not under ``jit``, as the targets' range is).
+    """
+    if mask is None or isinstance(mask, jax.core.Tracer):
+        return
+    m = np.asarray(mask)
+    bad = m[1:] & ~m[:-1]  # a valid step right after a padded one
+    if bad.any():
+        t, b = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{fn}: a bidirectional model needs right-padded sequences (the mask's valid "
+            f"steps first, then padding); mask[:, {b}] has a padded step at t={t} and a valid "
+            f"one at t={t + 1}. Move each sequence's steps to the front (left-padded batches "
+            "are read wrongly by the reverse direction)."
+        )

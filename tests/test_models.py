@@ -798,6 +798,23 @@ def test_bidirectional_rejects_truncate_and_resets_naming_the_argument(model_nam
         _call(fn, model, p, ro, xs, tg, c0, m, **{arg: value})
 
 
+@pytest.mark.parametrize("fn", ["unroll", "sequence_loss", "loss_and_grads"])
+def test_bidirectional_refuses_a_left_padded_mask_and_a_unidirectional_stack_takes_it(fn, key):
+    """A bidirectional model's reverse direction reads each sequence's first sum(mask) steps
+    backwards, so a left-padded mask would be read wrongly: ValueError naming the mask and
+    where its padding comes before a valid step. A unidirectional model takes such a mask
+    (its carry passes the padded steps)."""
+    model = MODELS["stack-bilstm-lstm"]
+    p, ro, xs, tg, c0, _ = ref.model_problem(model, key, jnp.float32, t=T, b=B, d=D, o=O)
+    left_padded = (jnp.arange(T)[:, None] >= jnp.array([0, 3, 5])[None, :B]).astype(bool)
+    with pytest.raises(ValueError, match=r"right-padded.*mask\[:, 1\] has a padded step at t=2"):
+        _call(fn, model, p, ro, xs, tg, c0, left_padded)
+    uni = MODELS["stack-lstm2"]
+    p, ro, xs, tg, c0, _ = ref.model_problem(uni, key, jnp.float32, t=T, b=B, d=D, o=O)
+    out = _call(fn, uni, p, ro, xs, tg, c0, left_padded)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+
+
 @pytest.mark.parametrize(
     "other",
     [
