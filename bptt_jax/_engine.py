@@ -1381,13 +1381,20 @@ def _walk_bwd(model, head, walk, saved, cotangents):
 bptt.defvjp(bptt_fwd, bptt_bwd)
 
 
-def resolve_segment(fn: str, model, xs, dtype, segment, memory_budget) -> int:
+def resolve_segment(fn: str, model, xs, dtype, segment, memory_budget, backward) -> int:
     """The segment length of ``backward="checkpointed"``, from ``segment`` or a budget."""
     validation.check_positive(fn, "segment", segment, kind=int)
     validation.check_positive(fn, "memory_budget", memory_budget, kind=int)
     t_len, b = xs.shape[:2]
     if segment is not None and memory_budget is not None:
         raise ValueError(f"{fn}: give segment or memory_budget, not both")
+    for name, value in (("segment", segment), ("memory_budget", memory_budget)):
+        if value is not None and backward != "checkpointed":  # else silently full BPTT
+            raise ValueError(
+                f"{fn}: {name}={value} applies to backward='checkpointed' only; got "
+                f"backward={backward!r}, which stores every step. Pass "
+                f"backward='checkpointed' with it, or drop {name}."
+            )
     if memory_budget is not None:
         return segment_for_budget(model, t_len, b, dtype, memory_budget)
     return default_segment(t_len) if segment is None else min(segment, t_len)
@@ -1554,9 +1561,10 @@ def unroll(
         on its own and keeps each layer's input) or ``"autodiff"`` (plain ``lax.scan`` s
         that JAX differentiates).
       segment: for ``"checkpointed"``: steps per segment; ``None`` for about ``sqrt(T)``.
+        With another ``backward`` a ``ValueError`` (it would be ignored).
       memory_budget: for ``"checkpointed"``, instead of ``segment``: bytes the stored
         checkpoints and one segment's buffers may take; the longest segment that fits is
-        used (:func:`segment_for_budget`).
+        used (:func:`segment_for_budget`). With another ``backward`` a ``ValueError``.
       dropout_key: a PRNG key for a :class:`~bptt_jax.Stack` 's dropout between layers
         (:meth:`~bptt_jax.Stack.dropout_masks`); ``None``: no dropout.
       compute_dtype: ``None`` (compute in the params' dtype) or a narrower floating dtype,
@@ -1590,7 +1598,7 @@ def unroll(
         fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
     )
     validation.check_positive(fn, "delta_clip", delta_clip)
-    seg = resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget)
+    seg = resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget, backward)
     drops = dropout_multipliers(fn, model, dropout_key, xs)
     if backward == "autodiff":
         return unroll_autodiff(model, params, xs, carry0, mask, truncate, resets, delta_clip,

@@ -300,7 +300,7 @@ def sequence_loss(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
-    seg = engine.resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget)
+    seg = engine.resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget, backward)
     drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
     head = LossHead(loss, reduction)
     if backward == "autodiff":

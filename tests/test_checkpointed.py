@@ -221,6 +221,9 @@ def test_default_segment_is_about_sqrt_t_and_covers_t():
         ({"memory_budget": -5}, ValueError, "memory_budget must be a positive int"),
         ({"segment": 3, "memory_budget": 10**6}, ValueError, "not both"),
         ({"backward": "recompute"}, ValueError, "backward"),
+        # a segment or a budget with full BPTT would be ignored: refused instead
+        ({"backward": "manual", "segment": 3}, ValueError, "segment=3 applies to backward="),
+        ({"backward": "autodiff", "memory_budget": 10**6}, ValueError, "memory_budget=1000000"),
     ],
 )
 def test_bad_checkpoint_options_name_the_argument(kwargs, err, match, rng):
