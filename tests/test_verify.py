@@ -251,20 +251,21 @@ def test_verify_cell_errors_name_the_spec(spec, match, monkeypatch, tmp_path, ca
 DEFAULT_FLAGS_CHECK = """
 import jax, jax.numpy as jnp, bptt_jax
 jax.config.update("jax_enable_x64", True)
-models = [bptt_jax.Elman(5), bptt_jax.LSTM(5), bptt_jax.GRU(5),
-          bptt_jax.stacked(bptt_jax.LSTM(4), 2), bptt_jax.Bidirectional(bptt_jax.GRU(4))]
-for i, model in enumerate(models):
-    for dtype in (jnp.float64, jnp.float32):
-        report = bptt_jax.check_gradients(model, dtype=dtype, key=jax.random.key(i))
-        assert report.passed and report.autodiff, (model, dtype, report)
-print("checked", 2 * len(models))
+cases = [(bptt_jax.Elman(5), jnp.float32), (bptt_jax.LSTM(5), jnp.float64),
+         (bptt_jax.GRU(5), jnp.float32), (bptt_jax.stacked(bptt_jax.LSTM(4), 2), jnp.float64),
+         (bptt_jax.Bidirectional(bptt_jax.GRU(4)), jnp.float64)]
+for i, (model, dtype) in enumerate(cases):
+    report = bptt_jax.check_gradients(model, dtype=dtype, key=jax.random.key(i))
+    assert report.passed and report.autodiff, (model, dtype, report)
+    assert bool(report.finite_diff) == (dtype == jnp.float64), report
+print("checked", len(cases))
 """
 
 
 def test_the_library_compiled_with_xlas_default_flags_passes_check_gradients():
     """The suite compiles without LLVM optimization (tests/conftest.py); users compile with
     XLA's defaults. In an interpreter with those, check_gradients passes for every cell, a
-    Stack and a Bidirectional layer, in float64 (with finite differences) and float32."""
+    Stack and a Bidirectional layer, in float64 (with finite differences) or float32."""
     from tests.conftest import TEST_XLA_FLAGS
 
     flags = os.environ["XLA_FLAGS"].replace(TEST_XLA_FLAGS, "").strip()
@@ -273,4 +274,4 @@ def test_the_library_compiled_with_xlas_default_flags_passes_check_gradients():
         [sys.executable, "-c", DEFAULT_FLAGS_CHECK], capture_output=True, text=True,
         timeout=300, env={**os.environ, "XLA_FLAGS": flags},
     )  # fmt: skip
-    assert out.returncode == 0 and "checked 10" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "checked 5" in out.stdout, out.stdout + out.stderr
