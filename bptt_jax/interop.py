@@ -394,6 +394,8 @@ def params_from_torch(
             elif key.startswith("bias_") and not bias:
                 hint = " (a biased module: use bias=True)"
             problems.append(f"unexpected key {prefix + key!r}{hint}")
+    if bias and problems and not any(key.startswith("bias_") for key in sd):
+        problems.append("no bias keys at all: a module built with bias=False needs bias=False")
     if problems:
         raise ValueError(
             f"{fn}: state_dict does not match {_spec(cells, bi, 'D' if d is None else d)}: "

@@ -151,6 +151,8 @@ def test_dtype_prefix_and_bias_false(rng):
     nob = {k: v for k, v in sd.items() if k.startswith("weight")}
     p = params_from_torch(model, nob, bias=False)
     assert all(not np.any(layer.b_x) and not np.any(layer.b_h) for layer in p)
+    with pytest.raises(ValueError, match="no bias keys at all: .* needs bias=False"):
+        params_from_torch(model, nob)  # forgot bias=False: said so
     assert {k: v.tolist() for k, v in params_to_torch(model, p, bias=False).items()} == {
         k: v.tolist() for k, v in nob.items()
     }
