@@ -56,10 +56,10 @@ from bptt_jax._sharding import (
     batch_split,
     finish_cotangents,
     like_batch,
+    off_mesh,
     per_device,
     sum_over_rows,
     time_major_sharding,
-    unsharded,
     vary_like,
 )
 from bptt_jax.cells import _common, protocol
@@ -745,7 +745,7 @@ def fuses_directions(layer, walk, x) -> bool:
         and walk is FULL
         and layer.forward == layer.backward
         and protocol.is_fast(layer.forward)
-        and unsharded(x)
+        and off_mesh(x)
     )
 
 

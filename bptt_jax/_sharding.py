@@ -42,15 +42,6 @@ def vary_like(tree, like):
     return jax.tree.map(cast, tree)
 
 
-def unsharded(xs) -> bool:
-    """Whether ``xs`` is outside every device mesh: no mesh set, not inside ``shard_map``,
-    no Explicit sharding in its type (a plain ``jit``'s layout may still come from its
-    inputs' shardings, which XLA's propagation carries through)."""
-    return (
-        jax.sharding.get_abstract_mesh().empty and not _varying(xs) and _explicit_batch(xs) is None
-    )
-
-
 def _explicit_batch(xs, axis: int = 1):
     """The mesh axes sharding ``xs``'s batch ``axis``, if they are Explicit; else None."""
     sharding = getattr(jax.typeof(xs), "sharding", None)
@@ -201,9 +192,10 @@ def _summed_out(x):
     return NamedSharding(sharding.mesh, P())
 
 
-def _off_mesh(x) -> bool:
+def off_mesh(x) -> bool:
     """``x`` is not laid out over any mesh (no Explicit or Auto mesh in its type, not inside
-    ``shard_map``): a single-device run."""
+    ``shard_map``): a single-device run (or a plain ``jit`` whose layout comes only from its
+    inputs' shardings, which XLA's propagation carries through)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     return (sharding is None or sharding.mesh.empty) and not _varying(x)
 
@@ -219,7 +211,7 @@ def sum_over_rows(x, a, dtype, *, x_t=None):
     and the sum is one ``dot_general`` over both, replicated under an Explicit mesh; so is a
     compute-dtype sum, whose merged form XLA:CPU widens to float32 copies.
     """
-    if _off_mesh(x) and x.dtype == dtype:
+    if off_mesh(x) and x.dtype == dtype:
         rows = x.shape[0] * x.shape[1]
         lhs = x.reshape(rows, x.shape[-1]).T if x_t is None else x_t.reshape(x_t.shape[0], rows)
         return jnp.matmul(lhs, a.reshape(rows, a.shape[-1]), preferred_element_type=dtype)

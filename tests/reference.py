@@ -501,47 +501,6 @@ def flags(rng, shape, p, at_least_one=True):
 # as what the reference treats exactly like ``None``: an all-ones mask, no resets,
 # ``truncate=T``, ``delta_clip=inf``.
 
-#: XLA options for the reference programs (on a CPU: no backend optimization and the classic
-#: elemental emitters; about a fifth of the compile time of these small programs, the same
-#: semantics and results to round-off). The suite's XLA_FLAGS (tests/conftest.py) now set
-#: the same for every program; these keep a reference fast where this module is used on its
-#: own. ``None``: XLA's defaults; an option this XLA does not know is dropped (with all the
-#: others).
-REFERENCE_COMPILER_OPTIONS = {
-    "xla_backend_optimization_level": 0,
-    "xla_cpu_use_fusion_emitters": False,
-}
-
-
-class compiled:  # noqa: N801 (used like jax.jit)
-    """``jax.jit(fn)`` compiled with ``options`` (default REFERENCE_COMPILER_OPTIONS), once
-    per input signature; options this XLA does not know fall back to its defaults."""
-
-    _unknown = False  # an option was refused once: XLA's defaults from then on
-
-    def __init__(self, fn, options="reference"):
-        self._jit = jax.jit(fn)
-        self._cache = {}
-        self._options = REFERENCE_COMPILER_OPTIONS if options == "reference" else options
-
-    def __call__(self, *args):
-        leaves, tdef = jax.tree.flatten(args)
-        sig = (tdef, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
-        if sig not in self._cache:
-            self._cache[sig] = self._compile(self._jit.lower(*args))
-        return self._cache[sig](*args)
-
-    def _compile(self, lowered):
-        if self._options is None or compiled._unknown:
-            return lowered.compile()
-        try:
-            return lowered.compile(compiler_options=self._options)
-        except Exception as e:  # an XLA without one of the options: XLA's defaults
-            if "compile option" not in str(e):
-                raise
-            compiled._unknown = True
-            return lowered.compile()
-
 
 def _options(xs, mask, loss_mask, resets, truncate, delta_clip):
     t_len, b = xs.shape[:2]
@@ -566,7 +525,7 @@ def _compiled_loss(cell, loss, reduction, argnums):
         value = readout_loss(hs, ro, tg, mask, loss, reduction, loss_mask)
         return value + _vdot(c_t, carry_ct), (value, c_t)
 
-    return compiled(jax.value_and_grad(total, argnums, has_aux=True))
+    return jax.jit(jax.value_and_grad(total, argnums, has_aux=True))
 
 
 def loss_grads(
@@ -610,7 +569,7 @@ def _compiled_unroll_vjp(cell):
         out, vjp = jax.vjp(f, p, xs, c0)
         return out, vjp(ct)
 
-    return compiled(run)
+    return jax.jit(run)
 
 
 def unroll_vjp(cell, p, xs, carry, ct, *, mask=None, resets=None, truncate=None, delta_clip=None):
@@ -626,7 +585,7 @@ def _compiled_deltas(cell, loss, reduction):
         hs, _ = scan_unroll(cell, p, xs, c0, mask, truncate, resets, delta_clip, eps)
         return readout_loss(hs, ro, tg, mask, loss, reduction, loss_mask)
 
-    return compiled(jax.grad(total))
+    return jax.jit(jax.grad(total))
 
 
 def deltas(

@@ -18,11 +18,9 @@ shared between schedules that define the same function (manual, checkpointed, re
 dropout pass zero resets / all-ones dropout multipliers when they have none), and the loss's
 reference gradient is the VJP of the unroll reference with the readout loss's gradient as
 the cotangent (the chain rule; the same reference program serves the unroll test). Every
-program is compiled with ``COMPILER_OPTIONS`` (on a CPU: no backend optimization and XLA's
-classic elemental emitters instead of its fusion emitters, a fifth of the compile time of
-these small programs, the same semantics and results to round-off; the whole suite's
-XLA_FLAGS say the same, tests/conftest.py); the library as XLA compiles it by default is
-checked by tests/test_verify.py's default-flags test and ``bptt-jax verify``. The
+program compiles with the suite's XLA flags (tests/conftest.py: no backend optimization,
+about a fifth of the compile time of these small programs); the library as XLA compiles it
+by default is checked by tests/test_verify.py's default-flags test and ``bptt-jax verify``. The
 default run has each model kind x schedule x {unroll, sequence_loss} once, in one dtype
 (rotating); ``-m slow`` adds the other dtype and further combinations.
 """
@@ -48,10 +46,6 @@ CLIP_LOSS = 0.3  # with reduction="sum" the errors reaching the states are O(1):
 DROPOUT = 0.3
 TOL = {jnp.float64: 1e-12, jnp.float32: 1e-5}
 DTYPES = [jnp.float64, jnp.float32]
-#: XLA options for every program compiled here (see the module docstring): on a CPU they
-#: take a model's gradient from ~1.5 s of compile time to ~0.3 s. ``None`` for XLA's
-#: defaults; an option this XLA does not know is dropped (with all the others).
-COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 MODELS = {
     "stack-lstm2": bptt_jax.Stack((bptt_jax.LSTM(5, forget_bias=1.0), bptt_jax.LSTM(6))),
@@ -186,14 +180,9 @@ def _random_resets(key, p=0.2):
     return jnp.asarray(r)
 
 
-def _Compiled(fn):  # noqa: N802 (used like jax.jit)
-    """``jax.jit(fn)`` compiled with COMPILER_OPTIONS, once per input signature."""
-    return ref.compiled(fn, COMPILER_OPTIONS)
-
-
 @functools.cache
 def _dropout_sampler(model, dtype):
-    return _Compiled(lambda key: model.dropout_masks(key, T, B, dtype))
+    return jax.jit(lambda key: model.dropout_masks(key, T, B, dtype))
 
 
 def _dropout_masks(model, key, dtype):
@@ -225,7 +214,7 @@ def _ref_unroll(model, truncate, delta_clip):
         out, vjp = jax.vjp(run, p, xs, c0)
         return out, vjp(ct)
 
-    return _Compiled(f)
+    return jax.jit(f)
 
 
 @functools.cache
@@ -235,7 +224,7 @@ def _ref_readout(loss, reduction, with_targets):
     def f(hs, ro, tg, mask):
         return ref.readout_loss(hs, ro, tg, mask, loss, reduction)
 
-    return _Compiled(jax.value_and_grad(f, (0, 1, 2) if with_targets else (0, 1)))
+    return jax.jit(jax.value_and_grad(f, (0, 1, 2) if with_targets else (0, 1)))
 
 
 def reference_unroll_vjp(model, p, xs, c0, mask, ct, *, truncate=None, delta_clip=None,
@@ -277,7 +266,7 @@ def _lib_unroll(model, opts_items):
         out, vjp = jax.vjp(run, p, xs, c0)
         return out, vjp(ct)
 
-    return _Compiled(f)
+    return jax.jit(f)
 
 
 @functools.cache
@@ -291,7 +280,7 @@ def _lib_loss(model, loss, reduction, opts_items):
             reduction=reduction, dropout_key=dropout_key, **opts,
         )  # fmt: skip
 
-    return _Compiled(jax.value_and_grad(f, argnums))
+    return jax.jit(jax.value_and_grad(f, argnums))
 
 
 def _setup(model_name, sched_name, dtype, key, clip, loss="xent"):
@@ -344,7 +333,7 @@ def test_reference_padded_bidirectional_batch_equals_per_sequence_runs(cell_name
     lens = np.asarray(ref.lengths_of(m, T, B))
     assert lens.max() == T and lens.min() < T
 
-    @_Compiled
+    @jax.jit
     def run(p, ro, xs, tg, c0, mask):
         def loss(p, ro, xs, c0):
             return ref.model_loss(model, p, ro, xs, tg, c0, mask, reduction="sum", delta_clip=clip)
@@ -389,7 +378,7 @@ def test_reference_stack_of_one_cell_is_the_cell(cell_name, key):
     p, ro, xs, tg, c0, m = ref.model_problem(cell, k1, jnp.float64, t=T, b=B, d=D, o=O)
     stack = bptt_jax.Stack((cell,))
 
-    @_Compiled
+    @jax.jit
     def both(p, ro, xs, tg, c0, m, r):
         opts = dict(truncate=TRUNCATE, resets=r, delta_clip=CLIP_LOSS)
 
@@ -425,7 +414,7 @@ def test_reference_stack_is_layered_python_loops(key):
     assert len(masks) == 1 and masks[0].shape == (T, B, 5)
     assert (masks[0] == 0).any() and (masks[0] != 0).any()
 
-    @_Compiled
+    @jax.jit
     def both(p, xs, c0, m, masks):
         h1, c1 = ref.python_loop(model.layers[0], p[0], xs, c0[0], m)
         h2, c2 = ref.python_loop(model.layers[1], p[1], h1 * masks[0], c0[1], m)
@@ -440,7 +429,7 @@ def test_reference_merges_are_the_concat_halves(merge, key):
     cat = bptt_jax.Bidirectional(bptt_jax.GRU(5))
     other = bptt_jax.Bidirectional(bptt_jax.GRU(5), merge=merge)
     p, _, xs, _, c0, m = ref.model_problem(cat, key, jnp.float64, t=T, b=B, d=D, o=O)
-    (hs, carry), (hs_m, carry_m) = _Compiled(
+    (hs, carry), (hs_m, carry_m) = jax.jit(
         lambda *a: (ref.model_unroll(cat, *a), ref.model_unroll(other, *a))
     )(p, xs, c0, m)
     expected = hs[..., :5] + hs[..., 5:]
@@ -525,7 +514,7 @@ def test_reference_matches_pytorch_stacked_bidirectional(cell_name, key):
     cell = cells[cell_name]
     model = bptt_jax.stacked(cell, 2, bidirectional=True)
     p, _, xs, _, c0, m = ref.model_problem(model, key, jnp.float64, t=T, b=4, d=D, o=O)
-    hs, carry = _Compiled(partial(ref.model_unroll, model))(p, xs, c0, m)
+    hs, carry = jax.jit(partial(ref.model_unroll, model))(p, xs, c0, m)
 
     kind = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell_name]
     net = kind(D, h, num_layers=2, bidirectional=True).double()
@@ -623,7 +612,7 @@ def test_loss_and_grads_of_a_model_matches_reference(model_name, opts, key):
     """The loss, params and readout gradients, and the final carry (carry_index=None)."""
     model = MODELS[model_name]
     p, ro, xs, tg, c0, m = ref.model_problem(model, key, jnp.float64, t=T, b=B, d=D, o=O)
-    out = _Compiled(
+    out = jax.jit(
         lambda p, ro, xs, tg, c0, m: loss_and_grads(
             model, p, ro, xs, tg, c0, mask=m, reduction="sum", **opts
         )
@@ -667,11 +656,11 @@ def test_fused_directions_match_reference(model_name, fusable, monkeypatch, key)
         return str(jax.make_jaxpr(unroll_vjp)(p, xs, c0, m, ct)).count("scan[")
 
     assert n_scans("0") - n_scans("1") == 2 * fusable
-    out_m, grads_m = _Compiled(unroll_vjp)(p, xs, c0, m, ct)
+    out_m, grads_m = jax.jit(unroll_vjp)(p, xs, c0, m, ct)
     out_r, grads_r = reference_unroll_vjp(model, p, xs, c0, m, ct, delta_clip=clip)
     assert_close(out_m, out_r, jnp.float64, "out")
     assert_close(grads_m, grads_r, jnp.float64, "grads")
-    v_m, g_m = _Compiled(jax.value_and_grad(loss, (0, 1, 2, 3)))(p, ro, xs, c0, m)
+    v_m, g_m = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3)))(p, ro, xs, c0, m)
     v_r, g_r = reference_loss_grads(model, p, ro, xs, tg, c0, m, "xent", "sum")
     assert ref.rel_err(v_m, v_r) <= TOL[jnp.float64]
     assert_close(g_m, g_r, jnp.float64, "loss grads")
@@ -710,7 +699,7 @@ def test_padded_bidirectional_batch_equals_per_sequence_runs(model_name, backwar
     (hs, carry), (_, g_xs, _) = _lib_unroll(model, tuple(sorted(opts.items())))(
         p, xs, c0, m, None, None, ct
     )
-    run_one = _Compiled(lambda p, xs, c0: bptt_jax.unroll(model, p, xs, c0, **opts))
+    run_one = jax.jit(lambda p, xs, c0: bptt_jax.unroll(model, p, xs, c0, **opts))
     last = model.layers[-1] if isinstance(model, bptt_jax.Stack) else model
 
     def top(c):
@@ -740,7 +729,7 @@ def test_grads_have_the_params_pytree_structure(model_name, key):
     Bidirectional, the cells' NamedTuples (straight into optax)."""
     model = MODELS[model_name]
     p, ro, xs, tg, c0, m = ref.model_problem(model, key, jnp.float32, t=T, b=B, d=D, o=O)
-    g = _Compiled(jax.grad(partial(bptt_jax.sequence_loss, model)))(p, ro, xs, tg, c0)
+    g = jax.jit(jax.grad(partial(bptt_jax.sequence_loss, model)))(p, ro, xs, tg, c0)
     assert jax.tree.structure(g) == jax.tree.structure(p)
     for a, e in zip(jax.tree.leaves(g), jax.tree.leaves(p)):
         assert a.shape == e.shape and a.dtype == e.dtype
@@ -750,7 +739,7 @@ def test_grads_have_the_params_pytree_structure(model_name, key):
 def test_default_carry_is_zeros_and_outputs_have_the_model_output_size(model_name, key):
     model = MODELS[model_name]
     p, _, xs, _, _, m = ref.model_problem(model, key, jnp.float64, t=T, b=B, d=D, o=O)
-    hs, carry = _Compiled(lambda p, xs, m: bptt_jax.unroll(model, p, xs, mask=m))(p, xs, m)
+    hs, carry = jax.jit(lambda p, xs, m: bptt_jax.unroll(model, p, xs, mask=m))(p, xs, m)
     assert hs.shape == (T, B, model.output_size)
     zeros = (jnp.zeros((T, B, model.output_size)), model.zero_carry(B, jnp.float64))
     expected, _ = reference_unroll_vjp(model, p, xs, model.zero_carry(B, jnp.float64), m, zeros)
@@ -763,7 +752,7 @@ def test_stack_without_a_dropout_key_has_no_dropout(key):
     with_p = _with_dropout(model)
     p, ro, xs, tg, c0, m = ref.model_problem(model, key, jnp.float64, t=T, b=B, d=D, o=O)
 
-    @_Compiled
+    @jax.jit
     def losses(p, ro, xs, tg, c0, m, k):
         def f(model, **kw):
             return bptt_jax.sequence_loss(model, p, ro, xs, tg, c0, mask=m, **kw)
