@@ -37,6 +37,18 @@ def as_array(fn: str, name: str, x) -> jax.Array:
         raise TypeError(f"{fn}: {name} must be an array; got {type(x).__name__}") from e
 
 
+def concrete(x) -> np.ndarray | None:
+    """``x``'s values on the host, or ``None`` when they are not known at trace time (a
+    tracer under ``jit``) or not all on this process (a multi-host global array). The
+    value checks (targets' range, a mask's 0/1, right padding) run only on what this gives.
+    """
+    if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    if not getattr(x, "is_fully_addressable", True):
+        return None
+    return np.asarray(x)
+
+
 def check_choice(fn: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{fn}: {name} must be one of {choices}; got {value!r}")
@@ -439,7 +451,23 @@ def check_mask(fn: str, mask, t: int, b: int, name: str = "mask"):
     dt = mask.dtype
     if not (dt == jnp.bool_ or jnp.issubdtype(dt, jnp.number)):
         raise TypeError(f"{fn}: {name} must be bool or 0/1 numbers; got dtype {dt}")
-    return mask if dt == jnp.bool_ else mask != 0
+    if dt == jnp.bool_:
+        return mask
+    values = concrete(mask)
+    if values is not None:
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            tb = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{fn}: {name} must hold only 0 and 1 (or be bool); got {values[tb].item()!r} at "
+                f"(t, b) = {tb}. It selects steps, it does not weight them"
+                + (
+                    ": for per-token weights, write the weighted loss on unroll's outputs "
+                    "(its gradient is hand-written too)" if name == "loss_mask" else ""
+                )
+                + "."
+            )
+    return mask != 0
 
 
 def check_readout(fn: str, readout, h: int, dtype) -> int:
@@ -480,11 +508,9 @@ def check_targets(fn: str, targets, loss: str, t: int, b: int, o: int, dtype, ma
             )
         if not jnp.issubdtype(dt, jnp.integer):
             raise TypeError(f"{fn}: targets for loss='xent' must have an integer dtype; got {dt}")
-        if not isinstance(targets, jax.core.Tracer) and (
-            mask is None or not isinstance(mask, jax.core.Tracer)
-        ):
-            values = np.asarray(targets)
-            valid = np.ones(values.shape, bool) if mask is None else np.asarray(mask)
+        values, valid = concrete(targets), concrete(mask)
+        if values is not None and (mask is None or valid is not None):
+            valid = np.ones(values.shape, bool) if mask is None else valid
             bad = valid & ((values < 0) | (values >= o))
             if bad.any():
                 tb = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -715,9 +741,9 @@ def _check_right_padded(fn: str, mask) -> None:
     so a left-padded batch, or a gap, would be read wrongly, silently. Checked when the mask
     is concrete (not under ``jit``, as the targets' range is).
     """
-    if mask is None or isinstance(mask, jax.core.Tracer):
+    m = concrete(mask)
+    if m is None:
         return
-    m = np.asarray(mask)
     bad = m[1:] & ~m[:-1]  # a valid step right after a padded one
     if bad.any():
         t, b = (int(i) for i in np.argwhere(bad)[0])

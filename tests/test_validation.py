@@ -124,6 +124,35 @@ def test_mask_of_strings_is_a_type_error():
         bptt_jax.unroll(cell, p, xs, mask=np.full((T, B), "a"))
 
 
+@pytest.mark.parametrize(
+    "name, value, fn",
+    [
+        ("mask", 0.5, "unroll"),
+        ("mask", 2, "unroll"),
+        ("resets", -1, "unroll"),
+        ("loss_mask", 0.25, "sequence_loss"),
+    ],
+)
+def test_a_numeric_mask_must_hold_zeros_and_ones(name, value, fn):
+    """A mask selects steps: 0.5 would silently count as 1 (and a loss_mask is not a weight)."""
+    cell, p, ro, xs, tg = _setup()
+    m = jnp.ones((T, B), jnp.asarray(value).dtype).at[3, 1].set(value)
+    with _raises(ValueError, fn, name, "only 0 and 1", f"got {value!r} at (t, b) = (3, 1)"):
+        if fn == "unroll":
+            bptt_jax.unroll(cell, p, xs, **{name: m})
+        else:
+            bptt_jax.sequence_loss(cell, p, ro, xs, tg, **{name: m})
+
+
+def test_a_numeric_zero_one_mask_equals_the_bool_one():
+    cell, p, ro, xs, tg = _setup()
+    m = jax.random.bernoulli(jax.random.key(5), 0.7, (T, B)).at[0].set(True)
+    for name in ("mask", "loss_mask"):
+        as_float = bptt_jax.sequence_loss(cell, p, ro, xs, tg, **{name: m.astype(F32)})
+        as_bool = bptt_jax.sequence_loss(cell, p, ro, xs, tg, **{name: m})
+        assert as_float == as_bool
+
+
 def test_readout_hidden_size_mismatch():
     cell, p, _, xs, tg = _setup()
     ro = bptt_jax.init_readout(jax.random.key(1), H + 2, O, F32)
