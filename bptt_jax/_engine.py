@@ -149,8 +149,11 @@ def clip_delta(dstate, threshold):
     the carry (``h`` and ``c`` for the LSTM).
     """
     sq = sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(dstate))
-    norm = jnp.sqrt(sq)  # (B,)
-    scale = jnp.where(norm > threshold, threshold / jnp.where(norm > 0, norm, 1), 1)
+    # sqrt only where positive: a zero error (a padded step) would make the derivative of
+    # the norm inf * 0 = NaN in a second-order derivative through this backward.
+    big = sq > jnp.square(threshold).astype(sq.dtype)
+    norm = jnp.sqrt(jnp.where(big, sq, 1))  # (B,), used only where big
+    scale = jnp.where(big, threshold / norm, 1)
     return jax.tree.map(lambda g: g * _per_example(scale, g).astype(g.dtype), dstate)
 
 

@@ -463,7 +463,9 @@ def check_mask(fn: str, mask, t: int, b: int, name: str = "mask"):
                 f"(t, b) = {tb}. It selects steps, it does not weight them"
                 + (
                     ": for per-token weights, write the weighted loss on unroll's outputs "
-                    "(its gradient is hand-written too)" if name == "loss_mask" else ""
+                    "(its gradient is hand-written too)"
+                    if name == "loss_mask"
+                    else ""
                 )
                 + "."
             )

@@ -79,8 +79,11 @@ def _clip_error_fwd(carry, threshold):
 
 def _clip_error_bwd(threshold, _, g):
     leaves = jax.tree.leaves(g)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=1) for x in leaves))
-    factor = jnp.minimum(1.0, threshold / jnp.maximum(norm, 1e-300))
+    # sqrt of at least the dtype's tiny: a zero cotangent (padding) must not give a NaN second
+    # derivative (d sqrt at 0 is inf)
+    sq = sum(jnp.sum(jnp.square(x), axis=1) for x in leaves)
+    norm = jnp.sqrt(jnp.maximum(sq, jnp.finfo(sq.dtype).tiny))
+    factor = jnp.minimum(1.0, threshold / norm)
     return (jax.tree.map(lambda x: x * factor[:, None].astype(x.dtype), g),)
 
 
@@ -100,8 +103,11 @@ def _clip_error_at_fwd(carry, threshold):
 
 def _clip_error_at_bwd(threshold, g):
     leaves = jax.tree.leaves(g)
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x), axis=1) for x in leaves))
-    factor = jnp.minimum(1.0, threshold.astype(norm.dtype) / jnp.maximum(norm, 1e-300))
+    # sqrt of at least the dtype's tiny: a zero cotangent (padding) must not give a NaN second
+    # derivative (d sqrt at 0 is inf)
+    sq = sum(jnp.sum(jnp.square(x), axis=1) for x in leaves)
+    norm = jnp.sqrt(jnp.maximum(sq, jnp.finfo(sq.dtype).tiny))
+    factor = jnp.minimum(1.0, threshold.astype(norm.dtype) / norm)
     clipped = jax.tree.map(lambda x: x * factor[:, None].astype(x.dtype), g)
     return clipped, jnp.zeros_like(threshold)
 
