@@ -208,7 +208,12 @@ def assert_trees_close(actual, expected, dtype):
 
 def _at(tree, path):
     for k in path:
-        tree = tree[k.idx] if hasattr(k, "idx") else getattr(tree, k.name)
+        if hasattr(k, "idx"):
+            tree = tree[k.idx]
+        elif hasattr(k, "key"):  # a dict's entry (a user cell's params)
+            tree = tree[k.key]
+        else:
+            tree = getattr(tree, k.name)
     return tree
 
 

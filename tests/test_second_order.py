@@ -118,3 +118,28 @@ def test_second_order_of_a_truncated_gradient_is_its_exact_derivative(name, key)
     # ~1e-16 |<g, v>| / eps ~ 1e-11, relative to an O(1)-O(10) derivative.
     assert abs(exact - fd) <= 1e-7 * max(abs(fd), 1.0), (exact, fd)
     assert abs(stop_gradient_second - fd) > 1e-3 * abs(fd), "the cut should matter here"
+
+
+@pytest.mark.parametrize("tier", ["step-vjp", "step_backward"])
+def test_hessian_vector_products_of_a_users_cell_match_autodiff(tier, key):
+    """A user's cell: its one-step backward (jax.vjp of its step, or its own step_backward)
+    inside the sequence-level BPTT is differentiated again, against tests/test_user_cells'
+    plain scan of the cell's step."""
+    from tests import test_user_cells as uc
+
+    cell = uc.GatedMemory(4) if tier == "step-vjp" else uc.ManualIndRNN(4)
+    p, ro, xs, tg, c0, mask = ref.model_problem(cell, key, F64, t=T, b=B, d=D, o=O)
+    v = ref.random_like(jax.random.fold_in(key, 1), p)
+
+    def lib(p):
+        return bptt_jax.sequence_loss(cell, p, ro, xs, tg, c0, mask=mask)
+
+    def reference(p):
+        return uc.xent(ro, uc.model_unroll(cell, p, xs, c0, mask)[0], tg, mask)
+
+    @jax.jit
+    def hvps(p, v):
+        return [jax.jvp(jax.grad(f), (p,), (v,))[1] for f in (lib, reference)]
+
+    got, expected = hvps(p, v)
+    ref.assert_trees_close(got, expected, F64)
