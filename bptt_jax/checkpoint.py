@@ -81,8 +81,17 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, state, metadata: dict | None = None) -> int:
-        """Write ``state`` (and JSON ``metadata``) as the checkpoint of ``state.step``."""
+        """Write ``state`` (and JSON ``metadata``) as the checkpoint of ``state.step``.
+
+        Raises:
+          FileExistsError: that step has a checkpoint already.
+        """
         step = int(state.step)
+        if step in self._manager.all_steps():
+            raise FileExistsError(
+                f"checkpoint: step {step} already exists in {self.directory}; a checkpoint is "
+                "never overwritten (delete it first, or save into another directory)"
+            )
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -156,6 +165,8 @@ def save(directory: str | Path, state, metadata: dict | None = None, keep: int =
 def restore(directory: str | Path, like, step: int | None = None):
     """``(state, metadata)`` from ``directory`` (newest step by default); see
     :meth:`Checkpointer.restore`."""
+    if not Path(directory).is_dir():  # (a Checkpointer would create it)
+        raise FileNotFoundError(f"checkpoint: no directory {str(directory)!r}")
     with Checkpointer(directory) as c:
         return c.restore(like, step)
 

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import tomllib
 import types
@@ -203,6 +204,8 @@ def _convert(tp, value, key: str):
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML's nan and inf: no setting means either
+                raise ConfigError(f"config: '{key}' must be a finite number; got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -66,7 +66,7 @@ class CharLMConfig:
 
 
 def _positive(key: str, value, allow_zero: bool = False):
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value >= 0 if allow_zero else value > 0):  # NaN is neither
         raise ConfigError(
             f"config: '{key}' must be {'>= 0' if allow_zero else 'positive'}; got {value!r}"
         )
@@ -296,6 +296,11 @@ class CharLMTask:
 
     def evaluate(self, cell, params, readout) -> dict:
         """Mean cross-entropy (nats and bits per character) on the held-out tail."""
+        if len(self._ids) - self.n_train < 2:
+            raise ValueError(
+                f"CharLMTask.evaluate: no held-out text to evaluate on (valid_fraction="
+                f"{self.valid_fraction}); build the task with valid_fraction > 0"
+            )
         ids = jnp.asarray(self._ids[self.n_train :])
         starts = jnp.asarray(self._starts[self.n_train :])
         n = ids.shape[0]
@@ -387,9 +392,10 @@ def check_task_config(name: str, cfg) -> None:
             )
         _positive("recall.test_size", cfg.test_size)
     elif name == "charlm":
-        if not 0.0 <= cfg.valid_fraction < 1.0:
+        if not 0.0 < cfg.valid_fraction < 1.0:
             raise ConfigError(
-                f"config: 'charlm.valid_fraction' must be in [0, 1); got {cfg.valid_fraction}"
+                f"config: 'charlm.valid_fraction' must be in (0, 1): the held-out tail the "
+                f"evaluations read; got {cfg.valid_fraction}"
             )
         _positive("charlm.eval_len", cfg.eval_len)
         _positive("charlm.eval_streams", cfg.eval_streams)

@@ -33,10 +33,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
+import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -81,6 +85,8 @@ class ModelConfig:
 #: Optimizers with their own handling; any other optax alias taking ``learning_rate`` as its
 #: first argument (``adamw``, ``lion``, ``nadam``, ...) is also accepted by name.
 OPTIMIZERS = ("adam", "sgd", "adagrad", "rmsprop")
+#: ``OptimConfig.clip``'s values.
+CLIPS = ("global_norm", "value", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +126,7 @@ class CheckpointConfig:
     dir: str = ""  # "" for no checkpoints
     every: int = 0  # steps between checkpoints (0: only at the end)
     keep: int = 3  # most recent checkpoints kept
-    resume: bool = True  # continue from the latest checkpoint in dir, if any
+    resume: bool = True  # continue the latest checkpoint in dir; false: dir must hold none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +147,9 @@ class Config:
 
 
 def _optax_alias(name: str):
+    """The optax optimizer ``name`` if it takes ``learning_rate`` first and its ``update``
+    needs nothing but the gradients, state and params (the trainer passes no more; e.g.
+    ``lbfgs`` needs the loss and its function, so it is not one); else ``None``."""
     fn = getattr(optax, name, None) if not name.startswith("_") else None
     if not callable(fn) or isinstance(fn, type):
         return None
@@ -148,37 +157,116 @@ def _optax_alias(name: str):
         params = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return None
-    return fn if params[:1] == ["learning_rate"] else None
+    if params[:1] != ["learning_rate"]:
+        return None
+    p = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. noisy_sgd's note about its key
+            opt = fn(1e-3)
+            jax.eval_shape(lambda p: opt.update(p, opt.init(p), p), p)
+    except Exception:  # noqa: BLE001 - any failure to trace one update: not usable here
+        return None
+    return fn
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    """``value > 0`` (``>= 0`` with ``allow_zero``); NaN is neither."""
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        raise ConfigError(
+            f"config: '{key}' must be {'>= 0' if allow_zero else 'positive'}; got {value!r}"
+        )
+
+
+def check_optim(o: OptimConfig) -> None:
+    """An :class:`OptimConfig`'s values; ``ConfigError`` (a ``ValueError``) naming the key.
+
+    :func:`make_optimizer` runs it, so a config built in Python is checked as a file is."""
+    for key, value in (
+        ("optim.learning_rate", o.learning_rate),
+        ("optim.max_norm", o.max_norm),
+        ("optim.max_consecutive_skips", o.max_consecutive_skips),
+    ):
+        _positive(key, value)
+    _positive("optim.momentum", o.momentum, allow_zero=True)
+    for key, value in (("optim.learning_rate", o.learning_rate), ("optim.max_norm", o.max_norm)):
+        if not math.isfinite(value):
+            raise ConfigError(f"config: '{key}' must be a finite number; got {value!r}")
+    if o.clip not in CLIPS:
+        raise ConfigError(f"config: 'optim.clip' must be one of {', '.join(CLIPS)}; got {o.clip!r}")
+    if o.name not in OPTIMIZERS and _optax_alias(o.name) is None:
+        raise ConfigError(
+            f"config: 'optim.name' must be one of {', '.join(OPTIMIZERS)} or an optax "
+            f"optimizer taking learning_rate whose update needs only the gradients (e.g. "
+            f"adamw, lion; not lbfgs); got {o.name!r}"
+        )
+
+
+def _check_paths(cfg: Config) -> None:
+    """``checkpoint.dir`` can be a directory and ``train.log_file`` a file, before any work:
+    otherwise the first save (at the end of training) or the log would fail after it."""
+    d = cfg.checkpoint.dir
+    if d:
+        path = Path(d).expanduser()
+        ancestor = path
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ConfigError(
+                f"config: 'checkpoint.dir' {d!r} cannot be a directory: {str(ancestor)!r} is a file"
+            )
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"config: 'checkpoint.dir' {d!r}: {str(ancestor)!r} is not writable")
+    f = cfg.train.log_file
+    if f:
+        path = Path(f).expanduser()
+        if path.is_dir():
+            raise ConfigError(f"config: 'train.log_file' {f!r} is a directory; give a file name")
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"config: 'train.log_file' {f!r}: its directory {str(path.parent)!r} does not exist"
+            )
+
+
+#: Largest seed + 1: ``jax.random.key`` keeps 32 bits of a seed (without x64), so larger or
+#: negative seeds would collide with others.
+SEED_BOUND = 2**32
 
 
 def check_config(cfg: Config) -> None:
     """Range and consistency checks beyond types; ``ConfigError`` naming the key."""
     t, m, o, c = cfg.train, cfg.model, cfg.optim, cfg.checkpoint
+    if not 0 <= cfg.seed < SEED_BOUND:
+        raise ConfigError(
+            f"config: 'seed' must be in [0, 2**32) (JAX keeps 32 bits of a seed); got {cfg.seed}"
+        )
     for key, value in (
         ("model.hidden_size", m.hidden_size),
-        ("optim.learning_rate", o.learning_rate),
-        ("optim.max_norm", o.max_norm),
-        ("optim.max_consecutive_skips", o.max_consecutive_skips),
         ("train.batch_size", t.batch_size),
         ("train.log_every", t.log_every),
         ("checkpoint.keep", c.keep),
     ):
-        if value <= 0:
-            raise ConfigError(f"config: '{key}' must be positive; got {value!r}")
+        _positive(key, value)
     for key, value in (
         ("train.steps", t.steps),
         ("train.eval_every", t.eval_every),
         ("train.horizon_every", t.horizon_every),
         ("checkpoint.every", c.every),
-        ("optim.momentum", o.momentum),
     ):
-        if value < 0:
-            raise ConfigError(f"config: '{key}' must be >= 0; got {value!r}")
-    if o.name not in OPTIMIZERS and _optax_alias(o.name) is None:
+        _positive(key, value, allow_zero=True)
+    check_optim(o)
+    if not math.isfinite(m.forget_bias):
         raise ConfigError(
-            f"config: 'optim.name' must be one of {', '.join(OPTIMIZERS)} or an optax "
-            f"optimizer taking learning_rate (e.g. adamw, lion); got {o.name!r}"
+            f"config: 'model.forget_bias' must be a finite number; got {m.forget_bias}"
         )
+    if m.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ConfigError(
+            "config: 'model.dtype' float64 needs JAX's 64-bit mode, which is off: JAX would "
+            "make every array float32, silently (`bptt-jax train` turns it on for float64; "
+            "in Python: jax.config.update('jax_enable_x64', True) before creating arrays)"
+        )
+    _check_paths(cfg)
     for key, k in (("train.k1", t.k1), ("train.k2", t.k2)):
         if k is not None and k <= 0:
             raise ConfigError(f"config: '{key}' must be a positive int (or none); got {k}")
@@ -250,6 +338,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
       >>> from bptt_jax.train import OptimConfig, make_optimizer
       >>> tx = make_optimizer(OptimConfig(name="sgd", learning_rate=0.1, clip="value"))
     """
+    check_optim(cfg)
     lr, mom = cfg.learning_rate, (cfg.momentum or None)
     if cfg.name == "adam":
         opt = optax.adam(lr)
@@ -618,6 +707,48 @@ def make_mesh(cfg: Config) -> jax.sharding.Mesh | None:
     return mesh
 
 
+#: Config keys whose change makes a checkpoint another problem: resuming is refused. The
+#: active task's own table (``adding``, ``recall``, ``charlm``) is added. Other keys (the
+#: optimizer's settings, TBPTT's k1 and k2, steps, logging, devices) may change on resume.
+RESUME_FIXED = ("seed", "task", "model")
+
+
+def resume_differences(saved: dict | None, cfg: Config) -> tuple[list[str], list[str]]:
+    """``(conflicts, changed)``: the keys of ``RESUME_FIXED`` (and the task's table), then
+    the optimizer's and TBPTT's, that differ between a checkpoint's saved config and ``cfg``,
+    each as ``"key: saved -> now"``. Nothing when the checkpoint has no config."""
+    if not isinstance(saved, dict):
+        return [], []
+    now = config_lib.to_dict(cfg)
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(now)
+    fixed = (*RESUME_FIXED, cfg.task)
+    reported = (*fixed, "optim", "train.k1", "train.k2")
+
+    def differs(key):
+        return key in a and a[key] != b.get(key)
+
+    def under(key, roots):
+        return any(key == r or key.startswith(r + ".") for r in roots)
+
+    conflicts = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in b if differs(k) and under(k, fixed)]
+    changed = [
+        f"{k}: {a[k]!r} -> {b[k]!r}"
+        for k in b
+        if differs(k) and under(k, reported) and not under(k, fixed)
+    ]
+    return conflicts, changed
+
+
 def fit(
     cfg: Config,
     *,
@@ -659,17 +790,35 @@ def fit(
         from bptt_jax import checkpoint
 
         ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep)
-    if ckpt is not None and cc.resume and ckpt.latest_step() is not None:
+    if ckpt is not None and ckpt.latest_step() is not None:
+        if not cc.resume:
+            steps = ckpt.all_steps()
+            ckpt.close()
+            raise ConfigError(
+                f"config: 'checkpoint.dir' {cc.dir!r} holds checkpoints (steps {steps}) and "
+                "checkpoint.resume=false starts from step 0, whose checkpoints would be mixed "
+                "with them: use another checkpoint.dir, or delete those checkpoints"
+            )
         try:
-            state, _ = ckpt.restore(state)
+            state, meta = ckpt.restore(state)
         except checkpoint.CheckpointMismatch as e:
             ckpt.close()
             raise ConfigError(
                 f"config: 'checkpoint.dir' holds a checkpoint of another model, optimizer or "
-                f"batch size: {e}; use another checkpoint.dir or checkpoint.resume=false"
+                f"batch size: {e}; use another checkpoint.dir"
             ) from None
+        conflicts, changed = resume_differences(meta.get("config"), cfg)
+        if conflicts:
+            ckpt.close()
+            raise ConfigError(
+                f"config: 'checkpoint.dir' holds a run of another problem: "
+                f"{'; '.join(conflicts)} (saved -> now). Resuming it would continue that run "
+                "under this config's name; use another checkpoint.dir"
+            )
         if main:
             print(f"resumed from {cc.dir} at step {int(state.step)}", file=out)
+            if changed:
+                print(f"  with changed settings: {'; '.join(changed)}", file=out)
     tokens_per_step = tc.batch_size * task.seq_len
     history: list[dict] = []
     log = open(tc.log_file, "a") if tc.log_file and main else None  # noqa: SIM115
@@ -731,7 +880,9 @@ def fit(
                 ckpt.save(state, {"config": config_lib.to_dict(cfg)})
             t_last += time.perf_counter() - t_aside
         evaluate(int(state.step))
-        if ckpt is not None and (not cc.every or int(state.step) % cc.every):
+        # the last state, unless saved already (by `every`, or by the run this one resumed
+        # when it had nothing left to do)
+        if ckpt is not None and int(state.step) not in ckpt.all_steps():
             ckpt.save(state, {"config": config_lib.to_dict(cfg)})
     finally:
         if bar is not None:
@@ -802,11 +953,18 @@ def add_cli_arguments(parser) -> None:
 
 def cli_main(args) -> int:
     """``bptt-jax train CONFIG [KEY=VALUE ...]``: 0 on success, 2 on a config error."""
-    if args.config is None:
-        print("bptt-jax train: error: give a config (e.g. adding, charlm, recall)", file=sys.stderr)
+    only_overrides = args.config is not None and "=" in args.config
+    if args.config is None or (only_overrides and not Path(args.config).is_file()):
+        print(
+            "bptt-jax train: error: give a config before any KEY=VALUE (e.g. adding, charlm, "
+            "recall: `bptt-jax train adding train.steps=500`)",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = config_lib.from_args(Config, args)
+        if cfg.model.dtype == "float64":  # this process's arrays: float64 needs x64 mode
+            jax.config.update("jax_enable_x64", True)
         build(cfg)  # every check (and the corpus read) before any work; no device touched
         procs = parallel.distributed_args(cfg.distributed)
     except ConfigError as e:

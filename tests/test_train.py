@@ -267,11 +267,46 @@ def test_sampler_is_deterministic_per_key_and_greedy_at_temperature_zero(key):
         (["task=charlm", "charlm.corpus=/no/such/file.txt"], "'charlm.corpus' file"),
         (["task=recall", "recall.delay=60"], "'recall.delay' .* must be < 'recall.seq_len'"),
         (["checkpoint.every=5"], "'checkpoint.every' needs 'checkpoint.dir'"),
+        # NaN and inf pass every `<= 0` test: a run would end silently with NaN params
+        (["optim.learning_rate=nan"], "'optim.learning_rate' must be a finite number"),
+        (["optim.max_norm=inf"], "'optim.max_norm' must be a finite number"),
+        (["optim.name=sgd", "optim.momentum=nan"], "'optim.momentum' must be a finite"),
+        (["model.forget_bias=-inf"], "'model.forget_bias' must be a finite number"),
+        # lbfgs's update needs the loss and its function, which the trainer does not pass
+        (["optim.name=lbfgs"], "'optim.name' must be .* not lbfgs"),
+        (["seed=-1"], r"'seed' must be in \[0, 2\*\*32\)"),
+        (["seed=4294967296"], r"'seed' must be in \[0, 2\*\*32\)"),
+        (
+            ["task=charlm", "charlm.valid_fraction=0"],
+            r"'charlm.valid_fraction' must be in \(0, 1\)",
+        ),
+        (["train.log_file=/no/such/dir/log.jsonl"], "'train.log_file' .* does not exist"),
     ],
 )
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         train.build(cfg_of(*overrides))
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for d in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ConfigError, match="'checkpoint.dir' .* is a file"):
+            train.build(cfg_of(f"checkpoint.dir={d}"))
+
+
+def test_float64_params_need_x64_mode_instead_of_silently_becoming_float32():
+    with jax.enable_x64(False):
+        with pytest.raises(ConfigError, match="'model.dtype' float64 needs JAX's 64-bit mode"):
+            train.build(cfg_of("model.dtype=float64"))
+    train.build(cfg_of("model.dtype=float64"))  # the suite runs with x64 on
+
+
+def test_optim_config_built_in_python_is_checked_like_a_file():
+    with pytest.raises(ConfigError, match="'optim.clip' must be one of"):
+        train.trainer(bptt_jax.GRU(4), train.OptimConfig(clip="foo"))
+    with pytest.raises(ConfigError, match="'optim.max_norm' must be positive"):
+        train.make_optimizer(train.OptimConfig(max_norm=0.0))
 
 
 def test_shipped_configs_load_and_build():
@@ -328,6 +363,52 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_same_params(tmp_path):
         np.testing.assert_array_equal(a, b)  # bit for bit: params, opt state, carry, step
 
 
+TINY_ADDING = (
+    "adding.seq_len=6",
+    "adding.test_size=4",
+    "model.hidden_size=4",
+    "train.batch_size=2",
+    "train.steps=2",
+    "train.progress=false",
+)
+
+
+@pytest.mark.usefixtures("optax_promotion")
+def test_a_finished_run_run_again_resumes_at_its_end_and_saves_nothing_new(tmp_path):
+    """Running the same config twice (or resuming at or past train.steps) evaluates the
+    restored state and ends; it used to die saving a step that existed."""
+    ck = f"checkpoint.dir={tmp_path / 'ck'}"
+    first = train.fit(cfg_of(*TINY_ADDING, ck), out=io.StringIO())
+    out = io.StringIO()
+    again = train.fit(cfg_of(*TINY_ADDING, ck), out=out)
+    assert "resumed from" in out.getvalue() and "at step 2" in out.getvalue()
+    assert int(again.state.step) == 2 and checkpoint.Checkpointer(tmp_path / "ck").all_steps() == [
+        2
+    ]
+    np.testing.assert_array_equal(again.state.params.w_h, first.state.params.w_h)
+    fewer = train.fit(cfg_of(*TINY_ADDING, ck, "train.steps=1"), out=io.StringIO())
+    assert int(fewer.state.step) == 2
+
+
+@pytest.mark.usefixtures("optax_promotion")
+def test_resuming_refuses_another_problem_and_reports_changed_optimizer_settings(tmp_path):
+    ck = f"checkpoint.dir={tmp_path / 'ck'}"
+    train.fit(cfg_of(*TINY_ADDING, ck, "model.cell=elman"), out=io.StringIO())
+    # the same shapes, another problem: another activation, another seed
+    for other, what in (("model.activation=relu", "model.activation: 'tanh' -> 'relu'"),
+                        ("seed=7", "seed: 0 -> 7")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(what)):
+            train.fit(cfg_of(*TINY_ADDING, ck, "model.cell=elman", other), out=io.StringIO())
+    out = io.StringIO()
+    more = cfg_of(*TINY_ADDING, ck, "model.cell=elman", "train.steps=3", "optim.learning_rate=0.01")
+    assert int(train.fit(more, out=out).state.step) == 3
+    assert "changed settings: optim.learning_rate: 0.001 -> 0.01" in out.getvalue()
+    # resume=false would mix a new run's checkpoints with the old ones: refused, nothing lost
+    with pytest.raises(ConfigError, match=r"holds checkpoints \(steps \[2, 3\]\)"):
+        train.fit(cfg_of(*TINY_ADDING, ck, "checkpoint.resume=false"), out=io.StringIO())
+    assert checkpoint.latest_step(tmp_path / "ck") == 3
+
+
 @pytest.mark.usefixtures("optax_promotion")
 def test_checkpoint_round_trip_keeps_every_field(tmp_path):
     cell = bptt_jax.LSTM(4)
@@ -348,6 +429,11 @@ def test_checkpoint_round_trip_keeps_every_field(tmp_path):
     assert_trees_close(restored.params, state.params, jnp.float64)
     np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
     assert not list(pathlib.Path(tmp_path).glob("*tmp*"))  # nothing half-written left
+    with pytest.raises(FileExistsError, match="step 3 already exists"):
+        checkpoint.save(tmp_path, state._replace(step=state.step - 1))
+    with pytest.raises(FileNotFoundError, match="no directory"):
+        checkpoint.restore(tmp_path / "missing", state)
+    assert not (tmp_path / "missing").exists()
     other = t.init(jax.random.key(5), 3, 2, 5, jnp.float64)  # batch size 5: another carry
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"\.carry\.h: \(2, 4\)"):
         checkpoint.restore(tmp_path, other)
@@ -382,6 +468,8 @@ def test_cli_config_errors_exit_2_before_any_work(tmp_path):
     assert "step" not in out.stdout
     out = _cli("charlm", f"charlm.corpus={tmp_path / 'missing.txt'}")
     assert out.returncode == 2 and "'charlm.corpus' file" in out.stderr
+    out = _cli("train.steps=5")  # overrides need a config to apply to
+    assert out.returncode == 2 and "give a config before any KEY=VALUE" in out.stderr
 
 
 def test_readme_training_example_runs():
