@@ -161,7 +161,8 @@ def _mask(fn: str, seq_lengths, mask, layout: Layout):
                     f"{values.min()} to {values.max()}"
                 )
         lengths = lengths.reshape(b)
-        return jnp.arange(t, dtype=lengths.dtype)[:, None] < lengths[None, :]
+        # int32 steps: in a narrow dtype (uint8) arange(T) would wrap past 255, silently
+        return jnp.arange(t, dtype=jnp.int32)[:, None] < lengths[None, :].astype(jnp.int32)
     if mask is None:
         return None
     if layout.unbatched:

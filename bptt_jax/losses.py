@@ -48,7 +48,8 @@ def init_readout(key, hidden_size: int, output_size: int, dtype=jnp.float32) -> 
 
 # ---------------------------------------------------------------- per-token losses
 def _one_hot(targets, n):
-    return targets[..., None] == jnp.arange(n, dtype=targets.dtype)
+    # int32 classes: in the targets' own dtype (uint8) arange(O) would wrap past 255
+    return targets[..., None].astype(jnp.int32) == jnp.arange(n, dtype=jnp.int32)
 
 
 def token_losses(loss: str, logits, targets):

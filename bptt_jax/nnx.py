@@ -123,11 +123,17 @@ class RNN(nnx.Module):
             in_features = in_features if d is None else d
         self.in_features = in_features
         self.params = nnx.data(jax.tree.map(nnx.Param, params))
-        self.rngs = (
-            rngs["dropout"].fork()
-            if _frameworks.has_dropout(model) and rngs is not None
-            else nnx.data(None)
-        )
+        self.rngs = nnx.data(None)
+        if _frameworks.has_dropout(model) and rngs is not None:
+            try:
+                stream = rngs["dropout"]
+            except KeyError:
+                raise ValueError(
+                    f"{_FN}: the model has dropout, so rngs needs a 'dropout' stream (e.g. "
+                    "nnx.Rngs(params=0, dropout=1), or nnx.Rngs(0) for one default stream); it "
+                    "has none. Without dropout at all: build the model with dropout=0."
+                ) from None
+            self.rngs = stream.fork()
 
     def get_params(self):
         """The held params as the model's params pytree of arrays (for the functional API)."""

@@ -73,7 +73,7 @@ def _positive(key: str, value, allow_zero: bool = False):
 
 
 def _one_hot(ids, n: int, dtype):
-    return (ids[..., None] == jnp.arange(n, dtype=ids.dtype)).astype(dtype)
+    return (ids[..., None].astype(jnp.int32) == jnp.arange(n, dtype=jnp.int32)).astype(dtype)
 
 
 # ---------------------------------------------------------------------------- adding

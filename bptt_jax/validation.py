@@ -401,6 +401,50 @@ def check_cell_step(fn: str, cell, params, carry, d: int, dtype, compute_dtype=N
             f"carry, and it has none ({type(e).__name__}: {e}). Keep what you compute from "
             "the state in the carry itself."
         ) from None
+    if protocol.has_step_backward(cell):
+        _check_step_backward(fn, cell, args, x, compute_dtype, policy)
+
+
+def _check_step_backward(fn: str, cell, args, x, compute_dtype, policy: str) -> None:
+    """A :class:`~bptt_jax.cells.ManualCell`'s ``step_backward(params, carry, x_t, new,
+    dnew)``, traced for shapes only: ``(dparams, dcarry, dx)`` shaped like the params, the
+    carry and ``x_t`` (a wrong shape could broadcast into a wrong sum over time, silently)."""
+    name = type(cell).__name__
+    params, carry = args
+    try:
+        out = jax.eval_shape(
+            lambda p, c, x_t, new, dnew: cell.step_backward(
+                precision.compute_params(p, compute_dtype), c, x_t, new, dnew
+            ),
+            params, carry, x, carry, carry,
+        )  # fmt: skip
+    except Exception as e:
+        raise _noted(
+            e, f"{fn}: raised by {name}.step_backward(params, carry, x_t, new, dnew){policy}"
+        ) from None
+    call = f"{name}.step_backward(params, carry, x_t, new, dnew)"
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise TypeError(
+            f"{fn}: {call} must return the triple (dparams, dcarry, dx); got "
+            f"{type(out).__name__}" + (f" of {len(out)}" if isinstance(out, tuple) else "")
+        )
+    named = (("dparams", "params", out[0], params), ("dcarry", "carry", out[1], carry),
+             ("dx", "x_t", out[2], x))  # fmt: skip
+    for what, var, got, like in named:
+        if jax.tree.structure(got) != jax.tree.structure(like):
+            raise _structure_error(f"{fn}: {call}", what, got, like, var)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(like)):
+            leaf = f"{what}{jax.tree_util.keystr(path)}"
+            if tuple(g.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"{fn}: {call} returns {leaf} of shape {tuple(g.shape)}; it must have the "
+                    f"shape of {var}{jax.tree_util.keystr(path)}, {tuple(w.shape)} (a "
+                    "gradient has its variable's shape)"
+                )
+            if not jnp.issubdtype(g.dtype, jnp.floating):
+                raise TypeError(
+                    f"{fn}: {call} returns {leaf} of dtype {g.dtype}; it must be floating"
+                )
 
 
 def check_carry(fn: str, cell, carry, batch: int, dtype, where: str = "carry0"):

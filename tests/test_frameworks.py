@@ -171,6 +171,31 @@ def test_layouts_lengths_masks_and_carry_agree(framework, rng):
     np.testing.assert_array_equal(y0, jnp.swapaxes(ref0, 0, 1))
 
 
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_narrow_integer_lengths_past_their_range_give_the_int32_mask(framework, rng):
+    """uint8 seq_lengths with T = 300 > 255 steps: the step index must not wrap."""
+    model = bptt_jax.GRU(H)
+    params, _, _, _ = problem(rng, model)
+    x = jnp.asarray(rng.normal(size=(2, 300, D)))
+    rnn = make(framework, model, params)
+    wide = rnn(x, seq_lengths=jnp.array([200, 100], jnp.int32))
+    narrow = rnn(x, seq_lengths=jnp.array([200, 100], jnp.uint8))
+    np.testing.assert_array_equal(narrow, wide)
+    assert not np.array_equal(wide[0, 200:], wide[0, 150:250][:100])  # lengths matter
+
+
+def test_an_nnx_module_with_dropout_and_no_dropout_stream_says_so():
+    pytest.importorskip("flax")
+    from flax import nnx
+
+    from bptt_jax import nnx as wrapper
+
+    model = bptt_jax.stacked(bptt_jax.GRU(H), 2, dropout=0.5)
+    with pytest.raises(ValueError, match="rngs needs a 'dropout' stream"):
+        wrapper.RNN(model, D, rngs=nnx.Rngs(params=0))
+    wrapper.RNN(model, D, rngs=nnx.Rngs(0))  # one default stream serves dropout too
+
+
 def test_equinox_one_sequence_and_vmap_agree_with_a_batch(rng):
     """Equinox's per-example convention: ``(T, D)`` inputs (scalar length, unbatched carry),
     ``jax.vmap`` over them, equal the batched call."""

@@ -670,6 +670,27 @@ class NonlinearHidden(GatedMemory):
         return jnp.tanh(carry["h"])
 
 
+@dataclasses.dataclass(frozen=True)
+class BadBackward(ManualIndRNN):
+    """``step_backward`` returning a wrong part (``how``): a missing params entry, a bias
+    gradient summed to a scalar (it would broadcast into the sum over time, silently), a
+    dcarry of another shape, or a pair instead of the triple."""
+
+    how: str = "missing"
+
+    def step_backward(self, params, h, x, new, dnew):
+        dp, dh, dx = ManualIndRNN.step_backward(self, params, h, x, new, dnew)
+        if self.how == "missing":
+            dp = {"w": dp["w"]}
+        elif self.how == "scalar":
+            dp = {**dp, "b": jnp.sum(dp["b"])}
+        elif self.how == "dcarry":
+            dh = dh[:, :-1]
+        elif self.how == "pair":
+            return dp, dh
+        return dp, dh, dx
+
+
 def _inputs(cell):
     p = cell.init(jax.random.key(0), D, F64)
     return p, jnp.ones((T, B, D), F64)
@@ -686,9 +707,17 @@ def _inputs(cell):
         (Mutating(5, "shape"), ValueError, ("Mutating.step", "shape", "(3, 5)", "(3, 4)")),
         (NoHidden(4), TypeError, ("NoHidden", "dict", "hidden(self, carry)")),
         (NonlinearHidden(4), TypeError, ("NonlinearHidden.hidden", "pick out", "tanh")),
+        (BadBackward(5, "missing"), TypeError,
+         ("BadBackward.step_backward", "dparams must have the structure of params",
+          "missing: dparams['b'], dparams['u']")),
+        (BadBackward(5, "scalar"), ValueError,
+         ("BadBackward.step_backward", "dparams['b'] of shape ()", "params['b'], (5,)")),
+        (BadBackward(5, "dcarry"), ValueError, ("dcarry of shape (3, 4)", "carry, (3, 5)")),
+        (BadBackward(5, "pair"), TypeError, ("(dparams, dcarry, dx)", "tuple of 2")),
     ],
     ids=["no-step", "half-fast", "unhashable", "structure", "dtype", "shape", "no-hidden",
-         "nonlinear-hidden"],
+         "nonlinear-hidden", "backward-structure", "backward-scalar-bias", "backward-dcarry",
+         "backward-pair"],
 )  # fmt: skip
 def test_a_bad_cell_is_refused_before_any_work(cell, exc, fragments):
     p, xs = _inputs(IndRNN(5) if isinstance(cell, NoStep) else cell)

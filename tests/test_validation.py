@@ -153,6 +153,17 @@ def test_a_numeric_zero_one_mask_equals_the_bool_one():
         assert as_float == as_bool
 
 
+def test_uint8_targets_over_more_than_256_classes_are_not_wrapped():
+    """Class 261 in uint8 arithmetic would be 5: arange(O) in the targets' dtype wraps."""
+    cell, p, _, xs, _ = _setup()
+    ro = bptt_jax.init_readout(jax.random.key(1), H, 300, F32)
+    tg = jax.random.randint(jax.random.key(2), (T, B), 0, 40)
+    for backward in ("manual", "autodiff"):
+        wide = bptt_jax.sequence_loss(cell, p, ro, xs, tg, backward=backward)
+        narrow = bptt_jax.sequence_loss(cell, p, ro, xs, tg.astype(jnp.uint8), backward=backward)
+        assert narrow == wide
+
+
 def test_readout_hidden_size_mismatch():
     cell, p, _, xs, tg = _setup()
     ro = bptt_jax.init_readout(jax.random.key(1), H + 2, O, F32)
