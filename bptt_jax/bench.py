@@ -304,6 +304,7 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
         _positive("parallel.warmup", pc.warmup, 0)
     if len(set(cfg.parts)) != len(cfg.parts):
         raise config.ConfigError(f"config: 'parts' lists a part twice: {list(cfg.parts)}")
+    config.check_directory("out", cfg.out)
     return cfg
 
 

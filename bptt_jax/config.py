@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import tomllib
 import types
@@ -63,6 +64,21 @@ def resolve(name_or_path: str | Path) -> Path:
         f"config: file {str(name_or_path)!r} not found; give a path to a TOML file or one of "
         f"the shipped names: {', '.join(names) or '(none found)'}"
     )
+
+
+def check_directory(key: str, value: str) -> None:
+    """``value`` is, or can be made, a writable directory: checked before any work, so that
+    a run does not fail at its first write (a checkpoint, a results file) after it."""
+    path = Path(value).expanduser()
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(
+            f"config: '{key}' {value!r} cannot be a directory: {str(ancestor)!r} is a file"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"config: '{key}' {value!r}: {str(ancestor)!r} is not writable")
 
 
 def load(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

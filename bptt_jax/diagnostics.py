@@ -93,7 +93,7 @@ def horizon_from_norms(norms, fraction: float = 0.01) -> jax.Array:
       >>> int(horizon_from_norms(2.0 ** jnp.arange(10.0)[::-1]))   # grows going back
       10
     """
-    _check_fraction("horizon_from_norms", fraction)
+    fraction = _check_fraction("horizon_from_norms", fraction)
     norms = validation.as_array("horizon_from_norms", "norms", norms)
     if norms.ndim not in (1, 2) or norms.shape[0] < 1:
         raise ValueError(
@@ -107,18 +107,27 @@ def horizon_from_norms(norms, fraction: float = 0.01) -> jax.Array:
     return jnp.where(jnp.any(below, axis=0), first, norms.shape[0]).astype(jnp.int32)
 
 
-def _check_fraction(fn: str, fraction) -> None:
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:
+def _check_fraction(fn: str, fraction) -> float:
+    """``fraction`` in (0, 1) (a Python, NumPy or JAX real scalar), as a Python float."""
+    real = isinstance(fraction, int | float | np.integer | np.floating) or (
+        isinstance(fraction, jax.Array)
+        and not isinstance(fraction, jax.core.Tracer)  # a static value: not traced by jit
+        and fraction.ndim == 0
+    )
+    if isinstance(fraction, bool) or not real or not 0 < float(fraction) < 1:
         raise ValueError(f"{fn}: fraction must be a number in (0, 1), e.g. 0.01; got {fraction!r}")
+    return float(fraction)
 
 
-def _check_probes(fn: str, probes, key) -> None:
+def _check_probes(fn: str, probes, key):
+    """Check ``probes`` and return ``key`` as a PRNG key (an int seed is made one)."""
     validation.check_positive(fn, "probes", probes, kind=int, allow_none=True)
     if probes is not None and key is None:
         raise ValueError(
             f"{fn}: key is required with probes={probes} (random probes); pass "
             "key=jax.random.key(0), or probes=None for the exact norm"
         )
+    return None if key is None else validation.check_key(fn, key)
 
 
 def _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, dtype):
@@ -268,12 +277,12 @@ def jacobian_norms(
         xs, carry0, mask, resets, _ = validation.check_model_args(
             fn, model, params, xs, carry0, mask, None, resets
         )
-        _check_probes(fn, probes, key)
+        key = _check_probes(fn, probes, key)
         xs = _in_compute_dtype(fn, xs, compute_dtype)
         return _model_jacobian_norms(model, probes, params, xs, carry0, mask, resets, key)
     xs, carry0, mask, _ = validation.check_unroll_args(fn, model, params, xs, carry0, mask, None)
     resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
-    _check_probes(fn, probes, key)
+    key = _check_probes(fn, probes, key)
     xs = _in_compute_dtype(fn, xs, compute_dtype)
     return _jacobian_norms(model, probes, params, xs, carry0, mask, resets, key)
 
@@ -301,6 +310,7 @@ def effective_horizon(
     fraction: float = 0.01,
     probes: int | None = None,
     key: jax.Array | None = None,
+    compute_dtype=None,
 ) -> jax.Array:
     """The number of steps back from T that the recurrence carries the error.
 
@@ -313,7 +323,8 @@ def effective_horizon(
     its final state hears of).
 
     Args:
-      model, params, xs, carry0, mask, resets, probes, key: as in :func:`jacobian_norms`.
+      model, params, xs, carry0, mask, resets, probes, key, compute_dtype: as in
+        :func:`jacobian_norms`.
       fraction: in ``(0, 1)``; default 0.01.
 
     Returns:
@@ -329,10 +340,11 @@ def effective_horizon(
       >>> int(effective_horizon(cell, params, xs, probes=8, key=jax.random.key(2))) < 40
       True
     """
-    _check_fraction("effective_horizon", fraction)
+    fraction = _check_fraction("effective_horizon", fraction)
     norms = jacobian_norms(
-        model, params, xs, carry0, mask=mask, resets=resets, probes=probes, key=key
-    )
+        model, params, xs, carry0, mask=mask, resets=resets, probes=probes, key=key,
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
     return jax.tree.map(lambda n: _horizon(n, fraction), norms)
 
 
@@ -426,8 +438,14 @@ def gradient_flow(
       (2, (30, 2))
     """
     fn = "gradient_flow"
-    _check_fraction(fn, fraction)
-    _check_probes(fn, probes, key)
+    fraction = _check_fraction(fn, fraction)
+    key = _check_probes(fn, probes, key)
+    # the loss's own checks (targets' range, delta_clip, readout) before jit: inside it the
+    # targets are traced and delta_clip is a static argument
+    losses._check_loss_args(
+        fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
+        reduction, None, delta_clip, compute_dtype,
+    )  # fmt: skip
     if _is_composite(model):
         xs, carry0, mask, resets, _ = validation.check_model_args(
             fn, model, params, xs, carry0, mask, None, resets
@@ -612,6 +630,7 @@ def _bias(ks, g) -> TruncationBias:
     norms = jnp.linalg.norm(g, axis=1)
     denom = norms * full_norm
     cosine = jnp.where(denom > 0, (g @ full) / jnp.where(denom > 0, denom, 1), 0)
+    cosine = jnp.where(jnp.isnan(denom), jnp.nan, cosine)  # a NaN gradient is no 0 cosine
     ratio = norms / jnp.where(full_norm > 0, full_norm, 1)
     return TruncationBias(jnp.asarray(ks, jnp.int32), cosine, ratio, full_norm)
 
@@ -698,6 +717,8 @@ def truncation_bias(
       ([1, 4, 16], 1.0)
     """
     fn = "truncation_bias"
+    if isinstance(ks, jax.Array) and not isinstance(ks, jax.core.Tracer):
+        ks = np.asarray(ks)  # static values: each k is its own truncation
     if isinstance(ks, int) or not hasattr(ks, "__len__") or len(ks) == 0:
         raise ValueError(f"{fn}: ks must be a non-empty sequence of positive ints; got {ks!r}")
     ks = [
@@ -721,6 +742,10 @@ def truncation_bias(
             model, tuple(ks), loss, reduction,
             params, readout, xs, targets, carry0, mask, valid, resets,
         )  # fmt: skip
+    losses._check_loss_args(  # the loss's own checks (targets' range) before jit
+        fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
+        reduction, None, None, compute_dtype,
+    )  # fmt: skip
     xs, carry0, mask, _ = validation.check_unroll_args(fn, model, params, xs, carry0, mask, None)
     resets = validation.check_mask(fn, resets, *xs.shape[:2], name="resets")
     loss_mask = validation.check_mask(fn, loss_mask, *xs.shape[:2], name="loss_mask")
@@ -828,7 +853,16 @@ def check_config(cfg: DiagnoseConfig) -> DiagnoseConfig:
         raise config.ConfigError("config: 'truncation.ks' must list at least one k")
     for i, k in enumerate(cfg.truncation.ks):
         _at_least(f"truncation.ks[{i}]", k, 1)
-    return cfg
+    if len(set(cfg.truncation.ks)) != len(cfg.truncation.ks):
+        raise config.ConfigError(
+            f"config: 'truncation.ks' lists a k twice: {list(cfg.truncation.ks)}"
+        )
+    _at_least("seed", cfg.seed, 0)
+    config.check_directory("out", cfg.out)
+    # plotted as a curve over k: in increasing order
+    return dataclasses.replace(
+        cfg, truncation=dataclasses.replace(cfg.truncation, ks=tuple(sorted(cfg.truncation.ks)))
+    )
 
 
 def adding_batch(key, seq_len: int, batch: int, dtype=jnp.float32):

@@ -388,6 +388,8 @@ def loss_and_grads(
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
     t = xs.shape[0]
+    if not isinstance(return_deltas, bool):
+        raise TypeError(f"{fn}: return_deltas must be True or False; got {return_deltas!r}")
     if carry_index is not None and (
         isinstance(carry_index, bool)
         or not isinstance(carry_index, int)

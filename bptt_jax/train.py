@@ -34,7 +34,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -206,18 +205,8 @@ def check_optim(o: OptimConfig) -> None:
 def _check_paths(cfg: Config) -> None:
     """``checkpoint.dir`` can be a directory and ``train.log_file`` a file, before any work:
     otherwise the first save (at the end of training) or the log would fail after it."""
-    d = cfg.checkpoint.dir
-    if d:
-        path = Path(d).expanduser()
-        ancestor = path
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise ConfigError(
-                f"config: 'checkpoint.dir' {d!r} cannot be a directory: {str(ancestor)!r} is a file"
-            )
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise ConfigError(f"config: 'checkpoint.dir' {d!r}: {str(ancestor)!r} is not writable")
+    if cfg.checkpoint.dir:
+        config_lib.check_directory("checkpoint.dir", cfg.checkpoint.dir)
     f = cfg.train.log_file
     if f:
         path = Path(f).expanduser()

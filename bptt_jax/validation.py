@@ -49,6 +49,24 @@ def concrete(x) -> np.ndarray | None:
     return np.asarray(x)
 
 
+def check_key(fn: str, key, name: str = "key") -> jax.Array:
+    """A PRNG key: a typed key (``jax.random.key``), a raw ``uint32`` key
+    (``jax.random.PRNGKey``) or an int seed (made a key); ``None`` is seed 0."""
+    if key is None:
+        return jax.random.key(0)
+    if isinstance(key, int | np.integer) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    if isinstance(key, jax.Array | np.ndarray) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,))
+    ):
+        return key
+    raise TypeError(
+        f"{fn}: {name} must be a PRNG key (jax.random.key(0)) or an int seed; got "
+        f"{type(key).__name__}" + (f" of dtype {key.dtype}" if hasattr(key, "dtype") else "")
+    )
+
+
 def check_choice(fn: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"{fn}: {name} must be one of {choices}; got {value!r}")

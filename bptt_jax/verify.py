@@ -210,15 +210,42 @@ def check_gradients(
       >>> r.passed
       True
     """
-    validation.check_choice("check_gradients", "path", path, ("loss", "unroll"))
-    validation.check_choice("check_gradients", "backward", backward, ("manual", "checkpointed"))
-    dtype = jnp.dtype(dtype)
-    cdt = precision.resolve("check_gradients", compute_dtype, dtype)
-    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+    fn = "check_gradients"
+    validation.check_choice(fn, "path", path, ("loss", "unroll"))
+    validation.check_choice(fn, "backward", backward, ("manual", "checkpointed"))
+    validation.check_choice(fn, "loss", loss, losses.LOSSES)
+    for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("input_size", input_size),
+                    ("output_size", output_size)):  # fmt: skip
+        validation.check_positive(fn, name, v, kind=int, allow_none=False)
+    if loss == "xent" and output_size < 2:
         raise ValueError(
-            "check_gradients: dtype float64 needs jax.config.update('jax_enable_x64', True)"
+            f"{fn}: output_size must be >= 2 for loss='xent'; got {output_size} (a softmax "
+            "over one class is constant: every gradient would be 0 and any backward would pass)"
         )
-    key = jax.random.key(0) if key is None else key
+    dtype = jnp.dtype(dtype)
+    if dtype.name not in TOLERANCE:
+        raise ValueError(
+            f"{fn}: dtype must be one of {tuple(TOLERANCE)} (the params' dtype); got "
+            f"{dtype.name}. For a bfloat16 or float16 check, give dtype=jnp.float32 and "
+            f"compute_dtype={dtype.name!r} (the precision policy)"
+        )
+    cdt = precision.resolve(fn, compute_dtype, dtype)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(f"{fn}: dtype float64 needs jax.config.update('jax_enable_x64', True)")
+    if finite_differences and truncate is not None:
+        raise ValueError(
+            f"{fn}: finite_differences is undefined with truncate={truncate}: a truncated "
+            "gradient is by design not the derivative of the loss (its reference is autodiff "
+            "with stop_gradient at the cuts, which check_gradients runs)"
+        )
+    if finite_differences and (dtype != jnp.float64 or cdt is not None):
+        raise ValueError(
+            f"{fn}: finite_differences needs dtype float64 and no compute_dtype (a central "
+            f"difference in {(cdt or dtype).name} is all round-off at FD_TOLERANCE = "
+            f"{FD_TOLERANCE}); got dtype {dtype.name}"
+            + (f", compute_dtype {cdt.name}" if cdt is not None else "")
+        )
+    key = validation.check_key(fn, key)
     kp, kc, kv = jax.random.split(key, 3)
     params, readout, xs, targets, carry0, m = random_problem(
         model,

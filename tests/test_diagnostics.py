@@ -252,11 +252,20 @@ def test_truncation_bias_matches_autodiff_of_the_truncated_reference(name, dtype
         ("bias", {"ks": []}, "truncation_bias: ks must be a non-empty sequence"),
         ("bias", {"ks": 3}, "truncation_bias: ks must be a non-empty sequence"),
         ("bias", {"ks": [2, 0]}, r"truncation_bias: ks\[1\] must be a positive int"),
+        # the loss's checks run before jit: traced, out-of-range targets gave NaN or cosine 0
+        ("flow", {"targets": 7}, r"gradient_flow: targets must lie in \[0, O\)"),
+        ("bias", {"targets": 7}, r"truncation_bias: targets must lie in \[0, O\)"),
+        # a static argument of the jitted flow: checked before its hash is taken
+        ("flow", {"delta_clip": np.float32(1.0)}, "gradient_flow: delta_clip must be a positive"),
     ],
 )
 def test_bad_arguments_are_named(fn, kwargs, match, key):
     cell = bptt_jax.Elman(4)
     p, ro, xs, tg, c0, _ = ref.problem(cell, key, jnp.float32, t=5, b=2, mask=False)
+    if "targets" in kwargs:  # targets out of [0, O): at one token
+        tg = tg.at[2, 1].set(kwargs.pop("targets"))
+        if fn == "bias":
+            kwargs["ks"] = [1, 5]
     with pytest.raises(ValueError, match=match):
         if fn == "horizon":
             diagnostics.horizon_from_norms(jnp.ones(5), **kwargs)
@@ -268,6 +277,32 @@ def test_bad_arguments_are_named(fn, kwargs, match, key):
             diagnostics.gradient_flow(cell, p, ro, xs, tg, c0, **kwargs)
         else:
             diagnostics.truncation_bias(cell, p, ro, xs, tg, c0, **kwargs)
+
+
+def test_truncation_bias_of_a_nan_gradient_is_nan_not_a_zero_cosine(key):
+    cell = bptt_jax.Elman(4)
+    p, ro, xs, tg, c0, _ = ref.problem(cell, key, jnp.float32, t=5, b=2, mask=False)
+    bias = diagnostics.truncation_bias(cell, p, ro, xs.at[1, 0, 0].set(jnp.nan), tg, c0, ks=[1, 5])
+    assert np.isnan(bias.cosine).all() and np.isnan(bias.full_norm)
+
+
+def test_scalars_of_numpy_and_jax_and_int_seeds_are_taken(key):
+    """fraction as a NumPy or JAX scalar, ks as a JAX array, key as an int seed: each the
+    same as its Python form."""
+    cell = bptt_jax.Elman(4)
+    p, ro, xs, tg, c0, _ = ref.problem(cell, key, jnp.float32, t=5, b=2, mask=False)
+    norms = jnp.asarray([1.0, 0.5, 0.1, 1.0, 2.0])
+    assert diagnostics.horizon_from_norms(norms, np.float32(0.3)) == diagnostics.horizon_from_norms(
+        norms, 0.3
+    )
+    a = diagnostics.truncation_bias(cell, p, ro, xs, tg, c0, ks=jnp.array([1, 5]))
+    b = diagnostics.truncation_bias(cell, p, ro, xs, tg, c0, ks=[1, 5])
+    np.testing.assert_array_equal(a.cosine, b.cosine)
+    by_seed = diagnostics.jacobian_norms(cell, p, xs, c0, probes=2, key=3)
+    by_key = diagnostics.jacobian_norms(cell, p, xs, c0, probes=2, key=jax.random.key(3))
+    np.testing.assert_array_equal(by_seed, by_key)
+    with pytest.raises(TypeError, match="key must be a PRNG key"):
+        diagnostics.jacobian_norms(cell, p, xs, c0, probes=2, key="k")
 
 
 def test_wrong_params_name_the_function(key):
@@ -328,6 +363,9 @@ def test_diagnose_cli_writes_plots_and_summary(tmp_path):
         ("truncation.ks=[0]", "truncation.ks[0]"),
         ("exploding.delta_clip=0", "exploding.delta_clip"),
         ("model.init=zeros", "model.init"),
+        ("truncation.ks=[3, 1, 3]", "truncation.ks"),
+        ("seed=-1", "seed"),
+        ("out=/dev/null/x", "out"),
     ],
 )
 def test_diagnose_config_errors_name_the_key(override, key, capsys):
@@ -337,6 +375,13 @@ def test_diagnose_config_errors_name_the_key(override, key, capsys):
     diagnostics.add_cli_arguments(parser)
     assert diagnostics.cli_main(parser.parse_args([override])) == 2
     assert f"'{key}'" in capsys.readouterr().err
+
+
+def test_diagnose_config_sorts_ks_for_its_curve():
+    cfg = diagnostics.check_config(
+        config.load(diagnostics.DiagnoseConfig, None, ["truncation.ks=[6, 1, 3]"])
+    )
+    assert cfg.truncation.ks == (1, 3, 6)
 
 
 def test_shipped_config_is_the_schema_default():

@@ -1,9 +1,11 @@
 """The verification users run: check_gradients and `bptt-jax verify`."""
 
 import os
+import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -45,6 +47,30 @@ def test_check_gradients_catches_a_wrong_backward(monkeypatch, key):
     assert not report.passed
     assert report.autodiff["params.w_hh"] > 1e-6
     assert report.finite_diff["params.w_hh"] > 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        # one class: the softmax is constant, every gradient 0, any backward would pass
+        (dict(output_size=1), ValueError, "output_size must be >= 2 for loss='xent'"),
+        (dict(batch_size=0), ValueError, "batch_size must be a positive int; got 0"),
+        (dict(dtype=jnp.bfloat16), ValueError, "compute_dtype='bfloat16'"),
+        # float32 finite differences are all round-off at FD_TOLERANCE: a right gradient failed
+        (dict(dtype=jnp.float32, finite_differences=True), ValueError, "needs dtype float64"),
+        (dict(truncate=3, finite_differences=True), ValueError, "undefined with truncate=3"),
+        (dict(key="0"), TypeError, "key must be a PRNG key"),
+    ],
+)
+def test_check_gradients_refuses_checks_that_cannot_fail_or_cannot_pass(kwargs, exc, match):
+    with pytest.raises(exc, match=re.escape(match) if "(" not in match else match):
+        bptt_jax.check_gradients(bptt_jax.Elman(3), **kwargs)
+
+
+def test_check_gradients_takes_an_int_seed():
+    a = bptt_jax.check_gradients(bptt_jax.Elman(3), dtype=jnp.float32, key=7)
+    b = bptt_jax.check_gradients(bptt_jax.Elman(3), dtype=jnp.float32, key=jax.random.key(7))
+    assert a == b
 
 
 def test_check_gradients_float32_skips_finite_differences(key):
