@@ -165,8 +165,8 @@ def torch_peer(session, p: harness.Problem, autocast: str | None = None) -> harn
         named = dict(rnn.named_parameters())
         weights = torch_weights(kind, shape)
         assert set(weights) == set(named), (sorted(weights), sorted(named))
-        for name, w in weights.items():
-            named[name].copy_(t(w))
+        for param, w in weights.items():
+            named[param].copy_(t(w))
         lin.weight.copy_(t(p.readout.w_hy.T))
         lin.bias.copy_(t(p.readout.b_y))
     xs = t(p.xs)

@@ -13,6 +13,7 @@ A plot whose part did not run (or has no timings) is not drawn.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ def _title(results: dict, what: str) -> str:
 
 
 def _save(fig, path: Path) -> str:
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed into place)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(tmp, path)
     return str(path)
 
 

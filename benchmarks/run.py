@@ -137,11 +137,13 @@ def targets(results: dict) -> list[dict[str, Any]]:
         add("temp_vs_autodiff", entry, temp, TARGETS["temp_vs_autodiff"])
     tr = results.get("truncation")
     if tr:
+        full = tr["entries"].get("full")
         for name, v in tr["entries"].items():
-            if v["truncate"] and v["truncate"] >= 64:
+            # k >= 64 that truncates (k < T; k >= T is full BPTT), each against full BPTT
+            ratio = (tr.get("tokens_per_s_vs_full") or {}).get(name)
+            if v["truncate"] and 64 <= v["truncate"] < tr["T"] and full and ratio is not None:
                 entry = f"{tr['cell']} T={tr['T']} B={tr['B']} H={tr['H']} {name}"
-                ratio = tr["tokens_per_s_vs_full"][name]
-                add("truncation_k64", entry, ratio, 1.4, [v, tr["entries"]["full"]])
+                add("truncation_k64", entry, ratio, 1.4, [v, full])
     for r in results.get("peers") or []:
         ratio = r["time_vs_bptt"].get("torch")
         entry = f"{r['cell']} T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
@@ -289,11 +291,17 @@ def main_with_config(cfg, config_file: str | None = None, name: str = "bench") -
     """Run ``cfg``, write ``<out>/<name>.json`` and the plots, print a summary; exit status."""
     check_names(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise config.ConfigError(f"config: 'out' {cfg.out!r} cannot be created: {e}") from None
     results = run(cfg, config_file)
-    results["plots"] = plots.make(results, out) if cfg.plots else []
     path = out / f"{name}.json"
-    write_json(results, path)
+    results["plots"] = []
+    write_json(results, path)  # the numbers first: a failing plot loses none of them
+    if cfg.plots:
+        results["plots"] = plots.make(results, out)
+        write_json(results, path)
     for line in summary(results):
         print(line)
     print(f"wrote {path}" + "".join(f", {Path(p).name}" for p in results["plots"]))

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bptt_jax import _engine as engine
 from bptt_jax import validation
@@ -390,6 +391,8 @@ def loss_and_grads(
     t = xs.shape[0]
     if not isinstance(return_deltas, bool):
         raise TypeError(f"{fn}: return_deltas must be True or False; got {return_deltas!r}")
+    if isinstance(carry_index, np.integer):
+        carry_index = int(carry_index)
     if carry_index is not None and (
         isinstance(carry_index, bool)
         or not isinstance(carry_index, int)

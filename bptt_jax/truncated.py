@@ -142,6 +142,8 @@ def windows(
     if xs.ndim != 3:
         raise ValueError(f"{fn}: xs must have shape (T, B, D); got {xs.shape}")
     t, b, _ = xs.shape
+    if t < 1 or b < 1:
+        raise ValueError(f"{fn}: xs must have T >= 1 and B >= 1; got {xs.shape}")
     if targets.shape[:2] != (t, b):
         raise ValueError(
             f"{fn}: targets must have leading shape (T, B) = {(t, b)} like xs; got {targets.shape}"

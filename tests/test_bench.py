@@ -347,6 +347,13 @@ def test_config_error_names_the_key_and_exits_2(override, key, tmp_path):
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_an_out_folder_under_a_file_exits_2_before_any_work(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    proc = _bench("bench_tiny", f"out={tmp_path / 'afile' / 'res'}", timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "'out'" in proc.stderr and "is a file" in proc.stderr
+
+
 # ------------------------------------------------------------------------- the check step
 def _wrong_gradient(cell, targets, truncate=None):
     """The right loss value with a gradient 1% too large: only the check can tell."""

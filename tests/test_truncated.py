@@ -160,6 +160,13 @@ def test_bad_k1_k2_raise_naming_the_argument(k1, k2, match):
         )
 
 
+def test_an_empty_sequence_is_refused_naming_xs():
+    cell = bptt_jax.GRU(2)
+    p, ro = cell.init(jax.random.key(0), 1), bptt_jax.init_readout(jax.random.key(1), 2, 2)
+    with pytest.raises(ValueError, match=r"xs must have T >= 1 and B >= 1; got \(0, 1, 1\)"):
+        truncated.tbptt(cell, p, ro, jnp.ones((0, 1, 1)), jnp.zeros((0, 1), int), k1=2, update=sgd)
+
+
 # ----------------------------------------------------------------- against the definition
 @pytest.mark.parametrize(
     ("cell_name", "k1", "k2", "dtype", "reduction"),

@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bptt_jax
@@ -162,6 +163,16 @@ def test_uint8_targets_over_more_than_256_classes_are_not_wrapped():
         wide = bptt_jax.sequence_loss(cell, p, ro, xs, tg, backward=backward)
         narrow = bptt_jax.sequence_loss(cell, p, ro, xs, tg.astype(jnp.uint8), backward=backward)
         assert narrow == wide
+
+
+def test_numpy_integers_are_ints():
+    """carry_index like truncate and k1: a NumPy integer is an int."""
+    from bptt_jax.losses import loss_and_grads
+
+    cell, p, ro, xs, tg = _setup()
+    a = loss_and_grads(cell, p, ro, xs, tg, carry_index=np.int64(3), truncate=np.int64(2))
+    b = loss_and_grads(cell, p, ro, xs, tg, carry_index=3, truncate=2)
+    np.testing.assert_array_equal(a.carry, b.carry)
 
 
 def test_readout_hidden_size_mismatch():
