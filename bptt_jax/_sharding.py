@@ -14,12 +14,13 @@ split :func:`batch_split` reads from the inputs (Explicit) or the mesh (Auto).
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
@@ -139,7 +140,12 @@ def _reshard(x, spec, mesh):
     have = tuple(jax.typeof(x).sharding.spec)
     have += (None,) * (x.ndim - len(have))
     want = tuple(spec) + (None,) * (x.ndim - len(spec))
-    return x if have == want else jax.sharding.reshard(x, NamedSharding(mesh, spec))
+    if have == want:
+        return x
+    if isinstance(mesh, Mesh) and not isinstance(x, jax.core.Tracer):
+        # an eager call outside jax.set_mesh: place the array itself on the batch's mesh
+        return jax.device_put(x, NamedSharding(mesh, spec))
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
 
 def time_major_sharding(xs):
@@ -161,8 +167,29 @@ def like_batch(tree, xs):
     if batch is None:
         return tree
 
-    mesh = jax.typeof(xs).sharding.mesh
+    mesh = _mesh_of(xs)
     return jax.tree.map(lambda x: _reshard(x, P(batch), mesh), tree)
+
+
+def eager_mesh(xs):
+    """``jax.set_mesh`` of the batch's mesh for an eager (un-jitted) call on ``xs`` placed on
+    an Explicit mesh outside any mesh context: JAX's eager operations on such arrays need
+    one (under ``jit`` the arrays' types carry it). Else a context that does nothing."""
+    if isinstance(xs, jax.core.Tracer) or _explicit_batch(xs) is None:
+        return contextlib.nullcontext()
+    if not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    mesh = _mesh_of(xs)
+    return jax.set_mesh(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext()
+
+
+def _mesh_of(xs):
+    """The mesh ``xs`` is laid out on: the concrete :class:`Mesh` of a placed array (what an
+    eager call needs to place others beside it), else its type's (abstract) mesh."""
+    sharding = None if isinstance(xs, jax.core.Tracer) else getattr(xs, "sharding", None)
+    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+        return sharding.mesh
+    return jax.typeof(xs).sharding.mesh
 
 
 def finish_cotangents(cotangents, primals):

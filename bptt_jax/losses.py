@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import _engine as engine
-from bptt_jax import validation
+from bptt_jax import _sharding, validation
 from bptt_jax._sharding import sum_over_rows
 from bptt_jax.cells import _common
 from bptt_jax.models import is_bidirectional, output_size
@@ -406,31 +406,35 @@ def loss_and_grads(
             f"{fn}: carry_index={carry_index} (a carried stream) is undefined for a "
             "bidirectional model; use carry_index=None"
         )
-    drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
-    head = LossHead(loss, reduction)
-    walk = engine.plan_walk(model, "manual", truncate, delta_clip, None, t, head)
+    # (an eager call on a batch placed on an Explicit mesh runs in that mesh's context)
+    with _sharding.eager_mesh(xs):
+        drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
+        head = LossHead(loss, reduction)
+        walk = engine.plan_walk(model, "manual", truncate, delta_clip, None, t, head)
 
-    # The forward and hand-written backward of engine.bptt, the custom_vjp that
-    # jax.grad(sequence_loss) runs, called directly with a unit cotangent on the loss.
-    args = (params, readout, xs, targets, carry0, mask, valid, resets, drops)
-    (value, carry), saved = engine.bptt_fwd(model, head, walk, *args)
-    cotangents = (jnp.ones((), value.dtype), jax.tree.map(jnp.zeros_like, carry))
-    grads, d_readout, *_ = engine.bptt_bwd(model, head, walk, saved, cotangents)
-    if carry_index is not None and carry_index != t - 1:
-        n = carry_index + 1
-        head_of = lambda a: None if a is None else a[:n]  # noqa: E731
-        _, carry, _ = engine.model_forward(
-            model, params, xs[:n], carry0, head_of(mask), head_of(resets),
-            None if drops is None else tuple(map(head_of, drops)), keep=False,
-        )  # fmt: skip
-    deltas = None
-    if return_deltas:
-        hs, carry_t, saved = engine.model_forward(model, params, xs, carry0, mask, resets, drops)
-        _, dy = head.forward(readout, hs, targets, valid)
-        dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), value.dtype))
-        *_, deltas = engine.model_backward(
-            model, params, xs, carry0, mask, resets, drops, saved, dhs,
-            jax.tree.map(jnp.zeros_like, carry_t), engine.truncation_cuts(t, truncate),
-            delta_clip=delta_clip, keep_deltas=True,
-        )  # fmt: skip
+        # The forward and hand-written backward of engine.bptt, the custom_vjp that
+        # jax.grad(sequence_loss) runs, called directly with a unit cotangent on the loss.
+        args = (params, readout, xs, targets, carry0, mask, valid, resets, drops)
+        (value, carry), saved = engine.bptt_fwd(model, head, walk, *args)
+        cotangents = (jnp.ones((), value.dtype), jax.tree.map(jnp.zeros_like, carry))
+        grads, d_readout, *_ = engine.bptt_bwd(model, head, walk, saved, cotangents)
+        if carry_index is not None and carry_index != t - 1:
+            n = carry_index + 1
+            head_of = lambda a: None if a is None else a[:n]  # noqa: E731
+            _, carry, _ = engine.model_forward(
+                model, params, xs[:n], carry0, head_of(mask), head_of(resets),
+                None if drops is None else tuple(map(head_of, drops)), keep=False,
+            )  # fmt: skip
+        deltas = None
+        if return_deltas:
+            hs, carry_t, saved = engine.model_forward(
+                model, params, xs, carry0, mask, resets, drops
+            )
+            _, dy = head.forward(readout, hs, targets, valid)
+            dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), value.dtype))
+            *_, deltas = engine.model_backward(
+                model, params, xs, carry0, mask, resets, drops, saved, dhs,
+                jax.tree.map(jnp.zeros_like, carry_t), engine.truncation_cuts(t, truncate),
+                delta_clip=delta_clip, keep_deltas=True,
+            )  # fmt: skip
     return LossAndGrads(value, grads, d_readout, carry, deltas)

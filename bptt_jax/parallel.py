@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -180,8 +181,9 @@ num_processes) = [0, 2) (num_processes from JAX_NUM_PROCESSES); got 2
 def initialize(cfg: DistributedConfig, environ: Mapping[str, str] | None = None) -> bool:
     """Connect this process to the others (``jax.distributed.initialize``) if ``cfg`` says so.
 
-    Must run before anything touches a device. Returns whether a multi-process run was set
-    up (``False``: one process, nothing done; also when this process is connected already).
+    Must run before anything touches a device. Returns whether this process is part of a
+    multi-process run (``False``: one process, nothing done; ``True`` also when it was
+    connected already, by an earlier call).
     Processes on CPUs turn JAX's persistent compilation cache off (a cached CPU program with
     collectives across processes hangs).
 
@@ -193,6 +195,7 @@ def initialize(cfg: DistributedConfig, environ: Mapping[str, str] | None = None)
         return False
     if jax.distributed.is_initialized():
         return True
+    _check_port_free(args)
     try:
         jax.distributed.initialize(**args)
     except RuntimeError as e:
@@ -202,6 +205,12 @@ def initialize(cfg: DistributedConfig, environ: Mapping[str, str] | None = None)
                 "one (devices listed or arrays made) before it could connect to the others"
             ) from None
         raise
+    except ValueError as e:  # JAX found neither the settings nor a cluster to read them from
+        raise ConfigError(
+            f"config: [distributed] could not start ({e}): set 'distributed.coordinator_address', "
+            "'distributed.num_processes' and 'distributed.process_id' (or their environment "
+            "variables), or run under a cluster JAX detects (SLURM, Open MPI, ...)"
+        ) from None
     if jax.default_backend() == "cpu" and jax.process_count() > 1:
         # A CPU program with cross-process collectives read back from JAX's persistent
         # compilation cache hangs in its first all-reduce (jax 0.10.2, Gloo): such runs
@@ -209,6 +218,25 @@ def initialize(cfg: DistributedConfig, environ: Mapping[str, str] | None = None)
         # hangs on the same cache.)
         jax.config.update("jax_enable_compilation_cache", False)
     return True
+
+
+def _check_port_free(args: dict) -> None:
+    """Process 0 serves the coordinator on its address's port: a port in use there would
+    crash it inside gRPC and leave the others waiting ``initialization_timeout``."""
+    address = args.get("coordinator_address")
+    if args.get("process_id") != 0 or not address:
+        return
+    port = int(address.rpartition(":")[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's server does
+        try:
+            sock.bind(("", port))
+        except OSError as e:
+            raise ConfigError(
+                f"config: 'distributed.coordinator_address' {address!r}: process 0 serves the "
+                f"coordinator on port {port}, which is in use here ({e.strerror}); choose "
+                "another port"
+            ) from None
 
 
 # ---------------------------------------------------------------------------- the mesh
@@ -246,6 +274,12 @@ def data_mesh(
         chosen = []
         for p in range(procs):
             own = sorted((d for d in everything if d.process_index == p), key=lambda d: d.id)
+            if len(own) < per:
+                raise ValueError(
+                    f"{fn}: devices={devices} over {procs} processes needs {per} devices of "
+                    f"each process; process {p} has {len(own)} (use devices=0 for all of "
+                    f"them, or at most {procs * min(len(own), per)})"
+                )
             chosen += own[:per]
     return jax.make_mesh((len(chosen),), (axis,), axis_types=(axis_type,), devices=chosen)
 

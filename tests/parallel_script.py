@@ -323,6 +323,40 @@ def fit_entries(out_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ errors
+def eager_entries() -> dict:
+    """Eager (un-jitted) calls on arrays placed on an Explicit mesh, outside jax.set_mesh:
+    ``unroll``, ``sequence_loss`` and ``loss_and_grads`` against one device (float64)."""
+    out = {}
+    mesh = parallel.data_mesh(N)
+    for name in ("cell", "stack"):
+        model, p, ro, xs, ys, carry0, mask, loss_mask, _ = problem(name, "placed", 7)
+        if isinstance(model, bptt_jax.Stack):
+            model = dataclasses.replace(model, dropout=0.0)
+        rows = NamedSharding(mesh, P(None, "data"))
+        put = lambda a, s=rows: None if a is None else jax.device_put(a, s)  # noqa: E731
+        c0 = None if carry0 is None else jax.device_put(carry0, NamedSharding(mesh, P("data")))
+        kw = dict(mask=mask, loss_mask=loss_mask)
+        placed_kw = {k: put(v) for k, v in kw.items()}
+        hs, _ = bptt_jax.unroll(model, p, put(xs), c0, mask=put(mask))
+        hs1, _ = bptt_jax.unroll(model, p, xs, carry0, mask=mask)
+        lg = losses.loss_and_grads(model, p, ro, put(xs), put(ys), c0, **placed_kw)
+        lg1 = losses.loss_and_grads(model, p, ro, xs, ys, carry0, **kw)
+        value = losses.sequence_loss(model, p, ro, put(xs), put(ys), c0, **placed_kw)
+        out[name] = dict(
+            hs_err=rel_err(hs, hs1),
+            value_err=rel_err(value, lg1.value),
+            grad_err=max(
+                rel_err(a, b)
+                for a, b in zip(
+                    jax.tree.leaves((lg.params, lg.readout)),
+                    jax.tree.leaves((lg1.params, lg1.readout)),
+                )
+            ),  # fmt: skip
+            hs_sharding=str(hs.sharding.spec),
+        )
+    return out
+
+
 def error_entries() -> dict:
     def message(f):
         try:
@@ -390,6 +424,7 @@ def main():
     if not full:
         results["fit"] = timed("fit", lambda: fit_entries(out_dir))
         results["errors"] = timed("errors", error_entries)
+        results["eager"] = timed("eager", eager_entries)
         results["readme"] = timed("readme", readme_entry)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
 

@@ -260,6 +260,17 @@ def test_every_model_schedule_and_mode(tmp_path):
 
 
 # ------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("name", ["cell", "stack"])
+def test_eager_calls_on_arrays_placed_on_a_mesh_equal_one_device(runs, name):
+    """unroll, sequence_loss and loss_and_grads called without jit on device_put arrays,
+    outside jax.set_mesh (they needed a mesh context before)."""
+    r = runs["grid"]["eager"]
+    assert "error" not in r, r["error"]
+    e = r[name]
+    assert max(e["hs_err"], e["value_err"], e["grad_err"]) < 1e-12, e
+    assert "data" in e["hs_sharding"]  # the outputs stay split over the devices
+
+
 @pytest.mark.parametrize(
     ("name", "match"),
     [
