@@ -934,27 +934,42 @@ def stored_per_step(model, batch: int, dtype) -> int:
     return batch * units * jnp.dtype(dtype).itemsize
 
 
-def segment_for_budget(model, length: int, batch: int, dtype, budget: int) -> int:
-    """The longest segment whose stored buffers fit ``budget`` bytes (estimate).
+def segment_for_budget(model, length: int, batch: int, dtype, budget: int, *,
+                       carry_dtype=None, input_size: int = 0) -> int:  # fmt: skip
+    """The longest segment whose stored arrays fit ``budget`` bytes (an estimate).
 
-    Stored: ``ceil(T/s)`` checkpoint carries (every layer's), plus for the segment being
-    differentiated its states and in-place block buffers (:func:`stored_per_step`). Raises
-    ``ValueError`` when even the smallest fit is too big.
+    Counted: ``ceil(T/s)`` checkpoint carries (every layer's, in ``carry_dtype``, the
+    params' dtype), the segment being differentiated's states and in-place block buffers
+    (:func:`stored_per_step`, in ``dtype``, the compute dtype), the inputs cut into
+    segments (``ceil(T/s) * s`` steps of ``input_size``) and, for each Bidirectional
+    layer, its input over all T steps (the reverse direction reads it backwards). Not
+    counted: the loss's own arrays and XLA's scratch (measured on XLA:CPU: the compiled
+    gradient's temp memory is 1.2x to 2x this estimate). Raises ``ValueError`` when even
+    the smallest fit is too big.
     """
+    item = jnp.dtype(dtype).itemsize
     per_step = stored_per_step(model, batch, dtype)
     units = sum(_carry_units(c) for c in cells_of(model))
-    per_carry = batch * units * jnp.dtype(dtype).itemsize
+    per_carry = batch * units * jnp.dtype(carry_dtype or dtype).itemsize
+    sizes = (input_size, *(output_size(layer) for layer in layers_of(model)[:-1]))
+    kept = sum(
+        length * batch * size * item
+        for layer, size in zip(layers_of(model), sizes)
+        if isinstance(layer, Bidirectional)
+    )
 
     def need(s):
-        return math.ceil(length / s) * per_carry + s * per_step
+        n = math.ceil(length / s)
+        return n * per_carry + s * per_step + n * s * batch * input_size * item + kept
 
     fits = [s for s in range(1, length + 1) if need(s) <= budget]
     if not fits:
         best = min(range(1, length + 1), key=need)
         raise ValueError(
             f"checkpointed BPTT: memory_budget={budget} bytes is too small for T={length}, "
-            f"B={batch}, H={output_size(model)}; the least it can use is about {need(best)} "
-            f"bytes (segment={best})"
+            f"B={batch}, H={output_size(model)}; what it stores needs about {need(best)} "
+            f"bytes at the least (segment={best})"
+            + (f", {kept} of them the Bidirectional layers' inputs" if kept else "")
         )
     return max(fits)
 
@@ -1385,9 +1400,12 @@ bptt.defvjp(bptt_fwd, bptt_bwd)
 
 
 def resolve_segment(fn: str, model, xs, dtype, segment, memory_budget, backward) -> int:
-    """The segment length of ``backward="checkpointed"``, from ``segment`` or a budget."""
-    validation.check_positive(fn, "segment", segment, kind=int)
-    validation.check_positive(fn, "memory_budget", memory_budget, kind=int)
+    """The segment length of ``backward="checkpointed"``, from ``segment`` or a budget.
+
+    ``xs`` in the compute dtype (what is stored per step), ``dtype`` the params' (the
+    carries')."""
+    segment = validation.check_positive(fn, "segment", segment, kind=int)
+    memory_budget = validation.check_positive(fn, "memory_budget", memory_budget, kind=int)
     t_len, b = xs.shape[:2]
     if segment is not None and memory_budget is not None:
         raise ValueError(f"{fn}: give segment or memory_budget, not both")
@@ -1399,7 +1417,9 @@ def resolve_segment(fn: str, model, xs, dtype, segment, memory_budget, backward)
                 f"backward='checkpointed' with it, or drop {name}."
             )
     if memory_budget is not None:
-        return segment_for_budget(model, t_len, b, dtype, memory_budget)
+        return segment_for_budget(
+            model, t_len, b, xs.dtype, memory_budget, carry_dtype=dtype, input_size=xs.shape[2]
+        )
     return default_segment(t_len) if segment is None else min(segment, t_len)
 
 
@@ -1597,11 +1617,11 @@ def unroll(
     """
     fn = "unroll"
     validation.check_choice(fn, "backward", backward, BACKWARDS)
-    xs, carry0, mask, resets, _ = validation.check_model_args(
+    xs, carry0, mask, resets, dtype = validation.check_model_args(
         fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
     )
     validation.check_positive(fn, "delta_clip", delta_clip)
-    seg = resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget, backward)
+    seg = resolve_segment(fn, model, xs, dtype, segment, memory_budget, backward)
     drops = dropout_multipliers(fn, model, dropout_key, xs)
     if backward == "autodiff":
         return unroll_autodiff(model, params, xs, carry0, mask, truncate, resets, delta_clip,

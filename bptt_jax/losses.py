@@ -298,11 +298,11 @@ def sequence_loss(
     """
     fn = "sequence_loss"
     validation.check_choice(fn, "backward", backward, engine.BACKWARDS)
-    xs, targets, carry0, mask, valid, resets, _ = _check_loss_args(
+    xs, targets, carry0, mask, valid, resets, dtype = _check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
-    seg = engine.resolve_segment(fn, model, xs, xs.dtype, segment, memory_budget, backward)
+    seg = engine.resolve_segment(fn, model, xs, dtype, segment, memory_budget, backward)
     drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
     head = LossHead(loss, reduction)
     if backward == "autodiff":

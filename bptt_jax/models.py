@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bptt_jax.cells import GRU, LSTM, Elman, _common, protocol
 
@@ -182,6 +183,9 @@ class Stack:
                 raise TypeError(not_a_cell(f"Stack: layers[{k}]", layer, " or a Bidirectional"))
         object.__setattr__(self, "layers", layers)
         p = self.dropout
+        if isinstance(p, np.floating | np.integer) and not isinstance(p, np.bool_):
+            p = float(p)  # a NumPy scalar: a float field (hashable, the same as the Python one)
+            object.__setattr__(self, "dropout", p)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
             raise ValueError(f"Stack: dropout must be a probability in [0, 1); got {p!r}")
 
@@ -276,8 +280,12 @@ def stacked(cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: 
     Returns:
       A :class:`Stack`.
     """
+    if isinstance(num_layers, np.integer):
+        num_layers = int(num_layers)
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"stacked: num_layers must be a positive int; got {num_layers!r}")
+    if not isinstance(bidirectional, bool | np.bool_):
+        raise TypeError(f"stacked: bidirectional must be True or False; got {bidirectional!r}")
     if not _is_cell(cell):
         raise TypeError(not_a_cell("stacked: cell", cell))
     layer = Bidirectional(cell) if bidirectional else cell

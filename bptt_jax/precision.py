@@ -18,6 +18,10 @@ as before. With float32 params and ``compute_dtype=jnp.bfloat16``:
 * **gradients** come back in the params' dtype (float32 master weights for optax); the
   gradient with respect to ``xs`` in ``xs``'s dtype.
 
+float16 has more mantissa than bfloat16 but a range that ends at 65504, and the policy does
+no loss scaling: values beyond it (large inputs or projections, exploding per-step errors)
+become inf, then NaN, where float32 and bfloat16 stay finite. Prefer bfloat16.
+
 A "naive" bfloat16 run, params and inputs all cast to bfloat16 with no policy, carries its
 state and sums its gradients in bfloat16 too; over long sequences its errors grow with T.
 ``bptt-jax verify`` and ``tests/test_precision.py`` measure both against float32.

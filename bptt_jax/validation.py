@@ -599,6 +599,8 @@ def check_positive(fn: str, name: str, value, kind=float, allow_none: bool = Tru
     """``value`` is a positive ``kind`` (int or float), or None when allowed."""
     if value is None and allow_none:
         return None
+    if kind is int and isinstance(value, np.integer):
+        value = int(value)  # a NumPy integer: its Python value (callers use what is returned)
     ok_types = (int,) if kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types) or not value > 0:
         what = "a positive int" if kind is int else "a positive number"
