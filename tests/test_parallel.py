@@ -312,6 +312,21 @@ def test_bad_distributed_settings_are_refused_naming_the_key(cfg, environ, match
         parallel.distributed_args(parallel.DistributedConfig(**cfg), environ)
 
 
+def test_a_coordinator_port_in_use_is_refused_before_connecting():
+    """Process 0 would crash inside gRPC and the others wait initialization_timeout."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = parallel.DistributedConfig(
+            coordinator_address=f"localhost:{port}", num_processes=2, process_id=0
+        )
+        with pytest.raises(ConfigError, match=rf"coordinator on port {port}, which is in use"):
+            parallel.initialize(cfg, environ={})
+
+
 def test_distributed_settings_come_from_the_config_or_the_environment():
     env = {
         "JAX_COORDINATOR_ADDRESS": "10.1.2.3:4567",
