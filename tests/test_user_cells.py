@@ -33,6 +33,7 @@ import pytest
 from jax import lax
 
 import bptt_jax
+from bptt_jax import _engine as engine
 from bptt_jax import diagnostics, train, truncated
 from bptt_jax.cells import protocol
 from tests import reference
@@ -318,7 +319,8 @@ SLOW_SCHEDULES = [
     ("truncated", dict(truncate=2)),
     ("checkpointed+clip", dict(backward="checkpointed", segment=3, delta_clip=0.3)),
     ("checkpointed+resets", dict(backward="checkpointed", segment=4, resets=True)),
-    ("memory_budget", dict(backward="checkpointed", memory_budget=2000)),
+    # the least budget for which the library picks 2-step segments (see _budget_for)
+    ("memory_budget", dict(backward="checkpointed", memory_budget="segment=2")),
 ]
 BIDIRECTIONAL_SCHEDULES = [
     (name, kw) for name, kw in SCHEDULES + SLOW_SCHEDULES
@@ -336,7 +338,7 @@ def unroll_vjps(model, schedules, p, xs, c0, m, resets, ct_h, ct_c):
         )
     }
     for name, kw in schedules:
-        kw = dict(kw)
+        kw = _budget_for(model, dict(kw), xs)
         r = resets if kw.pop("resets", False) else None
 
         def lib(p, xs, c0, kw=kw, r=r):
@@ -355,6 +357,23 @@ def unroll_vjps(model, schedules, p, xs, c0, m, resets, ct_h, ct_c):
 
 def bi(model):
     return bptt_jax.models.is_bidirectional(model)
+
+
+def _budget_for(model, kw, xs):
+    """``kw`` with a ``memory_budget="segment=s"`` made the least budget (bytes) for which
+    the library picks segments of s steps for this model and batch."""
+    want = kw.get("memory_budget")
+    if not isinstance(want, str):
+        return kw
+    s = int(want.split("=")[1])
+    t_len, b, d = xs.shape
+    for budget in range(64, 2**22, 8):
+        try:
+            if engine.segment_for_budget(model, t_len, b, xs.dtype, budget, input_size=d) == s:
+                return {**kw, "memory_budget": budget}
+        except ValueError:
+            continue
+    raise AssertionError(f"no budget gives segment={s}")
 
 
 def max_errors(results) -> dict[str, float]:
@@ -405,7 +424,7 @@ def loss_grads(model, schedules, p, ro, xs, tg, c0, m, resets):
     readout, xs, carry0): ``bptt_jax.sequence_loss`` against ``jax.grad`` of the plain scan."""
     out = {}
     for name, kw in schedules:
-        kw = dict(kw)
+        kw = _budget_for(model, dict(kw), xs)
         r = resets if kw.pop("resets", False) else None
 
         def lib(p, ro, xs, c0, kw=kw, r=r):
