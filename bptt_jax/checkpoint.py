@@ -41,8 +41,9 @@ def _to_disk(state):
 
 def _target(like):
     """The abstract arrays to restore into: ``like``'s shapes, dtypes and shardings."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _to_disk(like)
+    return jax.tree.map(  # a host (NumPy) leaf has no sharding: JAX's default placement
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        _to_disk(like),
     )
 
 

@@ -97,7 +97,9 @@ class OptimConfig:
     momentum: float = 0.9  # sgd and rmsprop; 0 for none
     clip: Literal["global_norm", "value", "none"] = "global_norm"
     max_norm: float = 1.0  # global_norm: max global norm; value: max |g| per element
-    skip_nonfinite: bool = True  # optax.apply_if_finite: skip (and count) non-finite updates
+    # optax.apply_if_finite: skip (and count) non-finite updates; an example whose carry is
+    # non-finite then restarts from zeros, so one bad batch does not poison the stream
+    skip_nonfinite: bool = True
     max_consecutive_skips: int = 100  # after this many skips in a row, apply anyway
 
 
@@ -433,7 +435,9 @@ def trainer(
     * ``loss``: the update's loss (before the update);
     * ``grad_norm``: the global norm of its gradient, before clipping;
     * ``clipped``: whether clipping changed the gradient;
-    * ``skipped``: total updates skipped so far by ``apply_if_finite``;
+    * ``skipped``: total updates skipped so far by ``apply_if_finite`` (with
+      ``optim.skip_nonfinite``; then an example whose carry came out non-finite also
+      restarts from zeros, so one bad batch does not poison the rest of its stream);
     * whatever ``metrics_fn`` adds.
 
     A bidirectional model trains on independent sequences: every batch starts from the zero
@@ -469,6 +473,10 @@ def trainer(
         ``init`` or of the step's batch) not divisible by the devices along ``data_axis``.
     """
     validation.check_model("trainer", cell, "cell")  # a cell of your own must be hashable
+    validation.check_choice("trainer", "loss", loss, losses.LOSSES)
+    validation.check_choice("trainer", "reduction", reduction, losses.REDUCTIONS)
+    if metrics_fn is not None and not callable(metrics_fn):
+        raise TypeError(f"trainer: metrics_fn must be callable or None; got {metrics_fn!r}")
     if k1 is not None:
         k1, k2 = truncated.check_k1_k2("trainer", k1, k2)
         if is_bidirectional(cell):
@@ -547,7 +555,18 @@ def _trainer(
             "skipped": skipped_updates(opt_state),
         }
         if metrics_fn is not None:
-            metrics.update(metrics_fn(params, readout, window, lg))
+            extra = metrics_fn(params, readout, window, lg)
+            if not isinstance(extra, dict):
+                raise TypeError(
+                    f"trainer: metrics_fn must return a dict of metrics; got {type(extra).__name__}"
+                )
+            taken = sorted(set(extra) & set(metrics))
+            if taken:
+                raise ValueError(
+                    f"trainer: metrics_fn returns {taken}, the trainer's own metrics' names; "
+                    "name yours otherwise"
+                )
+            metrics.update(extra)
         return opt_state, new_params, new_readout, metrics
 
     bidirectional = is_bidirectional(cell)
@@ -597,37 +616,75 @@ def _trainer(
                 **common,
             )
             opt_state, params, readout, carry, metrics = out
+        if optim.skip_nonfinite:  # a skipped update's NaN carry would poison the stream
+            carry = _reset_nonfinite_rows(carry)
         new = TrainState(params, readout, opt_state, carry, state.step + 1, state.key)
         return new, metrics
 
     if mesh is None:
-        return Trainer(tx, init, jax.jit(step))
+        return Trainer(tx, init, _CheckedStep(jax.jit(step), None, data_axis, loss))
     shardings = (_state_sharding(mesh, data_axis), parallel.batch_sharding(mesh, data_axis))
     step_on_mesh = jax.jit(
         step, in_shardings=shardings, out_shardings=(shardings[0], parallel.replicated(mesh))
     )
-    return Trainer(tx, init, _MeshStep(step_on_mesh, mesh, data_axis), mesh, data_axis)
+    return Trainer(tx, init, _CheckedStep(step_on_mesh, mesh, data_axis, loss), mesh, data_axis)
 
 
-class _MeshStep(NamedTuple):
-    """A train step compiled for a mesh, behind the check of the batch's size (else jit's
-    placement of the batch would fail first, without naming it)."""
+def _reset_nonfinite_rows(carry):
+    """``carry`` with every example (row) that holds a non-finite value anywhere reset to
+    zeros, as a stream's reset would: the rest of the stream stays finite."""
+    leaves = jax.tree.leaves(carry)
+    if not leaves:
+        return carry
+    bad = jnp.zeros(leaves[0].shape[:1], bool)
+    for x in leaves:
+        bad = bad | ~jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+    return jax.tree.map(
+        lambda x: jnp.where(bad.reshape((-1,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x), carry
+    )
 
-    jitted: Any  # jax.jit(step, in_shardings=..., out_shardings=...)
-    mesh: jax.sharding.Mesh
+
+class _CheckedStep(NamedTuple):
+    """The jitted train step behind the checks that need the batch's values or its placement:
+    with a mesh, the batch's size (else jit's placement would fail first, without naming
+    it); for ``loss="xent"``, concrete targets in ``[0, O)`` (inside ``jit`` one out of range
+    is a silent NaN loss and a skipped update)."""
+
+    jitted: Any  # jax.jit(step[, in_shardings=..., out_shardings=...])
+    mesh: jax.sharding.Mesh | None
     axis: str
+    loss: str
 
-    def _check(self, batch: Batch) -> None:
-        b = np.shape(batch.xs)[1]
-        parallel.check_batch_size("trainer.step", "batch.xs.shape[1] (B)", b, self.mesh, self.axis)
+    def _check(self, state: TrainState, batch: Batch) -> None:
+        if self.mesh is not None:
+            b = np.shape(batch.xs)[1]
+            parallel.check_batch_size(
+                "trainer.step", "batch.xs.shape[1] (B)", b, self.mesh, self.axis
+            )
+        if self.loss == "xent":
+            values = validation.concrete(batch.targets)
+            if values is None or not np.issubdtype(values.dtype, np.integer):
+                return
+            valid = losses._valid(batch.mask, batch.loss_mask)
+            counted = validation.concrete(valid) if valid is not None else None
+            if valid is not None and counted is None:
+                return
+            o = np.shape(state.readout.w_hy)[-1]
+            bad = ((values < 0) | (values >= o)) & (True if counted is None else counted)
+            if bad.any():
+                tb = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(
+                    f"trainer.step: batch.targets must lie in [0, O) = [0, {o}) where counted; "
+                    f"got {int(values[tb])} at (t, b) = {tb}"
+                )
 
     def __call__(self, state: TrainState, batch: Batch):
-        self._check(batch)
+        self._check(state, batch)
         return self.jitted(state, batch)
 
     def lower(self, state: TrainState, batch: Batch):
         """``jax.jit``'s ``lower`` (e.g. ``.compile().as_text()`` to read the program)."""
-        self._check(batch)
+        self._check(state, batch)
         return self.jitted.lower(state, batch)
 
 

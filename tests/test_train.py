@@ -141,6 +141,14 @@ def test_a_nonfinite_gradient_skips_the_update_and_is_counted(key):
     state, m = t.step(state, batch_of(bad, ys))
     assert int(m["skipped"][0]) == 1 and not np.isfinite(m["grad_norm"][0])
     assert_trees_close(state.params, p, dtype)  # untouched
+    # the stream goes on: example 1's NaN carry restarts from zeros, the others carry on
+    # as from a clean batch (a NaN carry made every later batch NaN, then the params)
+    clean_carry = t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys))[0].carry
+    for got, want in zip(state.carry, clean_carry):
+        np.testing.assert_array_equal(got[1], 0)
+        np.testing.assert_array_equal(np.delete(got, 1, 0), np.delete(want, 1, 0))
+    _, m = t.step(state, batch_of(xs, ys))
+    assert np.isfinite(m["loss"][0]) and int(m["skipped"][0]) == 1
     state, m = t.step(state._replace(carry=carry), batch_of(xs, ys))
     assert int(m["skipped"][0]) == 1
     assert all(bool(jnp.all(jnp.isfinite(w))) for w in jax.tree.leaves(state.params))
@@ -158,6 +166,29 @@ def test_metrics_fn_adds_a_metric_per_update(key):
     t = train.trainer(cell, SGD, k1=4, metrics_fn=counted)
     _, m = t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys))
     np.testing.assert_array_equal(m["tokens"], [4 * 3, 4 * 3, 3 * 3])
+
+
+def test_bad_trainer_arguments_and_batches_raise_before_the_step_runs(key):
+    cell, dtype = bptt_jax.Elman(5), jnp.float64
+    with pytest.raises(ValueError, match="trainer: loss must be one of"):
+        train.trainer(cell, loss="ce")
+    with pytest.raises(ValueError, match="trainer: reduction must be one of"):
+        train.trainer(cell, reduction="avg")
+    p, ro, xs, ys, carry, *_ = stream(cell, key, dtype)
+    t = train.trainer(cell, SGD)
+    o = ro.w_hy.shape[1]
+    # inside jit a target out of range is a silent NaN loss and a skipped update
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, O\) = \[0, {o}\)"):
+        t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys.at[2, 0].set(o)))
+    masked = jnp.ones(ys.shape, bool).at[2, 0].set(False)  # not counted: no error
+    t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys.at[2, 0].set(o), loss_mask=masked))
+    for fn, exc, match in (
+        (lambda *a: 1.0, TypeError, "metrics_fn must return a dict"),
+        (lambda *a: {"loss": jnp.zeros(())}, ValueError, r"metrics_fn returns \['loss'\]"),
+    ):
+        t = train.trainer(cell, SGD, metrics_fn=fn)
+        with pytest.raises(exc, match=match):
+            t.step(state_from(t, cell, p, ro, carry), batch_of(xs, ys))
 
 
 def test_bad_k1_k2_in_the_trainer_raise_naming_the_argument():
@@ -431,12 +462,19 @@ def test_checkpoint_round_trip_keeps_every_field(tmp_path):
     assert not list(pathlib.Path(tmp_path).glob("*tmp*"))  # nothing half-written left
     with pytest.raises(FileExistsError, match="step 3 already exists"):
         checkpoint.save(tmp_path, state._replace(step=state.step - 1))
+    host, _ = c_restore_on_host(tmp_path, state)
+    assert int(host.step) == 3 and isinstance(host.params.w_h, jax.Array)
     with pytest.raises(FileNotFoundError, match="no directory"):
         checkpoint.restore(tmp_path / "missing", state)
     assert not (tmp_path / "missing").exists()
     other = t.init(jax.random.key(5), 3, 2, 5, jnp.float64)  # batch size 5: another carry
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"\.carry\.h: \(2, 4\)"):
         checkpoint.restore(tmp_path, other)
+
+
+def c_restore_on_host(directory, state):
+    """Restore into a ``like`` fetched to the host (NumPy leaves, no shardings)."""
+    return checkpoint.restore(directory, jax.device_get(state))
 
 
 # ----------------------------------------------------------------- CLI and README
