@@ -33,13 +33,23 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "bptt_jax" / "xla"
 
 
-def enable_compile_cache(directory: str | Path | None = None) -> Path:
+def enable_compile_cache(directory: str | Path | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache in ``directory`` (default:
-    :func:`default_cache_dir`); returns the directory."""
+    :func:`default_cache_dir`); returns the directory, or ``None`` (with a warning on
+    stderr) when it cannot be created: the cache only saves compile time, so the command
+    runs without it."""
     import jax
 
     path = Path(directory).expanduser() if directory else default_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(
+            f"bptt-jax: warning: no compilation cache: cannot create {str(path)!r} "
+            f"({e.strerror}; set --cache-dir or BPTT_JAX_CACHE_DIR); compiling afresh",
+            file=sys.stderr,
+        )
+        return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -217,6 +217,8 @@ def _convert(tp, value, key: str):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:  # no setting is wider than a 64-bit int
+                raise ConfigError(f"config: '{key}' is out of range (a 64-bit int); got {value}")
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -260,7 +262,7 @@ def add_arguments(parser, default: str | None = None) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="override any config value, e.g. train.steps=500 model.cell=gru",
+        help="override any value of the config, by its dotted TOML key (e.g. seed=1)",
     )
 
 

@@ -61,3 +61,17 @@ def test_a_second_run_reads_the_programs_the_first_compiled(tmp_path):
     assert hit in second.stderr
     off = _bptt_jax("--no-compile-cache", *TINY_TRAIN, cache=flag)
     assert hit not in off.stderr
+
+
+def test_a_cache_directory_that_cannot_be_made_is_a_warning_not_a_crash(tmp_path):
+    """The cache only saves compile time: under a file, the command warns and goes on (here
+    to its own config error, exit 2, which the cache used to mask with a traceback)."""
+    (tmp_path / "afile").write_text("x")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(BPTT_JAX_CACHE_DIR=str(tmp_path / "afile" / "cache"), JAX_PLATFORMS="cpu")
+    run = subprocess.run(
+        [sys.executable, "-m", "bptt_jax", "train", "adding", "adding.seq_len=1"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "warning: no compilation cache" in run.stderr and "'adding.seq_len'" in run.stderr

@@ -312,6 +312,8 @@ def test_sampler_is_deterministic_per_key_and_greedy_at_temperature_zero(key):
             r"'charlm.valid_fraction' must be in \(0, 1\)",
         ),
         (["train.log_file=/no/such/dir/log.jsonl"], "'train.log_file' .* does not exist"),
+        (["adding.seq_len=99999999999999999999"], "'adding.seq_len' is out of range"),
+        (["train.k1=99999999999999999999"], "'train.k1' must be int or none"),
     ],
 )
 def test_config_errors_name_the_key(overrides, match):
