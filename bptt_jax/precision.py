@@ -72,6 +72,12 @@ def resolve(fn: str, compute_dtype, param_dtype) -> jnp.dtype | None:
             f"{fn}: compute_dtype {dt.name} is wider than the params' dtype {param_dtype.name}; "
             "a policy computes in a dtype no wider than the params' (cast the params instead)"
         )
+    if dt == jnp.float16 and param_dtype == jnp.bfloat16:
+        raise ValueError(
+            f"{fn}: compute_dtype float16 with bfloat16 params: float16's range (to 65504) is "
+            "far narrower than bfloat16's, so values the params' dtype holds would overflow; "
+            "use compute_dtype=None (bfloat16) or float32 params"
+        )
     return None if dt == param_dtype else dt
 
 

@@ -190,6 +190,15 @@ def test_bad_compute_dtype_is_refused_naming_the_argument(compute_dtype, error, 
             call()
 
 
+def test_float16_compute_on_bfloat16_params_is_refused():
+    """No wider in bytes, but a far narrower range: bfloat16 values would overflow."""
+    model = bptt_jax.Elman(H)
+    params, _, xs, _, _ = _problem(model, t=6)
+    params, xs = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (params, xs))
+    with pytest.raises(ValueError, match="compute_dtype float16 with bfloat16 params"):
+        bptt_jax.unroll(model, params, xs, compute_dtype=jnp.float16)
+
+
 def test_bfloat16_inputs_with_float32_params_point_to_the_policy():
     """bfloat16 xs with float32 params is refused (TypeError naming xs and both dtypes), and
     the message says how to get bfloat16 compute: float32 xs and compute_dtype."""
