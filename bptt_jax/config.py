@@ -66,6 +66,15 @@ def resolve(name_or_path: str | Path) -> Path:
     )
 
 
+def positive(key: str, value, allow_zero: bool = False) -> None:
+    """``value > 0`` (``>= 0`` with ``allow_zero``), else a ``ConfigError`` naming ``key``;
+    NaN is neither."""
+    if not (value >= 0 if allow_zero else value > 0):
+        raise ConfigError(
+            f"config: '{key}' must be {'>= 0' if allow_zero else 'positive'}; got {value!r}"
+        )
+
+
 def check_directory(key: str, value: str) -> None:
     """``value`` is, or can be made, a writable directory: checked before any work, so that
     a run does not fail at its first write (a checkpoint, a results file) after it."""

@@ -27,7 +27,7 @@ from jax import lax
 
 from bptt_jax import _engine as engine
 from bptt_jax import losses
-from bptt_jax.config import ConfigError
+from bptt_jax.config import ConfigError, positive
 from bptt_jax.truncated import Batch
 
 
@@ -63,13 +63,6 @@ class CharLMConfig:
     sample_len: int = 300  # characters generated at every evaluation
     prime: str = "The "  # text the sampler starts from
     temperature: float = 0.8  # sampling temperature
-
-
-def _positive(key: str, value, allow_zero: bool = False):
-    if not (value >= 0 if allow_zero else value > 0):  # NaN is neither
-        raise ConfigError(
-            f"config: '{key}' must be {'>= 0' if allow_zero else 'positive'}; got {value!r}"
-        )
 
 
 def _one_hot(ids, n: int, dtype):
@@ -373,13 +366,13 @@ TASKS = {"adding": AddingTask, "recall": RecallTask, "charlm": CharLMTask}
 
 def check_task_config(name: str, cfg) -> None:
     """Range checks of a task's config table, naming the key (``ConfigError``)."""
-    _positive(f"{name}.seq_len", cfg.seq_len)
+    positive(f"{name}.seq_len", cfg.seq_len)
     if name == "adding":
         if cfg.seq_len < 2:
             raise ConfigError(f"config: 'adding.seq_len' must be >= 2; got {cfg.seq_len}")
-        _positive("adding.test_size", cfg.test_size)
+        positive("adding.test_size", cfg.test_size)
     elif name == "recall":
-        _positive("recall.delay", cfg.delay)
+        positive("recall.delay", cfg.delay)
         if cfg.delay >= cfg.seq_len:
             raise ConfigError(
                 f"config: 'recall.delay' ({cfg.delay}) must be < 'recall.seq_len' ({cfg.seq_len})"
@@ -390,17 +383,17 @@ def check_task_config(name: str, cfg) -> None:
             raise ConfigError(
                 f"config: 'recall.test_len' ({cfg.test_len}) must be > 'recall.delay' ({cfg.delay})"
             )
-        _positive("recall.test_size", cfg.test_size)
+        positive("recall.test_size", cfg.test_size)
     elif name == "charlm":
         if not 0.0 < cfg.valid_fraction < 1.0:
             raise ConfigError(
                 f"config: 'charlm.valid_fraction' must be in (0, 1): the held-out tail the "
                 f"evaluations read; got {cfg.valid_fraction}"
             )
-        _positive("charlm.eval_len", cfg.eval_len)
-        _positive("charlm.eval_streams", cfg.eval_streams)
-        _positive("charlm.sample_len", cfg.sample_len, allow_zero=True)
-        _positive("charlm.temperature", cfg.temperature, allow_zero=True)
+        positive("charlm.eval_len", cfg.eval_len)
+        positive("charlm.eval_streams", cfg.eval_streams)
+        positive("charlm.sample_len", cfg.sample_len, allow_zero=True)
+        positive("charlm.temperature", cfg.temperature, allow_zero=True)
         if not cfg.prime:
             raise ConfigError("config: 'charlm.prime' must not be empty")
 

@@ -171,15 +171,6 @@ def _optax_alias(name: str):
     return fn
 
 
-def _positive(key: str, value, allow_zero: bool = False) -> None:
-    """``value > 0`` (``>= 0`` with ``allow_zero``); NaN is neither."""
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        raise ConfigError(
-            f"config: '{key}' must be {'>= 0' if allow_zero else 'positive'}; got {value!r}"
-        )
-
-
 def check_optim(o: OptimConfig) -> None:
     """An :class:`OptimConfig`'s values; ``ConfigError`` (a ``ValueError``) naming the key.
 
@@ -189,8 +180,8 @@ def check_optim(o: OptimConfig) -> None:
         ("optim.max_norm", o.max_norm),
         ("optim.max_consecutive_skips", o.max_consecutive_skips),
     ):
-        _positive(key, value)
-    _positive("optim.momentum", o.momentum, allow_zero=True)
+        config_lib.positive(key, value)
+    config_lib.positive("optim.momentum", o.momentum, allow_zero=True)
     for key, value in (("optim.learning_rate", o.learning_rate), ("optim.max_norm", o.max_norm)):
         if not math.isfinite(value):
             raise ConfigError(f"config: '{key}' must be a finite number; got {value!r}")
@@ -238,14 +229,14 @@ def check_config(cfg: Config) -> None:
         ("train.log_every", t.log_every),
         ("checkpoint.keep", c.keep),
     ):
-        _positive(key, value)
+        config_lib.positive(key, value)
     for key, value in (
         ("train.steps", t.steps),
         ("train.eval_every", t.eval_every),
         ("train.horizon_every", t.horizon_every),
         ("checkpoint.every", c.every),
     ):
-        _positive(key, value, allow_zero=True)
+        config_lib.positive(key, value, allow_zero=True)
     check_optim(o)
     if not math.isfinite(m.forget_bias):
         raise ConfigError(
@@ -647,8 +638,9 @@ def _reset_nonfinite_rows(carry):
 class _CheckedStep(NamedTuple):
     """The jitted train step behind the checks that need the batch's values or its placement:
     with a mesh, the batch's size (else jit's placement would fail first, without naming
-    it); for ``loss="xent"``, concrete targets in ``[0, O)`` (inside ``jit`` one out of range
-    is a silent NaN loss and a skipped update)."""
+    it); for ``loss="xent"``, targets in ``[0, O)`` where counted (inside ``jit`` one out of
+    range is a silent NaN loss and a skipped update), when the batch is host (NumPy) data:
+    reading device arrays back would wait for the device at every step."""
 
     jitted: Any  # jax.jit(step[, in_shardings=..., out_shardings=...])
     mesh: jax.sharding.Mesh | None
@@ -661,22 +653,12 @@ class _CheckedStep(NamedTuple):
             parallel.check_batch_size(
                 "trainer.step", "batch.xs.shape[1] (B)", b, self.mesh, self.axis
             )
-        if self.loss == "xent":
-            values = validation.concrete(batch.targets)
-            if values is None or not np.issubdtype(values.dtype, np.integer):
-                return
-            valid = losses._valid(batch.mask, batch.loss_mask)
-            counted = validation.concrete(valid) if valid is not None else None
-            if valid is not None and counted is None:
-                return
+        masks = [m for m in (batch.mask, batch.loss_mask) if m is not None]
+        host = all(isinstance(a, np.ndarray) for a in (batch.targets, *masks))
+        if self.loss == "xent" and host and np.issubdtype(batch.targets.dtype, np.integer):
+            valid = np.logical_and.reduce([m != 0 for m in masks]) if masks else None
             o = np.shape(state.readout.w_hy)[-1]
-            bad = ((values < 0) | (values >= o)) & (True if counted is None else counted)
-            if bad.any():
-                tb = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise ValueError(
-                    f"trainer.step: batch.targets must lie in [0, O) = [0, {o}) where counted; "
-                    f"got {int(values[tb])} at (t, b) = {tb}"
-                )
+            validation.check_class_range("trainer.step", "batch.targets", batch.targets, o, valid)
 
     def __call__(self, state: TrainState, batch: Batch):
         self._check(state, batch)

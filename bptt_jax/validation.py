@@ -561,6 +561,20 @@ def check_readout(fn: str, readout, h: int, dtype) -> int:
     return w[1]
 
 
+def check_class_range(fn: str, name: str, values: np.ndarray, o: int, valid=None) -> None:
+    """Host class indices ``values`` (T, B) in ``[0, O)`` wherever ``valid`` (T, B; ``None``:
+    everywhere) is set: out of range, a softmax cross-entropy is a silent NaN."""
+    bad = (values < 0) | (values >= o)
+    if valid is not None:
+        bad &= np.asarray(valid, bool)
+    if bad.any():
+        tb = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{fn}: {name} must lie in [0, O) = [0, {o}) where mask is set; "
+            f"got {int(values[tb])} at (t, b) = {tb}"
+        )
+
+
 def check_targets(fn: str, targets, loss: str, t: int, b: int, o: int, dtype, mask):
     targets = as_array(fn, "targets", targets)
     dt = targets.dtype
@@ -574,14 +588,7 @@ def check_targets(fn: str, targets, loss: str, t: int, b: int, o: int, dtype, ma
             raise TypeError(f"{fn}: targets for loss='xent' must have an integer dtype; got {dt}")
         values, valid = concrete(targets), concrete(mask)
         if values is not None and (mask is None or valid is not None):
-            valid = np.ones(values.shape, bool) if mask is None else valid
-            bad = valid & ((values < 0) | (values >= o))
-            if bad.any():
-                tb = tuple(int(i) for i in np.argwhere(bad)[0])
-                raise ValueError(
-                    f"{fn}: targets must lie in [0, O) = [0, {o}) where mask is set; "
-                    f"got {int(values[tb])} at (t, b) = {tb}"
-                )
+            check_class_range(fn, "targets", values, o, valid)
     else:
         if _shape(targets) != (t, b, o):
             raise ValueError(
