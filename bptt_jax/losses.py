@@ -219,6 +219,9 @@ def _check_loss_args(fn, model, params, readout, xs, targets, carry0, mask, loss
     valid = _valid(mask, loss_mask)
     o = validation.check_readout(fn, readout, output_size(model), dtype)
     targets = validation.check_targets(fn, targets, loss, t, b, o, dtype, valid)
+    if valid is not None:  # like padded inputs: a NaN target where nothing counts reaches nothing
+        v = valid if jnp.ndim(targets) == 2 else valid[..., None]
+        targets = jnp.where(v, targets, jnp.zeros((), targets.dtype))
     return xs, targets, carry0, mask, valid, resets, dtype
 
 

@@ -635,14 +635,14 @@ def check_unroll_args(fn: str, cell, params, xs, carry0, mask, truncate):
         carry0 = check_cell_carry(fn, cell, carry0, b, dtype)
         check_cell_step(fn, cell, params, carry0, d, dtype)
         mask = check_mask(fn, mask, t, b)
-        return xs, carry0, mask, dtype
+        return padding_zeroed(xs, mask), carry0, mask, dtype
     d, dtype = check_params(fn, cell, params)
     xs = as_array(fn, "xs", xs)
     pname = f"params.{type(params)._fields[0]} {_shape(params[0])}"
     t, b = check_xs(fn, xs, pname, d, dtype)
     carry0 = check_carry(fn, cell, carry0, b, dtype)
     mask = check_mask(fn, mask, t, b)
-    return xs, carry0, mask, dtype
+    return padding_zeroed(xs, mask), carry0, mask, dtype
 
 
 def _check_tuple(fn: str, what: str, value, n: int, of: str) -> tuple:
@@ -674,6 +674,20 @@ def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=
         _check_steps(fn, model, params, carry0, xs.shape[2], dtype, cdt)
         xs = xs.astype(cdt)
     return xs, carry0, mask, resets, dtype
+
+
+def padding_zeroed(xs, mask):
+    """``xs`` with every padded step (``mask`` 0) replaced by zeros.
+
+    Padded steps never reach a valid output, but their values would still meet a zero error
+    in the weight-gradient matmuls (``X^T dA``): a NaN or inf there (a NaN-filled or
+    ``np.empty`` padding buffer) times 0 is NaN in every weight gradient. Zeroed here, at
+    every entry point, padding cannot reach any output or gradient whatever its values; the
+    gradient of ``xs`` at padded steps is exactly 0.
+    """
+    if mask is None:
+        return xs
+    return jnp.where(mask[..., None], xs, jnp.zeros((), xs.dtype))
 
 
 def _cells_with_inputs(model, params, carry0, d: int):
@@ -804,7 +818,7 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
     if is_bidirectional(model):
         _check_right_padded(fn, mask)
     resets = check_mask(fn, resets, t, b, name="resets")
-    return xs, carry0, mask, resets, dtype
+    return padding_zeroed(xs, mask), carry0, mask, resets, dtype
 
 
 def _check_right_padded(fn: str, mask) -> None:
