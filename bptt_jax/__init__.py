@@ -12,6 +12,7 @@ The names below are the public API. ``bptt_jax._engine`` (the sequence engine) a
 """
 
 from bptt_jax._engine import unroll as unroll
+from bptt_jax.checking import checked as checked
 from bptt_jax.cells import (
     GRU as GRU,
 )

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax
+from bptt_jax import checking
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.models import Bidirectional, Stack
 
@@ -153,7 +154,14 @@ def _mask(fn: str, seq_lengths, mask, layout: Layout):
         if not jnp.issubdtype(dt, jnp.integer):
             raise TypeError(f"{fn}: seq_lengths must be integers; got dtype {dt}")
         lengths = jnp.asarray(seq_lengths)
-        if not _is_traced(seq_lengths):
+        if _is_traced(seq_lengths):  # in checked mode (bptt_jax.checking), at run time
+            flat = jnp.reshape(lengths, (-1,))
+            checking.check_all(
+                (flat >= 0) & (flat <= t),
+                f"{fn}: seq_lengths must be in [0, T] = [0, {t}]; got {{value}} for sequence {{i}}",
+                values=flat,
+            )
+        else:
             values = np.asarray(seq_lengths)
             if values.size and (values.min() < 0 or values.max() > t):
                 raise ValueError(

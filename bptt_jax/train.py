@@ -613,12 +613,13 @@ def _trainer(
         return new, metrics
 
     if mesh is None:
-        return Trainer(tx, init, _CheckedStep(jax.jit(step), None, data_axis, loss))
+        return Trainer(tx, init, _CheckedStep(jax.jit(step), None, data_axis, loss, bidirectional))
     shardings = (_state_sharding(mesh, data_axis), parallel.batch_sharding(mesh, data_axis))
     step_on_mesh = jax.jit(
         step, in_shardings=shardings, out_shardings=(shardings[0], parallel.replicated(mesh))
     )
-    return Trainer(tx, init, _CheckedStep(step_on_mesh, mesh, data_axis, loss), mesh, data_axis)
+    checked_step = _CheckedStep(step_on_mesh, mesh, data_axis, loss, bidirectional)
+    return Trainer(tx, init, checked_step, mesh, data_axis)
 
 
 def _reset_nonfinite_rows(carry):
@@ -638,21 +639,30 @@ def _reset_nonfinite_rows(carry):
 class _CheckedStep(NamedTuple):
     """The jitted train step behind the checks that need the batch's values or its placement:
     with a mesh, the batch's size (else jit's placement would fail first, without naming
-    it); for ``loss="xent"``, targets in ``[0, O)`` where counted (inside ``jit`` one out of
-    range is a silent NaN loss and a skipped update), when the batch is host (NumPy) data:
-    reading device arrays back would wait for the device at every step."""
+    it); when the batch is host (NumPy) data, the values of its masks (0/1; a bidirectional
+    model's ``mask`` right-padded) and, for ``loss="xent"``, targets in ``[0, O)`` where
+    counted (inside ``jit`` each is unseen: a silently wrong gradient, or a NaN loss and a
+    skipped update). Device arrays are not read back (that would wait for the device at
+    every step): ``bptt_jax.checked(trainer.step)`` checks them in the compiled step."""
 
     jitted: Any  # jax.jit(step[, in_shardings=..., out_shardings=...])
     mesh: jax.sharding.Mesh | None
     axis: str
     loss: str
+    bidirectional: bool = False
 
     def _check(self, state: TrainState, batch: Batch) -> None:
+        fn = "trainer.step"
         if self.mesh is not None:
             b = np.shape(batch.xs)[1]
-            parallel.check_batch_size(
-                "trainer.step", "batch.xs.shape[1] (B)", b, self.mesh, self.axis
-            )
+            parallel.check_batch_size(fn, "batch.xs.shape[1] (B)", b, self.mesh, self.axis)
+        for name in ("mask", "loss_mask", "resets"):
+            m = getattr(batch, name)
+            if isinstance(m, np.ndarray) and m.ndim == 2:  # (other shapes: the step says)
+                if m.dtype != np.bool_:
+                    validation.check_flag_values(fn, f"batch.{name}", m)
+                if name == "mask" and self.bidirectional:
+                    validation.check_right_padded(fn, m != 0)
         masks = [m for m in (batch.mask, batch.loss_mask) if m is not None]
         host = all(isinstance(a, np.ndarray) for a in (batch.targets, *masks))
         if self.loss == "xent" and host and np.issubdtype(batch.targets.dtype, np.integer):

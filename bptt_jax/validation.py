@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax import precision
+from bptt_jax import checking, precision
 from bptt_jax._sharding import like_batch
 from bptt_jax.cells import LSTM, PARAMS_TYPES, LSTMCarry, protocol
 
@@ -515,23 +515,37 @@ def check_mask(fn: str, mask, t: int, b: int, name: str = "mask"):
         raise TypeError(f"{fn}: {name} must be bool or 0/1 numbers; got dtype {dt}")
     if dt == jnp.bool_:
         return mask
+    if checking.traced(mask):
+        checking.check_all((mask == 0) | (mask == 1), _flags_message(fn, name), values=mask)
+        return mask != 0
     values = concrete(mask)
     if values is not None:
-        bad = (values != 0) & (values != 1)
-        if bad.any():
-            tb = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(
-                f"{fn}: {name} must hold only 0 and 1 (or be bool); got {values[tb].item()!r} at "
-                f"(t, b) = {tb}. It selects steps, it does not weight them"
-                + (
-                    ": for per-token weights, write the weighted loss on unroll's outputs "
-                    "(its gradient is hand-written too)"
-                    if name == "loss_mask"
-                    else ""
-                )
-                + "."
-            )
+        check_flag_values(fn, name, values)
     return mask != 0
+
+
+def check_flag_values(fn: str, name: str, values: np.ndarray) -> None:
+    """Host values of a numeric (T, B) mask, loss mask or resets: only 0 and 1."""
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        t, b = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            _flags_message(fn, name).format(value=repr(values[t, b].item()), t=t, b=b)
+        )
+
+
+def _flags_message(fn: str, name: str) -> str:
+    return (
+        f"{fn}: {name} must hold only 0 and 1 (or be bool); got {{value}} at "
+        "(t, b) = ({t}, {b}). It selects steps, it does not weight them"
+        + (
+            ": for per-token weights, write the weighted loss on unroll's outputs "
+            "(its gradient is hand-written too)"
+            if name == "loss_mask"
+            else ""
+        )
+        + "."
+    )
 
 
 def check_readout(fn: str, readout, h: int, dtype) -> int:
@@ -568,11 +582,15 @@ def check_class_range(fn: str, name: str, values: np.ndarray, o: int, valid=None
     if valid is not None:
         bad &= np.asarray(valid, bool)
     if bad.any():
-        tb = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{fn}: {name} must lie in [0, O) = [0, {o}) where mask is set; "
-            f"got {int(values[tb])} at (t, b) = {tb}"
-        )
+        t, b = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(_class_range_message(fn, name, o).format(value=values[t, b], t=t, b=b))
+
+
+def _class_range_message(fn: str, name: str, o: int) -> str:
+    return (
+        f"{fn}: {name} must lie in [0, O) = [0, {o}) where mask is set; "
+        "got {value} at (t, b) = ({t}, {b})"
+    )
 
 
 def check_targets(fn: str, targets, loss: str, t: int, b: int, o: int, dtype, mask):
@@ -586,6 +604,12 @@ def check_targets(fn: str, targets, loss: str, t: int, b: int, o: int, dtype, ma
             )
         if not jnp.issubdtype(dt, jnp.integer):
             raise TypeError(f"{fn}: targets for loss='xent' must have an integer dtype; got {dt}")
+        if checking.traced(targets) or checking.traced(mask):
+            ok = (jnp.asarray(targets) >= 0) & (jnp.asarray(targets) < o)
+            if mask is not None:
+                ok = ok | ~mask
+            checking.check_all(ok, _class_range_message(fn, "targets", o), values=targets)
+            return targets
         values, valid = concrete(targets), concrete(mask)
         if values is not None and (mask is None or valid is not None):
             check_class_range(fn, "targets", values, o, valid)
@@ -816,27 +840,32 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
     _check_steps(fn, model, params, carry0, d_model, dtype, None)
     mask = check_mask(fn, mask, t, b)
     if is_bidirectional(model):
-        _check_right_padded(fn, mask)
+        check_right_padded(fn, mask)
     resets = check_mask(fn, resets, t, b, name="resets")
     return padding_zeroed(xs, mask), carry0, mask, resets, dtype
 
 
-def _check_right_padded(fn: str, mask) -> None:
+def check_right_padded(fn: str, mask) -> None:
     """A bidirectional model's mask (bool, (T, B)) has each sequence's valid steps first.
 
     Its reverse direction reads each sequence's first ``sum_t mask[t, b]`` steps backwards,
     so a left-padded batch, or a gap, would be read wrongly, silently. Checked when the mask
-    is concrete (not under ``jit``, as the targets' range is).
+    is concrete, and under ``jit`` in checked mode (:mod:`bptt_jax.checking`).
     """
+    message = (
+        f"{fn}: a bidirectional model needs right-padded sequences (the mask's valid "
+        "steps first, then padding); mask[:, {b}] has a padded step at t={t} and a valid "
+        "one at the step after it. Move each sequence's steps to the front (left-padded "
+        "batches are read wrongly by the reverse direction)."
+    )
+    if checking.traced(mask):
+        if mask.shape[0] > 1:
+            checking.check_all(~(mask[1:] & ~mask[:-1]), message)
+        return
     m = concrete(mask)
     if m is None:
         return
     bad = m[1:] & ~m[:-1]  # a valid step right after a padded one
     if bad.any():
         t, b = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            f"{fn}: a bidirectional model needs right-padded sequences (the mask's valid "
-            f"steps first, then padding); mask[:, {b}] has a padded step at t={t} and a valid "
-            f"one at t={t + 1}. Move each sequence's steps to the front (left-padded batches "
-            "are read wrongly by the reverse direction)."
-        )
+        raise ValueError(message.format(t=t, b=b))
