@@ -12,7 +12,6 @@ The names below are the public API. ``bptt_jax._engine`` (the sequence engine) a
 """
 
 from bptt_jax._engine import unroll as unroll
-from bptt_jax.checking import checked as checked
 from bptt_jax.cells import (
     GRU as GRU,
 )
@@ -43,6 +42,7 @@ from bptt_jax.cells import (
 from bptt_jax.cells import (
     ManualCell as ManualCell,
 )
+from bptt_jax.checking import checked as checked
 from bptt_jax.diagnostics import (
     GradientFlow as GradientFlow,
 )

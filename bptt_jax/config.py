@@ -90,6 +90,26 @@ def check_directory(key: str, value: str) -> None:
         raise ConfigError(f"config: '{key}' {value!r}: {str(ancestor)!r} is not writable")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory a run on this machine can use at most, read without starting JAX: the
+    host's physical RAM, or the container's limit (cgroup v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``) where lower; ``None`` where neither can be read. A device's own
+    memory is not asked for: that would start JAX's backend, which must wait for
+    ``jax.distributed`` (see :func:`bptt_jax.train.build`)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = int(Path(limit).read_text().strip())  # "max" (no limit): ValueError
+        except (OSError, ValueError):
+            continue
+        if value > 0:
+            total = value if total is None else min(total, value)
+    return total if total and total > 0 else None
+
+
 def load(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Read ``path`` (TOML; ``None`` for the schema's defaults), apply overrides, check types.
 
@@ -114,6 +134,14 @@ def load(schema: type[T], path: str | Path | None = None, overrides: Sequence[st
                 data = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config: {file} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8 (tomllib decodes before parsing)
+            line = e.object[: e.start].count(b"\n") + 1
+            raise ConfigError(
+                f"config: {file} is not UTF-8 text (a TOML file must be): byte "
+                f"0x{e.object[e.start]:02x} on line {line}; save the file as UTF-8"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"config: {file} cannot be read: {e.strerror or e}") from None
     for item in overrides:
         key, value = parse_override(item)
         _set(data, key, value)

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -67,6 +68,11 @@ BLOCK_NAMES: dict[type, tuple[str, ...]] = {
 
 
 # ------------------------------------------------------------------------ the horizon
+#: The horizon of a curve with a NaN or an infinite norm: undefined (see
+#: :func:`horizon_from_norms`). The trainer logs it as ``null``.
+UNDEFINED_HORIZON = -1
+
+
 def horizon_from_norms(norms, fraction: float = 0.01) -> jax.Array:
     """The effective horizon of a curve of error norms over time.
 
@@ -75,15 +81,19 @@ def horizon_from_norms(norms, fraction: float = 0.01) -> jax.Array:
     ``n_s < fraction * peak_s``: the number of most recent steps (the last one included) that
     the error reaches before it first falls below ``fraction`` of the largest it has been.
     If it never does (the error does not vanish within the sequence, e.g. it explodes), the
-    horizon is ``T``, which then means "at least T". NaN never counts as below.
+    horizon is ``T``, which then means "at least T". Two curves have no such step:
+
+    * all zeros (no error reaches any step): the horizon is ``0``, no step reached;
+    * a NaN or an infinite norm anywhere (a diverged run, an overflow): the horizon is
+      undefined, :data:`UNDEFINED_HORIZON` (``-1``); no number of steps would be honest.
 
     Args:
       norms: ``(T,)`` or ``(T, B)``, e.g. :func:`jacobian_norms` or ``||delta^h_t||``.
       fraction: in ``(0, 1)``.
 
     Returns:
-      int32 array: ``()`` for a ``(T,)`` curve, ``(B,)`` for ``(T, B)``; values in
-      ``[1, T]``.
+      int32 array: ``()`` for a ``(T,)`` curve, ``(B,)`` for ``(T, B)`` (one per column);
+      values in ``[1, T]``, ``0`` for an all-zero curve, ``-1`` for one with NaN or inf.
 
     Example:
       >>> import jax.numpy as jnp
@@ -92,6 +102,8 @@ def horizon_from_norms(norms, fraction: float = 0.01) -> jax.Array:
       4
       >>> int(horizon_from_norms(2.0 ** jnp.arange(10.0)[::-1]))   # grows going back
       10
+      >>> int(horizon_from_norms(jnp.zeros(10))), int(horizon_from_norms(jnp.full(10, jnp.nan)))
+      (0, -1)
     """
     fraction = _check_fraction("horizon_from_norms", fraction)
     norms = validation.as_array("horizon_from_norms", "norms", norms)
@@ -104,7 +116,10 @@ def horizon_from_norms(norms, fraction: float = 0.01) -> jax.Array:
     peak = lax.cummax(back, axis=0)
     below = back < fraction * peak
     first = jnp.argmax(below, axis=0)
-    return jnp.where(jnp.any(below, axis=0), first, norms.shape[0]).astype(jnp.int32)
+    horizon = jnp.where(jnp.any(below, axis=0), first, norms.shape[0])
+    horizon = jnp.where(jnp.any(back != 0, axis=0), horizon, 0)  # all zero: reaches no step
+    finite = jnp.all(jnp.isfinite(back), axis=0)
+    return jnp.where(finite, horizon, UNDEFINED_HORIZON).astype(jnp.int32)
 
 
 def _check_fraction(fn: str, fraction) -> float:
@@ -316,7 +331,8 @@ def effective_horizon(
 
     ``horizon_from_norms(jacobian_norms(...).mean(axis=1), fraction)``: the batch-mean
     ``||dh_T/dh_t||_F``, counted back from the last step until it first falls below
-    ``fraction`` of its running peak (see :func:`horizon_from_norms`); ``T`` if it never does.
+    ``fraction`` of its running peak (see :func:`horizon_from_norms`); ``T`` if it never does,
+    ``0`` if the norms are all zero, ``-1`` (:data:`UNDEFINED_HORIZON`) if one is NaN or inf.
     Meant for logging from a training loop on a small sub-batch with a few random probes.
     For a model, per layer and direction: the horizon of each cell's own Jacobian norms (see
     :func:`jacobian_norms`; for a reverse direction, the steps forward from ``t = 0`` that
@@ -328,8 +344,8 @@ def effective_horizon(
       fraction: in ``(0, 1)``; default 0.01.
 
     Returns:
-      int32 array ``()`` in ``[1, T]``; for a model, one per cell in the model's structure
-      (as :func:`jacobian_norms`).
+      int32 array ``()`` in ``[1, T]`` (``0``, ``-1``: see above); for a model, one per cell
+      in the model's structure (as :func:`jacobian_norms`).
 
     Example:
       >>> import jax, bptt_jax
@@ -362,7 +378,7 @@ class GradientFlow(NamedTuple):
     delta_norm: jax.Array  # (T,) batch mean of delta_norms
     jacobian_norms: jax.Array  # (T, B) ||dh_T/dh_t||_F per example
     jacobian_norm: jax.Array  # (T,) batch mean of jacobian_norms
-    horizon: jax.Array  # () int32: horizon_from_norms(jacobian_norm, fraction), in [1, T]
+    horizon: jax.Array  # () int32: horizon_from_norms(jacobian_norm, fraction); -1: NaN/inf
 
 
 def gradient_flow(
@@ -858,10 +874,41 @@ def check_config(cfg: DiagnoseConfig) -> DiagnoseConfig:
             f"config: 'truncation.ks' lists a k twice: {list(cfg.truncation.ks)}"
         )
     _at_least("seed", cfg.seed, 0)
+    f32_max = float(np.finfo(np.float32).max)  # the LSTM's bias is float32 here
+    if not abs(cfg.model.forget_bias) <= f32_max:  # a larger value would be inf (NaN: too)
+        raise config.ConfigError(
+            f"config: 'model.forget_bias' must be a finite float32 number (|x| <= 3.4e38); "
+            f"got {cfg.model.forget_bias!r}"
+        )
     config.check_directory("out", cfg.out)
+    for name in _out_files(cfg):
+        if (Path(cfg.out).expanduser() / name).is_dir():
+            raise config.ConfigError(
+                f"config: 'out' {cfg.out!r} holds a directory {name!r} where the diagnosis "
+                f"writes a file; remove it or choose another out"
+            )
     # plotted as a curve over k: in increasing order
     return dataclasses.replace(
         cfg, truncation=dataclasses.replace(cfg.truncation, ks=tuple(sorted(cfg.truncation.ks)))
+    )
+
+
+#: The files ``bptt-jax diagnose`` writes into ``out`` (the PNGs with ``plots = true``).
+SUMMARY_FILES = ("summary.txt", "summary.json")
+PLOT_FILES = ("gradient_flow.png", "exploding.png", "truncation_bias.png", "training.png")
+
+
+def _out_files(cfg: DiagnoseConfig) -> tuple[str, ...]:
+    return SUMMARY_FILES + (PLOT_FILES if cfg.plots else ())
+
+
+def _out_error(cfg: DiagnoseConfig, e: OSError, what: str) -> config.ConfigError:
+    """A write into ``out`` that failed (read-only, not permitted, disk full), naming 'out'."""
+    reason = e.strerror or str(e)
+    return config.ConfigError(
+        f"config: 'out' {cfg.out!r}: {what} failed: {reason}"
+        + (f" ({e.filename})" if e.filename else "")
+        + "; give a writable out=DIR"
     )
 
 
@@ -951,8 +998,13 @@ def _flow_numbers(flow: GradientFlow, fraction: float) -> dict:
 def run(cfg: DiagnoseConfig) -> dict:
     """Run every diagnosis of ``bptt-jax diagnose``; write the files; return the numbers."""
     cfg = check_config(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out).expanduser()
+    try:  # before any work: the directory, and a file in it (root on a read-only mount too)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise _out_error(cfg, e, "creating the directory and a file in it") from None
     t_len, batch, hid = cfg.task.T, cfg.task.batch, cfg.model.hidden
     key = jax.random.key(cfg.seed)
     k_eval, k_cells, k_train, k_probe, k_exp = jax.random.split(key, 5)
@@ -1012,12 +1064,15 @@ def run(cfg: DiagnoseConfig) -> dict:
     results["exploding"] = exploding
 
     summary = _summary_text(cfg, results)
-    (out / "summary.txt").write_text(summary)
-    with open(out / "summary.json", "w") as f:
-        json.dump(results, f, indent=1)
-    files = ["summary.txt", "summary.json"]
-    if cfg.plots:
-        files += _plot(cfg, results, out)
+    try:
+        (out / "summary.txt").write_text(summary)
+        with open(out / "summary.json", "w") as f:
+            json.dump(results, f, indent=1)
+        files = list(SUMMARY_FILES)
+        if cfg.plots:
+            files += _plot(cfg, results, out)
+    except OSError as e:  # e.g. the disk filled up during the run
+        raise _out_error(cfg, e, "writing the results") from None
     _log("\n" + summary)
     _log("wrote " + ", ".join(str(out / f) for f in files))
     return results
@@ -1031,7 +1086,8 @@ def _summary_text(cfg: DiagnoseConfig, results: dict) -> str:
         f"(Adam lr={cfg.train.lr}); loss on the last step only (mse; predicting the mean: "
         "0.167).",
         f"horizon: steps back from T until ||dh_T/dh_t|| first falls below {cfg.fraction} "
-        f"of its running peak ({t_len} = never); delta horizon: the same for ||delta^h_t||.",
+        f"of its running peak ({t_len} = never, 0 = all zero, -1 = undefined: NaN or inf); "
+        "delta horizon: the same for ||delta^h_t||.",
         "",
         f"{'cell':6s} {'stage':8s} {'loss':>7s} {'horizon':>8s} {'d-hor.':>7s} "
         f"{'|delta_0|':>10s} {'|delta_T|':>10s} {'sigma_max':>9s}",
@@ -1099,7 +1155,8 @@ def _plot(cfg: DiagnoseConfig, results: dict, out: Path) -> list[str]:
                 steps, e["jacobian_norm"], style, color=COLORS[name],
                 label=f"{stage}: horizon {e['horizon']}",
             )  # fmt: skip
-            axes[1, col].axvline(t_len - e["horizon"], ls=style, color="gray", lw=0.8)
+            if e["horizon"] >= 0:  # -1: undefined (non-finite norms), no line to draw
+                axes[1, col].axvline(t_len - e["horizon"], ls=style, color="gray", lw=0.8)
         axes[0, col].set_title(f"{name.upper() if name != 'elman' else 'Elman'}")
         axes[1, col].set_xlabel("time step t")
         for row in (0, 1):
@@ -1169,7 +1226,7 @@ def _plot(cfg: DiagnoseConfig, results: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=110)
     plt.close(fig)
-    return ["gradient_flow.png", "exploding.png", "truncation_bias.png", "training.png"]
+    return list(PLOT_FILES)
 
 
 def add_cli_arguments(parser) -> None:
@@ -1183,5 +1240,9 @@ def cli_main(args) -> int:
     except config.ConfigError as e:
         print(f"bptt-jax diagnose: error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except config.ConfigError as e:  # 'out' could not be written
+        print(f"bptt-jax diagnose: error: {e}", file=sys.stderr)
+        return 2
     return 0

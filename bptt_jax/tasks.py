@@ -190,16 +190,24 @@ def read_corpus(path: str | Path | None = None) -> list[str]:
     prose of Python's own documentation topics (``pydoc_data.topics``, no download).
 
     Raises:
-      ConfigError: the file is missing, unreadable, not UTF-8 or empty (naming
+      ConfigError: the file is missing, a directory, unreadable, not UTF-8 or empty (naming
         ``charlm.corpus``).
     """
     if not path:
         from pydoc_data.topics import topics
 
         return [topics[k] for k in sorted(topics)]
-    p = Path(path)
-    if not p.is_file():
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(
+            f"config: 'charlm.corpus' {str(path)!r} is a directory; give a UTF-8 text file"
+        )
+    if not p.exists():
         raise ConfigError(f"config: 'charlm.corpus' file {str(path)!r} does not exist")
+    if not p.is_file():
+        raise ConfigError(
+            f"config: 'charlm.corpus' {str(path)!r} is not a regular file; give a UTF-8 text file"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

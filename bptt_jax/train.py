@@ -181,7 +181,11 @@ def check_optim(o: OptimConfig) -> None:
         ("optim.max_consecutive_skips", o.max_consecutive_skips),
     ):
         config_lib.positive(key, value)
-    config_lib.positive("optim.momentum", o.momentum, allow_zero=True)
+    if not 0 <= o.momentum < 1:  # NaN too
+        raise ConfigError(
+            f"config: 'optim.momentum' must be in [0, 1) (0: none; a momentum of 1 or more "
+            f"never forgets a gradient and diverges); got {o.momentum!r}"
+        )
     for key, value in (("optim.learning_rate", o.learning_rate), ("optim.max_norm", o.max_norm)):
         if not math.isfinite(value):
             raise ConfigError(f"config: '{key}' must be a finite number; got {value!r}")
@@ -238,9 +242,11 @@ def check_config(cfg: Config) -> None:
     ):
         config_lib.positive(key, value, allow_zero=True)
     check_optim(o)
-    if not math.isfinite(m.forget_bias):
+    fmax = float(np.finfo(np.float64 if m.dtype == "float64" else np.float32).max)
+    if not abs(m.forget_bias) <= fmax:  # NaN too; beyond the params' dtype it would be inf
         raise ConfigError(
-            f"config: 'model.forget_bias' must be a finite number; got {m.forget_bias}"
+            f"config: 'model.forget_bias' must be a finite number that model.dtype "
+            f"({m.dtype}) holds, |x| <= {fmax:.3g}; got {m.forget_bias}"
         )
     if m.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError(
@@ -292,6 +298,177 @@ def check_config(cfg: Config) -> None:
             f"config: 'model.bidirectional' needs a task of independent sequences (adding); "
             f"task {cfg.task!r} is a carried stream, undefined for a reverse direction"
         )
+    check_sizes(cfg)
+
+
+#: Most layers a config may stack. The train step is traced and compiled layer by layer (each
+#: layer's scans are their own code in the program), and XLA's compile time grows faster than
+#: linearly with them: 9 s at 50 layers, 116 s at 200 (LSTM, H = 4, on a 2-core CPU), so 1000
+#: layers would compile for over half an hour with no output, and 100000 for days. Stacks in
+#: use have tens of layers.
+MAX_LAYERS = 1000
+
+#: Per built-in cell: gate blocks (kernel columns per H), bias vectors of G*H, carry parts
+#: (B, H) and the (B, H) blocks its hand-written backward stores per step beside the carry
+#: (the largest of its gate, residual and gradient blocks: the engine writes them in place).
+_CELL_SIZES = {"elman": (1, 1, 1, 1), "lstm": (4, 1, 2, 4), "gru": (3, 2, 1, 4)}
+
+
+class Footprint(NamedTuple):
+    """:func:`footprint`'s estimate in bytes, each part with the config keys it grows with."""
+
+    params: int  # params and readout, their gradient and the optimizer's state
+    step: int  # one train step: the batch (and its TBPTT windows), logits, stored states
+    evaluation: int  # one evaluation: the test inputs, every layer's outputs, the logits
+    keys: dict  # "params" / "step" / "evaluation" -> the keys that part grows with
+
+    @property
+    def total(self) -> int:
+        """``params + max(step, evaluation)`` (a train step and an evaluation do not overlap):
+        a lower bound of the run's peak memory (XLA's scratch comes on top)."""
+        return self.params + max(self.step, self.evaluation)
+
+
+def _optimizer_slots(o: OptimConfig) -> int:
+    """Arrays the size of the params in the optimizer's state (adam: 2, sgd with momentum:
+    1), read off an abstract ``init`` (no device, no memory)."""
+    n = 1 << 12
+    state = jax.eval_shape(make_optimizer(o).init, jax.ShapeDtypeStruct((n,), jnp.float32))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state)) // n
+
+
+def footprint(cfg: Config) -> Footprint:
+    """The memory a run of ``cfg`` needs at least, from its sizes alone (no task built, no
+    device touched), in bytes:
+
+    * params: the cell's or model's params and the readout (exact for the built-in cells),
+      times 2 + the optimizer's slots (the gradient; adam's two moments);
+    * step: one train step's batch (inputs, targets, flags; with TBPTT also cut into its
+      ``ceil(T/k1)`` windows of k2 steps), the logits and their error, and what the
+      hand-written backward stores per step (every cell's carry and gate blocks, T steps,
+      or k2 with TBPTT), in the compute dtype;
+    * evaluation: the test set's inputs, every layer's outputs and the logits.
+
+    For ``charlm`` the vocabulary is the corpus's, unknown before it is read: counted as 2.
+    :func:`check_sizes` refuses a config whose :attr:`Footprint.total` exceeds the memory.
+    Call it on a config whose task table is checked (:func:`bptt_jax.tasks.check_task_config`).
+    """
+    m, t, name = cfg.model, cfg.train, cfg.task
+    tc = getattr(cfg, name)
+    item = np.dtype(m.dtype).itemsize
+    citem = np.dtype(m.compute_dtype or m.dtype).itemsize
+    if name == "adding":
+        d, o, xent, t_eval, b_eval = 2, 1, False, tc.seq_len, tc.test_size
+        io_keys, eval_keys = (), ("adding.seq_len", "adding.test_size")
+    elif name == "recall":
+        d, o, xent, t_eval, b_eval = tc.alphabet, tc.alphabet, True, tc.test_len, tc.test_size
+        io_keys, eval_keys = ("recall.alphabet",), ("recall.test_len", "recall.test_size")
+    else:  # charlm: one-hot over the corpus's characters, at least 2
+        d, o, xent, t_eval, b_eval = 2, 2, True, tc.eval_len, tc.eval_streams
+        io_keys, eval_keys = (), ("charlm.eval_len", "charlm.eval_streams")
+    gates, biases, carry, stored = _CELL_SIZES[m.cell]
+    h, layers, dirs = m.hidden_size, m.num_layers, 1 + m.bidirectional
+    b, seq = t.batch_size, tc.seq_len
+    f = dirs * h  # features out of every layer (a bidirectional one concatenates both)
+
+    def cell(d_in):
+        return gates * h * (d_in + h) + biases * gates * h
+
+    n_params = dirs * (cell(d) + (layers - 1) * cell(f)) + f * o + o
+    params = n_params * item * (2 + _optimizer_slots(cfg.optim))
+    if t.k1 is None:
+        stored_steps, cut_steps = seq, 0
+    else:
+        stored_steps = t.k2 or t.k1
+        cut_steps = -(-seq // t.k1) * stored_steps  # the (N, k2) windows cut from the batch
+    per_example_step = (d * item) + (4 if xent else o * item) + 3  # inputs, targets, 3 flags
+    step = (
+        (seq + cut_steps) * b * per_example_step
+        + 2 * stored_steps * b * o * item  # logits and their error
+        + stored_steps * b * (layers * dirs * h * (carry + stored) + o) * citem
+    )
+    evaluation = t_eval * b_eval * (d + o + layers * f) * item
+    model_keys = ("model.hidden_size", "model.num_layers", *io_keys)
+    steps_keys = (f"{name}.seq_len", *(("train.k2",) if t.k1 is not None else ()))
+    keys = {
+        "params": model_keys,
+        "step": ("train.batch_size", *steps_keys, *model_keys),
+        "evaluation": (*eval_keys, *model_keys),
+    }
+    return Footprint(int(params), int(step), int(evaluation), keys)
+
+
+def _size_text(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError  # unreachable
+
+
+def check_sizes(cfg: Config) -> None:
+    """Sizes that cannot run, before any work; ``ConfigError`` naming the key.
+
+    The task's table (:func:`bptt_jax.tasks.check_task_config`); ``train.k1`` no longer
+    than the task's ``seq_len`` (each train step's sequence: a longer window is padding
+    only, the same updates as ``k1 = seq_len`` at many times the cost); at most
+    :data:`MAX_LAYERS` layers; and :func:`footprint`'s total within the machine's memory
+    (:func:`bptt_jax.config.available_memory`: host RAM; a device with less memory than
+    that is not asked, which would start JAX's backend).
+    """
+    if cfg.task not in tasks.TASKS or cfg.model.cell not in _CELL_SIZES:
+        return  # named by make_task / the schema
+    tasks.check_task_config(cfg.task, getattr(cfg, cfg.task))
+    t, m = cfg.train, cfg.model
+    seq = getattr(cfg, cfg.task).seq_len
+    if t.k1 is not None and t.k1 > seq:
+        raise ConfigError(
+            f"config: 'train.k1' ({t.k1}) must be <= '{cfg.task}.seq_len' ({seq}), the steps "
+            f"of each train step: a TBPTT window past them is padding only (the same updates "
+            f"as train.k1={seq}, over {-(-(t.k2 or t.k1) // seq)}x the steps); set "
+            f"train.k1={seq} or less, or train.k1=none for full BPTT per batch"
+        )
+    if m.num_layers > MAX_LAYERS:
+        raise ConfigError(
+            f"config: 'model.num_layers' must be <= {MAX_LAYERS}; got {m.num_layers} (the "
+            f"train step is compiled layer by layer, in time that grows faster than the "
+            f"layers: 116 s at 200 layers on a 2-core CPU)"
+        )
+    available = config_lib.available_memory()
+    fp = footprint(cfg)
+    if available is None or fp.total <= available:
+        return
+    part = max(("params", "step", "evaluation"), key=lambda k: getattr(fp, k))
+    flat = _flat(config_lib.to_dict(cfg))
+    default = _flat(config_lib.to_dict(Config()))
+    default["train.k2"] = seq  # a window's steps, against the sequence's
+    flat["train.k2"] = t.k2 or t.k1
+
+    def excess(key):  # how many times its default the value is
+        return flat[key] / max(default[key], 1)
+
+    key = max(fp.keys[part], key=excess)
+    what = {
+        "params": "the params with their gradient and the optimizer's state",
+        "step": "one train step's batch and the states stored for its backward",
+        "evaluation": "the evaluation's test set and outputs",
+    }[part]
+    listing = ", ".join(f"{k}={flat[k]}" for k in fp.keys[part])
+    raise ConfigError(
+        f"config: '{key}' = {flat[key]} makes the run too big for this machine: it needs at "
+        f"least {_size_text(fp.total)} of memory, {what} {_size_text(getattr(fp, part))} "
+        f"({listing}), and the machine has {_size_text(available)}; reduce '{key}'"
+    )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -685,7 +862,7 @@ class FitResult(NamedTuple):
     """What :func:`fit` returns."""
 
     state: TrainState  # the final state
-    history: list  # the log records (dicts), as written to train.log_file
+    history: list  # the log records (dicts), as written to train.log_file (NaN there: null)
     task: Any  # the task (e.g. to sample from a char-LM)
     cell: Any  # the cell
     mesh: Any = None  # the data-parallel mesh (None: one device)
@@ -808,9 +985,19 @@ def fit(
     process calls ``hooks`` and writes its part of each checkpoint. Evaluation runs on each
     process's first device.
 
+    The run holds ``checkpoint.dir``'s lock (:class:`bptt_jax.checkpoint.Checkpointer`) from
+    start to end. Resuming skips newer steps that are corrupt or incomplete, with a warning
+    line each on ``out``, restores the newest intact one (announced) and moves the skipped
+    ones aside to ``<step>.corrupt-<n>``. ``train.log_file`` then holds each step once
+    (:func:`_open_log`: trimmed to the resumed step, or another run's log moved aside), its
+    records strict JSON (NaN and inf as ``null``).
+
     Raises:
-      ConfigError: a bad value, naming the key, or a checkpoint to resume that does not fit
-        the config ('checkpoint.dir'), before any training.
+      ConfigError: a bad value, naming the key, or, naming 'checkpoint.dir', a checkpoint
+        to resume that does not fit the config, a directory another live run writes, or one
+        whose steps are all corrupt; before any training.
+      bptt_jax.checkpoint.CheckpointSaveError: (an ``OSError``) a checkpoint could not be
+        written (e.g. a full disk); nothing partial of it is left.
     """
     out = sys.stdout if out is None else out
     task, cell, t = build(cfg)  # every check and the corpus read, touching no device
@@ -827,44 +1014,74 @@ def fit(
     if cc.dir:  # orbax is imported only when checkpoints are asked for
         from bptt_jax import checkpoint
 
-        ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep)
-    if ckpt is not None and ckpt.latest_step() is not None:
-        if not cc.resume:
-            steps = ckpt.all_steps()
+        try:  # the directory's lock, held until the end: one writing run at a time
+            ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep)
+        except checkpoint.CheckpointInUse as e:
+            raise ConfigError(f"config: 'checkpoint.dir': {e}") from None
+    resumed, log = False, None
+    try:  # (the checkpoint directory's lock is released on any error)
+        if ckpt is not None and ckpt.steps_on_disk():
+            if not cc.resume:
+                steps = ckpt.steps_on_disk()
+                raise ConfigError(
+                    f"config: 'checkpoint.dir' {cc.dir!r} holds checkpoints (steps {steps}) "
+                    "and checkpoint.resume=false starts from step 0, whose checkpoints would be "
+                    "mixed with them: use another checkpoint.dir, or delete those checkpoints"
+                )
+            corrupt = []  # newer steps that do not restore intact: skipped, then moved aside
+            try:
+                state, meta = ckpt.restore(state, on_corrupt=corrupt.append)
+            except checkpoint.CheckpointMismatch as e:
+                raise ConfigError(
+                    f"config: 'checkpoint.dir' holds a checkpoint of another model, optimizer "
+                    f"or batch size: {e}; use another checkpoint.dir"
+                ) from None
+            except checkpoint.CheckpointCorrupt as e:
+                raise ConfigError(
+                    f"config: 'checkpoint.dir' {cc.dir!r} holds no intact checkpoint to resume "
+                    f"({e}); move those step directories away, or use another checkpoint.dir"
+                ) from None
+            conflicts, changed = resume_differences(meta.get("config"), cfg)
+            if conflicts:
+                raise ConfigError(
+                    f"config: 'checkpoint.dir' holds a run of another problem: "
+                    f"{'; '.join(conflicts)} (saved -> now). Resuming it would continue that "
+                    "run under this config's name; use another checkpoint.dir"
+                )
+            resumed = True
+            for e in corrupt:  # the run continues from an older step: these are passed
+                moved = ckpt.set_aside(e.step)
+                if main:
+                    print(
+                        f"warning: checkpoint step {e.step} in {cc.dir} is corrupt or "
+                        f"incomplete ({e.reason}); skipped, moved aside to {moved.name}",
+                        file=out,
+                    )
+            if main:
+                newest = " (the newest intact checkpoint)" if corrupt else ""
+                print(f"resumed from {cc.dir} at step {int(state.step)}{newest}", file=out)
+                if changed:
+                    print(f"  with changed settings: {'; '.join(changed)}", file=out)
+                if int(state.step) >= tc.steps:
+                    print(
+                        f"  nothing left to train: the checkpoint is at step "
+                        f"{int(state.step)}, train.steps is {tc.steps} (raise train.steps to "
+                        "train on); evaluating it",
+                        file=out,
+                    )
+        if tc.log_file and main:  # trimmed to the resumed step, or another run's set aside
+            log = _open_log(tc, int(state.step) if resumed else None, out)
+    except BaseException:
+        if ckpt is not None:
             ckpt.close()
-            raise ConfigError(
-                f"config: 'checkpoint.dir' {cc.dir!r} holds checkpoints (steps {steps}) and "
-                "checkpoint.resume=false starts from step 0, whose checkpoints would be mixed "
-                "with them: use another checkpoint.dir, or delete those checkpoints"
-            )
-        try:
-            state, meta = ckpt.restore(state)
-        except checkpoint.CheckpointMismatch as e:
-            ckpt.close()
-            raise ConfigError(
-                f"config: 'checkpoint.dir' holds a checkpoint of another model, optimizer or "
-                f"batch size: {e}; use another checkpoint.dir"
-            ) from None
-        conflicts, changed = resume_differences(meta.get("config"), cfg)
-        if conflicts:
-            ckpt.close()
-            raise ConfigError(
-                f"config: 'checkpoint.dir' holds a run of another problem: "
-                f"{'; '.join(conflicts)} (saved -> now). Resuming it would continue that run "
-                "under this config's name; use another checkpoint.dir"
-            )
-        if main:
-            print(f"resumed from {cc.dir} at step {int(state.step)}", file=out)
-            if changed:
-                print(f"  with changed settings: {'; '.join(changed)}", file=out)
+        raise
     tokens_per_step = tc.batch_size * task.seq_len
     history: list[dict] = []
-    log = open(tc.log_file, "a") if tc.log_file and main else None  # noqa: SIM115
 
     def record(rec: dict):
         history.append(rec)
         if log is not None:
-            log.write(json.dumps(rec) + "\n")
+            log.write(_json_line(rec) + "\n")
             log.flush()
         for hook in hooks:
             hook(rec["step"], rec)
@@ -901,7 +1118,8 @@ def fit(
                 if tc.horizon_every and done % tc.horizon_every == 0:
                     t_h = time.perf_counter()  # not throughput either
                     params, key = parallel.local_copy((state.params, state.key))
-                    rec["horizon"] = int(_horizon(cell, params, batch.xs, key))
+                    h = int(_horizon(cell, params, batch.xs, key))
+                    rec["horizon"] = h if h >= 0 else None  # null: undefined (NaN norms)
                     now += time.perf_counter() - t_h
                 t_last, step_last, window = now, done, []
                 if bar is not None:
@@ -937,11 +1155,13 @@ def _horizon(cell, params, xs, key):
     """The effective horizon (:func:`bptt_jax.diagnostics.effective_horizon`) of the batch's
     first 8 sequences, from zero carries, with 8 random probes: about 8 backward passes
     over 8 sequences, no weight gradients. A model logs the longest of its layers' (and
-    directions') horizons."""
+    directions') horizons. ``-1`` (:data:`~bptt_jax.diagnostics.UNDEFINED_HORIZON`) when
+    any is undefined (NaN or inf norms: a diverged run), which the log records as null."""
     from bptt_jax import diagnostics
 
     h = diagnostics.effective_horizon(cell, params, xs[:, :8], probes=8, key=key)
-    return jnp.max(jnp.stack([jnp.max(x) for x in jax.tree.leaves(h)]))
+    hs = jnp.stack([jnp.max(x) for x in jax.tree.leaves(h)])
+    return jnp.where(jnp.any(hs < 0), diagnostics.UNDEFINED_HORIZON, jnp.max(hs))
 
 
 @partial(jax.jit, static_argnums=(0, 3))
@@ -969,6 +1189,124 @@ def _train_record(step: int, window: list[dict], tokens_per_s: float) -> dict:
     return rec
 
 
+def _json_safe(value):
+    """``value`` with every non-finite float (NaN, inf) as ``None``: JSON has no NaN, and
+    strict parsers reject the bare ``NaN`` that ``json.dumps`` writes by default."""
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_line(rec: dict) -> str:
+    """One record of ``train.log_file``: strict JSON, a non-finite number as ``null``."""
+    return json.dumps(_json_safe(rec), allow_nan=False)
+
+
+def _open_log(tc: TrainConfig, resumed_step: int | None, out):
+    """``train.log_file`` opened to append this run's records, so that it holds each step
+    once and only this run's records:
+
+    * resuming at step ``r``: the records past ``r`` (written by the run that stopped after
+      its last checkpoint) are dropped, and, when there is nothing left to train
+      (``r >= train.steps``), the evaluation at ``r``, which this run repeats; lines that
+      do not parse (a record cut off by a kill) go too. Rewritten atomically (a temporary
+      file, then ``os.replace``).
+    * not resuming: a non-empty file (another run's records) is moved aside to
+      ``<log_file>.<n>`` (the first free ``n``), and this run starts a new one.
+
+    Either is announced on ``out``.
+
+    Args:
+      tc: the run's ``[train]`` table (``log_file``, ``steps``).
+      resumed_step: the step the run resumed at, or ``None`` for a fresh run.
+      out: where the announcement goes.
+
+    Returns:
+      The file, open for appending.
+    """
+    import os
+
+    path = Path(tc.log_file).expanduser()
+    if path.exists() and path.stat().st_size > 0:
+        if resumed_step is None:
+            n = 1
+            while path.with_name(f"{path.name}.{n}").exists():
+                n += 1
+            old = path.with_name(f"{path.name}.{n}")
+            os.rename(path, old)
+            print(f"train.log_file {tc.log_file} held another run's records: moved to {old}",
+                  file=out)  # fmt: skip
+        else:
+            kept, dropped = [], 0
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None
+                if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                    dropped += bool(line.strip())
+                    continue
+                repeated = rec.get("kind") == "eval" and rec["step"] == resumed_step
+                if rec["step"] > resumed_step or (repeated and resumed_step >= tc.steps):
+                    dropped += 1
+                    continue
+                kept.append(line + "\n")
+            if dropped:
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                tmp.write_text("".join(kept), encoding="utf-8")
+                os.replace(tmp, path)
+                print(f"train.log_file {tc.log_file}: dropped {dropped} record(s) that this "
+                      f"run, resumed at step {resumed_step}, writes again", file=out)  # fmt: skip
+    return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by fit
+
+
+def divergence(result: FitResult) -> str | None:
+    """Why a finished run's result is not a trained model, or ``None``: what makes
+    ``bptt-jax train`` exit with status 1.
+
+    * its final params or readout hold NaN or inf;
+    * its final evaluation has a NaN or inf value (e.g. the loss);
+    * with ``optim.skip_nonfinite``: every update counted in its last train record (its
+      last ``train.log_every`` steps) was skipped for a non-finite gradient: the run is
+      stuck, its params are the last finite ones.
+
+    Args:
+      result: what :func:`fit` returned (every process can ask: the params are replicated).
+
+    Returns:
+      One line saying which rule the run broke (naming the array or the metric), or
+      ``None`` for a run whose result is finite and was still being trained at its end.
+    """
+    state = result.state
+    params = parallel.local_copy((state.params, state.readout))
+    for p, x in jax.tree_util.tree_leaves_with_path(params):
+        if not np.all(np.isfinite(np.asarray(x, np.float64))):
+            where = "readout" if p and getattr(p[0], "idx", None) == 1 else "params"
+            return (
+                f"the run diverged: the final {where} hold NaN or inf "
+                f"({where}{jax.tree_util.keystr(p[1:])})"
+            )
+    evals = [r for r in result.history if r["kind"] == "eval"]
+    if evals:
+        for k, v in evals[-1].items():
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"the run diverged: its final evaluation has {k}={v}"
+    trains = [r for r in result.history if r["kind"] == "train"]
+    opt = state.opt_state
+    if trains and isinstance(opt, optax.ApplyIfFiniteState):
+        streak = int(parallel.local_copy(opt.notfinite_count))
+        if streak >= trains[-1]["updates"] > 0:
+            return (
+                f"the run is stuck: its last {streak} updates were all skipped for non-finite "
+                "gradients (optim.skip_nonfinite); the params are the last finite ones"
+            )
+    return None
+
+
 def _progress(tc: TrainConfig, start: int, out):
     if not tc.progress:
         return None
@@ -985,12 +1323,26 @@ def _write(bar, out, text: str):
 
 
 # ---------------------------------------------------------------------------- CLI
+#: ``bptt-jax train``'s exit statuses (also its ``--help``).
+EXIT_STATUS = (
+    "exit status: 0 a trained model; 1 the run diverged (its final params or evaluation are "
+    "NaN or inf, or every update of its last train.log_every steps was skipped for a "
+    "non-finite gradient) or a checkpoint could not be written (e.g. a full disk); 2 a bad "
+    "config, found before any training."
+)
+
+
 def add_cli_arguments(parser) -> None:
     config_lib.add_arguments(parser)
+    parser.epilog = EXIT_STATUS
 
 
 def cli_main(args) -> int:
-    """``bptt-jax train CONFIG [KEY=VALUE ...]``: 0 on success, 2 on a config error."""
+    """``bptt-jax train CONFIG [KEY=VALUE ...]``: the exit status of :data:`EXIT_STATUS`.
+
+    Ends with the number of updates skipped for non-finite gradients (the whole run's,
+    resumed parts included); a run that diverged (:func:`divergence`) prints why and
+    returns 1. A failed save is one line (``bptt-jax train: error: ...``), status 1."""
     if args.config is None:  # (KEY=VALUE alone: the overrides of train.Config's defaults)
         print("bptt-jax train: error: give a config (e.g. adding, charlm, recall)", file=sys.stderr)
         return 2
@@ -1018,14 +1370,25 @@ def cli_main(args) -> int:
     except ConfigError as e:  # devices, batch size or checkpoint, found before any training
         print(f"bptt-jax train: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a checkpoint that could not be saved (a full disk), the log file
+        print(f"bptt-jax train: error: {e}", file=sys.stderr)
+        return 1
+    problem = divergence(result)
     if parallel.is_main_process():
         last = [r for r in result.history if r["kind"] == "eval"][-1]
         text = " ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
         where = ""
         if result.mesh is not None:
             where = f" on {result.mesh.devices.size} devices, {jax.process_count()} process(es),"
+        opt = result.state.opt_state
+        skipped = ""
+        if isinstance(opt, optax.ApplyIfFiniteState):
+            n = int(parallel.local_copy(opt.total_notfinite))
+            skipped = f"; {n} update{'' if n == 1 else 's'} skipped (non-finite gradients)"
         print(
             f"done: {int(result.state.step)} steps{where} in "
-            f"{time.perf_counter() - t0:.1f} s; {text}"
+            f"{time.perf_counter() - t0:.1f} s; {text}{skipped}"
         )
-    return 0
+        if problem:
+            print(f"bptt-jax train: error: {problem}", file=sys.stderr)
+    return 1 if problem else 0

@@ -529,9 +529,7 @@ def check_flag_values(fn: str, name: str, values: np.ndarray) -> None:
     bad = (values != 0) & (values != 1)
     if bad.any():
         t, b = (int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(
-            _flags_message(fn, name).format(value=repr(values[t, b].item()), t=t, b=b)
-        )
+        raise ValueError(_flags_message(fn, name).format(value=repr(values[t, b].item()), t=t, b=b))
 
 
 def _flags_message(fn: str, name: str) -> str:

@@ -34,16 +34,27 @@ TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
 FD_TOLERANCE = 1e-6
 FD_EPS = 1e-5
 #: Under a precision policy (``compute_dtype``), tolerances in units of the compute dtype's
-#: machine epsilon (bfloat16: 2^-7 = 7.8e-3 with its 8-bit significand): each term of a
-#: gradient sum has a few factors rounded once to the compute dtype (the matmul operands,
-#: the stored states and gate residuals), each off by at most eps/2, so the manual gradient
-#: is within a few eps of the full-precision one: ``POLICY_ULPS * eps`` against autodiff in
-#: the params' dtype; twice that against autodiff of the same policy, itself that far off.
+#: machine epsilon (bfloat16: 2^-7 = 7.8e-3 with its 8-bit significand). The verdict compares
+#: the manual gradient with autodiff of the *same* policy: both differentiate the same
+#: rounded forward (inputs and kernels cast once, stored states and gate residuals in the
+#: compute dtype), so what separates them is each backward's own rounding: every term of a
+#: gradient sum has a few factors rounded once to the compute dtype (the per-step errors and
+#: pre-activation gradients that meet a kernel), each off by at most eps/2, so each side is
+#: within ``POLICY_ULPS * eps`` of the exact derivative of that forward and the two within
+#: ``2 * POLICY_ULPS * eps`` (bfloat16: 6.25e-2) of each other. A backward that is wrong by
+#: more than that (e.g. one bias gradient 10% off) fails; a smaller error is below what
+#: bfloat16 can resolve and is the float32 and float64 rows' to catch.
+#: The distance to autodiff in the params' dtype (``full_precision``) measures the policy's
+#: rounding of the forward, bfloat16's and not the cell's backward: at T = 64 it reaches 0.1
+#: for a correct cell on some keys. It is reported beside the verdict, not part of it;
+#: ``POLICY_ULPS * eps`` is its typical size (``full_precision_tolerance``).
 POLICY_ULPS = 4
 
 
 def policy_tolerances(compute_dtype) -> tuple[float, float]:
-    """``(vs the params' dtype, vs autodiff of the same policy)`` for a compute dtype."""
+    """``(vs the params' dtype, vs autodiff of the same policy)`` for a compute dtype: the
+    second is the verdict's tolerance, the first the typical distance to full precision
+    (reported, not judged; see :data:`POLICY_ULPS`)."""
     eps = float(jnp.finfo(compute_dtype).eps)
     return POLICY_ULPS * eps, 2 * POLICY_ULPS * eps
 
@@ -67,13 +78,16 @@ class GradientReport:
       autodiff: leaf name -> max relative error of the manual gradient vs autodiff.
       finite_diff: leaf name -> relative error of the manual directional derivative vs a
         central finite difference (float64 only; empty otherwise).
-      tolerance: the autodiff tolerance used (by dtype).
+      tolerance: the autodiff tolerance used (by dtype; under a policy, vs autodiff of the
+        same policy).
       full_precision: under a precision policy (``compute_dtype``), leaf name -> max
         relative error of the manual gradient vs autodiff in the params' dtype (no policy);
-        empty otherwise.
+        empty otherwise. Information, not part of ``passed``: it measures the compute
+        dtype's rounding of the forward, not the cell's backward (see :data:`POLICY_ULPS`).
       naive: under a policy, leaf name -> the same error of a naive run (params and inputs
         cast to the compute dtype, no policy), for comparison; not part of ``passed``.
-      full_precision_tolerance: the tolerance of ``full_precision``.
+      full_precision_tolerance: the typical size of ``full_precision`` (``POLICY_ULPS``
+        eps of the compute dtype), for reading it; not a pass/fail bound.
     """
 
     config: str
@@ -86,11 +100,9 @@ class GradientReport:
 
     @property
     def passed(self) -> bool:
+        """Every leaf within ``tolerance`` of autodiff (of the same policy, under one) and,
+        in float64, of finite differences; ``full_precision`` and ``naive`` are not judged."""
         ok = all(np.isfinite(e) and e <= self.tolerance for e in self.autodiff.values())
-        ok &= all(
-            np.isfinite(e) and e <= self.full_precision_tolerance
-            for e in self.full_precision.values()
-        )
         return ok and all(np.isfinite(e) and e <= FD_TOLERANCE for e in self.finite_diff.values())
 
     @property
@@ -193,16 +205,17 @@ def check_gradients(
       key: PRNG key; default ``jax.random.key(0)``.
       compute_dtype: a precision policy to check (:mod:`bptt_jax.precision`), e.g.
         ``jnp.bfloat16`` with ``dtype=jnp.float32``: the manual gradient under the policy
-        is compared with autodiff of the same policy (``autodiff``) and with autodiff in
-        ``dtype`` (``full_precision``), within :func:`policy_tolerances`; a naive run in the
-        compute dtype is reported beside (``naive``).
+        is judged against autodiff of the same policy (``autodiff``, within
+        ``policy_tolerances(compute_dtype)[1]``); its distance to autodiff in ``dtype``
+        (``full_precision``) and a naive run in the compute dtype (``naive``) are reported
+        beside, not judged (they measure the compute dtype's rounding, not the backward).
 
     Both gradients are computed with ``jax.default_matmul_precision("highest")``, so that
     on GPUs and TPUs too the matmuls are true float32 and the dtype's tolerance applies.
 
     Returns:
       A :class:`GradientReport`; ``report.passed`` says whether every error is within
-      :data:`TOLERANCE` (and :data:`FD_TOLERANCE`).
+      :data:`TOLERANCE` (under a policy, :func:`policy_tolerances`) and :data:`FD_TOLERANCE`.
 
     Example:
       >>> import jax, jax.numpy as jnp, bptt_jax
@@ -536,14 +549,14 @@ def run_verify(seed: int = 0, print_fn=print, grid=None) -> bool:
         f"bptt-jax verify: {len(grid)} configurations, manual vs jax.grad of a plain "
         f"lax.scan (normwise relative error),\nand vs central finite differences in float64. "
         f"Tolerances: {TOLERANCE}, finite differences {FD_TOLERANCE:g}; bfloat16 compute: "
-        f"{policy_tolerances(jnp.bfloat16)[1]:.2g} vs autodiff of the same policy, "
-        f"{policy_tolerances(jnp.bfloat16)[0]:.2g} vs float32 autodiff. "
+        f"{policy_tolerances(jnp.bfloat16)[1]:.2g} vs autodiff of the same policy (the "
+        f"distance to float32 autodiff is shown, not judged: it is bfloat16's rounding). "
         f"Device: {jax.devices()[0].platform}.\n"
     )
     header = f"{'configuration':<84} {'worst leaf':<20} {'vs autodiff':>11} {'vs FD':>9}  ok"
     print_fn(header)
     print_fn("-" * len(header))
-    all_ok, worst = True, {"float64": 0.0, "float32": 0.0, "bfloat16": 0.0}
+    all_ok, worst, worst_full = True, {"float64": 0.0, "float32": 0.0, "bfloat16": 0.0}, 0.0
     for n, (cell, kw) in enumerate(grid):
         try:
             report = check_gradients(cell, key=jax.random.fold_in(key, n), **kw)
@@ -554,7 +567,8 @@ def run_verify(seed: int = 0, print_fn=print, grid=None) -> bool:
         leaf = max(report.autodiff, key=report.autodiff.get)
         fd = max(report.finite_diff.values()) if report.finite_diff else float("nan")
         dt = jnp.dtype(kw.get("compute_dtype") or kw["dtype"]).name
-        worst[dt] = max(worst[dt], max(report.full_precision.values(), default=report.max_error))
+        worst[dt] = max(worst[dt], report.max_error)
+        worst_full = max(worst_full, max(report.full_precision.values(), default=0.0))
         all_ok &= report.passed
         fd_s = f"{fd:9.1e}" if report.finite_diff else f"{'-':>9}"
         print_fn(
@@ -566,8 +580,8 @@ def run_verify(seed: int = 0, print_fn=print, grid=None) -> bool:
             naive = max(report.naive.values())
             tol = report.full_precision_tolerance
             print_fn(
-                f"    vs float32 autodiff {full:.1e} (tolerance {tol:.1e}); "
-                f"a naive bfloat16 run: {naive:.1e}"
+                f"    information: vs float32 autodiff {full:.1e} (typically within "
+                f"{tol:.1e}); a naive bfloat16 run: {naive:.1e}"
             )
         if not report.passed:
             for name, e in report.autodiff.items():
@@ -581,8 +595,8 @@ def run_verify(seed: int = 0, print_fn=print, grid=None) -> bool:
                 )
     print_fn(
         f"\nworst relative error vs autodiff: float64 {worst['float64']:.1e}, "
-        f"float32 {worst['float32']:.1e}; bfloat16 compute vs float32 "
-        f"{worst['bfloat16']:.1e}; {time.perf_counter() - start:.1f} s"
+        f"float32 {worst['float32']:.1e}, bfloat16 compute {worst['bfloat16']:.1e} (vs "
+        f"float32, information: {worst_full:.1e}); {time.perf_counter() - start:.1f} s"
     )
     print_fn("PASSED" if all_ok else "FAILED")
     return all_ok

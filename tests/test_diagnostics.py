@@ -170,7 +170,26 @@ def test_horizon_of_geometric_curves():
         want = int(np.floor(np.log(0.01) / np.log(r))) + 1
         assert int(diagnostics.horizon_from_norms(r**s)) == min(want, t)
     assert int(diagnostics.horizon_from_norms(1.5**s)) == t  # exploding: never falls
-    assert int(diagnostics.horizon_from_norms(np.full(t, np.nan))) == t
+
+
+def test_horizon_of_a_curve_without_error_is_0_and_of_a_non_finite_one_undefined():
+    """An all-zero curve (no error reaches any step) has horizon 0, not T; a curve with a
+    NaN or inf anywhere (a diverged run) has none: -1, per column of a (T, B) batch."""
+    t = 16
+    steps = np.arange(t)
+    decaying = 0.5 ** steps[::-1]  # horizon 7 at fraction 0.01 (0.5**7 < 0.01 < 0.5**6)
+    nan_late, inf_first = decaying.copy(), decaying.copy()
+    nan_late[2], inf_first[-1] = np.nan, np.inf
+    # no error on the last 4 steps, then the decaying curve: 4 + 7 steps
+    zeros_then = np.where(steps < t - 4, 0.5 ** (t - 5.0 - steps), 0.0)
+    curves = np.stack([decaying, np.zeros(t), np.full(t, np.nan), nan_late, inf_first,
+                       zeros_then], axis=1)  # fmt: skip
+    got = np.asarray(diagnostics.horizon_from_norms(curves))
+    assert got.dtype == np.int32
+    assert got.tolist() == [7, 0, -1, -1, -1, 4 + 7]
+    assert diagnostics.UNDEFINED_HORIZON == -1
+    assert int(diagnostics.horizon_from_norms(np.zeros(t))) == 0
+    assert int(jax.jit(diagnostics.horizon_from_norms)(np.full(t, np.nan))) == -1  # under jit
 
 
 @pytest.mark.parametrize("name", ["elman-tanh", "lstm"])
@@ -366,6 +385,7 @@ def test_diagnose_cli_writes_plots_and_summary(tmp_path):
         ("truncation.ks=[3, 1, 3]", "truncation.ks"),
         ("seed=-1", "seed"),
         ("out=/dev/null/x", "out"),
+        ("model.forget_bias=1e300", "model.forget_bias"),  # finite, but inf in float32
     ],
 )
 def test_diagnose_config_errors_name_the_key(override, key, capsys):
@@ -375,6 +395,30 @@ def test_diagnose_config_errors_name_the_key(override, key, capsys):
     diagnostics.add_cli_arguments(parser)
     assert diagnostics.cli_main(parser.parse_args([override])) == 2
     assert f"'{key}'" in capsys.readouterr().err
+
+
+def test_diagnose_out_that_cannot_be_written_is_one_line_naming_out(tmp_path, monkeypatch, capsys):
+    """Before any work: a directory where a result file goes, and an out directory that
+    refuses files (as a read-only mount does; root writes into a chmod-ed one, so the
+    refusal is simulated) exit 2 with one line naming 'out', not a traceback."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    diagnostics.add_cli_arguments(parser)
+    (tmp_path / "a" / "summary.json").mkdir(parents=True)
+    assert diagnostics.cli_main(parser.parse_args([f"out={tmp_path / 'a'}", *TINY])) == 2
+    err = capsys.readouterr().err
+    assert "'out'" in err and "'summary.json'" in err and "Traceback" not in err
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "b"))
+
+    monkeypatch.setattr(diagnostics.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(diagnostics, "_train", None)  # no work may start before the check
+    assert diagnostics.cli_main(parser.parse_args([f"out={tmp_path / 'b'}", *TINY])) == 2
+    captured = capsys.readouterr()
+    assert "'out'" in captured.err and "Permission denied" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
 
 
 def test_diagnose_config_sorts_ks_for_its_curve():

@@ -53,7 +53,7 @@ FILLS = {"nan": np.nan, "inf": np.inf, "-inf": -np.inf}
 def _cases():
     fills = list(FILLS)
     out, i = [], 0
-    for name, model in MODELS.items():
+    for name in MODELS:
         schedules = BI_SCHEDULES if name == "bidirectional" else UNI_SCHEDULES
         for j in range(2):  # two schedules per model, rotating through them
             opts = schedules[(i + j) % len(schedules)]
@@ -115,7 +115,10 @@ def test_nan_padding_reaches_no_output_of_unroll_and_no_gradient(name, key):
 
     @jax.jit
     def run(p, xs, c0):
-        out, vjp = jax.vjp(lambda p, xs, c0: bptt_jax.unroll(model, p, xs, c0, mask=mask), p, xs, c0)
+        def f(p, xs, c0):
+            return bptt_jax.unroll(model, p, xs, c0, mask=mask)
+
+        out, vjp = jax.vjp(f, p, xs, c0)
         return out, vjp(ct)
 
     clean = run(p, xs, c0)

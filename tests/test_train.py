@@ -1,6 +1,7 @@
 """Training: the optax step on the hand-written gradients, tasks, configs, checkpoints, CLI."""
 
 import io
+import json
 import pathlib
 import re
 import subprocess
@@ -318,11 +319,31 @@ def test_sampler_is_deterministic_per_key_and_greedy_at_temperature_zero(key):
         (["train.log_file=/no/such/dir/log.jsonl"], "'train.log_file' .* does not exist"),
         (["adding.seq_len=99999999999999999999"], "'adding.seq_len' is out of range"),
         (["train.k1=99999999999999999999"], "'train.k1' must be int or none"),
+        # nonsense that the types let through
+        (["optim.name=sgd", "optim.momentum=5"], r"'optim.momentum' must be in \[0, 1\)"),
+        (["optim.momentum=1"], r"'optim.momentum' must be in \[0, 1\)"),
+        (["model.forget_bias=1e300"], "'model.forget_bias' must be a finite number that model"),
+        # a window past the sequence is padding only: refused, not silently many times slower
+        (["train.k1=101"], r"'train.k1' \(101\) must be <= 'adding.seq_len' \(100\)"),
+        (["train.k1=1000000000000"], r"'train.k1' \(1000000000000\) must be <= 'adding.seq_len'"),
+        (["model.num_layers=100000"], "'model.num_layers' must be <= 1000"),
     ],
 )
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         train.build(cfg_of(*overrides))
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error_naming_the_file(tmp_path):
+    f = tmp_path / "latin1.toml"
+    f.write_bytes("seed = 1\n# caf\xe9\n".encode("latin-1"))  # was a UnicodeDecodeError
+    with pytest.raises(ConfigError, match=r"latin1.toml is not UTF-8 text .* 0xe9 on line 2"):
+        config.load(train.Config, f)
+
+
+def test_a_directory_as_the_corpus_is_named_as_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"'charlm.corpus' '.*' is a directory; give a UTF-8"):
+        train.build(cfg_of("task=charlm", f"charlm.corpus={tmp_path}"))  # was "does not exist"
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
@@ -344,6 +365,76 @@ def test_optim_config_built_in_python_is_checked_like_a_file():
         train.trainer(bptt_jax.GRU(4), train.OptimConfig(clip="foo"))
     with pytest.raises(ConfigError, match="'optim.max_norm' must be positive"):
         train.make_optimizer(train.OptimConfig(max_norm=0.0))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.hidden_size=10000000"], "model.hidden_size"),
+        (["model.hidden_size=100000"], "model.hidden_size"),
+        (["train.batch_size=1000000000"], "train.batch_size"),
+        (["adding.seq_len=1000000000"], "adding.seq_len"),
+        (["adding.test_size=1000000000000"], "adding.test_size"),
+        (["task=recall", "recall.alphabet=100000000"], "recall.alphabet"),
+        (["train.k1=4", "train.k2=1000000000000"], "train.k2"),
+        (["model.num_layers=1000", "model.hidden_size=4096"], "model.num_layers"),
+    ],
+)
+def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_key(overrides, key, monkeypatch):
+    """Before any work (they used to hang or end in a long traceback): the estimate of the
+    params, optimizer state and one batch against the memory (64 GiB here, on any machine)."""
+    monkeypatch.setattr(config, "available_memory", lambda: 64 * 2**30)
+    k = re.escape(key)
+    match = rf"'{k}' = \d+ makes the run too big .* 64 GiB; reduce '{k}'"
+    with pytest.raises(ConfigError, match=match):
+        train.build(cfg_of(*overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),  # adding, LSTM, adam
+        ("model.cell=gru", "model.num_layers=3", "optim.name=sgd"),
+        (
+            "model.cell=elman",
+            "model.bidirectional=true",
+            "model.num_layers=2",
+            "optim.name=rmsprop",
+        ),  # fmt: skip
+        (
+            "task=recall",
+            "recall.alphabet=5",
+            "model.num_layers=2",
+            "model.dtype=float64",
+            "optim.name=adagrad",
+            "train.k1=4",
+        ),  # fmt: skip
+    ],
+)
+def test_footprint_counts_the_params_and_the_optimizer_state_exactly(overrides):
+    cfg = cfg_of("model.hidden_size=6", *overrides)
+    task, _, t = train.build(cfg)
+    dtype = jnp.dtype(cfg.model.dtype)
+    state = jax.eval_shape(
+        lambda k: t.init(k, task.input_size, task.output_size, 2, dtype), jax.random.key(0)
+    )
+
+    def nbytes(leaves):
+        return sum(x.size * x.dtype.itemsize for x in leaves)
+
+    params = nbytes(jax.tree.leaves((state.params, state.readout)))
+    slots = nbytes([x for x in jax.tree.leaves(state.opt_state) if x.ndim])  # not the counts
+    assert slots >= params if cfg.optim.name != "sgd" or cfg.optim.momentum else True
+    assert train.footprint(cfg).params == 2 * params + slots  # params, gradient, state
+
+
+def test_the_shipped_configs_fit_a_small_machine(monkeypatch):
+    """The estimate does not refuse what runs: every shipped config within 1 GiB."""
+    monkeypatch.setattr(config, "available_memory", lambda: 2**30)
+    for name in ("adding", "recall", "charlm"):
+        cfg = config.load(train.Config, name)
+        train.check_config(cfg)
+        assert train.footprint(cfg).total < 2**27
 
 
 def test_shipped_configs_load_and_build():
@@ -539,6 +630,29 @@ def test_the_loop_logs_the_effective_horizon_and_the_pre_clip_gradient_norm():
         assert r["grad_norm"] > 0 and np.isfinite(r["grad_norm"])
         if "horizon" in r:
             assert isinstance(r["horizon"], int) and 1 <= r["horizon"] <= 12  # recall.seq_len
+
+
+@pytest.mark.usefixtures("optax_promotion")
+def test_the_horizon_of_a_diverged_run_is_undefined_and_logged_as_null(tmp_path, monkeypatch):
+    """NaN params (a run whose norms went NaN) give the sentinel -1 from the jitted
+    _horizon, for a cell and for a model with one NaN layer; the loop logs it as null."""
+    xs = jax.random.normal(jax.random.key(1), (12, 8, 3), jnp.float32)
+    key = jax.random.key(2)
+    for cell in (bptt_jax.LSTM(4), bptt_jax.stacked(bptt_jax.GRU(4), 2)):
+        p = cell.init(jax.random.key(0), 3)
+        assert 1 <= int(train._horizon(cell, p, xs, key)) <= 12
+        leaves, tdef = jax.tree.flatten(p)
+        leaves[0] = jnp.full_like(leaves[0], jnp.nan)  # one layer's input kernel
+        assert int(train._horizon(cell, jax.tree.unflatten(tdef, leaves), xs, key)) == -1
+
+    monkeypatch.setattr(train, "_horizon", lambda *a: jnp.int32(-1))  # as it is, diverged
+    log = tmp_path / "log.jsonl"
+    cfg = cfg_of(*TINY_RECALL, "train.steps=2", "train.horizon_every=2", f"train.log_file={log}")
+    history = train.fit(cfg, out=io.StringIO()).history
+    assert [r.get("horizon", "-") for r in history if r["kind"] == "train"] == ["-", None]
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r.get("horizon", "-") for r in logged if r["kind"] == "train"] == ["-", None]
+    assert '"horizon": null' in log.read_text()
 
 
 # ----------------------------------------------------------------- models

@@ -240,6 +240,8 @@ def test_not_a_cell():
         (lambda: bptt_jax.Elman(0), ValueError, "hidden_size"),
         (lambda: bptt_jax.Elman(4, "gelu"), ValueError, "activation"),
         (lambda: bptt_jax.LSTM(4, init_scheme="xavier"), ValueError, "init"),
+        (lambda: bptt_jax.LSTM(4, forget_bias=float("nan")), ValueError, "forget_bias .* finite"),
+        (lambda: bptt_jax.LSTM(4, forget_bias=float("-inf")), ValueError, "forget_bias .* finite"),
         (lambda: bptt_jax.GRU(2.5), ValueError, "hidden_size"),
         (lambda: bptt_jax.Elman(4).init(jax.random.key(0), 0), ValueError, "input_size"),
         (lambda: bptt_jax.LSTM(4).init(jax.random.key(0), 3, jnp.int32), TypeError, "dtype"),

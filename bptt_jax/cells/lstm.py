@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -77,6 +78,10 @@ class LSTM:
         _common.check_init("LSTM", self.init_scheme)
         if not isinstance(self.forget_bias, (int, float)) or isinstance(self.forget_bias, bool):
             raise TypeError(f"LSTM: forget_bias must be a float; got {self.forget_bias!r}")
+        if not math.isfinite(self.forget_bias):  # NaN or inf: every forget gate NaN or 0/1
+            raise ValueError(
+                f"LSTM: forget_bias must be a finite number (e.g. 1.0); got {self.forget_bias!r}"
+            )
 
     # ------------------------------------------------------------------ public face
     def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> LSTMParams:
