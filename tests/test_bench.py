@@ -15,7 +15,7 @@ import time
 import jax
 import pytest
 
-from bptt_jax import bench
+from bptt_jax import bench, cli
 
 STATS = ("median_s", "q25_s", "q75_s", "iqr_s", "min_s", "max_s", "tokens_per_s", "compile_s")
 MEMORY = ("temp_bytes", "argument_bytes", "output_bytes")
@@ -226,7 +226,9 @@ def test_torch_weight_mapping_of_layers_and_directions(spec, key):
     _assert_trees_close(got, g_ref)
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize(
+    "spec", [pytest.param(s, marks=() if s == "bilstm:2" else pytest.mark.slow) for s in SPECS]
+)
 def test_flax_mapping_of_layers_and_directions(spec, key):
     """The same for Flax: nn.RNN layers (nn.Bidirectional pairs) with the mapped variables."""
     pytest.importorskip("flax")
@@ -340,10 +342,12 @@ def test_plots_are_written(tiny_run):
         ("parallel.devices=[1, 3]", "parallel.devices[1]"),
     ],
 )
-def test_config_error_names_the_key_and_exits_2(override, key, tmp_path):
-    proc = _bench("bench_tiny", f"out={tmp_path}", override, timeout=60)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"'{key}'" in proc.stderr
+def test_config_error_names_the_key_and_exits_2(override, key, tmp_path, capsys):
+    # in this process: the error comes before any work, so nothing of the suite's changes
+    status = cli.main(["--no-compile-cache", "bench", "bench_tiny", f"out={tmp_path}", override])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"'{key}'" in err
     assert not (tmp_path / "bench.json").exists()
 
 

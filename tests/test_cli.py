@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bptt_jax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +51,7 @@ def _cached_steps(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.glob("jit_step-*")) if directory.is_dir() else []
 
 
+@pytest.mark.slow  # two fresh interpreters training a model
 def test_a_second_run_reads_the_programs_the_first_compiled(tmp_path):
     """Run 1 (``--cache-dir``) writes its train step there, not to $BPTT_JAX_CACHE_DIR; run 2
     with $BPTT_JAX_CACHE_DIR set to that directory reads it back; ``--no-compile-cache``

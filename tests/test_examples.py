@@ -34,7 +34,18 @@ def test_every_example_is_tested():
     assert set(EXAMPLES) <= set(scripts), scripts
 
 
-@pytest.mark.parametrize("script", sorted(EXAMPLES))
+#: The examples the default run executes (a classifier and the multi-device one); the other
+#: scripts run under ``-m slow``: each is a fresh interpreter compiling its own programs.
+DEFAULT_EXAMPLES = ("classify_bilstm.py", "data_parallel.py")
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param(s, marks=() if s in DEFAULT_EXAMPLES else pytest.mark.slow)
+        for s in sorted(EXAMPLES)
+    ],
+)
 def test_example_runs_at_tiny_size_and_prints_its_final_metric(script):
     needs, metric = EXAMPLES[script]
     out = subprocess.run(

@@ -36,7 +36,8 @@ MODELS = {
     "bidirectional": bptt_jax.Bidirectional(bptt_jax.GRU(5)),
 }
 
-#: Each model with every schedule once, over the cases (rotating): sequence_loss options.
+#: sequence_loss options; each model takes one, rotating, so every schedule and fill is met
+#: (the default run; ``-m slow`` adds a second schedule per model).
 SCHEDULES = [
     dict(),
     dict(backward="checkpointed", segment=3),
@@ -58,7 +59,8 @@ def _cases():
         for j in range(2):  # two schedules per model, rotating through them
             opts = schedules[(i + j) % len(schedules)]
             tag = "-".join(f"{k}={v}" for k, v in opts.items()) or "manual"
-            out.append(pytest.param(name, opts, fills[i % 3], id=f"{name}-{tag}"))
+            marks = () if j == 0 else pytest.mark.slow
+            out.append(pytest.param(name, opts, fills[i % 3], id=f"{name}-{tag}", marks=marks))
             i += 1
     return out
 

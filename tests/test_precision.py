@@ -49,7 +49,9 @@ def _bf16(tree):
     return jax.tree.map(lambda x: x.astype(BF16), tree)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=() if n == "lstm" else pytest.mark.slow) for n in MODELS]
+)
 def test_bf16_compute_is_closer_to_float32_than_naive_bf16_on_a_long_sequence(name):
     """T = 512, padded: the gradients (params and readout) and the final carry under the
     policy against float32, and those of a naive run (params, readout and inputs cast to

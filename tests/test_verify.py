@@ -291,6 +291,7 @@ print("checked", len(cases))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter compiling every cell and model kind at full optimization
 def test_the_library_compiled_with_xlas_default_flags_passes_check_gradients():
     """The suite compiles without LLVM optimization (tests/conftest.py); users compile with
     XLA's defaults. In an interpreter with those, check_gradients passes for every cell, a
