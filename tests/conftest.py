@@ -1,17 +1,22 @@
 """Test set-up: float64 available, strict dtype promotion, a fresh random key per test."""
 
+import contextlib
 import os
 import zlib
 
 #: XLA flags for the whole run, set before JAX starts a backend and inherited by the
-#: interpreters tests start: on a CPU, no LLVM optimization and the classic elemental
-#: emitters. The test programs are tiny, so they are all compilation: this halves it, with
+#: interpreters tests start: on a CPU, no LLVM optimization, the classic elemental
+#: emitters and each program's code generated in one piece (splitting it over threads
+#: costs more than it saves on programs this small, with the other cores busy). The test programs are tiny, so they are all compilation: this halves it, with
 #: the same semantics (2 cores, a fresh clone, an empty compilation cache: the default run
 #: took 9:04 without these flags, 7:00 with them). The library as XLA compiles it by default
 #: is what ``bptt-jax verify`` and the benchmarks' gradient checks run; a user's own
 #: ``XLA_FLAGS`` come after these and win, e.g.
 #: ``XLA_FLAGS="--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true"``.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+TEST_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+    "--xla_cpu_parallel_codegen_split_count=1"
+)
 os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 import jax  # noqa: E402 (after XLA_FLAGS)
@@ -34,6 +39,27 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # and 5:35). tests/test_cli.py and the 2-process run of tests/test_parallel.py test the cache
 # in directories of their own.
 cli.enable_compile_cache()
+
+
+#: A context of JAX's trace and compilation caches: a test that changes an environment
+#: variable the library reads at trace time (``BPTT_JAX_FUSE_DIRECTIONS``) sets it through
+#: :func:`trace_env`, so nothing traced under one value is reused under another, and the
+#: worker's other cached programs stay (``jax.clear_caches`` would drop them all).
+TRACE_ENV = jax.make_user_context(None)
+
+
+@pytest.fixture
+def trace_env(monkeypatch):
+    """``with trace_env(name, value):`` the environment variable ``name`` is ``value`` and
+    JAX traces anew (cached traces of other values are not reused)."""
+
+    @contextlib.contextmanager
+    def setenv(name: str, value: str):
+        monkeypatch.setenv(name, value)
+        with TRACE_ENV((name, value)):
+            yield
+
+    return setenv
 
 
 @pytest.fixture

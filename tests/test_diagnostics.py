@@ -582,13 +582,15 @@ def _model_jacobian_reference(model, p, xs, c0, m, r):
     ],
 )
 def test_model_flow_jacobians_and_horizons_per_layer_and_direction_match_autodiff(
-    name, clipped, fused, key, monkeypatch
+    name, clipped, fused, key, trace_env
 ):
     """gradient_flow, jacobian_norms and effective_horizon of a model, cell by cell (with
     ``fused``: its Bidirectional GRU layer runs both directions as one scan)."""
-    if fused:
-        monkeypatch.setenv("BPTT_JAX_FUSE_DIRECTIONS", "1")
-        jax.clear_caches()  # the diagnostics' jitted programs are traced again, fused
+    with trace_env("BPTT_JAX_FUSE_DIRECTIONS", "1" if fused else "0"):
+        _check_model_flow(name, clipped, key)
+
+
+def _check_model_flow(name, clipped, key):
     model, p, ro, xs, tg, c0, m, lm, r = _model_problem(name, key)
     clip = 0.05 if clipped else None
 
