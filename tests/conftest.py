@@ -5,13 +5,12 @@ import os
 import zlib
 
 #: XLA flags for the whole run, set before JAX starts a backend and inherited by the
-#: interpreters tests start: on a CPU, no LLVM optimization, the classic elemental
-#: emitters and each program's code generated in one piece (splitting it over threads
-#: costs more than it saves on programs this small, with the other cores busy). The test programs are tiny, so they are all compilation: this halves it, with
-#: the same semantics (2 cores, a fresh clone, an empty compilation cache: the default run
-#: took 9:04 without these flags, 7:00 with them). The library as XLA compiles it by default
-#: is what ``bptt-jax verify`` and the benchmarks' gradient checks run; a user's own
-#: ``XLA_FLAGS`` come after these and win, e.g.
+#: interpreters tests start: on a CPU, no LLVM optimization, the classic elemental emitters
+#: and each program's code generated in one piece. The test programs are tiny, so the run
+#: is mostly compilation, and these flags cut it by about half with the same semantics.
+#: The library as XLA compiles it by default is what ``bptt-jax verify`` and the
+#: benchmarks' gradient checks run (and tests/test_verify.py's slow default-flags test); a
+#: user's own ``XLA_FLAGS`` come after these and win, e.g.
 #: ``XLA_FLAGS="--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true"``.
 TEST_XLA_FLAGS = (
     "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
