@@ -32,6 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import bptt_jax  # noqa: E402
+from bptt_jax.models import CELLS  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,9 @@ def import_revision(rev: str, name: str = "bptt_jax_ab"):
 
 
 def _cell(lib, name: str, h: int):
-    return {"elman": lib.Elman(h), "lstm": lib.LSTM(h), "gru": lib.GRU(h)}[name]
+    """The cell ``name`` of :data:`bptt_jax.models.CELLS`, from ``lib`` (this tree or a
+    revision's, which may predate the registry: its class of the same name)."""
+    return getattr(lib, CELLS[name].__name__)(h)
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax
+from bptt_jax.models import build_model
 
 
 def emit(**record) -> None:
@@ -121,9 +122,6 @@ def _time(call, repeats=20) -> float:
     return statistics.median(samples)
 
 
-CELLS = {"elman": bptt_jax.Elman, "lstm": bptt_jax.LSTM, "gru": bptt_jax.GRU}
-
-
 def unroll(spec: str | None = None) -> None:
     """Time the manual gradient with the scans unrolled 1, 2, 4, 8 steps per iteration.
 
@@ -135,7 +133,7 @@ def unroll(spec: str | None = None) -> None:
     for case in spec.split(";"):
         name, size, factors, *rest = case.split(":")
         T, B, D, H = map(int, size.split(","))
-        cases.append((name, CELLS[name](H), (T, B, D, H), tuple(map(int, factors.split(","))),
+        cases.append((name, build_model(name, H), (T, B, D, H), tuple(map(int, factors.split(","))),
                       jnp.bfloat16 if rest == ["bf16"] else None))  # fmt: skip
     with jax.default_matmul_precision("highest"):
         for name, model, (T, B, D, H), factors, cd in cases:
@@ -156,14 +154,14 @@ def compile_(cells: str = "lstm,gru", variants: str = "manual,bf16") -> None:
     """Compile and run time of the manual gradients (T, B, D, H) = (512, 128, 256, 512) of
     ``cells`` in ``variants`` (comma-separated), under this interpreter's cache directory
     and XLA flags (e.g. ``--xla_gpu_enable_triton_gemm=false``)."""
-    from bptt_jax import cli
+    from bptt_jax import cli  # the command line's compilation cache
 
     cache = os.environ.get("BPTT_JAX_CACHE_DIR")
     if cache:
         cli.enable_compile_cache(cache)
     with jax.default_matmul_precision("highest"):
         for name in cells.split(","):
-            model = CELLS[name](512)
+            model = build_model(name, 512)
             for variant in variants.split(","):
                 cd = jnp.bfloat16 if variant == "bf16" else None
                 f, args = _grad_fn(model, 512, 128, 256, 512, compute_dtype=cd)
@@ -185,7 +183,7 @@ def bidirectional(spec: str | None = None) -> None:
             name, size, *rest = case.split(":")
             T, B, D, H = map(int, size.split(","))
             cd = jnp.bfloat16 if rest == ["bf16"] else None
-            model = bptt_jax.Bidirectional(CELLS[name](H))
+            model = build_model(name, H, bidirectional=True)
             runs = {}
             for fuse in ("0", "1"):
                 os.environ["BPTT_JAX_FUSE_DIRECTIONS"] = fuse  # read when traced

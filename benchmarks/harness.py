@@ -40,28 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax
-from bptt_jax.bench import parse_model
+from bptt_jax.models import CELLS, from_spec
+from bptt_jax.models import cell_name as kind_of
 from bptt_jax.verify import relative_error
 
-CELLS: dict[str, Callable[[int], Any]] = {
-    "elman": lambda h: bptt_jax.Elman(h),
-    "lstm": lambda h: bptt_jax.LSTM(h),
-    "gru": lambda h: bptt_jax.GRU(h),
-}
-#: Gate blocks per cell: the recurrent matmul is (B, H) @ (H, GATES * H).
-GATES = {"elman": 1, "lstm": 4, "gru": 3}
-_CELL_NAMES = {bptt_jax.Elman: "elman", bptt_jax.LSTM: "lstm", bptt_jax.GRU: "gru"}
-
-
-def build_model(spec: str, H: int):
-    """The model a spec names, every cell of hidden size H (see ``bptt_jax.bench.parse_model``):
-    ``"gru"`` the cell, ``"bigru"`` ``Bidirectional(GRU(H))``, ``"lstm:2"``
-    ``stacked(LSTM(H), 2)``, ``"bilstm:2"`` ``stacked(LSTM(H), 2, bidirectional=True)``."""
-    kind, layers, bidirectional = parse_model(spec)
-    cell = CELLS[kind](H)
-    if layers is None:
-        return bptt_jax.Bidirectional(cell) if bidirectional else cell
-    return bptt_jax.stacked(cell, layers, bidirectional=bidirectional)
+#: Gate blocks per cell (by name, :data:`bptt_jax.models.CELLS`): the recurrent matmul is
+#: (B, H) @ (H, GATES * H).
+GATES = {name: cls(1).n_blocks for name, cls in CELLS.items()}
 
 
 def model_layers(model) -> list[tuple]:
@@ -102,7 +87,7 @@ def uniform_structure(model) -> tuple[str, int, bool, int]:
     express); ``ValueError`` for any other model."""
     layers = model_layers(model)
     cells = [c for layer in layers for c in layer]
-    kinds = {_CELL_NAMES[type(c)] for c in cells}
+    kinds = {kind_of(c) for c in cells}
     sizes = {c.hidden_size for c in cells}
     dirs = {len(layer) for layer in layers}
     merges = (
@@ -193,7 +178,7 @@ def make_problem(cell_name: str, T: int, B: int, D: int, H: int, O: int, key) ->
     if cell_name in CELLS:
         cell, out_size, reference = CELLS[cell_name](H), H, REFERENCE
     else:
-        cell = build_model(cell_name, H)
+        cell = from_spec(cell_name, H)
         out_size, reference = cell.output_size, MODEL_REFERENCE
     k = jax.random.split(key, 4)
     params = cell.init(k[0], D)

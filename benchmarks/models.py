@@ -1,7 +1,7 @@
 """Part 6: stacked and bidirectional models: hand-written BPTT against autodiff and the peers,
 and the temp memory of a checkpointed deep stack.
 
-Models are named by spec (``bptt_jax.bench.parse_model``): ``"lstm:2"`` is
+Models are named by spec (``bptt_jax.models.parse_spec``): ``"lstm:2"`` is
 ``bptt_jax.stacked(LSTM(H), 2)``, ``"bigru"`` is ``bptt_jax.Bidirectional(GRU(H))``,
 ``"bilstm:2"`` ``stacked(LSTM(H), 2, bidirectional=True)``; ``H`` is each cell's hidden size,
 the readout maps the model's output (``2H`` for a bidirectional one) to O classes.

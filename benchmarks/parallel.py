@@ -9,7 +9,7 @@ side by side (interleaved, as every part). Per device count:
 
 * the time per step, tokens/s and ``x 1 device`` = time(1 device) / time(n): the speedup;
 * the compiled program's communication per step: the all-reduces in its HLO
-  (``bptt_jax.parallel.collectives``), their number and the bytes each device sends into
+  (``bptt_jax.cli.hlo.collectives``), their number and the bytes each device sends into
   them, and how many sit inside a loop (0: one reduction per gradient, after the scans);
 * the FLOPs of one device's program over the 1-device program's (XLA's cost analysis; 1/n
   when each device does its share).
@@ -42,7 +42,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bptt_jax
-from bptt_jax import config, parallel
+from bptt_jax.cli import config, hlo
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,7 +89,7 @@ def _in_subprocess(session: harness.Session, cfg) -> dict[str, Any]:
 
 
 def _worker(cfg_file: str, out_file: str) -> int:
-    from bptt_jax import bench
+    from bptt_jax.cli import bench
 
     cfg = config.from_dict(bench.BenchConfig, json.loads(Path(cfg_file).read_text()))
     jax.config.update("jax_num_cpu_devices", cfg.parallel.simulate)
@@ -173,7 +173,7 @@ def measure(session: harness.Session, cfg, simulated: bool) -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001 - reported, never timed
             session.fail("parallel", what, e)
             continue
-        found = parallel.collectives(compiled.as_text())
+        found = hlo.collectives(compiled.as_text())
         reduces = [c for c in found if c.op == "all-reduce"]
         info[name] = dict(
             devices=n,
@@ -181,7 +181,7 @@ def measure(session: harness.Session, cfg, simulated: bool) -> dict[str, Any]:
             all_reduce_bytes=sum(c.bytes for c in reduces),
             collectives_in_loops=len([c for c in found if c.loop_depth > 0]),
             other_collectives=sorted({c.op for c in found} - {"all-reduce"}),
-            flops_per_device=parallel.flops(compiled),
+            flops_per_device=hlo.flops(compiled),
         )
         timed[name] = harness.Timed(
             name=name,

@@ -39,7 +39,7 @@ import precision
 import scaling
 import truncation
 
-from bptt_jax import bench, config
+from bptt_jax.cli import bench, config
 
 PARTS = {
     "manual_vs_autodiff": (manual_vs_autodiff, "hand-written BPTT vs jax.grad of the plain scan"),

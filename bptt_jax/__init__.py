@@ -11,100 +11,79 @@ The names below are the public API. ``bptt_jax._engine`` (the sequence engine) a
 ``bptt_jax.validation`` are internals: their functions may change without notice.
 """
 
+__version__ = "0.1.0"
+
 from bptt_jax._engine import unroll as unroll
-from bptt_jax.cells import (
-    GRU as GRU,
-)
-from bptt_jax.cells import (
-    LSTM as LSTM,
-)
-from bptt_jax.cells import (
-    Cell as Cell,
-)
-from bptt_jax.cells import (
-    Elman as Elman,
-)
-from bptt_jax.cells import (
-    ElmanParams as ElmanParams,
-)
-from bptt_jax.cells import (
-    FastCell as FastCell,
-)
-from bptt_jax.cells import (
-    GRUParams as GRUParams,
-)
-from bptt_jax.cells import (
-    LSTMCarry as LSTMCarry,
-)
-from bptt_jax.cells import (
-    LSTMParams as LSTMParams,
-)
-from bptt_jax.cells import (
-    ManualCell as ManualCell,
-)
+from bptt_jax.cells import GRU as GRU
+from bptt_jax.cells import LSTM as LSTM
+from bptt_jax.cells import Cell as Cell
+from bptt_jax.cells import Elman as Elman
+from bptt_jax.cells import ElmanParams as ElmanParams
+from bptt_jax.cells import FastCell as FastCell
+from bptt_jax.cells import GRUParams as GRUParams
+from bptt_jax.cells import LSTMCarry as LSTMCarry
+from bptt_jax.cells import LSTMParams as LSTMParams
+from bptt_jax.cells import ManualCell as ManualCell
 from bptt_jax.checking import checked as checked
-from bptt_jax.diagnostics import (
-    GradientFlow as GradientFlow,
-)
-from bptt_jax.diagnostics import (
-    SpectralNorms as SpectralNorms,
-)
-from bptt_jax.diagnostics import (
-    TruncationBias as TruncationBias,
-)
-from bptt_jax.diagnostics import (
-    effective_horizon as effective_horizon,
-)
-from bptt_jax.diagnostics import (
-    gradient_flow as gradient_flow,
-)
-from bptt_jax.diagnostics import (
-    horizon_from_norms as horizon_from_norms,
-)
-from bptt_jax.diagnostics import (
-    jacobian_norms as jacobian_norms,
-)
-from bptt_jax.diagnostics import (
-    spectral_norms as spectral_norms,
-)
-from bptt_jax.diagnostics import (
-    truncation_bias as truncation_bias,
-)
-from bptt_jax.losses import (
-    LossAndGrads as LossAndGrads,
-)
-from bptt_jax.losses import (
-    ReadoutParams as ReadoutParams,
-)
-from bptt_jax.losses import (
-    init_readout as init_readout,
-)
-from bptt_jax.losses import (
-    loss_and_grads as loss_and_grads,
-)
-from bptt_jax.losses import (
-    sequence_loss as sequence_loss,
-)
+from bptt_jax.diagnostics import GradientFlow as GradientFlow
+from bptt_jax.diagnostics import SpectralNorms as SpectralNorms
+from bptt_jax.diagnostics import TruncationBias as TruncationBias
+from bptt_jax.diagnostics import effective_horizon as effective_horizon
+from bptt_jax.diagnostics import gradient_flow as gradient_flow
+from bptt_jax.diagnostics import horizon_from_norms as horizon_from_norms
+from bptt_jax.diagnostics import jacobian_norms as jacobian_norms
+from bptt_jax.diagnostics import spectral_norms as spectral_norms
+from bptt_jax.diagnostics import truncation_bias as truncation_bias
+from bptt_jax.losses import LossAndGrads as LossAndGrads
+from bptt_jax.losses import ReadoutParams as ReadoutParams
+from bptt_jax.losses import init_readout as init_readout
+from bptt_jax.losses import loss_and_grads as loss_and_grads
+from bptt_jax.losses import sequence_loss as sequence_loss
 from bptt_jax.models import Bidirectional as Bidirectional
 from bptt_jax.models import Stack as Stack
 from bptt_jax.models import stacked as stacked
+from bptt_jax.train import TrainState as TrainState
+from bptt_jax.train import trainer as trainer
+from bptt_jax.truncated import Batch as Batch
+from bptt_jax.truncated import tbptt as tbptt
+from bptt_jax.verify import GradientReport as GradientReport
+from bptt_jax.verify import check_gradients as check_gradients
 
-__version__ = "0.1.0"
-from bptt_jax.train import (
-    TrainState as TrainState,
-)
-from bptt_jax.train import (
-    trainer as trainer,
-)
-from bptt_jax.truncated import (
-    Batch as Batch,
-)
-from bptt_jax.truncated import (
-    tbptt as tbptt,
-)
-from bptt_jax.verify import (
-    GradientReport as GradientReport,
-)
-from bptt_jax.verify import (
-    check_gradients as check_gradients,
-)
+__all__ = [
+    "__version__",
+    "Batch",
+    "Bidirectional",
+    "Cell",
+    "check_gradients",
+    "checked",
+    "effective_horizon",
+    "Elman",
+    "ElmanParams",
+    "FastCell",
+    "gradient_flow",
+    "GradientFlow",
+    "GradientReport",
+    "GRU",
+    "GRUParams",
+    "horizon_from_norms",
+    "init_readout",
+    "jacobian_norms",
+    "loss_and_grads",
+    "LossAndGrads",
+    "LSTM",
+    "LSTMCarry",
+    "LSTMParams",
+    "ManualCell",
+    "ReadoutParams",
+    "sequence_loss",
+    "spectral_norms",
+    "SpectralNorms",
+    "Stack",
+    "stacked",
+    "tbptt",
+    "trainer",
+    "TrainState",
+    "truncation_bias",
+    "TruncationBias",
+    "unroll",
+]

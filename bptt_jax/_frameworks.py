@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bptt_jax
 from bptt_jax import checking
+from bptt_jax._engine import unroll
 from bptt_jax.cells import GRU, LSTM, Elman
 from bptt_jax.models import Bidirectional, Stack
 
@@ -228,9 +228,7 @@ def _carry(fn: str, model, carry, layout: Layout, dtype):
 def call(model, params, xs, mask, carry0, layout: Layout, options: dict, dropout_key,
          return_carry: bool):  # fmt: skip
     """:func:`bptt_jax.unroll` and the outputs laid back: ``outputs`` or ``(carry, outputs)``."""
-    hs, carry = bptt_jax.unroll(
-        model, params, xs, carry0, mask=mask, dropout_key=dropout_key, **options
-    )
+    hs, carry = unroll(model, params, xs, carry0, mask=mask, dropout_key=dropout_key, **options)
     if layout.unbatched:
         hs = hs[:, 0]
         carry = jax.tree.map(lambda c: c[0], carry)

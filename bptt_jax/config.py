@@ -1,312 +1,147 @@
-"""Typed configs: TOML files checked against a dataclass schema, with command-line overrides.
+"""Config dataclasses: bounds declared on their fields, one checker, and :class:`ConfigError`.
 
-Every command (``bptt-jax train``, ``bench``, ``diagnose``) describes its settings as nested
-frozen dataclasses with defaults. :func:`load` reads a TOML file into that schema and then
-applies ``KEY=VALUE`` overrides (``train.steps=500``, ``model.cell="gru"``). Nothing is
-guessed: an unknown key, a value of the wrong type or a value outside its choices raises
-:class:`ConfigError` naming the key, before any work starts.
+A setting's range is part of its declaration, beside its type and default::
+
+    @dataclasses.dataclass(frozen=True)
+    class OptimConfig:
+        learning_rate: float = field(default=1e-3, metadata=bounds(gt=0, finite=True))
+        momentum: float = field(default=0.9, metadata=bounds(ge=0, lt=1))
+
+and :func:`check_bounds` checks every such field of a config (nested tables too), naming the
+key: ``config: 'optim.momentum' must be in [0, 1); got 5``. What depends on several fields
+(``train.k1 <= train.k2``) is checked by the config's owner after its bounds. The library
+raises :class:`ConfigError` for a config it is given (:func:`bptt_jax.train.make_optimizer`,
+:func:`bptt_jax.tasks.make_task`); the ``bptt-jax`` commands read TOML files into the same
+dataclasses (:mod:`bptt_jax.cli.config`).
 
 Example:
   >>> import dataclasses
   >>> @dataclasses.dataclass(frozen=True)
   ... class Opt:
-  ...     name: str = "adam"
-  ...     lr: float = 1e-3
-  >>> @dataclasses.dataclass(frozen=True)
-  ... class Cfg:
-  ...     seed: int = 0
-  ...     opt: Opt = Opt()
-  >>> load(Cfg, None, ["opt.lr=0.1", "seed=3"])
-  Cfg(seed=3, opt=Opt(name='adam', lr=0.1))
-  >>> load(Cfg, None, ["opt.beta=0.9"])
+  ...     lr: float = dataclasses.field(default=1e-3, metadata=bounds(gt=0))
+  ...     steps: tuple[int, ...] = dataclasses.field(default=(10,), metadata=bounds(ge=1))
+  >>> check_bounds(Opt(lr=0.1), "opt")
+  >>> check_bounds(Opt(steps=(5, 0)), "opt")
   Traceback (most recent call last):
   ...
-  bptt_jax.config.ConfigError: config: unknown key 'opt.beta'; valid keys in 'opt': lr, name
+  bptt_jax.config.ConfigError: config: 'opt.steps[1]' must be >= 1; got 0
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
-import tomllib
-import types
-import typing
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-T = TypeVar("T")
-
-#: Where the configs shipped with the repository live (``<repo>/configs``).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from typing import NamedTuple
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not match its schema."""
+    """A config (a file, an override or a dataclass built in Python) that does not fit its
+    schema: unknown key, wrong type, value out of bounds; the message names the key."""
 
 
-def resolve(name_or_path: str | Path) -> Path:
-    """A config file path: an existing path, or the name of one in ``configs/``.
+class Bounds(NamedTuple):
+    """A field's allowed range (``None``: unbounded on that side); ``finite`` also refuses
+    ``inf``; ``note`` says why, in the message."""
 
-    ``"adding"`` and ``"adding.toml"`` both find ``configs/adding.toml``.
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    finite: bool = False
+    note: str = ""
+
+
+def bounds(*, gt=None, ge=None, lt=None, le=None, finite: bool = False, note: str = "") -> dict:
+    """Field metadata declaring a range: ``dataclasses.field(default=..., metadata=bounds(gt=0))``.
+
+    On a tuple field the bounds hold for every element; a ``None`` value (an optional
+    setting left out) is not checked.
     """
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    stem = path.name.removesuffix(".toml")
-    shipped = CONFIG_DIR / f"{stem}.toml"
-    if path.parent == Path(".") and shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) if CONFIG_DIR.is_dir() else []
-    raise ConfigError(
-        f"config: file {str(name_or_path)!r} not found; give a path to a TOML file or one of "
-        f"the shipped names: {', '.join(names) or '(none found)'}"
-    )
+    return {"bounds": Bounds(gt, ge, lt, le, finite, note)}
 
 
-def positive(key: str, value, allow_zero: bool = False) -> None:
-    """``value > 0`` (``>= 0`` with ``allow_zero``), else a ``ConfigError`` naming ``key``;
-    NaN is neither."""
-    if not (value >= 0 if allow_zero else value > 0):
-        raise ConfigError(
-            f"config: '{key}' must be {'>= 0' if allow_zero else 'positive'}; got {value!r}"
-        )
+def _number(x) -> str:
+    """``x`` as the message shows it: a large power of two as ``2**n``."""
+    if isinstance(x, int) and x >= 2**16 and x & (x - 1) == 0:
+        return f"2**{x.bit_length() - 1}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def check_directory(key: str, value: str) -> None:
-    """``value`` is, or can be made, a writable directory: checked before any work, so that
-    a run does not fail at its first write (a checkpoint, a results file) after it."""
-    path = Path(value).expanduser()
-    ancestor = path
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConfigError(
-            f"config: '{key}' {value!r} cannot be a directory: {str(ancestor)!r} is a file"
-        )
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"config: '{key}' {value!r}: {str(ancestor)!r} is not writable")
+def _requirement(b: Bounds, integer: bool) -> str:
+    """What ``b`` asks, in words: ``positive``, ``>= 1``, ``in [0, 1)``."""
+    low = ("(", b.gt) if b.gt is not None else ("[", b.ge) if b.ge is not None else None
+    high = (")", b.lt) if b.lt is not None else ("]", b.le) if b.le is not None else None
+    if low and high:
+        return f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+    if b.gt == 0 and not high:
+        return "a positive int" if integer else "positive"
+    if low:
+        return f"{'>' if low[0] == '(' else '>='} {_number(low[1])}"
+    if high:
+        return f"{'<' if high[0] == ')' else '<='} {_number(high[1])}"
+    return "a finite number"
 
 
-def available_memory() -> int | None:
-    """Bytes of memory a run on this machine can use at most, read without starting JAX: the
-    host's physical RAM, or the container's limit (cgroup v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``) where lower; ``None`` where neither can be read. A device's own
-    memory is not asked for: that would start JAX's backend, which must wait for
-    ``jax.distributed`` (see :func:`bptt_jax.train.build`)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        total = None
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            value = int(Path(limit).read_text().strip())  # "max" (no limit): ValueError
-        except (OSError, ValueError):
-            continue
-        if value > 0:
-            total = value if total is None else min(total, value)
-    return total if total and total > 0 else None
+def check_value(key: str, value, *, optional: bool = False, integer: bool | None = None,
+                label: str | None = None, **limits) -> None:  # fmt: skip
+    """``value`` within ``bounds(**limits)``, else a :class:`ConfigError` naming ``key``.
 
-
-def load(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Read ``path`` (TOML; ``None`` for the schema's defaults), apply overrides, check types.
+    The one range check of every config: :func:`check_bounds` calls it per field, and a
+    config's owner for a value that has no field of its own (an environment variable's).
+    NaN is in no range.
 
     Args:
-      schema: a dataclass type whose fields have defaults; nested dataclasses are TOML tables.
-      path: a TOML file, a name in ``configs/`` (see :func:`resolve`), or ``None``.
-      overrides: ``"KEY=VALUE"`` strings; dotted keys reach into tables, the value is parsed
-        as a TOML value (``3``, ``0.1``, ``true``, ``"gru"``, ``[16, 32]``) and otherwise
-        taken as a bare string (``model.cell=gru``).
+      key: the dotted config key, quoted in the message (``label``: shown as it is instead).
+      value: a number.
+      optional: the setting may also be ``none`` (said in the message).
+      integer: the setting is an int (default: whether ``value`` is one).
+      label: how the message names the setting, instead of ``'key'``.
+      **limits: ``gt``, ``ge``, ``lt``, ``le``, ``finite``, ``note`` (see :func:`bounds`).
+    """
+    b = Bounds(**limits)
+    if integer is None:
+        integer = isinstance(value, int) and not isinstance(value, bool)
+    ok = (
+        (b.gt is None or value > b.gt)
+        and (b.ge is None or value >= b.ge)
+        and (b.lt is None or value < b.lt)
+        and (b.le is None or value <= b.le)
+        and value == value  # NaN
+    )
+    name = label or f"'{key}'"
+    note = f" ({b.note})" if b.note else ""
+    if not ok:
+        also = " (or none)" if optional else ""
+        raise ConfigError(
+            f"config: {name} must be {_requirement(b, integer)}{also}{note}; got {value!r}"
+        )
+    if b.finite and not math.isfinite(value):
+        raise ConfigError(f"config: {name} must be a finite number{note}; got {value!r}")
 
-    Returns:
-      An instance of ``schema``.
+
+def check_bounds(cfg, where: str = "", *, skip: tuple[str, ...] = ()) -> None:
+    """Every field of the dataclass ``cfg`` declared with :func:`bounds`, and every nested
+    dataclass's (a TOML table), in declaration order; ``skip`` names top-level tables left
+    to their owner (e.g. a task's table, checked when that task is the one run).
 
     Raises:
-      ConfigError: unknown key, wrong type, bad choice, unreadable file or TOML syntax error.
+      ConfigError: the first value out of its bounds, naming its key (``where.field``).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        file = resolve(path)
-        try:
-            with open(file, "rb") as f:
-                data = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config: {file} is not valid TOML: {e}") from None
-        except UnicodeDecodeError as e:  # TOML is UTF-8 (tomllib decodes before parsing)
-            line = e.object[: e.start].count(b"\n") + 1
-            raise ConfigError(
-                f"config: {file} is not UTF-8 text (a TOML file must be): byte "
-                f"0x{e.object[e.start]:02x} on line {line}; save the file as UTF-8"
-            ) from None
-        except OSError as e:
-            raise ConfigError(f"config: {file} cannot be read: {e.strerror or e}") from None
-    for item in overrides:
-        key, value = parse_override(item)
-        _set(data, key, value)
-    return from_dict(schema, data)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"a.b=VALUE"`` -> ``("a.b", value)`` with VALUE parsed as TOML, else a string."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"config: override {item!r} must look like KEY=VALUE (e.g. seed=1)")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key, value
-
-
-def _set(data: dict, key: str, value):
-    *tables, last = key.split(".")
-    node = data
-    for i, t in enumerate(tables):
-        node = node.setdefault(t, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config: '{'.'.join(tables[: i + 1])}' is a value, not a table")
-    node[last] = value
-
-
-def from_dict(schema: type[T], data: dict, where: str = "") -> T:
-    """Build ``schema`` from a nested dict, checking every key and value."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: '{where}' must be a table; got {data!r}")
-    hints = _field_types(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in data:
-        if key not in fields:
-            full = f"{where}.{key}" if where else key
-            raise ConfigError(
-                f"config: unknown key '{full}'; valid keys"
-                f"{f' in {where!r}' if where else ''}: {', '.join(sorted(fields))}"
-            )
-    kwargs = {}
-    for name in fields:
-        if name in data:
-            full = f"{where}.{name}" if where else name
-            kwargs[name] = _convert(hints[name], data[name], full)
-    return schema(**kwargs)
-
-
-def _field_types(schema) -> dict:
-    """Field name -> type, with string annotations resolved in the schema's module."""
-    try:
-        return typing.get_type_hints(schema)
-    except NameError:  # a schema defined in a local scope (a test, a doctest)
-        out = {}
-        for f in dataclasses.fields(schema):
-            if isinstance(f.type, str) and dataclasses.is_dataclass(f.default):
-                out[f.name] = type(f.default)
-            elif isinstance(f.type, str):
-                out[f.name] = eval(f.type, vars(sys.modules[schema.__module__]), dict(vars(typing)))
-            else:
-                out[f.name] = f.type
-        return out
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(tp, value, key: str):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            if type(None) in args:
-                return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(a, value, key)
-            except ConfigError:
-                errors.append(_type_name(a))
-        raise ConfigError(
-            f"config: '{key}' must be {' or '.join(errors)}"
-            f"{' or none' if type(None) in args else ''}; got {value!r}"
-        )
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(
-                f"config: '{key}' must be one of {', '.join(repr(c) for c in choices)}; "
-                f"got {value!r}"
-            )
-        return value
-    if origin in (tuple, list):
-        args = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            value = [value]  # a single value where a list is expected: ``k=64``
-        elem = args[0] if args else Any
-        return tuple(_convert(elem, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not -(2**63) <= value < 2**63:  # no setting is wider than a 64-bit int
-                raise ConfigError(f"config: '{key}' is out of range (a 64-bit int); got {value}")
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if not math.isfinite(value):  # TOML's nan and inf: no setting means either
-                raise ConfigError(f"config: '{key}' must be a finite number; got {value!r}")
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    raise ConfigError(
-        f"config: '{key}' must be {_type_name(tp)}; got {value!r} ({type(value).__name__})"
-    )
-
-
-def to_dict(cfg) -> dict:
-    """The config as a plain nested dict (tuples as lists), e.g. for a JSON results file."""
-
-    def plain(v):
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(cfg))
-
-
-def add_arguments(parser, default: str | None = None) -> None:
-    """Add ``[CONFIG] [KEY=VALUE ...]`` to an argparse parser (see :func:`from_args`)."""
-    parser.set_defaults(config_default=default)
-    parser.add_argument(
-        "config",
-        nargs="?",
-        default=default,
-        help="a TOML file or the name of one in configs/"
-        + (f" (default: {default})" if default else ""),
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="override any value of the config, by its dotted TOML key (e.g. seed=1)",
-    )
-
-
-def from_args(schema: type[T], args) -> T:
-    """The config named by parsed ``args.config`` with ``args.overrides`` applied."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).is_file():
-        # only overrides were given: they belong to the default config
-        config, overrides = getattr(args, "config_default", None), [config, *overrides]
-    return load(schema, config, overrides)
+    for f in dataclasses.fields(cfg):
+        if f.name in skip:
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, key)
+            continue
+        b = f.metadata.get("bounds")
+        if b is None or value is None:
+            continue
+        kind = str(f.type)
+        integer = "int" in kind and "float" not in kind
+        if isinstance(value, tuple):
+            for i, v in enumerate(value):
+                check_value(f"{key}[{i}]", v, integer=integer, **b._asdict())
+        else:
+            check_value(key, value, optional="None" in kind, integer=integer, **b._asdict())

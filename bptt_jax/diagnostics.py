@@ -20,9 +20,8 @@ model: its own states and carries, the error of the model's loss on its hidden s
 indexed forward for both directions. :func:`truncation_bias` takes a Stack of cells (per
 layer); truncation is undefined for bidirectional models.
 
-``bptt-jax diagnose [CONFIG] [KEY=VALUE ...]`` (default ``configs/diagnose.toml``) trains
-Elman, LSTM and GRU briefly on the adding problem and writes plots of all of it, an exploding
-case with and without per-step clipping of ``delta^h_t``, and a text summary.
+``bptt-jax diagnose`` (:mod:`bptt_jax.cli.diagnose`) runs all of it on the adding problem
+and plots it.
 
 References:
   Werbos, "Backpropagation through time: what it does and how to do it", Proc. IEEE 1990.
@@ -36,15 +35,8 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import sys
-import tempfile
-import time
 from functools import partial
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +44,7 @@ import numpy as np
 from jax import lax
 
 from bptt_jax import _engine as engine
-from bptt_jax import config, losses, precision, validation
+from bptt_jax import losses, precision, validation
 from bptt_jax.cells import GRU, LSTM, Elman, protocol
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional
 
@@ -160,9 +152,9 @@ def _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, d
 
     def one_probe(v):  # v (B, H): the error on carry t is v^T dh_T/d(carry_t), by hand
         dcarry = protocol.add_to_hidden(cell, zeros, v)
-        _, _, sq = engine.reverse_scan(
-            cell, params, carry0, mask, states, res, None, dcarry, None,
-            resets=resets, keep_deltas=squared_norm,
+        _, _, sq = engine.scans(cell).reverse_scan(
+            cell, params, engine.Steps(None, mask, resets), carry0, (states, res),
+            (None, dcarry), engine.Backprop(keep_deltas=squared_norm),
         )  # fmt: skip
         return sq  # (T, B)
 
@@ -173,7 +165,8 @@ def _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, d
 
 def _jacobian_norms_impl(cell, probes, params, xs, carry0, mask, resets, key):
     """``||dh_T/d carry_t||_F`` per step and example from one forward and P reverse scans."""
-    states, res, _ = engine.forward(cell, params, xs, carry0, mask, resets=resets)
+    steps = engine.Steps(xs, mask, resets)
+    states, res, _ = engine.scans(cell).forward(cell, params, steps, carry0)
     dtype = jax.tree.leaves(carry0)[0].dtype  # the params' (xs may be in a compute dtype)
     return _probe_norms(cell, probes, params, carry0, mask, resets, states, res, key, dtype)
 
@@ -185,7 +178,8 @@ def _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, 
     its own reverse scan; the reverse direction's in its own time, then put back in forward
     time. Cell i (in :func:`engine.cells_of` order) draws its probes from ``fold_in(key, i)``.
     """
-    _, _, (per_saved, _) = engine.model_forward(model, params, xs, carry0, mask, resets, None)
+    steps = engine.Steps(xs, mask, resets)
+    per_saved = engine.model_forward(model, params, steps, carry0)[2].layers
     idx = engine.reversal(mask, xs.shape[0]) if is_bidirectional(model) else None
     ps, cs = engine.per_layer(model, params), engine.per_layer(model, carry0)
     out, i = [], 0
@@ -198,7 +192,7 @@ def _model_jacobian_norms_impl(model, probes, params, xs, carry0, mask, resets, 
 
     for layer, p, c, saved in zip(engine.layers_of(model), ps, cs, per_saved):
         if isinstance(layer, Bidirectional):
-            sf, sb = engine.directions(saved)
+            sf, sb = engine.by_direction(saved)
             f = norms(layer.forward, p[0], c[0], sf, None)
             b = norms(layer.backward, p[1], c[1], sb, None)
             out.append((f, engine.reverse_time(b, idx)))
@@ -458,7 +452,7 @@ def gradient_flow(
     key = _check_probes(fn, probes, key)
     # the loss's own checks (targets' range, delta_clip, readout) before jit: inside it the
     # targets are traced and delta_clip is a static argument
-    losses._check_loss_args(
+    losses.check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, None, delta_clip, compute_dtype,
     )  # fmt: skip
@@ -565,7 +559,7 @@ def _per_cell(fn: str, model, params, f):
     stack = isinstance(model, Stack)
     layers = engine.layers_of(model)
     ps = (
-        validation._check_tuple(fn, "params", params, len(layers), "one params entry per layer")
+        validation.check_tuple(fn, "params", params, len(layers), "one params entry per layer")
         if stack
         else (params,)
     )
@@ -573,7 +567,7 @@ def _per_cell(fn: str, model, params, f):
     for k, (layer, p) in enumerate(zip(layers, ps)):
         where = f"params[{k}]" if stack else "params"
         if isinstance(layer, Bidirectional):
-            pair = validation._check_tuple(fn, where, p, 2, "the (forward, backward) params")
+            pair = validation.check_tuple(fn, where, p, 2, "the (forward, backward) params")
             entry = []
             for d, (cell, q) in enumerate(zip(layer.cells, pair)):
                 validation.check_params(fn, cell, q, f"{where}[{d}]")
@@ -622,17 +616,18 @@ def _truncation_bias(cell, ks, loss, reduction, cdt, params, readout, xs, target
         truncate=1, return_deltas=True, compute_dtype=cdt,
     ).deltas  # fmt: skip
     xs = xs if cdt is None else xs.astype(cdt)
-    states, res, carry_t = engine.forward(cell, params, xs, carry0, mask, resets=resets)
+    steps = engine.Steps(xs, mask, resets)
+    states, res, carry_t = engine.scans(cell).forward(cell, params, steps, carry0)
     zeros = jax.tree.map(jnp.zeros_like, carry_t)
     t = np.arange(xs.shape[0])
     # One reverse scan per k, all in one program: k only changes which carries are cut.
     cuts = np.stack([(t % k == 0) & (t > 0) for k in (*ks, xs.shape[0])])  # last: full BPTT
 
     def grads(cut):
-        _, dcols, _ = engine.reverse_scan(
-            cell, params, carry0, mask, states, res, dhs, zeros, cut, resets=resets
+        g = engine.scans(cell).backward(
+            cell, params, steps, carry0, (states, res), (dhs, zeros), engine.Backprop(cut)
         )
-        return _flat(engine.weight_grads(cell, params, xs, carry0, states, dcols, resets)[0])
+        return _flat(g[0])
 
     g = lax.map(grads, jnp.asarray(cuts), batch_size=min(len(cuts), PROBE_BATCH))  # (K+1, N)
     return _bias(ks, g)
@@ -658,16 +653,17 @@ def _model_truncation_bias(model, ks, loss, reduction, params, readout, xs, targ
     # then one backward of every layer per k, each layer's carries cut at the same steps.
     # (xs arrives in the compute dtype under a policy.)
     head = losses.LossHead(loss, reduction)
-    hs, carry_t, saved = engine.model_forward(model, params, xs, carry0, mask, resets, None)
-    _, dy = head.forward(readout, hs, targets, valid)
-    dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), readout.b_y.dtype))
+    steps, inputs = engine.Steps(xs, mask, resets), engine.HeadInputs(readout, targets, valid)
+    hs, carry_t, saved = engine.model_forward(model, params, steps, carry0)
+    _, dy = head.forward(inputs, hs)
+    dhs, _, _ = head.backward(inputs, hs, dy, jnp.ones((), readout.b_y.dtype))
     zeros = jax.tree.map(jnp.zeros_like, carry_t)
     t = np.arange(xs.shape[0])
     cuts = np.stack([(t % k == 0) & (t > 0) for k in (*ks, xs.shape[0])])  # last: full BPTT
 
     def grads(cut):
         dparams, _, _, _ = engine.model_backward(
-            model, params, xs, carry0, mask, resets, None, saved, dhs, zeros, cut
+            model, params, steps, carry0, saved, (dhs, zeros), engine.Backprop(cut)
         )
         return tuple(_flat(g) for g in engine.per_layer(model, dparams))
 
@@ -750,7 +746,7 @@ def truncation_bias(
                 f"{fn}: model is bidirectional (a {what}); truncation is undefined for it (its "
                 "reverse direction needs the whole future of every step); use a Stack of cells"
             )
-        xs, targets, carry0, mask, valid, resets, _ = losses._check_loss_args(
+        xs, targets, carry0, mask, valid, resets, _ = losses.check_loss_args(
             fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
             reduction, None, None, compute_dtype,
         )  # fmt: skip
@@ -758,7 +754,7 @@ def truncation_bias(
             model, tuple(ks), loss, reduction,
             params, readout, xs, targets, carry0, mask, valid, resets,
         )  # fmt: skip
-    losses._check_loss_args(  # the loss's own checks (targets' range) before jit
+    losses.check_loss_args(  # the loss's own checks (targets' range) before jit
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, None, None, compute_dtype,
     )  # fmt: skip
@@ -769,480 +765,3 @@ def truncation_bias(
         model, tuple(ks), loss, reduction, _compute_name(fn, xs, compute_dtype),
         params, readout, xs, targets, carry0, mask, loss_mask, resets,
     )  # fmt: skip
-
-
-# ====================================================================================
-# ``bptt-jax diagnose``: plots and a summary for Elman, LSTM and GRU on the adding problem
-# ====================================================================================
-CellName = Literal["elman", "lstm", "gru"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """The adding problem (Hochreiter & Schmidhuber 1997), loss on the last step only.
-
-    Inputs ``(T, B, 2)``: a value ``U(0, 1)`` and a marker that is 1 at one step in the first
-    half and one in the second; the target at the last step is the sum of the two marked
-    values (mse, readout size 1). Predicting the mean scores mse 1/6 ~ 0.167; doing better
-    needs the error to reach at least T/2 steps back.
-    """
-
-    T: int = 50  # sequence length
-    batch: int = 32  # examples per training step and in the diagnosed batch
-
-
-@dataclasses.dataclass(frozen=True)
-class Model:
-    hidden: int = 32  # H, the same for the three cells
-    init: Literal["uniform", "orthogonal"] = "uniform"
-    forget_bias: float = 1.0  # LSTM
-
-
-@dataclasses.dataclass(frozen=True)
-class Train:
-    """The short training run between the two diagnoses: Adam on a fresh batch per step."""
-
-    steps: int = 300
-    lr: float = 0.01
-    clip: float = 1.0  # optax.clip_by_global_norm threshold
-    log_every: int = 50  # print loss, pre-clip gradient norm and horizon every this many steps
-
-
-@dataclasses.dataclass(frozen=True)
-class Exploding:
-    """An Elman (tanh) network with ``W_hh ~ N(0, gain^2 / H)`` (spectral radius ~ gain)."""
-
-    gain: float = 3.0
-    delta_clip: float = 1.0  # per-step clipping threshold for delta^h_t
-
-
-@dataclasses.dataclass(frozen=True)
-class Truncation:
-    # With the loss on the last step only, truncate=k sees the last chunk, T - k*((T-1)//k)
-    # steps: ks that divide T keep that equal to k.
-    ks: tuple[int, ...] = (1, 2, 5, 10, 25, 50)
-
-
-@dataclasses.dataclass(frozen=True)
-class DiagnoseConfig:
-    """Everything ``bptt-jax diagnose`` runs."""
-
-    out: str = "results/diagnose"  # output folder: PNGs, summary.txt, summary.json
-    seed: int = 0
-    cells: tuple[CellName, ...] = ("elman", "lstm", "gru")
-    fraction: float = 0.01  # the horizon threshold (see horizon_from_norms)
-    probes: int | None = None  # None (leave out): exact ||dh_T/dh_t||; else random probes
-    plots: bool = True
-    task: Task = Task()
-    model: Model = Model()
-    train: Train = Train()
-    exploding: Exploding = Exploding()
-    truncation: Truncation = Truncation()
-
-
-def _at_least(key: str, value, minimum) -> None:
-    if not value >= minimum:
-        raise config.ConfigError(f"config: '{key}' must be >= {minimum}; got {value!r}")
-
-
-def check_config(cfg: DiagnoseConfig) -> DiagnoseConfig:
-    """The checks a schema's types cannot express; each :class:`ConfigError` names its key."""
-    _at_least("task.T", cfg.task.T, 2)
-    _at_least("task.batch", cfg.task.batch, 1)
-    _at_least("model.hidden", cfg.model.hidden, 1)
-    _at_least("train.steps", cfg.train.steps, 0)
-    _at_least("train.log_every", cfg.train.log_every, 1)
-    for key, v in (("train.lr", cfg.train.lr), ("train.clip", cfg.train.clip),
-                   ("exploding.gain", cfg.exploding.gain),
-                   ("exploding.delta_clip", cfg.exploding.delta_clip)):  # fmt: skip
-        if not v > 0:
-            raise config.ConfigError(f"config: '{key}' must be > 0; got {v!r}")
-    if not 0 < cfg.fraction < 1:
-        raise config.ConfigError(f"config: 'fraction' must be in (0, 1); got {cfg.fraction!r}")
-    if cfg.probes is not None:
-        _at_least("probes", cfg.probes, 1)
-    if not cfg.cells:
-        raise config.ConfigError("config: 'cells' must name at least one of elman, lstm, gru")
-    if len(set(cfg.cells)) != len(cfg.cells):
-        raise config.ConfigError(f"config: 'cells' lists a cell twice: {list(cfg.cells)}")
-    if not cfg.truncation.ks:
-        raise config.ConfigError("config: 'truncation.ks' must list at least one k")
-    for i, k in enumerate(cfg.truncation.ks):
-        _at_least(f"truncation.ks[{i}]", k, 1)
-    if len(set(cfg.truncation.ks)) != len(cfg.truncation.ks):
-        raise config.ConfigError(
-            f"config: 'truncation.ks' lists a k twice: {list(cfg.truncation.ks)}"
-        )
-    _at_least("seed", cfg.seed, 0)
-    f32_max = float(np.finfo(np.float32).max)  # the LSTM's bias is float32 here
-    if not abs(cfg.model.forget_bias) <= f32_max:  # a larger value would be inf (NaN: too)
-        raise config.ConfigError(
-            f"config: 'model.forget_bias' must be a finite float32 number (|x| <= 3.4e38); "
-            f"got {cfg.model.forget_bias!r}"
-        )
-    config.check_directory("out", cfg.out)
-    for name in _out_files(cfg):
-        if (Path(cfg.out).expanduser() / name).is_dir():
-            raise config.ConfigError(
-                f"config: 'out' {cfg.out!r} holds a directory {name!r} where the diagnosis "
-                f"writes a file; remove it or choose another out"
-            )
-    # plotted as a curve over k: in increasing order
-    return dataclasses.replace(
-        cfg, truncation=dataclasses.replace(cfg.truncation, ks=tuple(sorted(cfg.truncation.ks)))
-    )
-
-
-#: The files ``bptt-jax diagnose`` writes into ``out`` (the PNGs with ``plots = true``).
-SUMMARY_FILES = ("summary.txt", "summary.json")
-PLOT_FILES = ("gradient_flow.png", "exploding.png", "truncation_bias.png", "training.png")
-
-
-def _out_files(cfg: DiagnoseConfig) -> tuple[str, ...]:
-    return SUMMARY_FILES + (PLOT_FILES if cfg.plots else ())
-
-
-def _out_error(cfg: DiagnoseConfig, e: OSError, what: str) -> config.ConfigError:
-    """A write into ``out`` that failed (read-only, not permitted, disk full), naming 'out'."""
-    reason = e.strerror or str(e)
-    return config.ConfigError(
-        f"config: 'out' {cfg.out!r}: {what} failed: {reason}"
-        + (f" ({e.filename})" if e.filename else "")
-        + "; give a writable out=DIR"
-    )
-
-
-def adding_batch(key, seq_len: int, batch: int, dtype=jnp.float32):
-    """One batch of the adding problem: ``(xs (T, B, 2), targets (T, B, 1), loss_mask)``."""
-    kv, k1, k2 = jax.random.split(key, 3)
-    values = jax.random.uniform(kv, (seq_len, batch), dtype)
-    half = seq_len // 2
-    first = jax.random.randint(k1, (batch,), 0, half)
-    second = jax.random.randint(k2, (batch,), half, seq_len)
-    steps = jnp.arange(seq_len)[:, None]
-    marks = ((steps == first) | (steps == second)).astype(dtype)
-    xs = jnp.stack([values, marks], axis=-1)
-    total = jnp.sum(values * marks, axis=0)
-    targets = jnp.zeros((seq_len, batch, 1), dtype).at[-1, :, 0].set(total)
-    loss_mask = jnp.broadcast_to(steps == seq_len - 1, (seq_len, batch))
-    return xs, targets, loss_mask
-
-
-def _make_cell(name: str, model: Model):
-    if name == "elman":
-        return Elman(model.hidden, "tanh", init_scheme=model.init)
-    if name == "lstm":
-        return LSTM(model.hidden, forget_bias=model.forget_bias, init_scheme=model.init)
-    return GRU(model.hidden, init_scheme=model.init)
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _train(cell, params, readout, cfg: DiagnoseConfig, key):
-    """Adam with global-norm clipping; gradients from the hand-written ``loss_and_grads``.
-
-    Logs, every ``train.log_every`` steps, the loss, the pre-clip global gradient norm and the
-    effective horizon (8 random probes on 8 examples of the current batch).
-    """
-    import optax
-
-    opt = optax.chain(optax.clip_by_global_norm(cfg.train.clip), optax.adam(cfg.train.lr))
-    state = opt.init((params, readout))
-    t_len, batch = cfg.task.T, cfg.task.batch
-
-    @jax.jit
-    def step(params, readout, state, k):
-        xs, tg, lm = adding_batch(k, t_len, batch)
-        out = losses.loss_and_grads(cell, params, readout, xs, tg, loss="mse", loss_mask=lm)
-        grads = (out.params, out.readout)
-        updates, state = opt.update(grads, state, (params, readout))
-        params, readout = optax.apply_updates((params, readout), updates)
-        return params, readout, state, out.value, optax.global_norm(grads), xs
-
-    horizon = jax.jit(
-        lambda p, xs, k: effective_horizon(
-            cell, p, xs[:, :8], fraction=cfg.fraction, probes=8, key=k
-        )
-    )
-    history = []
-    for i in range(cfg.train.steps):
-        k = jax.random.fold_in(key, i)
-        params, readout, state, value, gnorm, xs = step(params, readout, state, k)
-        history.append(float(value))
-        if (i + 1) % cfg.train.log_every == 0 or i + 1 == cfg.train.steps:
-            h = int(horizon(params, xs, jax.random.fold_in(k, 1)))
-            _log(
-                f"    step {i + 1:4d}  loss {float(value):.4f}  "
-                f"grad norm (pre-clip) {float(gnorm):.3g}  horizon {h}"
-            )
-    return params, readout, history
-
-
-def _flow_numbers(flow: GradientFlow, fraction: float) -> dict:
-    d, j = np.asarray(flow.delta_norm), np.asarray(flow.jacobian_norm)
-    return {
-        "loss": float(flow.value),
-        "horizon": int(flow.horizon),
-        "delta_horizon": int(horizon_from_norms(flow.delta_norm, fraction)),
-        "delta_norm_first": float(d[0]),
-        "delta_norm_last": float(d[-1]),
-        "jacobian_norm_first": float(j[0]),
-        "jacobian_norm_last": float(j[-1]),
-        "delta_norm": d.tolist(),
-        "jacobian_norm": j.tolist(),
-    }
-
-
-def run(cfg: DiagnoseConfig) -> dict:
-    """Run every diagnosis of ``bptt-jax diagnose``; write the files; return the numbers."""
-    cfg = check_config(cfg)
-    out = Path(cfg.out).expanduser()
-    try:  # before any work: the directory, and a file in it (root on a read-only mount too)
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise _out_error(cfg, e, "creating the directory and a file in it") from None
-    t_len, batch, hid = cfg.task.T, cfg.task.batch, cfg.model.hidden
-    key = jax.random.key(cfg.seed)
-    k_eval, k_cells, k_train, k_probe, k_exp = jax.random.split(key, 5)
-    xs, tg, lm = adding_batch(k_eval, t_len, batch)
-    ks = tuple(cfg.truncation.ks)
-    flow_kw = dict(loss="mse", loss_mask=lm, fraction=cfg.fraction, probes=cfg.probes,
-                   key=None if cfg.probes is None else k_probe)  # fmt: skip
-    results: dict[str, Any] = {"config": config.to_dict(cfg), "cells": {}}
-    _log(f"bptt-jax diagnose: adding problem T={t_len}, B={batch}, H={hid} -> {out}")
-
-    for i, name in enumerate(cfg.cells):
-        t0 = time.perf_counter()
-        cell = _make_cell(name, cfg.model)
-        kp, kr = jax.random.split(jax.random.fold_in(k_cells, i))
-        params, readout = cell.init(kp, 2), losses.init_readout(kr, hid, 1)
-        entry: dict[str, Any] = {}
-        for stage in ("init", "trained"):
-            if stage == "trained":
-                _log(f"  {name}: training {cfg.train.steps} steps")
-                params, readout, entry["train_loss"] = _train(
-                    cell, params, readout, cfg, jax.random.fold_in(k_train, i)
-                )
-            flow = gradient_flow(cell, params, readout, xs, tg, **flow_kw)
-            bias = truncation_bias(cell, params, readout, xs, tg, ks=ks, loss="mse", loss_mask=lm)
-            spec = spectral_norms(cell, params)
-            entry[stage] = _flow_numbers(flow, cfg.fraction) | {
-                "spectral_norm": float(spec.kernel),
-                "spectral_norm_blocks": {g: float(v) for g, v in spec.blocks.items()},
-                "truncation_cosine": np.asarray(bias.cosine).tolist(),
-                "truncation_norm_ratio": np.asarray(bias.norm_ratio).tolist(),
-            }
-            e = entry[stage]
-            _log(
-                f"  {name} {stage:7s}: loss {e['loss']:.4f}  horizon {e['horizon']}  "
-                f"|delta_0| {e['delta_norm_first']:.3g}  |delta_T| {e['delta_norm_last']:.3g}  "
-                f"sigma_max(W_h) {e['spectral_norm']:.3g}"
-            )
-        entry["seconds"] = round(time.perf_counter() - t0, 1)
-        results["cells"][name] = entry
-
-    _log(f"  exploding: Elman, W_hh ~ N(0, {cfg.exploding.gain}^2/H)")
-    cell = Elman(hid, "tanh", init_scheme=cfg.model.init)
-    kp, kw, kr = jax.random.split(k_exp, 3)
-    params = cell.init(kp, 2)
-    w_hh = cfg.exploding.gain * jax.random.normal(kw, (hid, hid)) / math.sqrt(hid)
-    params = params._replace(w_hh=w_hh)
-    readout = losses.init_readout(kr, hid, 1)
-    exploding: dict[str, Any] = {"spectral_norm": float(spectral_norms(cell, params).kernel)}
-    for label, clip in (("no_clip", None), ("clip", cfg.exploding.delta_clip)):
-        flow = gradient_flow(cell, params, readout, xs, tg, delta_clip=clip, **flow_kw)
-        exploding[label] = _flow_numbers(flow, cfg.fraction)
-        e = exploding[label]
-        _log(
-            f"  exploding {label:7s}: |delta_0| {e['delta_norm_first']:.3g}  "
-            f"|delta_T| {e['delta_norm_last']:.3g}  horizon {e['horizon']}"
-        )
-    results["exploding"] = exploding
-
-    summary = _summary_text(cfg, results)
-    try:
-        (out / "summary.txt").write_text(summary)
-        with open(out / "summary.json", "w") as f:
-            json.dump(results, f, indent=1)
-        files = list(SUMMARY_FILES)
-        if cfg.plots:
-            files += _plot(cfg, results, out)
-    except OSError as e:  # e.g. the disk filled up during the run
-        raise _out_error(cfg, e, "writing the results") from None
-    _log("\n" + summary)
-    _log("wrote " + ", ".join(str(out / f) for f in files))
-    return results
-
-
-def _summary_text(cfg: DiagnoseConfig, results: dict) -> str:
-    t_len = cfg.task.T
-    lines = [
-        f"Gradient flow on the adding problem: T={t_len}, B={cfg.task.batch}, "
-        f"H={cfg.model.hidden}, init={cfg.model.init}, {cfg.train.steps} training steps "
-        f"(Adam lr={cfg.train.lr}); loss on the last step only (mse; predicting the mean: "
-        "0.167).",
-        f"horizon: steps back from T until ||dh_T/dh_t|| first falls below {cfg.fraction} "
-        f"of its running peak ({t_len} = never, 0 = all zero, -1 = undefined: NaN or inf); "
-        "delta horizon: the same for ||delta^h_t||.",
-        "",
-        f"{'cell':6s} {'stage':8s} {'loss':>7s} {'horizon':>8s} {'d-hor.':>7s} "
-        f"{'|delta_0|':>10s} {'|delta_T|':>10s} {'sigma_max':>9s}",
-    ]
-    for name, entry in results["cells"].items():
-        for stage in ("init", "trained"):
-            e = entry[stage]
-            lines.append(
-                f"{name:6s} {stage:8s} {e['loss']:7.4f} {e['horizon']:8d} "
-                f"{e['delta_horizon']:7d} {e['delta_norm_first']:10.3g} "
-                f"{e['delta_norm_last']:10.3g} {e['spectral_norm']:9.3g}"
-            )
-    ks = cfg.truncation.ks
-    lines += ["", "Truncation bias of the trained models: cosine(g_k, g) / ||g_k|| / ||g||"]
-    lines.append(f"{'cell':6s} " + " ".join(f"{'k=' + str(k):>11s}" for k in ks))
-    for name, entry in results["cells"].items():
-        e = entry["trained"]
-        lines.append(
-            f"{name:6s} "
-            + " ".join(
-                f"{c:5.2f}/{r:5.2f}"
-                for c, r in zip(e["truncation_cosine"], e["truncation_norm_ratio"])
-            )
-        )
-    ex = results["exploding"]
-    lines += [
-        "",
-        f"Exploding: Elman tanh, W_hh ~ N(0, {cfg.exploding.gain}^2/H), "
-        f"sigma_max(W_hh) = {ex['spectral_norm']:.3g}",
-    ]
-    for label, text in (("no_clip", "without clipping"),
-                        ("clip", f"delta_clip={cfg.exploding.delta_clip}")):  # fmt: skip
-        e = ex[label]
-        lines.append(
-            f"  {text:18s}: |delta_0| = {e['delta_norm_first']:.3g}, "
-            f"|delta_T-1| = {e['delta_norm_last']:.3g}, "
-            f"ratio {e['delta_norm_first'] / max(e['delta_norm_last'], 1e-30):.3g}"
-        )
-    return "\n".join(lines) + "\n"
-
-
-COLORS = {"elman": "tab:blue", "lstm": "tab:orange", "gru": "tab:green"}
-
-
-def _plot(cfg: DiagnoseConfig, results: dict, out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t_len = cfg.task.T
-    steps = np.arange(t_len)
-    cells = results["cells"]
-
-    # (a) error norms and Jacobian norms per cell, at init and after training
-    fig, axes = plt.subplots(2, len(cells), figsize=(4.2 * len(cells), 6.4), squeeze=False)
-    for col, (name, entry) in enumerate(cells.items()):
-        for stage, style in (("init", "--"), ("trained", "-")):
-            e = entry[stage]
-            axes[0, col].semilogy(
-                steps, e["delta_norm"], style, color=COLORS[name],
-                label=f"{stage} (loss {e['loss']:.3f})",
-            )  # fmt: skip
-            axes[1, col].semilogy(
-                steps, e["jacobian_norm"], style, color=COLORS[name],
-                label=f"{stage}: horizon {e['horizon']}",
-            )  # fmt: skip
-            if e["horizon"] >= 0:  # -1: undefined (non-finite norms), no line to draw
-                axes[1, col].axvline(t_len - e["horizon"], ls=style, color="gray", lw=0.8)
-        axes[0, col].set_title(f"{name.upper() if name != 'elman' else 'Elman'}")
-        axes[1, col].set_xlabel("time step t")
-        for row in (0, 1):
-            axes[row, col].legend(fontsize=8)
-            axes[row, col].grid(True, which="major", alpha=0.3)
-    axes[0, 0].set_ylabel("||delta^h_t|| = ||dL/dh_t||  (batch mean)")
-    axes[1, 0].set_ylabel("||dh_T/dh_t||_F  (batch mean)")
-    fig.suptitle(
-        f"Error flowing back in time, adding problem T={t_len} (loss at the last step): "
-        f"init (dashed) vs after {cfg.train.steps} Adam steps (solid)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    fig.savefig(out / "gradient_flow.png", dpi=110)
-    plt.close(fig)
-
-    # (b) the exploding case, with and without per-step clipping
-    ex = results["exploding"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.semilogy(steps, ex["no_clip"]["delta_norm"], color="tab:red", label="no clipping")
-    ax.semilogy(
-        steps, ex["clip"]["delta_norm"], color="tab:blue",
-        label=f"delta_clip={cfg.exploding.delta_clip}",
-    )  # fmt: skip
-    ax.axhline(cfg.exploding.delta_clip, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("time step t")
-    ax.set_ylabel("||delta^h_t||  (batch mean)")
-    ax.set_title(f"Exploding: Elman tanh, sigma_max(W_hh) = {ex['spectral_norm']:.2f}", fontsize=10)
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "exploding.png", dpi=110)
-    plt.close(fig)
-
-    # (c) truncation bias vs k
-    ks = cfg.truncation.ks
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, entry in cells.items():
-        for stage, style in (("init", "--"), ("trained", "-")):
-            e = entry[stage]
-            axes[0].plot(ks, e["truncation_cosine"], style + "o", ms=3, color=COLORS[name],
-                         label=f"{name} {stage}")  # fmt: skip
-            axes[1].plot(ks, e["truncation_norm_ratio"], style + "o", ms=3, color=COLORS[name],
-                         label=f"{name} {stage}")  # fmt: skip
-    axes[0].set_ylabel("cosine(g_k, g_full)")
-    axes[1].set_ylabel("||g_k|| / ||g_full||")
-    for ax in axes:
-        ax.set_xlabel("truncation length k")
-        ax.set_xscale("log")
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Truncation bias, adding problem T={t_len}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "truncation_bias.png", dpi=110)
-    plt.close(fig)
-
-    # training curves
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, entry in cells.items():
-        if entry.get("train_loss"):
-            ax.semilogy(entry["train_loss"], color=COLORS[name], label=name, lw=0.8)
-    ax.axhline(1 / 6, color="gray", ls=":", lw=0.8, label="predict the mean")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (mse)")
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
-    plt.close(fig)
-    return list(PLOT_FILES)
-
-
-def add_cli_arguments(parser) -> None:
-    config.add_arguments(parser, default="diagnose")
-
-
-def cli_main(args) -> int:
-    """``bptt-jax diagnose [CONFIG] [KEY=VALUE ...]``: 0 on success, 2 for a config error."""
-    try:
-        cfg = check_config(config.from_args(DiagnoseConfig, args))
-    except config.ConfigError as e:
-        print(f"bptt-jax diagnose: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(cfg)
-    except config.ConfigError as e:  # 'out' could not be written
-        print(f"bptt-jax diagnose: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -63,13 +63,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax.cells import GRU, LSTM, Elman, ElmanParams, GRUParams, LSTMParams
-from bptt_jax.models import Bidirectional, Stack
+from bptt_jax.cells import GRU, LSTM, PARAMS_TYPES, Elman, ElmanParams, GRUParams, LSTMParams
+from bptt_jax.models import Bidirectional, Stack, cell_name
 
 __all__ = ["params_from_torch", "params_to_torch", "torch_module_spec"]
 
-#: PyTorch module and number of gate blocks G (kernels are ``(G*H, in)``) per cell type.
-_TORCH = {Elman: ("nn.RNN", 1), LSTM: ("nn.LSTM", 4), GRU: ("nn.GRU", 3)}
+#: The PyTorch module of each built-in cell, by its name (:data:`bptt_jax.models.CELLS`);
+#: its kernels are ``(G*H, in)`` with G the cell's ``n_blocks``.
+_TORCH = {"elman": "nn.RNN", "lstm": "nn.LSTM", "gru": "nn.GRU"}
 _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 #: Elman activations PyTorch's nn.RNN has (its ``nonlinearity``).
 _NONLINEARITIES = ("tanh", "relu")
@@ -85,7 +86,7 @@ def _layers(fn: str, model) -> tuple[list[tuple], bool]:
     """
     if isinstance(model, Stack):
         layers = model.layers
-    elif isinstance(model, (Bidirectional, Elman, LSTM, GRU)):
+    elif isinstance(model, Bidirectional) or cell_name(model):
         layers = (model,)
     else:
         raise TypeError(
@@ -105,7 +106,7 @@ def _layers(fn: str, model) -> tuple[list[tuple], bool]:
             cells.append((layer,))
     first = cells[0][0]
     bidirectional = len(cells[0]) == 2
-    if type(first) not in _TORCH:
+    if cell_name(first) is None:
         raise TypeError(
             f"{fn}: cells must be bptt_jax.Elman, LSTM or GRU to map to PyTorch; "
             f"got {type(first).__name__}"
@@ -161,7 +162,7 @@ def torch_module_spec(model, input_size: int | str = "D") -> str:
 
 def _spec(cells, bidirectional: bool, input_size) -> str:
     cell = cells[0][0]
-    name = _TORCH[type(cell)][0]
+    name = _TORCH[cell_name(cell)]
     args = f"input_size={input_size}, hidden_size={cell.hidden_size}, num_layers={len(cells)}"
     if isinstance(cell, Elman) and cell.activation != "tanh":
         args += f", nonlinearity={cell.activation!r}"
@@ -178,7 +179,7 @@ def _expected_shapes(cells, input_size: int | None, bias: bool) -> dict[str, tup
     """Every key of the state dict and its shape, in PyTorch's order (layer, direction,
     weight_ih, weight_hh, bias_ih, bias_hh); ``None`` for D when it is unknown."""
     h = cells[0][0].hidden_size
-    g = _TORCH[type(cells[0][0])][1] * h
+    g = cells[0][0].n_blocks * h
     out = {}
     for k, layer in enumerate(cells):
         d_in = input_size if k == 0 else h * len(layer)
@@ -267,7 +268,7 @@ def _cell_to_torch(cell, p, dtype) -> tuple:
 
 
 def _params_type(cell):
-    return {Elman: ElmanParams, LSTM: LSTMParams, GRU: GRUParams}[type(cell)]
+    return PARAMS_TYPES[type(cell)]
 
 
 def _assemble(model, cells, per_cell):
@@ -467,7 +468,7 @@ def params_to_torch(
     cells, _ = _layers(fn, model)
     parts = _split(fn, model, cells, params)
     h = cells[0][0].hidden_size
-    g = _TORCH[type(cells[0][0])][1] * h
+    g = cells[0][0].n_blocks * h
     out: dict[str, np.ndarray] = {}
     d_model = None
     pdtype = None

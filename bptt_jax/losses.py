@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -11,40 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import _engine as engine
-from bptt_jax import _sharding, validation
-from bptt_jax._sharding import sum_over_rows
+from bptt_jax import validation
+from bptt_jax._engine.sharding import eager_mesh, sum_over_rows
 from bptt_jax.cells import _common
 from bptt_jax.models import is_bidirectional, output_size
+from bptt_jax.readout import ReadoutParams as ReadoutParams
+from bptt_jax.readout import init_readout as init_readout
 
 LOSSES = ("xent", "mse")
 REDUCTIONS = ("mean", "sum")
-
-
-class ReadoutParams(NamedTuple):
-    """The output layer ``y_t = h_t W_hy + b_y`` (logits for ``"xent"``)."""
-
-    w_hy: jax.Array  # (H, O)
-    b_y: jax.Array  # (O,)
-
-
-def init_readout(key, hidden_size: int, output_size: int, dtype=jnp.float32) -> ReadoutParams:
-    """``w_hy`` ~ U(-1/sqrt(H), 1/sqrt(H)) (PyTorch's ``nn.Linear``), ``b_y = 0``.
-
-    Example:
-      >>> import jax, bptt_jax
-      >>> ro = bptt_jax.init_readout(jax.random.key(0), 32, 10)
-      >>> ro.w_hy.shape, ro.b_y.shape
-      ((32, 10), (10,))
-    """
-    for name, v in (("hidden_size", hidden_size), ("output_size", output_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"init_readout: {name} must be a positive int; got {v!r}")
-    dtype = _common.check_float_dtype("init_readout", dtype)
-    bound = 1.0 / math.sqrt(hidden_size)
-    return ReadoutParams(
-        _common.uniform(key, (hidden_size, output_size), bound, dtype),
-        jnp.zeros((output_size,), dtype),
-    )
 
 
 # ---------------------------------------------------------------- per-token losses
@@ -141,9 +115,11 @@ class LossHead:
     """A readout and a per-token loss on top of a model's outputs: the engine's loss head.
 
     ``y_t = h_t W_hy + b_y``, ``L = sum_{t,b} w_{t,b} l(y_{t,b}, target_{t,b})``. The engine
-    (:func:`bptt_jax._engine.bptt`) calls it on the whole sequence (``value``, ``forward``,
-    ``backward``) or a segment at a time (``scale``, ``segment_args``, ``segment_value``,
-    ``segment_value_and_cotangent``); its hand-written backward is ``delta^y_t = dL/dy_t``,
+    (:func:`bptt_jax._engine.vjp.bptt`) calls it on the whole sequence (``value``,
+    ``forward``, ``backward``) or a segment at a time (``scale``, ``segment_value``,
+    ``segment_value_and_cotangent``), with its inputs ``inputs``, a
+    :class:`bptt_jax._engine.HeadInputs` ``(readout, targets, valid)`` (a segment's, cut in
+    time). Its hand-written backward is ``delta^y_t = dL/dy_t``,
     ``dW_hy = sum_t h_t^T delta^y_t`` and the error ``W_hy^T delta^y_t`` on each output.
     Arrays keep their (T, B, ...) axes (never merged, so a batch sharded over devices stays
     sharded); logits, losses and sums are in the readout's dtype.
@@ -152,14 +128,16 @@ class LossHead:
     loss: str
     reduction: str
 
-    def value(self, readout, hs, targets, valid):
+    def value(self, inputs, hs):
         """The loss ``L`` of outputs ``hs`` (T, B, F)."""
+        readout, targets, valid = inputs
         l = token_losses(self.loss, _readout(readout, hs), targets)
         return reduce_losses(l, valid, self.reduction)
 
-    def forward(self, readout, hs, targets, valid):
+    def forward(self, inputs, hs):
         """``(L, delta^y)``: the value and ``dL/dy`` (T, B, O) for a unit cotangent, kept
         instead of the logits."""
+        readout, targets, valid = inputs
         logits = _readout(readout, hs)
         l = token_losses(self.loss, logits, targets)
         value = reduce_losses(l, valid, self.reduction)
@@ -168,8 +146,9 @@ class LossHead:
         dy = jnp.where(valid[..., None], dy, 0) if valid is not None else dy
         return value, (w[..., None] if jnp.ndim(w) else w) * dy
 
-    def backward(self, readout, hs, dy, g):
+    def backward(self, inputs, hs, dy, g):
         """``(dL/dhs, dL/dreadout, dL/dtargets)`` for the cotangent ``g`` of ``L``."""
+        readout = inputs.readout
         dy = g * dy  # (T, B, O)
         d_readout = _readout_grads(readout, hs, dy)  # dW_hy = sum_t h_t^T delta^y_t
         # W_hy^T delta^y_t, on the compute dtype's operands
@@ -178,23 +157,21 @@ class LossHead:
         return dhs, d_readout, d_targets
 
     def scale(self, valid, t, b, dtype):
+        """``L = scale * sum of counted token losses``, the same for every segment."""
         return _scale(valid, self.reduction, t, b, dtype)
 
-    def segment_args(self, targets, valid, t, b, n, s):
-        """``(targets, valid)`` split into n segments of s steps (padding not counted)."""
-        if valid is None and n * s != t:
-            valid = jnp.ones((t, b), bool)
-        return engine._segments(targets, n, s), engine._segments(valid, n, s, False)
-
-    def segment_value(self, readout, hs, targets, valid, scale):
+    def segment_value(self, inputs, hs, scale):
+        """A segment's part of the loss."""
+        readout, targets, valid = inputs
         _, l, w = _segment_losses(self.loss, readout, hs, targets, valid, scale)
         return jnp.sum(w * l)  # tokens not counted have l = 0 and w = 0
 
-    def segment_value_and_cotangent(self, readout, hs, targets, valid, scale, g):
+    def segment_value_and_cotangent(self, inputs, hs, scale, g):
         """A segment's loss and its error pushed through the readout, from one readout.
 
         Returns ``(value, dhs (s, B, F), d_readout, d_targets (s, B, O) or None)``.
         """
+        readout, targets, valid = inputs
         logits, l, w = _segment_losses(self.loss, readout, hs, targets, valid, scale)
         dy = _token_loss_grads(self.loss, logits, targets)
         if valid is not None:  # tokens not counted: exactly 0, even a NaN from a bad target
@@ -206,7 +183,7 @@ class LossHead:
         return jnp.sum(w * l), dhs, d_readout, d_targets
 
 
-def _check_loss_args(fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets,
+def check_loss_args(fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets,
                      loss, reduction, truncate, delta_clip, compute_dtype=None):  # fmt: skip
     validation.check_choice(fn, "loss", loss, LOSSES)
     validation.check_choice(fn, "reduction", reduction, REDUCTIONS)
@@ -301,23 +278,22 @@ def sequence_loss(
     """
     fn = "sequence_loss"
     validation.check_choice(fn, "backward", backward, engine.BACKWARDS)
-    xs, targets, carry0, mask, valid, resets, dtype = _check_loss_args(
+    xs, targets, carry0, mask, valid, resets, dtype = check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
     seg = engine.resolve_segment(fn, model, xs, dtype, segment, memory_budget, backward)
     drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
     head = LossHead(loss, reduction)
+    steps = engine.Steps(xs, mask, resets, drops)
+    inputs = engine.HeadInputs(readout, targets, valid)
     if backward == "autodiff":
-        hs, carry_t = engine.unroll_autodiff(
-            model, params, xs, carry0, mask, truncate, resets, delta_clip, drops
-        )
-        value = head.value(readout, hs, targets, valid)
+        hs, carry_t = engine.unroll_autodiff(model, params, steps, carry0, truncate, delta_clip)
+        value = head.value(inputs, hs)
     else:
-        walk = engine.plan_walk(model, backward, truncate, delta_clip, seg, xs.shape[0], head)
-        value, carry_t = engine.bptt(
-            model, head, walk, params, readout, xs, targets, carry0, mask, valid, resets, drops
-        )
+        schedule = engine.plan(model, backward, truncate, delta_clip, seg, xs.shape[0], head)
+        primals = engine.Primals(params, steps, carry0, inputs)
+        value, carry_t = engine.bptt(model, head, schedule, primals)
     return (value, carry_t) if return_carry else value
 
 
@@ -354,7 +330,7 @@ def loss_and_grads(
     """The loss of :func:`sequence_loss` and its hand-written gradients, in one call.
 
     Its value and gradients are ``jax.value_and_grad(sequence_loss, argnums=(1, 2))``'s: the
-    same hand-written forward and backward (those of :func:`bptt_jax._engine.bptt`), called
+    same hand-written forward and backward (those of :func:`bptt_jax._engine.vjp.bptt`), called
     directly,
     plus what a truncated or diagnostic loop needs besides: the carry after any step (a
     TBPTT(k1, k2) window passes on the carry after its k1-th step; a forward-only run of the
@@ -387,7 +363,7 @@ def loss_and_grads(
       ((8, 24), (2, 8), (10, 2, 8))
     """
     fn = "loss_and_grads"
-    xs, targets, carry0, mask, valid, resets, _ = _check_loss_args(
+    xs, targets, carry0, mask, valid, resets, _ = check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
@@ -410,34 +386,31 @@ def loss_and_grads(
             "bidirectional model; use carry_index=None"
         )
     # (an eager call on a batch placed on an Explicit mesh runs in that mesh's context)
-    with _sharding.eager_mesh(xs):
+    with eager_mesh(xs):
         drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
         head = LossHead(loss, reduction)
-        walk = engine.plan_walk(model, "manual", truncate, delta_clip, None, t, head)
+        schedule = engine.plan(model, "manual", truncate, delta_clip, None, t, head)
+        steps = engine.Steps(xs, mask, resets, drops)
+        inputs = engine.HeadInputs(readout, targets, valid)
 
-        # The forward and hand-written backward of engine.bptt, the custom_vjp that
-        # jax.grad(sequence_loss) runs, called directly with a unit cotangent on the loss.
-        args = (params, readout, xs, targets, carry0, mask, valid, resets, drops)
-        (value, carry), saved = engine.bptt_fwd(model, head, walk, *args)
-        cotangents = (jnp.ones((), value.dtype), jax.tree.map(jnp.zeros_like, carry))
-        grads, d_readout, *_ = engine.bptt_bwd(model, head, walk, saved, cotangents)
+        # the forward and hand-written backward of engine.bptt, the custom_vjp that
+        # jax.grad(sequence_loss) runs, called directly with a unit cotangent on the loss
+        primals = engine.Primals(params, steps, carry0, inputs)
+        (value, carry), res = engine.bptt_fwd(model, head, schedule, primals)
+        g = (jnp.ones((), value.dtype), jax.tree.map(jnp.zeros_like, carry))
+        (cotangent,) = engine.bptt_bwd(model, head, schedule, res, g)
+        grads, d_readout = cotangent.params, cotangent.head.readout
         if carry_index is not None and carry_index != t - 1:
-            n = carry_index + 1
-            head_of = lambda a: None if a is None else a[:n]  # noqa: E731
-            _, carry, _ = engine.model_forward(
-                model, params, xs[:n], carry0, head_of(mask), head_of(resets),
-                None if drops is None else tuple(map(head_of, drops)), keep=False,
-            )  # fmt: skip
+            first = jax.tree.map(lambda a: a[: carry_index + 1], steps)
+            _, carry, _ = engine.model_forward(model, params, first, carry0, keep=False)
         deltas = None
         if return_deltas:
-            hs, carry_t, saved = engine.model_forward(
-                model, params, xs, carry0, mask, resets, drops
+            hs, carry_t, saved = engine.model_forward(model, params, steps, carry0)
+            _, dy = head.forward(inputs, hs)
+            dhs, _, _ = head.backward(inputs, hs, dy, jnp.ones((), value.dtype))
+            g = (dhs, jax.tree.map(jnp.zeros_like, carry_t))
+            backprop = engine.Backprop(
+                engine.truncation_cuts(t, truncate), delta_clip=delta_clip, keep_deltas=True
             )
-            _, dy = head.forward(readout, hs, targets, valid)
-            dhs, _, _ = head.backward(readout, hs, dy, jnp.ones((), value.dtype))
-            *_, deltas = engine.model_backward(
-                model, params, xs, carry0, mask, resets, drops, saved, dhs,
-                jax.tree.map(jnp.zeros_like, carry_t), engine.truncation_cuts(t, truncate),
-                delta_clip=delta_clip, keep_deltas=True,
-            )  # fmt: skip
+            *_, deltas = engine.model_backward(model, params, steps, carry0, saved, g, backprop)
     return LossAndGrads(value, grads, d_readout, carry, deltas)

@@ -38,7 +38,7 @@ MERGES = ("concat", "sum", "mean")
 CELL_TYPES = (Elman, LSTM, GRU)
 
 
-def _is_cell(x) -> bool:
+def is_cell(x) -> bool:
     """A cell: anything with ``init``, ``zero_carry`` and ``step`` that is not a model."""
     return not isinstance(x, (Stack, Bidirectional)) and protocol.is_cell(x)
 
@@ -98,11 +98,11 @@ class Bidirectional:
     merge: str = "concat"
 
     def __post_init__(self):
-        if not _is_cell(self.forward):
+        if not is_cell(self.forward):
             raise TypeError(not_a_cell("Bidirectional: forward", self.forward))
         if self.backward is None:
             object.__setattr__(self, "backward", self.forward)
-        if not _is_cell(self.backward):
+        if not is_cell(self.backward):
             raise TypeError(not_a_cell("Bidirectional: backward", self.backward, " or None"))
         if self.merge not in MERGES:
             raise ValueError(f"Bidirectional: merge must be one of {MERGES}; got {self.merge!r}")
@@ -179,7 +179,7 @@ class Stack:
                 f"got {self.layers!r}"
             )
         for k, layer in enumerate(layers):
-            if not (_is_cell(layer) or isinstance(layer, Bidirectional)):
+            if not (is_cell(layer) or isinstance(layer, Bidirectional)):
                 raise TypeError(not_a_cell(f"Stack: layers[{k}]", layer, " or a Bidirectional"))
         object.__setattr__(self, "layers", layers)
         p = self.dropout
@@ -286,7 +286,7 @@ def stacked(cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: 
         raise ValueError(f"stacked: num_layers must be a positive int; got {num_layers!r}")
     if not isinstance(bidirectional, bool | np.bool_):
         raise TypeError(f"stacked: bidirectional must be True or False; got {bidirectional!r}")
-    if not _is_cell(cell):
+    if not is_cell(cell):
         raise TypeError(not_a_cell("stacked: cell", cell))
     layer = Bidirectional(cell) if bidirectional else cell
     return Stack((layer,) * num_layers, dropout=dropout)
@@ -294,7 +294,7 @@ def stacked(cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: 
 
 def is_model(x) -> bool:
     """A cell, a :class:`Bidirectional` or a :class:`Stack`."""
-    return _is_cell(x) or isinstance(x, (Bidirectional, Stack))
+    return is_cell(x) or isinstance(x, (Bidirectional, Stack))
 
 
 def output_size(model) -> int:
@@ -309,3 +309,94 @@ def is_bidirectional(model) -> bool:
     if isinstance(model, Stack):
         return model.bidirectional
     return isinstance(model, Bidirectional)
+
+
+# ----------------------------------------------------------------------------- by name
+#: The built-in cells by the names configs and model specs use.
+CELLS = {"elman": Elman, "lstm": LSTM, "gru": GRU}
+
+
+def cell_name(cell) -> str | None:
+    """The name of a built-in cell (``"lstm"`` for an :class:`~bptt_jax.LSTM`), else ``None``."""
+    return next((name for name, cls in CELLS.items() if type(cell) is cls), None)
+
+
+def build_model(
+    cell: str,
+    hidden_size: int,
+    *,
+    layers: int | None = None,
+    bidirectional: bool = False,
+    dropout: float = 0.0,
+    activation: str | None = None,
+    forget_bias: float | None = None,
+    init_scheme: str | None = None,
+):
+    """The cell or model a name and a few settings describe: the one registry of the
+    ``bptt-jax`` commands and the benchmarks.
+
+    Args:
+      cell: a name of :data:`CELLS` (``"elman"``, ``"lstm"``, ``"gru"``).
+      hidden_size: H of every cell.
+      layers: ``None``: the cell itself, or ``Bidirectional(cell)``; an int L:
+        ``stacked(cell, L, bidirectional=..., dropout=...)`` (a :class:`Stack`, also for L = 1).
+      bidirectional, dropout: as in :func:`stacked` (``dropout`` needs ``layers``).
+      activation, forget_bias, init_scheme: the cell's settings; each applies to the cells
+        that have it (``activation``: Elman, ``forget_bias``: LSTM, ``init_scheme``: all) and
+        is ignored by the others, as a config table holds them all; ``None``: the default.
+
+    Example:
+      >>> build_model("lstm", 8, forget_bias=1.0)
+      LSTM(hidden_size=8, forget_bias=1.0, init_scheme='uniform')
+      >>> model = build_model("gru", 8, layers=2, bidirectional=True)
+      >>> model == stacked(GRU(8), 2, bidirectional=True)
+      True
+    """
+    if cell not in CELLS:
+        raise ValueError(f"build_model: cell must be one of {', '.join(CELLS)}; got {cell!r}")
+    cls = CELLS[cell]
+    given = dict(activation=activation, forget_bias=forget_bias, init_scheme=init_scheme)
+    own = {f.name for f in dataclasses.fields(cls)}
+    made = cls(hidden_size, **{k: v for k, v in given.items() if v is not None and k in own})
+    if layers is not None:
+        return stacked(made, layers, bidirectional=bidirectional, dropout=dropout)
+    if dropout:
+        raise ValueError(f"build_model: dropout={dropout} applies between layers; give layers")
+    return Bidirectional(made) if bidirectional else made
+
+
+def parse_spec(spec: str) -> tuple[str, int | None, bool]:
+    """``(cell, layers, bidirectional)`` of a model spec ``[bi]<cell>[:<layers>]``.
+
+    ``"gru"`` is the cell, ``"bigru"`` ``Bidirectional(GRU(H))``, ``"lstm:2"``
+    ``stacked(LSTM(H), 2)`` (``"lstm:1"``: a one-layer Stack), ``"bilstm:2"``
+    ``stacked(LSTM(H), 2, bidirectional=True)``.
+
+    Example:
+      >>> parse_spec("lstm:2"), parse_spec("bigru"), parse_spec("gru")
+      (('lstm', 2, False), ('gru', None, True), ('gru', None, False))
+    """
+    name, sep, layers = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    bidirectional = name.startswith("bi")
+    cell = name[2:] if bidirectional else name
+    counted = layers.isascii() and layers.isdigit() and not layers.startswith("0")
+    if cell not in CELLS or (sep and not counted):
+        raise ValueError(
+            f"model spec {spec!r} is not [bi]<cell>[:<layers>] with cell elman, lstm or gru "
+            "(e.g. 'lstm:2', 'bigru', 'bilstm:2')"
+        )
+    return cell, int(layers) if sep else None, bidirectional
+
+
+def from_spec(spec: str, hidden_size: int, **cell_settings):
+    """The model a spec names (:func:`parse_spec`), every cell of size ``hidden_size``;
+    ``cell_settings`` as in :func:`build_model`.
+
+    Example:
+      >>> from_spec("bilstm:2", 16) == stacked(LSTM(16), 2, bidirectional=True)
+      True
+    """
+    cell, layers, bidirectional = parse_spec(spec)
+    return build_model(
+        cell, hidden_size, layers=layers, bidirectional=bidirectional, **cell_settings
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import field
 from pathlib import Path
 
 import jax
@@ -27,7 +28,7 @@ from jax import lax
 
 from bptt_jax import _engine as engine
 from bptt_jax import losses
-from bptt_jax.config import ConfigError, positive
+from bptt_jax.config import ConfigError, bounds, check_bounds
 from bptt_jax.truncated import Batch
 
 
@@ -36,19 +37,20 @@ from bptt_jax.truncated import Batch
 class AddingConfig:
     """The adding problem (table ``[adding]``)."""
 
-    seq_len: int = 100  # T
-    test_size: int = 1000  # sequences in the fixed test set
+    seq_len: int = field(default=100, metadata=bounds(ge=2))  # T
+    test_size: int = field(default=1000, metadata=bounds(gt=0))  # sequences in the test set
 
 
 @dataclasses.dataclass(frozen=True)
 class RecallConfig:
     """Delayed recall on a stream (table ``[recall]``)."""
 
-    seq_len: int = 50  # steps per train step (chunk of the stream)
-    delay: int = 10  # d: the target at step t is the symbol seen at step t - d
-    alphabet: int = 8  # K symbols
-    test_len: int = 400  # steps of the fixed test stream
-    test_size: int = 128  # streams in the test set
+    seq_len: int = field(default=50, metadata=bounds(gt=0))  # steps per train step
+    # d: the target at step t is the symbol seen at step t - d
+    delay: int = field(default=10, metadata=bounds(gt=0))
+    alphabet: int = field(default=8, metadata=bounds(ge=2))  # K symbols
+    test_len: int = 400  # steps of the fixed test stream (> delay)
+    test_size: int = field(default=128, metadata=bounds(gt=0))  # streams in the test set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +58,16 @@ class CharLMConfig:
     """Character-level language model on a UTF-8 corpus (table ``[charlm]``)."""
 
     corpus: str = ""  # path to a UTF-8 text file; "" for the prose of pydoc_data.topics
-    seq_len: int = 100  # characters per train step (chunk of each reader's stream)
-    valid_fraction: float = 0.05  # the corpus's tail held out for evaluation
-    eval_len: int = 500  # characters per evaluation stream
-    eval_streams: int = 16  # evaluation streams
-    sample_len: int = 300  # characters generated at every evaluation
+    seq_len: int = field(default=100, metadata=bounds(gt=0))  # characters per train step
+    # the corpus's tail held out for evaluation
+    valid_fraction: float = field(
+        default=0.05, metadata=bounds(gt=0, lt=1, note="the held-out tail the evaluations read")
+    )
+    eval_len: int = field(default=500, metadata=bounds(gt=0))  # characters per evaluation stream
+    eval_streams: int = field(default=16, metadata=bounds(gt=0))  # evaluation streams
+    sample_len: int = field(default=300, metadata=bounds(ge=0))  # generated at each evaluation
     prime: str = "The "  # text the sampler starts from
-    temperature: float = 0.8  # sampling temperature
+    temperature: float = field(default=0.8, metadata=bounds(ge=0))  # sampling temperature
 
 
 def _one_hot(ids, n: int, dtype):
@@ -373,37 +378,20 @@ TASKS = {"adding": AddingTask, "recall": RecallTask, "charlm": CharLMTask}
 
 
 def check_task_config(name: str, cfg) -> None:
-    """Range checks of a task's config table, naming the key (``ConfigError``)."""
-    positive(f"{name}.seq_len", cfg.seq_len)
-    if name == "adding":
-        if cfg.seq_len < 2:
-            raise ConfigError(f"config: 'adding.seq_len' must be >= 2; got {cfg.seq_len}")
-        positive("adding.test_size", cfg.test_size)
-    elif name == "recall":
-        positive("recall.delay", cfg.delay)
+    """A task's config table: the bounds on its fields, then what relates two of them;
+    ``ConfigError`` naming the key."""
+    check_bounds(cfg, name)
+    if name == "recall":
         if cfg.delay >= cfg.seq_len:
             raise ConfigError(
                 f"config: 'recall.delay' ({cfg.delay}) must be < 'recall.seq_len' ({cfg.seq_len})"
             )
-        if cfg.alphabet < 2:
-            raise ConfigError(f"config: 'recall.alphabet' must be >= 2; got {cfg.alphabet}")
         if cfg.test_len <= cfg.delay:
             raise ConfigError(
                 f"config: 'recall.test_len' ({cfg.test_len}) must be > 'recall.delay' ({cfg.delay})"
             )
-        positive("recall.test_size", cfg.test_size)
-    elif name == "charlm":
-        if not 0.0 < cfg.valid_fraction < 1.0:
-            raise ConfigError(
-                f"config: 'charlm.valid_fraction' must be in (0, 1): the held-out tail the "
-                f"evaluations read; got {cfg.valid_fraction}"
-            )
-        positive("charlm.eval_len", cfg.eval_len)
-        positive("charlm.eval_streams", cfg.eval_streams)
-        positive("charlm.sample_len", cfg.sample_len, allow_zero=True)
-        positive("charlm.temperature", cfg.temperature, allow_zero=True)
-        if not cfg.prime:
-            raise ConfigError("config: 'charlm.prime' must not be empty")
+    elif name == "charlm" and not cfg.prime:
+        raise ConfigError("config: 'charlm.prime' must not be empty")
 
 
 def make_task(name: str, cfg, dtype: str = "float32"):

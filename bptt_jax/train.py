@@ -1,4 +1,4 @@
-"""Training with optax on the hand-written BPTT: the train step, the loop and ``bptt-jax train``.
+"""Training with optax on the hand-written BPTT: the optimizer and the jit-compiled train step.
 
 The gradients come from :func:`bptt_jax.losses.loss_and_grads` (the hand-written backward),
 never from ``jax.grad``. One jit-compiled train step takes a :class:`TrainState` and a
@@ -11,7 +11,9 @@ never from ``jax.grad``. One jit-compiled train step takes a :class:`TrainState`
 Either way the step starts from ``state.carry`` and returns the carry after the batch's last
 step, so a stream's state survives across steps (``resets`` zero it where sequences start).
 The optimizer is ``optax.chain(clipping, optimizer)``, optionally inside
-``optax.apply_if_finite`` so a non-finite gradient skips the update and is counted.
+``optax.apply_if_finite`` so a non-finite gradient skips the update and is counted. The loop
+around the step that ``bptt-jax train`` runs (logs, evaluation, saved states, resuming) is
+:func:`bptt_jax.cli.fit.fit`.
 
 Example:
   >>> import jax, bptt_jax
@@ -32,14 +34,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
-import math
-import sys
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import field
 from functools import lru_cache, partial
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -47,40 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bptt_jax import config as config_lib
-from bptt_jax import losses, parallel, precision, tasks, truncated, validation
-from bptt_jax.cells import GRU, LSTM, Elman
-from bptt_jax.config import ConfigError
-from bptt_jax.models import Stack, is_bidirectional, stacked
+from bptt_jax import losses, parallel, precision, truncated, validation
+from bptt_jax.config import ConfigError, bounds, check_bounds
+from bptt_jax.models import Stack, is_bidirectional
 from bptt_jax.models import output_size as output_size_of
-from bptt_jax.parallel import DistributedConfig, ParallelConfig
 from bptt_jax.truncated import Batch
 
-
-# ---------------------------------------------------------------------------- configs
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The recurrent cell or model (table ``[model]``).
-
-    ``num_layers``, ``bidirectional`` and ``dropout`` build PyTorch's ``nn.LSTM(D, H,
-    num_layers, bidirectional=..., dropout=...)`` (:func:`bptt_jax.stacked`); the defaults
-    are one unidirectional cell.
-    """
-
-    cell: Literal["lstm", "gru", "elman"] = "lstm"
-    hidden_size: int = 128
-    num_layers: int = 1
-    bidirectional: bool = False
-    dropout: float = 0.0  # between layers (num_layers >= 2), during training only
-    activation: Literal["tanh", "relu", "identity", "sigmoid"] = "tanh"  # elman only
-    forget_bias: float = 1.0  # lstm only
-    init: Literal["uniform", "orthogonal"] = "uniform"
-    dtype: Literal["float32", "float64"] = "float32"
-    # the precision policy (bptt_jax.precision): "bfloat16" or "float16" compute with
-    # params, carries and sums in `dtype`; "" (the default): compute in `dtype`
-    compute_dtype: Literal["", "bfloat16", "float16", "float32", "float64"] = ""
-
-
+# ---------------------------------------------------------------------------- the optimizer
 #: Optimizers with their own handling; any other optax alias taking ``learning_rate`` as its
 #: first argument (``adamw``, ``lion``, ``nadam``, ...) is also accepted by name.
 OPTIMIZERS = ("adam", "sgd", "adagrad", "rmsprop")
@@ -90,61 +61,26 @@ CLIPS = ("global_norm", "value", "none")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Clipping and optimizer (table ``[optim]``)."""
+    """Clipping and optimizer (table ``[optim]`` of ``bptt-jax train``)."""
 
     name: str = "adam"  # adam, sgd, adagrad, rmsprop, or another optax alias by name
-    learning_rate: float = 1e-3
-    momentum: float = 0.9  # sgd and rmsprop; 0 for none
+    learning_rate: float = field(default=1e-3, metadata=bounds(gt=0, finite=True))
+    momentum: float = field(  # sgd and rmsprop; 0 for none
+        default=0.9,
+        metadata=bounds(
+            ge=0,
+            lt=1,
+            note="0: none; a momentum of 1 or more never forgets a gradient and diverges",
+        ),
+    )
     clip: Literal["global_norm", "value", "none"] = "global_norm"
-    max_norm: float = 1.0  # global_norm: max global norm; value: max |g| per element
+    # global_norm: max global norm; value: max |g| per element
+    max_norm: float = field(default=1.0, metadata=bounds(gt=0, finite=True))
     # optax.apply_if_finite: skip (and count) non-finite updates; an example whose carry is
     # non-finite then restarts from zeros, so one bad batch does not poison the stream
     skip_nonfinite: bool = True
-    max_consecutive_skips: int = 100  # after this many skips in a row, apply anyway
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The loop (table ``[train]``)."""
-
-    steps: int = 1000  # train steps (batches / stream chunks)
-    batch_size: int = 32
-    k1: int | None = None  # None: full BPTT per batch; else TBPTT(k1, k2)
-    k2: int | None = None  # backpropagation depth, >= k1; None: k1
-    eval_every: int = 200  # steps between evaluations (0: only at the end)
-    log_every: int = 10  # steps between progress-bar updates and log records
-    progress: bool = True  # show a tqdm progress bar
-    log_file: str = ""  # write the log records as JSON lines here ("" for none)
-    # steps between logging the effective horizon (diagnostics.effective_horizon) with the
-    # train record (at steps that are multiples of log_every too); 0: never
-    horizon_every: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    """Checkpoints (table ``[checkpoint]``)."""
-
-    dir: str = ""  # "" for no checkpoints
-    every: int = 0  # steps between checkpoints (0: only at the end)
-    keep: int = 3  # most recent checkpoints kept
-    resume: bool = True  # continue the latest checkpoint in dir; false: dir must hold none
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything ``bptt-jax train`` reads; each task's settings are in its own table."""
-
-    seed: int = 0
-    task: Literal["adding", "recall", "charlm"] = "adding"
-    model: ModelConfig = ModelConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    parallel: ParallelConfig = ParallelConfig()
-    distributed: DistributedConfig = DistributedConfig()
-    adding: tasks.AddingConfig = tasks.AddingConfig()
-    recall: tasks.RecallConfig = tasks.RecallConfig()
-    charlm: tasks.CharLMConfig = tasks.CharLMConfig()
+    # after this many skips in a row, apply anyway
+    max_consecutive_skips: int = field(default=100, metadata=bounds(gt=0))
 
 
 def _optax_alias(name: str):
@@ -175,20 +111,7 @@ def check_optim(o: OptimConfig) -> None:
     """An :class:`OptimConfig`'s values; ``ConfigError`` (a ``ValueError``) naming the key.
 
     :func:`make_optimizer` runs it, so a config built in Python is checked as a file is."""
-    for key, value in (
-        ("optim.learning_rate", o.learning_rate),
-        ("optim.max_norm", o.max_norm),
-        ("optim.max_consecutive_skips", o.max_consecutive_skips),
-    ):
-        config_lib.positive(key, value)
-    if not 0 <= o.momentum < 1:  # NaN too
-        raise ConfigError(
-            f"config: 'optim.momentum' must be in [0, 1) (0: none; a momentum of 1 or more "
-            f"never forgets a gradient and diverges); got {o.momentum!r}"
-        )
-    for key, value in (("optim.learning_rate", o.learning_rate), ("optim.max_norm", o.max_norm)):
-        if not math.isfinite(value):
-            raise ConfigError(f"config: '{key}' must be a finite number; got {value!r}")
+    check_bounds(o, "optim")
     if o.clip not in CLIPS:
         raise ConfigError(f"config: 'optim.clip' must be one of {', '.join(CLIPS)}; got {o.clip!r}")
     if o.name not in OPTIMIZERS and _optax_alias(o.name) is None:
@@ -197,292 +120,6 @@ def check_optim(o: OptimConfig) -> None:
             f"optimizer taking learning_rate whose update needs only the gradients (e.g. "
             f"adamw, lion; not lbfgs); got {o.name!r}"
         )
-
-
-def _check_paths(cfg: Config) -> None:
-    """``checkpoint.dir`` can be a directory and ``train.log_file`` a file, before any work:
-    otherwise the first save (at the end of training) or the log would fail after it."""
-    if cfg.checkpoint.dir:
-        config_lib.check_directory("checkpoint.dir", cfg.checkpoint.dir)
-    f = cfg.train.log_file
-    if f:
-        path = Path(f).expanduser()
-        if path.is_dir():
-            raise ConfigError(f"config: 'train.log_file' {f!r} is a directory; give a file name")
-        if not path.parent.is_dir():
-            raise ConfigError(
-                f"config: 'train.log_file' {f!r}: its directory {str(path.parent)!r} does not exist"
-            )
-
-
-#: Largest seed + 1: ``jax.random.key`` keeps 32 bits of a seed (without x64), so larger or
-#: negative seeds would collide with others.
-SEED_BOUND = 2**32
-
-
-def check_config(cfg: Config) -> None:
-    """Range and consistency checks beyond types; ``ConfigError`` naming the key."""
-    t, m, o, c = cfg.train, cfg.model, cfg.optim, cfg.checkpoint
-    if not 0 <= cfg.seed < SEED_BOUND:
-        raise ConfigError(
-            f"config: 'seed' must be in [0, 2**32) (JAX keeps 32 bits of a seed); got {cfg.seed}"
-        )
-    for key, value in (
-        ("model.hidden_size", m.hidden_size),
-        ("train.batch_size", t.batch_size),
-        ("train.log_every", t.log_every),
-        ("checkpoint.keep", c.keep),
-    ):
-        config_lib.positive(key, value)
-    for key, value in (
-        ("train.steps", t.steps),
-        ("train.eval_every", t.eval_every),
-        ("train.horizon_every", t.horizon_every),
-        ("checkpoint.every", c.every),
-    ):
-        config_lib.positive(key, value, allow_zero=True)
-    check_optim(o)
-    fmax = float(np.finfo(np.float64 if m.dtype == "float64" else np.float32).max)
-    if not abs(m.forget_bias) <= fmax:  # NaN too; beyond the params' dtype it would be inf
-        raise ConfigError(
-            f"config: 'model.forget_bias' must be a finite number that model.dtype "
-            f"({m.dtype}) holds, |x| <= {fmax:.3g}; got {m.forget_bias}"
-        )
-    if m.dtype == "float64" and not jax.config.jax_enable_x64:
-        raise ConfigError(
-            "config: 'model.dtype' float64 needs JAX's 64-bit mode, which is off: JAX would "
-            "make every array float32, silently (`bptt-jax train` turns it on for float64; "
-            "in Python: jax.config.update('jax_enable_x64', True) before creating arrays)"
-        )
-    _check_paths(cfg)
-    for key, k in (("train.k1", t.k1), ("train.k2", t.k2)):
-        if k is not None and k <= 0:
-            raise ConfigError(f"config: '{key}' must be a positive int (or none); got {k}")
-    if t.k1 is None and t.k2 is not None:
-        raise ConfigError("config: 'train.k2' needs 'train.k1' (TBPTT(k1, k2)); set train.k1")
-    if t.k1 is not None and t.k2 is not None and t.k1 > t.k2:
-        raise ConfigError(
-            f"config: 'train.k1' ({t.k1}) must be <= 'train.k2' ({t.k2}): each update "
-            "backpropagates k2 >= k1 steps"
-        )
-    if c.every and not c.dir:
-        raise ConfigError("config: 'checkpoint.every' needs 'checkpoint.dir'")
-    if m.num_layers < 1:
-        raise ConfigError(f"config: 'model.num_layers' must be a positive int; got {m.num_layers}")
-    if m.compute_dtype and jnp.dtype(m.compute_dtype).itemsize > jnp.dtype(m.dtype).itemsize:
-        raise ConfigError(
-            f"config: 'model.compute_dtype' ({m.compute_dtype}) must be no wider than "
-            f"'model.dtype' ({m.dtype}): the policy computes in it and keeps params in dtype"
-        )
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"config: 'model.dropout' must be in [0, 1); got {m.dropout!r}")
-    if m.dropout and m.num_layers == 1:
-        raise ConfigError(
-            f"config: 'model.dropout' ({m.dropout}) applies between layers; with "
-            "model.num_layers=1 it would do nothing (set model.num_layers >= 2 or dropout=0)"
-        )
-    if m.bidirectional and t.k1 is not None:
-        raise ConfigError(
-            "config: 'train.k1' (TBPTT) is undefined for a bidirectional model (its reverse "
-            "direction needs the whole future); set model.bidirectional=false or train.k1=none"
-        )
-    if cfg.parallel.devices < 0:
-        raise ConfigError(
-            f"config: 'parallel.devices' must be >= 0 (0: all devices); got {cfg.parallel.devices}"
-        )
-    if not cfg.parallel.axis:
-        raise ConfigError("config: 'parallel.axis' must be a non-empty mesh axis name")
-    parallel.distributed_args(cfg.distributed)  # every value, the environment's too
-    if m.bidirectional and cfg.task != "adding":
-        raise ConfigError(
-            f"config: 'model.bidirectional' needs a task of independent sequences (adding); "
-            f"task {cfg.task!r} is a carried stream, undefined for a reverse direction"
-        )
-    check_sizes(cfg)
-
-
-#: Most layers a config may stack. The train step is traced and compiled layer by layer (each
-#: layer's scans are their own code in the program), and XLA's compile time grows faster than
-#: linearly with them: 9 s at 50 layers, 116 s at 200 (LSTM, H = 4, on a 2-core CPU), so 1000
-#: layers would compile for over half an hour with no output, and 100000 for days. Stacks in
-#: use have tens of layers.
-MAX_LAYERS = 1000
-
-#: Per built-in cell: gate blocks (kernel columns per H), bias vectors of G*H, carry parts
-#: (B, H) and the (B, H) blocks its hand-written backward stores per step beside the carry
-#: (the largest of its gate, residual and gradient blocks: the engine writes them in place).
-_CELL_SIZES = {"elman": (1, 1, 1, 1), "lstm": (4, 1, 2, 4), "gru": (3, 2, 1, 4)}
-
-
-class Footprint(NamedTuple):
-    """:func:`footprint`'s estimate in bytes, each part with the config keys it grows with."""
-
-    params: int  # params and readout, their gradient and the optimizer's state
-    step: int  # one train step: the batch (and its TBPTT windows), logits, stored states
-    evaluation: int  # one evaluation: the test inputs, every layer's outputs, the logits
-    keys: dict  # "params" / "step" / "evaluation" -> the keys that part grows with
-
-    @property
-    def total(self) -> int:
-        """``params + max(step, evaluation)`` (a train step and an evaluation do not overlap):
-        a lower bound of the run's peak memory (XLA's scratch comes on top)."""
-        return self.params + max(self.step, self.evaluation)
-
-
-def _optimizer_slots(o: OptimConfig) -> int:
-    """Arrays the size of the params in the optimizer's state (adam: 2, sgd with momentum:
-    1), read off an abstract ``init`` (no device, no memory)."""
-    n = 1 << 12
-    state = jax.eval_shape(make_optimizer(o).init, jax.ShapeDtypeStruct((n,), jnp.float32))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(state)) // n
-
-
-def footprint(cfg: Config) -> Footprint:
-    """The memory a run of ``cfg`` needs at least, from its sizes alone (no task built, no
-    device touched), in bytes:
-
-    * params: the cell's or model's params and the readout (exact for the built-in cells),
-      times 2 + the optimizer's slots (the gradient; adam's two moments);
-    * step: one train step's batch (inputs, targets, flags; with TBPTT also cut into its
-      ``ceil(T/k1)`` windows of k2 steps), the logits and their error, and what the
-      hand-written backward stores per step (every cell's carry and gate blocks, T steps,
-      or k2 with TBPTT), in the compute dtype;
-    * evaluation: the test set's inputs, every layer's outputs and the logits.
-
-    For ``charlm`` the vocabulary is the corpus's, unknown before it is read: counted as 2.
-    :func:`check_sizes` refuses a config whose :attr:`Footprint.total` exceeds the memory.
-    Call it on a config whose task table is checked (:func:`bptt_jax.tasks.check_task_config`).
-    """
-    m, t, name = cfg.model, cfg.train, cfg.task
-    tc = getattr(cfg, name)
-    item = np.dtype(m.dtype).itemsize
-    citem = np.dtype(m.compute_dtype or m.dtype).itemsize
-    if name == "adding":
-        d, o, xent, t_eval, b_eval = 2, 1, False, tc.seq_len, tc.test_size
-        io_keys, eval_keys = (), ("adding.seq_len", "adding.test_size")
-    elif name == "recall":
-        d, o, xent, t_eval, b_eval = tc.alphabet, tc.alphabet, True, tc.test_len, tc.test_size
-        io_keys, eval_keys = ("recall.alphabet",), ("recall.test_len", "recall.test_size")
-    else:  # charlm: one-hot over the corpus's characters, at least 2
-        d, o, xent, t_eval, b_eval = 2, 2, True, tc.eval_len, tc.eval_streams
-        io_keys, eval_keys = (), ("charlm.eval_len", "charlm.eval_streams")
-    gates, biases, carry, stored = _CELL_SIZES[m.cell]
-    h, layers, dirs = m.hidden_size, m.num_layers, 1 + m.bidirectional
-    b, seq = t.batch_size, tc.seq_len
-    f = dirs * h  # features out of every layer (a bidirectional one concatenates both)
-
-    def cell(d_in):
-        return gates * h * (d_in + h) + biases * gates * h
-
-    n_params = dirs * (cell(d) + (layers - 1) * cell(f)) + f * o + o
-    params = n_params * item * (2 + _optimizer_slots(cfg.optim))
-    if t.k1 is None:
-        stored_steps, cut_steps = seq, 0
-    else:
-        stored_steps = t.k2 or t.k1
-        cut_steps = -(-seq // t.k1) * stored_steps  # the (N, k2) windows cut from the batch
-    per_example_step = (d * item) + (4 if xent else o * item) + 3  # inputs, targets, 3 flags
-    step = (
-        (seq + cut_steps) * b * per_example_step
-        + 2 * stored_steps * b * o * item  # logits and their error
-        + stored_steps * b * (layers * dirs * h * (carry + stored) + o) * citem
-    )
-    evaluation = t_eval * b_eval * (d + o + layers * f) * item
-    model_keys = ("model.hidden_size", "model.num_layers", *io_keys)
-    steps_keys = (f"{name}.seq_len", *(("train.k2",) if t.k1 is not None else ()))
-    keys = {
-        "params": model_keys,
-        "step": ("train.batch_size", *steps_keys, *model_keys),
-        "evaluation": (*eval_keys, *model_keys),
-    }
-    return Footprint(int(params), int(step), int(evaluation), keys)
-
-
-def _size_text(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if n < 1024 or unit == "EiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
-        n /= 1024
-    raise AssertionError  # unreachable
-
-
-def check_sizes(cfg: Config) -> None:
-    """Sizes that cannot run, before any work; ``ConfigError`` naming the key.
-
-    The task's table (:func:`bptt_jax.tasks.check_task_config`); ``train.k1`` no longer
-    than the task's ``seq_len`` (each train step's sequence: a longer window is padding
-    only, the same updates as ``k1 = seq_len`` at many times the cost); at most
-    :data:`MAX_LAYERS` layers; and :func:`footprint`'s total within the machine's memory
-    (:func:`bptt_jax.config.available_memory`: host RAM; a device with less memory than
-    that is not asked, which would start JAX's backend).
-    """
-    if cfg.task not in tasks.TASKS or cfg.model.cell not in _CELL_SIZES:
-        return  # named by make_task / the schema
-    tasks.check_task_config(cfg.task, getattr(cfg, cfg.task))
-    t, m = cfg.train, cfg.model
-    seq = getattr(cfg, cfg.task).seq_len
-    if t.k1 is not None and t.k1 > seq:
-        raise ConfigError(
-            f"config: 'train.k1' ({t.k1}) must be <= '{cfg.task}.seq_len' ({seq}), the steps "
-            f"of each train step: a TBPTT window past them is padding only (the same updates "
-            f"as train.k1={seq}, over {-(-(t.k2 or t.k1) // seq)}x the steps); set "
-            f"train.k1={seq} or less, or train.k1=none for full BPTT per batch"
-        )
-    if m.num_layers > MAX_LAYERS:
-        raise ConfigError(
-            f"config: 'model.num_layers' must be <= {MAX_LAYERS}; got {m.num_layers} (the "
-            f"train step is compiled layer by layer, in time that grows faster than the "
-            f"layers: 116 s at 200 layers on a 2-core CPU)"
-        )
-    available = config_lib.available_memory()
-    fp = footprint(cfg)
-    if available is None or fp.total <= available:
-        return
-    part = max(("params", "step", "evaluation"), key=lambda k: getattr(fp, k))
-    flat = _flat(config_lib.to_dict(cfg))
-    default = _flat(config_lib.to_dict(Config()))
-    default["train.k2"] = seq  # a window's steps, against the sequence's
-    flat["train.k2"] = t.k2 or t.k1
-
-    def excess(key):  # how many times its default the value is
-        return flat[key] / max(default[key], 1)
-
-    key = max(fp.keys[part], key=excess)
-    what = {
-        "params": "the params with their gradient and the optimizer's state",
-        "step": "one train step's batch and the states stored for its backward",
-        "evaluation": "the evaluation's test set and outputs",
-    }[part]
-    listing = ", ".join(f"{k}={flat[k]}" for k in fp.keys[part])
-    raise ConfigError(
-        f"config: '{key}' = {flat[key]} makes the run too big for this machine: it needs at "
-        f"least {_size_text(fp.total)} of memory, {what} {_size_text(getattr(fp, part))} "
-        f"({listing}), and the machine has {_size_text(available)}; reduce '{key}'"
-    )
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-# ---------------------------------------------------------------------------- pieces
-def make_cell(cfg: ModelConfig):
-    """The cell, or the model (:func:`bptt_jax.stacked`), of a :class:`ModelConfig`."""
-    if cfg.cell == "lstm":
-        cell = LSTM(cfg.hidden_size, forget_bias=cfg.forget_bias, init_scheme=cfg.init)
-    elif cfg.cell == "gru":
-        cell = GRU(cfg.hidden_size, init_scheme=cfg.init)
-    else:
-        cell = Elman(cfg.hidden_size, cfg.activation, init_scheme=cfg.init)
-    if cfg.num_layers == 1 and not cfg.bidirectional:
-        return cell
-    return stacked(cell, cfg.num_layers, bidirectional=cfg.bidirectional, dropout=cfg.dropout)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -523,6 +160,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return tx
 
 
+# ---------------------------------------------------------------------------- the step
 class TrainState(NamedTuple):
     """Everything a run needs to continue exactly: what a checkpoint holds."""
 
@@ -664,13 +302,9 @@ def trainer(
     )
 
 
-@lru_cache(maxsize=32)
-def _trainer(
-    cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis, compute_dtype
-) -> Trainer:
-    """:func:`trainer`, cached: equal arguments share one compiled step (cells and configs
-    are frozen dataclasses, so equal settings hash equal)."""
-    tx = make_optimizer(optim)
+def _make_init(cell, tx: optax.GradientTransformation, mesh, data_axis: str):
+    """The trainer's ``init(key, input_size, output_size, batch_size, dtype)``: a fresh
+    :class:`TrainState`, placed on ``mesh`` (params replicated, the carry split) if given."""
 
     def make_state(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
         k_cell, k_ro, k_data = jax.random.split(key, 3)
@@ -704,6 +338,14 @@ def _trainer(
                 key_data, impl, input_size, output_size, batch_size, jnp.dtype(dtype)
             )
 
+    return init
+
+
+def _make_update(tx: optax.GradientTransformation, optim: OptimConfig, metrics_fn):
+    """One update of the optimizer from a :class:`~bptt_jax.losses.LossAndGrads`, with its
+    metrics: ``update(opt_state, params, readout, lg, window) -> (opt_state, params, readout,
+    metrics)``."""
+
     def update(opt_state, params, readout, lg, window):
         grads = (lg.params, lg.readout)
         norm = optax.tree.norm(grads)
@@ -736,6 +378,19 @@ def _trainer(
                 )
             metrics.update(extra)
         return opt_state, new_params, new_readout, metrics
+
+    return update
+
+
+@lru_cache(maxsize=32)
+def _trainer(
+    cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis, compute_dtype
+) -> Trainer:
+    """:func:`trainer`, cached: equal arguments share one compiled step (cells and configs
+    are frozen dataclasses, so equal settings hash equal)."""
+    tx = make_optimizer(optim)
+    init = _make_init(cell, tx, mesh, data_axis)
+    update = _make_update(tx, optim, metrics_fn)
 
     bidirectional = is_bidirectional(cell)
     dropout = isinstance(cell, Stack) and cell.dropout > 0
@@ -855,540 +510,3 @@ class _CheckedStep(NamedTuple):
         """``jax.jit``'s ``lower`` (e.g. ``.compile().as_text()`` to read the program)."""
         self._check(state, batch)
         return self.jitted.lower(state, batch)
-
-
-# ---------------------------------------------------------------------------- the loop
-class FitResult(NamedTuple):
-    """What :func:`fit` returns."""
-
-    state: TrainState  # the final state
-    history: list  # the log records (dicts), as written to train.log_file (NaN there: null)
-    task: Any  # the task (e.g. to sample from a char-LM)
-    cell: Any  # the cell
-    mesh: Any = None  # the data-parallel mesh (None: one device)
-
-
-#: ``hook(step, record)`` is called with every log record (a dict of Python numbers) after
-#: it is made; ``record["kind"]`` is ``"train"`` or ``"eval"``.
-Hook = Callable[[int, dict], None]
-
-
-def build(cfg: Config, mesh: jax.sharding.Mesh | None = None):
-    """Check ``cfg`` and build ``(task, cell, trainer)``: every error before any work.
-
-    Touches no device (so ``jax.distributed`` can still start after it); ``mesh`` (from
-    :func:`make_mesh`) makes the trainer data-parallel.
-    """
-    check_config(cfg)
-    task = tasks.make_task(cfg.task, getattr(cfg, cfg.task), cfg.model.dtype)
-    cell = make_cell(cfg.model)
-    return task, cell, _trainer_of(cfg, task, cell, mesh)
-
-
-def _trainer_of(cfg: Config, task, cell, mesh) -> Trainer:
-    kwargs = {} if mesh is None else dict(mesh=mesh, data_axis=cfg.parallel.axis)
-    kwargs["compute_dtype"] = cfg.model.compute_dtype or None
-    return trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2, **kwargs)
-
-
-def make_mesh(cfg: Config) -> jax.sharding.Mesh | None:
-    """The data-parallel mesh of ``cfg.parallel`` (``None`` for a single device).
-
-    Connects the processes of ``cfg.distributed`` first (:func:`bptt_jax.parallel.initialize`,
-    before any device is touched), then checks that ``train.batch_size`` splits over the
-    devices.
-
-    Raises:
-      ConfigError: naming 'parallel.devices' (more devices than there are, or not a multiple
-        of the processes) or 'train.batch_size' (not divisible by the devices).
-    """
-    check_config(cfg)
-    parallel.initialize(cfg.distributed)
-    pc = cfg.parallel
-    try:
-        mesh = parallel.data_mesh(pc.devices, pc.axis)
-    except ValueError as e:
-        raise ConfigError(f"config: 'parallel.devices': {e}") from None
-    n = mesh.shape[pc.axis]
-    if n == 1 and jax.process_count() == 1:
-        return None  # one device: the plain step
-    if cfg.train.batch_size % n:
-        raise ConfigError(
-            f"config: 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the {n} "
-            f"devices the batch is split over ('parallel.devices' = {pc.devices}"
-            f"{': all' if pc.devices == 0 else ''}); set train.batch_size to a multiple of {n} "
-            f"or parallel.devices to a divisor of {cfg.train.batch_size}"
-        )
-    return mesh
-
-
-#: Config keys whose change makes a checkpoint another problem: resuming is refused. The
-#: active task's own table (``adding``, ``recall``, ``charlm``) is added. Other keys (the
-#: optimizer's settings, TBPTT's k1 and k2, steps, logging, devices) may change on resume.
-RESUME_FIXED = ("seed", "task", "model")
-
-
-def resume_differences(saved: dict | None, cfg: Config) -> tuple[list[str], list[str]]:
-    """``(conflicts, changed)``: the keys of ``RESUME_FIXED`` (and the task's table), then
-    the optimizer's and TBPTT's, that differ between a checkpoint's saved config and ``cfg``,
-    each as ``"key: saved -> now"``. Nothing when the checkpoint has no config."""
-    if not isinstance(saved, dict):
-        return [], []
-    now = config_lib.to_dict(cfg)
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(saved), flat(now)
-    fixed = (*RESUME_FIXED, cfg.task)
-    reported = (*fixed, "optim", "train.k1", "train.k2")
-
-    def differs(key):
-        return key in a and a[key] != b.get(key)
-
-    def under(key, roots):
-        return any(key == r or key.startswith(r + ".") for r in roots)
-
-    conflicts = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in b if differs(k) and under(k, fixed)]
-    changed = [
-        f"{k}: {a[k]!r} -> {b[k]!r}"
-        for k in b
-        if differs(k) and under(k, reported) and not under(k, fixed)
-    ]
-    return conflicts, changed
-
-
-def fit(
-    cfg: Config,
-    *,
-    hooks: Sequence[Hook] = (),
-    out=None,
-) -> FitResult:
-    """Train as ``cfg`` says: the loop behind ``bptt-jax train``.
-
-    Deterministic given ``cfg.seed``: batch ``s`` is a function of ``(key, s)`` only, so a run
-    resumed from a checkpoint (``checkpoint.dir``, ``checkpoint.resume``) ends with exactly
-    the params of an uninterrupted one. Evaluates every ``train.eval_every`` steps and at the
-    end; logs every ``train.log_every`` steps (progress bar, ``hooks``, ``train.log_file``).
-
-    On several devices (``[parallel]``, all of them by default) the batch is split over them
-    (:func:`trainer` with a mesh); with several processes (``[distributed]``) each process
-    runs this same loop: each draws the global batch ``s`` (the tasks' batches are cheap
-    functions of ``(key, s)``) and places only its own devices' rows, so the run is the same
-    whatever the number of processes. Only process 0 prints and writes the log file; every
-    process calls ``hooks`` and writes its part of each checkpoint. Evaluation runs on each
-    process's first device.
-
-    The run holds ``checkpoint.dir``'s lock (:class:`bptt_jax.checkpoint.Checkpointer`) from
-    start to end. Resuming skips newer steps that are corrupt or incomplete, with a warning
-    line each on ``out``, restores the newest intact one (announced) and moves the skipped
-    ones aside to ``<step>.corrupt-<n>``. ``train.log_file`` then holds each step once
-    (:func:`_open_log`: trimmed to the resumed step, or another run's log moved aside), its
-    records strict JSON (NaN and inf as ``null``).
-
-    Raises:
-      ConfigError: a bad value, naming the key, or, naming 'checkpoint.dir', a checkpoint
-        to resume that does not fit the config, a directory another live run writes, or one
-        whose steps are all corrupt; before any training.
-      bptt_jax.checkpoint.CheckpointSaveError: (an ``OSError``) a checkpoint could not be
-        written (e.g. a full disk); nothing partial of it is left.
-    """
-    out = sys.stdout if out is None else out
-    task, cell, t = build(cfg)  # every check and the corpus read, touching no device
-    mesh = make_mesh(cfg)  # connects the processes first, if there are several
-    if mesh is not None:
-        t = _trainer_of(cfg, task, cell, mesh)
-    main = parallel.is_main_process()
-    tc, cc = cfg.train, cfg.checkpoint
-    dtype = jnp.dtype(cfg.model.dtype)
-    state = t.init(
-        jax.random.key(cfg.seed), task.input_size, task.output_size, tc.batch_size, dtype
-    )
-    ckpt = None
-    if cc.dir:  # orbax is imported only when checkpoints are asked for
-        from bptt_jax import checkpoint
-
-        try:  # the directory's lock, held until the end: one writing run at a time
-            ckpt = checkpoint.Checkpointer(cc.dir, keep=cc.keep)
-        except checkpoint.CheckpointInUse as e:
-            raise ConfigError(f"config: 'checkpoint.dir': {e}") from None
-    resumed, log = False, None
-    try:  # (the checkpoint directory's lock is released on any error)
-        if ckpt is not None and ckpt.steps_on_disk():
-            if not cc.resume:
-                steps = ckpt.steps_on_disk()
-                raise ConfigError(
-                    f"config: 'checkpoint.dir' {cc.dir!r} holds checkpoints (steps {steps}) "
-                    "and checkpoint.resume=false starts from step 0, whose checkpoints would be "
-                    "mixed with them: use another checkpoint.dir, or delete those checkpoints"
-                )
-            corrupt = []  # newer steps that do not restore intact: skipped, then moved aside
-            try:
-                state, meta = ckpt.restore(state, on_corrupt=corrupt.append)
-            except checkpoint.CheckpointMismatch as e:
-                raise ConfigError(
-                    f"config: 'checkpoint.dir' holds a checkpoint of another model, optimizer "
-                    f"or batch size: {e}; use another checkpoint.dir"
-                ) from None
-            except checkpoint.CheckpointCorrupt as e:
-                raise ConfigError(
-                    f"config: 'checkpoint.dir' {cc.dir!r} holds no intact checkpoint to resume "
-                    f"({e}); move those step directories away, or use another checkpoint.dir"
-                ) from None
-            conflicts, changed = resume_differences(meta.get("config"), cfg)
-            if conflicts:
-                raise ConfigError(
-                    f"config: 'checkpoint.dir' holds a run of another problem: "
-                    f"{'; '.join(conflicts)} (saved -> now). Resuming it would continue that "
-                    "run under this config's name; use another checkpoint.dir"
-                )
-            resumed = True
-            for e in corrupt:  # the run continues from an older step: these are passed
-                moved = ckpt.set_aside(e.step)
-                if main:
-                    print(
-                        f"warning: checkpoint step {e.step} in {cc.dir} is corrupt or "
-                        f"incomplete ({e.reason}); skipped, moved aside to {moved.name}",
-                        file=out,
-                    )
-            if main:
-                newest = " (the newest intact checkpoint)" if corrupt else ""
-                print(f"resumed from {cc.dir} at step {int(state.step)}{newest}", file=out)
-                if changed:
-                    print(f"  with changed settings: {'; '.join(changed)}", file=out)
-                if int(state.step) >= tc.steps:
-                    print(
-                        f"  nothing left to train: the checkpoint is at step "
-                        f"{int(state.step)}, train.steps is {tc.steps} (raise train.steps to "
-                        "train on); evaluating it",
-                        file=out,
-                    )
-        if tc.log_file and main:  # trimmed to the resumed step, or another run's set aside
-            log = _open_log(tc, int(state.step) if resumed else None, out)
-    except BaseException:
-        if ckpt is not None:
-            ckpt.close()
-        raise
-    tokens_per_step = tc.batch_size * task.seq_len
-    history: list[dict] = []
-
-    def record(rec: dict):
-        history.append(rec)
-        if log is not None:
-            log.write(_json_line(rec) + "\n")
-            log.flush()
-        for hook in hooks:
-            hook(rec["step"], rec)
-
-    def evaluate(step: int):
-        params, readout = parallel.local_copy((state.params, state.readout))
-        rec = {"kind": "eval", "step": step, **task.evaluate(cell, params, readout)}
-        if isinstance(task, tasks.CharLMTask) and task.sample_len:
-            key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
-            rec["sample"] = task.sample(cell, params, readout, key)
-        text = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float))
-        if main:
-            _write(bar, out, f"[eval step {step}] {text}")
-            if "sample" in rec:
-                _write(bar, out, "sample: " + repr(rec["sample"]))
-        record(rec)
-
-    start = int(state.step)
-    bar = _progress(tc, start, out) if main else None
-    data_key = parallel.local_copy(state.key)  # the same in every process
-    window: list[dict] = []
-    t_last, step_last = time.perf_counter(), start
-    try:
-        for s in range(start, tc.steps):
-            batch = _batch(task, data_key, s, tc.batch_size)  # the global batch s
-            state, metrics = t.step(state, t.put_batch(batch))
-            window.append(metrics)
-            done = s + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                host = jax.device_get(window)
-                now = time.perf_counter()
-                rate = tokens_per_step * (done - step_last) / (now - t_last)
-                rec = _train_record(done, host, rate)
-                if tc.horizon_every and done % tc.horizon_every == 0:
-                    t_h = time.perf_counter()  # not throughput either
-                    params, key = parallel.local_copy((state.params, state.key))
-                    h = int(_horizon(cell, params, batch.xs, key))
-                    rec["horizon"] = h if h >= 0 else None  # null: undefined (NaN norms)
-                    now += time.perf_counter() - t_h
-                t_last, step_last, window = now, done, []
-                if bar is not None:
-                    bar.update(done - bar.n)
-                    extra = {"horizon": rec["horizon"]} if "horizon" in rec else {}
-                    bar.set_postfix(
-                        loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", **extra
-                    )
-                record(rec)
-            t_aside = time.perf_counter()  # evaluation and checkpoints are not throughput
-            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-                evaluate(done)
-            if ckpt is not None and cc.every and done % cc.every == 0:
-                ckpt.save(state, {"config": config_lib.to_dict(cfg)})
-            t_last += time.perf_counter() - t_aside
-        evaluate(int(state.step))
-        # the last state, unless saved already (by `every`, or by the run this one resumed
-        # when it had nothing left to do)
-        if ckpt is not None and int(state.step) not in ckpt.all_steps():
-            ckpt.save(state, {"config": config_lib.to_dict(cfg)})
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-        if ckpt is not None:
-            ckpt.close()
-    return FitResult(state, history, task, cell, mesh)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _horizon(cell, params, xs, key):
-    """The effective horizon (:func:`bptt_jax.diagnostics.effective_horizon`) of the batch's
-    first 8 sequences, from zero carries, with 8 random probes: about 8 backward passes
-    over 8 sequences, no weight gradients. A model logs the longest of its layers' (and
-    directions') horizons. ``-1`` (:data:`~bptt_jax.diagnostics.UNDEFINED_HORIZON`) when
-    any is undefined (NaN or inf norms: a diverged run), which the log records as null."""
-    from bptt_jax import diagnostics
-
-    h = diagnostics.effective_horizon(cell, params, xs[:, :8], probes=8, key=key)
-    hs = jnp.stack([jnp.max(x) for x in jax.tree.leaves(h)])
-    return jnp.where(jnp.any(hs < 0), diagnostics.UNDEFINED_HORIZON, jnp.max(hs))
-
-
-@partial(jax.jit, static_argnums=(0, 3))
-def _batch(task, key, step, batch_size):
-    """``task.batch`` compiled once per (task, batch size), shared by every run in a process."""
-    return task.batch(key, step, batch_size)
-
-
-def _train_record(step: int, window: list[dict], tokens_per_s: float) -> dict:
-    """One log record from the per-update metrics of the steps since the last record."""
-    cat = {k: np.concatenate([np.ravel(m[k]) for m in window]) for k in window[0]}
-    rec = {"kind": "train", "step": step}
-    for k, v in cat.items():
-        if k == "skipped":
-            rec[k] = int(v[-1])
-        elif k == "clipped":
-            rec["clipped_frac"] = float(np.mean(v))
-        elif k == "grad_norm":
-            rec[k] = float(np.mean(v))
-            rec["grad_norm_max"] = float(np.max(v))
-        else:
-            rec[k] = float(np.mean(v))
-    rec["updates"] = int(cat["loss"].size)
-    rec["tokens_per_s"] = float(tokens_per_s)
-    return rec
-
-
-def _json_safe(value):
-    """``value`` with every non-finite float (NaN, inf) as ``None``: JSON has no NaN, and
-    strict parsers reject the bare ``NaN`` that ``json.dumps`` writes by default."""
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _json_line(rec: dict) -> str:
-    """One record of ``train.log_file``: strict JSON, a non-finite number as ``null``."""
-    return json.dumps(_json_safe(rec), allow_nan=False)
-
-
-def _open_log(tc: TrainConfig, resumed_step: int | None, out):
-    """``train.log_file`` opened to append this run's records, so that it holds each step
-    once and only this run's records:
-
-    * resuming at step ``r``: the records past ``r`` (written by the run that stopped after
-      its last checkpoint) are dropped, and, when there is nothing left to train
-      (``r >= train.steps``), the evaluation at ``r``, which this run repeats; lines that
-      do not parse (a record cut off by a kill) go too. Rewritten atomically (a temporary
-      file, then ``os.replace``).
-    * not resuming: a non-empty file (another run's records) is moved aside to
-      ``<log_file>.<n>`` (the first free ``n``), and this run starts a new one.
-
-    Either is announced on ``out``.
-
-    Args:
-      tc: the run's ``[train]`` table (``log_file``, ``steps``).
-      resumed_step: the step the run resumed at, or ``None`` for a fresh run.
-      out: where the announcement goes.
-
-    Returns:
-      The file, open for appending.
-    """
-    import os
-
-    path = Path(tc.log_file).expanduser()
-    if path.exists() and path.stat().st_size > 0:
-        if resumed_step is None:
-            n = 1
-            while path.with_name(f"{path.name}.{n}").exists():
-                n += 1
-            old = path.with_name(f"{path.name}.{n}")
-            os.rename(path, old)
-            print(f"train.log_file {tc.log_file} held another run's records: moved to {old}",
-                  file=out)  # fmt: skip
-        else:
-            kept, dropped = [], 0
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    rec = None
-                if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-                    dropped += bool(line.strip())
-                    continue
-                repeated = rec.get("kind") == "eval" and rec["step"] == resumed_step
-                if rec["step"] > resumed_step or (repeated and resumed_step >= tc.steps):
-                    dropped += 1
-                    continue
-                kept.append(line + "\n")
-            if dropped:
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                tmp.write_text("".join(kept), encoding="utf-8")
-                os.replace(tmp, path)
-                print(f"train.log_file {tc.log_file}: dropped {dropped} record(s) that this "
-                      f"run, resumed at step {resumed_step}, writes again", file=out)  # fmt: skip
-    return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by fit
-
-
-def divergence(result: FitResult) -> str | None:
-    """Why a finished run's result is not a trained model, or ``None``: what makes
-    ``bptt-jax train`` exit with status 1.
-
-    * its final params or readout hold NaN or inf;
-    * its final evaluation has a NaN or inf value (e.g. the loss);
-    * with ``optim.skip_nonfinite``: every update counted in its last train record (its
-      last ``train.log_every`` steps) was skipped for a non-finite gradient: the run is
-      stuck, its params are the last finite ones.
-
-    Args:
-      result: what :func:`fit` returned (every process can ask: the params are replicated).
-
-    Returns:
-      One line saying which rule the run broke (naming the array or the metric), or
-      ``None`` for a run whose result is finite and was still being trained at its end.
-    """
-    state = result.state
-    params = parallel.local_copy((state.params, state.readout))
-    for p, x in jax.tree_util.tree_leaves_with_path(params):
-        if not np.all(np.isfinite(np.asarray(x, np.float64))):
-            where = "readout" if p and getattr(p[0], "idx", None) == 1 else "params"
-            return (
-                f"the run diverged: the final {where} hold NaN or inf "
-                f"({where}{jax.tree_util.keystr(p[1:])})"
-            )
-    evals = [r for r in result.history if r["kind"] == "eval"]
-    if evals:
-        for k, v in evals[-1].items():
-            if isinstance(v, float) and not math.isfinite(v):
-                return f"the run diverged: its final evaluation has {k}={v}"
-    trains = [r for r in result.history if r["kind"] == "train"]
-    opt = state.opt_state
-    if trains and isinstance(opt, optax.ApplyIfFiniteState):
-        streak = int(parallel.local_copy(opt.notfinite_count))
-        if streak >= trains[-1]["updates"] > 0:
-            return (
-                f"the run is stuck: its last {streak} updates were all skipped for non-finite "
-                "gradients (optim.skip_nonfinite); the params are the last finite ones"
-            )
-    return None
-
-
-def _progress(tc: TrainConfig, start: int, out):
-    if not tc.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=tc.steps, initial=start, file=sys.stderr, dynamic_ncols=True, unit="step")
-
-
-def _write(bar, out, text: str):
-    if bar is not None and out is sys.stdout:
-        bar.write(text, file=out)
-    else:
-        print(text, file=out, flush=True)
-
-
-# ---------------------------------------------------------------------------- CLI
-#: ``bptt-jax train``'s exit statuses (also its ``--help``).
-EXIT_STATUS = (
-    "exit status: 0 a trained model; 1 the run diverged (its final params or evaluation are "
-    "NaN or inf, or every update of its last train.log_every steps was skipped for a "
-    "non-finite gradient) or a checkpoint could not be written (e.g. a full disk); 2 a bad "
-    "config, found before any training."
-)
-
-
-def add_cli_arguments(parser) -> None:
-    config_lib.add_arguments(parser)
-    parser.epilog = EXIT_STATUS
-
-
-def cli_main(args) -> int:
-    """``bptt-jax train CONFIG [KEY=VALUE ...]``: the exit status of :data:`EXIT_STATUS`.
-
-    Ends with the number of updates skipped for non-finite gradients (the whole run's,
-    resumed parts included); a run that diverged (:func:`divergence`) prints why and
-    returns 1. A failed save is one line (``bptt-jax train: error: ...``), status 1."""
-    if args.config is None:  # (KEY=VALUE alone: the overrides of train.Config's defaults)
-        print("bptt-jax train: error: give a config (e.g. adding, charlm, recall)", file=sys.stderr)
-        return 2
-    try:
-        cfg = config_lib.from_args(Config, args)
-        if cfg.model.dtype == "float64":  # this process's arrays: float64 needs x64 mode
-            jax.config.update("jax_enable_x64", True)
-        build(cfg)  # every check (and the corpus read) before any work; no device touched
-        procs = parallel.distributed_args(cfg.distributed)
-    except ConfigError as e:
-        print(f"bptt-jax train: error: {e}", file=sys.stderr)
-        return 2
-    main = procs is None or not procs["process_id"]  # jax.process_index() would start JAX
-    if main:
-        print(
-            f"bptt-jax train: task={cfg.task} cell={cfg.model.cell} H={cfg.model.hidden_size} "
-            f"layers={cfg.model.num_layers}{' bidirectional' if cfg.model.bidirectional else ''}"
-            f"{f' dropout={cfg.model.dropout}' if cfg.model.dropout else ''} "
-            f"k1={cfg.train.k1} k2={cfg.train.k2} optim={cfg.optim.name} seed={cfg.seed}",
-            flush=True,
-        )
-    t0 = time.perf_counter()
-    try:
-        result = fit(cfg)
-    except ConfigError as e:  # devices, batch size or checkpoint, found before any training
-        print(f"bptt-jax train: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a checkpoint that could not be saved (a full disk), the log file
-        print(f"bptt-jax train: error: {e}", file=sys.stderr)
-        return 1
-    problem = divergence(result)
-    if parallel.is_main_process():
-        last = [r for r in result.history if r["kind"] == "eval"][-1]
-        text = " ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
-        where = ""
-        if result.mesh is not None:
-            where = f" on {result.mesh.devices.size} devices, {jax.process_count()} process(es),"
-        opt = result.state.opt_state
-        skipped = ""
-        if isinstance(opt, optax.ApplyIfFiniteState):
-            n = int(parallel.local_copy(opt.total_notfinite))
-            skipped = f"; {n} update{'' if n == 1 else 's'} skipped (non-finite gradients)"
-        print(
-            f"done: {int(result.state.step)} steps{where} in "
-            f"{time.perf_counter() - t0:.1f} s; {text}{skipped}"
-        )
-        if problem:
-            print(f"bptt-jax train: error: {problem}", file=sys.stderr)
-    return 1 if problem else 0

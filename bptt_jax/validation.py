@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import checking, precision
-from bptt_jax._sharding import like_batch
+from bptt_jax._engine.sharding import like_batch
 from bptt_jax.cells import LSTM, PARAMS_TYPES, LSTMCarry, protocol
+from bptt_jax.readout import ReadoutParams
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -78,11 +79,11 @@ def _builtin(cell) -> bool:
 
 def check_cell(fn: str, cell, where: str = "cell") -> None:
     """``cell`` meets a contract of :mod:`bptt_jax.cells.protocol` and is hashable."""
-    from bptt_jax.models import _is_cell, not_a_cell
+    from bptt_jax.models import is_cell, not_a_cell
 
     if _builtin(cell):
         return
-    if not _is_cell(cell):
+    if not is_cell(cell):
         raise TypeError(not_a_cell(f"{fn}: {where}", cell))
     name = type(cell).__name__
     missing = protocol.missing_fast_members(cell)
@@ -548,8 +549,6 @@ def _flags_message(fn: str, name: str) -> str:
 
 def check_readout(fn: str, readout, h: int, dtype) -> int:
     """Check ReadoutParams(w_hy (H, O), b_y (O,)); return O."""
-    from bptt_jax.losses import ReadoutParams
-
     if not isinstance(readout, ReadoutParams):
         raise TypeError(
             f"{fn}: readout must be a bptt_jax.ReadoutParams(w_hy, b_y); "
@@ -667,7 +666,7 @@ def check_unroll_args(fn: str, cell, params, xs, carry0, mask, truncate):
     return padding_zeroed(xs, mask), carry0, mask, dtype
 
 
-def _check_tuple(fn: str, what: str, value, n: int, of: str) -> tuple:
+def check_tuple(fn: str, what: str, value, n: int, of: str) -> tuple:
     if not isinstance(value, (tuple, list)) or len(value) != n:
         got = f"a {type(value).__name__}" + (
             f" of {len(value)}" if isinstance(value, (tuple, list)) else ""
@@ -714,7 +713,7 @@ def padding_zeroed(xs, mask):
 
 def _cells_with_inputs(model, params, carry0, d: int):
     """``(cell, params, carry, input size)`` of every cell of ``model``, layer by layer."""
-    from bptt_jax.models import Bidirectional, Stack, _output_size
+    from bptt_jax.models import Bidirectional, Stack, output_size
 
     stack = isinstance(model, Stack)
     layers = model.layers if stack else (model,)
@@ -724,7 +723,7 @@ def _cells_with_inputs(model, params, carry0, d: int):
             yield from ((cell, q, cc, d) for cell, q, cc in zip(layer.cells, p, c))
         else:
             yield layer, p, c, d
-        d = _output_size(layer)
+        d = output_size(layer)
 
 
 def _check_steps(fn: str, model, params, carry0, d: int, dtype, compute_dtype) -> None:
@@ -735,7 +734,7 @@ def _check_steps(fn: str, model, params, carry0, d: int, dtype, compute_dtype) -
 
 
 def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets):
-    from bptt_jax.models import Bidirectional, Stack, _output_size, is_bidirectional
+    from bptt_jax.models import Bidirectional, Stack, is_bidirectional, output_size
 
     check_model(fn, model)
     if not isinstance(model, (Stack, Bidirectional)):
@@ -757,7 +756,7 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
     stack = isinstance(model, Stack)
     layers = model.layers if stack else (model,)
     ps = (
-        _check_tuple(fn, "params", params, len(layers), "one params entry per layer")
+        check_tuple(fn, "params", params, len(layers), "one params entry per layer")
         if stack
         else (params,)
     )
@@ -773,7 +772,7 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
     for k, (layer, p) in enumerate(zip(layers, ps)):
         where = f"params[{k}]" if stack else "params"
         if isinstance(layer, Bidirectional):
-            pair = _check_tuple(fn, where, p, 2, "the (forward, backward) params")
+            pair = check_tuple(fn, where, p, 2, "the (forward, backward) params")
             dirs = [(c, q, f"{where}[{d}]") for d, (c, q) in enumerate(zip(layer.cells, pair))]
         else:
             dirs = [(layer, p, where)]
@@ -807,7 +806,7 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
                     f"{fn}: {name}.{first} must have shape ({want}, G*H) to match {source}; "
                     f"got {_shape(q[0])}"
                 )
-        d_in = _output_size(layer)
+        d_in = output_size(layer)
     if dtype is None:  # no cell has params
         dtype = _dtype(xs)
     first = ps[0][0] if isinstance(layers[0], Bidirectional) else ps[0]
@@ -820,14 +819,14 @@ def _check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets
     if carry0 is None:  # each cell's zero_carry (checked)
         cs = tuple((None, None) if isinstance(layer, Bidirectional) else None for layer in layers)
     elif stack:
-        cs = _check_tuple(fn, "carry0", carry0, len(layers), "one carry per layer")
+        cs = check_tuple(fn, "carry0", carry0, len(layers), "one carry per layer")
     else:
         cs = (carry0,)
     out = []
     for k, (layer, c) in enumerate(zip(layers, cs)):
         where = f"carry0[{k}]" if stack else "carry0"
         if isinstance(layer, Bidirectional):
-            pair = _check_tuple(fn, where, c, 2, "the (forward, backward) carries")
+            pair = check_tuple(fn, where, c, 2, "the (forward, backward) carries")
             out.append(tuple(
                 check_carry(fn, cell, cc, b, dtype, f"{where}[{d}]")
                 for d, (cell, cc) in enumerate(zip(layer.cells, pair))

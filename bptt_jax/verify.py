@@ -1,16 +1,12 @@
 """Verification users can run: hand-written gradients against autodiff and finite differences.
 
-Autodiff (``jax.grad`` / ``jax.vjp``) appears here only as the *reference*.
+Autodiff (``jax.grad`` / ``jax.vjp``) appears here only as the *reference*. The grid of
+checks that ``bptt-jax verify`` runs is :mod:`bptt_jax.cli.verify`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import sys
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +14,8 @@ import numpy as np
 
 from bptt_jax import _engine as engine
 from bptt_jax import losses, precision, validation
-from bptt_jax.cells import GRU, LSTM, Elman, protocol
-from bptt_jax.models import Bidirectional, Stack, is_bidirectional, not_a_cell, stacked
+from bptt_jax.cells import LSTM, Elman
+from bptt_jax.models import Bidirectional, Stack
 from bptt_jax.models import output_size as output_size_of
 
 #: Max normwise relative error allowed between manual and autodiff gradients, by dtype.
@@ -277,7 +273,7 @@ def check_gradients(
         argnums = (0, 1, 2, 3, 4) if loss == "mse" else (0, 1, 2, 4)
         names = ("params", "readout", "xs", "targets", "carry0")
 
-        def make(backward, compute_dtype=cdt):
+        def make(gradient_path, compute_dtype=cdt):
             def f(p, ro, x, tg, c0):
                 return losses.sequence_loss(
                     model,
@@ -290,7 +286,7 @@ def check_gradients(
                     loss=loss,
                     reduction=reduction,
                     truncate=truncate,
-                    backward=backward,
+                    backward=gradient_path,
                     compute_dtype=compute_dtype,
                 )
 
@@ -312,7 +308,7 @@ def check_gradients(
             ],
         )
 
-        def make(backward, compute_dtype=cdt):
+        def make(gradient_path, compute_dtype=cdt):
             def f(p, x, c0):  # <(hs, carry_T), random cotangent>: its gradient is the VJP
                 hs, c_t = engine.unroll(
                     model,
@@ -321,7 +317,7 @@ def check_gradients(
                     c0,
                     mask=m,
                     truncate=truncate,
-                    backward=backward,
+                    backward=gradient_path,
                     compute_dtype=compute_dtype,
                 )
                 dots = [
@@ -424,204 +420,3 @@ def model_name(model) -> str:
         inner = _cell_name(f) if f == b else f"{_cell_name(f)}, {_cell_name(b)}"
         return f"Bi({inner}{'' if model.merge == 'concat' else ', ' + model.merge})"
     return _cell_name(model)
-
-
-def _cell_configs(cell) -> list[tuple[Callable, dict]]:
-    """One cell's rows, in float64 and float32: a mean cross-entropy from a zero carry, a
-    summed MSE and a truncated cross-entropy with padding and a random carry, and ``unroll``
-    under random cotangents."""
-    rows = []
-    for dtype in (jnp.float64, jnp.float32):
-        common = dict(dtype=dtype, mask=True, random_carry=True)
-        rows += [
-            (cell, dict(common, loss="xent", reduction="mean", mask=False, random_carry=False)),
-            (cell, dict(common, loss="mse", reduction="sum")),
-            (cell, dict(common, loss="xent", reduction="sum", truncate=4)),
-            (cell, dict(common, path="unroll")),
-        ]
-    return rows
-
-
-def cell_grid(cell) -> list[tuple[Callable, dict]]:
-    """The configurations ``bptt-jax verify --cell`` checks for one cell (a user's, see
-    :class:`bptt_jax.Cell`): :func:`_cell_configs`, checkpointed BPTT, the cell in a
-    2-layer :class:`~bptt_jax.Stack` and a :class:`~bptt_jax.Bidirectional` layer, and
-    bfloat16 compute with float32 params."""
-    common = dict(mask=True, random_carry=True)
-    return [
-        *_cell_configs(cell),
-        (cell, dict(common, dtype=jnp.float64, loss="mse", backward="checkpointed")),
-        (Stack((cell, cell)), dict(common, dtype=jnp.float64, loss="xent")),
-        (Bidirectional(cell), dict(common, dtype=jnp.float64, path="unroll")),
-        (cell, dict(dtype=jnp.float32, compute_dtype=jnp.bfloat16, seq_len=64, loss="xent")),
-    ]
-
-
-def load_cell(spec: str, hidden_size: int = 6):
-    """The cell ``module:name`` names (``bptt-jax verify --cell``).
-
-    ``name`` is a cell, a cell class (called with ``hidden_size``) or a function of
-    ``hidden_size`` returning one. The module is imported with the working directory on
-    ``sys.path``, so a file ``my_cells.py`` there is ``my_cells:MyCell``.
-
-    Raises:
-      ValueError: ``spec`` is not ``module:name``, the module cannot be imported or has no
-        ``name``, or what it names does not give a cell.
-    """
-    module, sep, attr = spec.partition(":")
-    if not (sep and module and attr):
-        raise ValueError(
-            f"verify: --cell must be 'module:name' (e.g. my_cells:MyCell); got {spec!r}"
-        )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise ValueError(f"verify: --cell {spec!r}: cannot import {module!r}: {e}") from None
-    if not hasattr(mod, attr):
-        raise ValueError(f"verify: --cell {spec!r}: module {module!r} has no {attr!r}")
-    obj = getattr(mod, attr)
-    cell = obj
-    if isinstance(obj, type) or (callable(obj) and not protocol.is_cell(obj)):
-        try:
-            cell = obj(hidden_size)
-        except Exception as e:  # noqa: BLE001 (any failure of the user's constructor)
-            raise ValueError(
-                f"verify: --cell {spec!r}: {attr}({hidden_size}) raised {type(e).__name__}: {e}"
-            ) from None
-    if not protocol.is_cell(cell):
-        raise ValueError(not_a_cell(f"verify: --cell {spec!r}", cell))
-    return cell
-
-
-def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
-    """The configurations ``bptt-jax verify`` checks: every cell, model kind and gradient path."""
-    cells = [
-        Elman(hidden_size, "tanh"),
-        Elman(hidden_size, "relu"),
-        Elman(hidden_size, "identity"),
-        LSTM(hidden_size, forget_bias=1.0),
-        GRU(hidden_size),
-    ]
-    h = hidden_size
-    models = [
-        stacked(LSTM(h, forget_bias=1.0), 2),
-        Stack((Elman(h, "tanh"), GRU(h - 1))),
-        Bidirectional(GRU(h)),
-        Bidirectional(Elman(h, "tanh"), backward=LSTM(h - 1), merge="concat"),
-        stacked(LSTM(h - 2), 2, bidirectional=True),
-    ]
-    grid = [row for cell in cells for row in _cell_configs(cell)]
-    for model in models:
-        uni = not is_bidirectional(model)
-        common = dict(mask=True, random_carry=True)
-        grid += [
-            (model, dict(common, dtype=jnp.float64, loss="xent", reduction="mean")),
-            (model, dict(common, dtype=jnp.float64, path="unroll")),
-            (model, dict(common, dtype=jnp.float64, loss="mse", backward="checkpointed")),
-            (model, dict(common, dtype=jnp.float32, loss="mse", reduction="sum")),
-        ]
-        if uni:
-            grid.append((model, dict(common, dtype=jnp.float64, loss="xent", truncate=4)))
-    # The bfloat16 tier: float32 params, bfloat16 compute (bptt_jax.precision), on a longer
-    # sequence; every cell kind and both model kinds, full, checkpointed and truncated.
-    bf16 = dict(dtype=jnp.float32, compute_dtype=jnp.bfloat16, seq_len=64, mask=True)
-    grid += [
-        (cells[0], dict(bf16, loss="xent")),
-        (cells[3], dict(bf16, loss="mse", backward="checkpointed")),
-        (cells[4], dict(bf16, path="unroll", truncate=8)),
-        (models[0], dict(bf16, loss="xent", truncate=8)),
-        (models[2], dict(bf16, path="unroll")),
-    ]
-    return grid
-
-
-def run_verify(seed: int = 0, print_fn=print, grid=None) -> bool:
-    """Check every configuration of ``grid`` (default: :func:`default_grid`); print a table;
-    return success."""
-    if not jax.config.jax_enable_x64:
-        jax.config.update("jax_enable_x64", True)
-    start = time.perf_counter()
-    key = jax.random.key(seed)
-    grid = default_grid() if grid is None else grid
-    print_fn(
-        f"bptt-jax verify: {len(grid)} configurations, manual vs jax.grad of a plain "
-        f"lax.scan (normwise relative error),\nand vs central finite differences in float64. "
-        f"Tolerances: {TOLERANCE}, finite differences {FD_TOLERANCE:g}; bfloat16 compute: "
-        f"{policy_tolerances(jnp.bfloat16)[1]:.2g} vs autodiff of the same policy (the "
-        f"distance to float32 autodiff is shown, not judged: it is bfloat16's rounding). "
-        f"Device: {jax.devices()[0].platform}.\n"
-    )
-    header = f"{'configuration':<84} {'worst leaf':<20} {'vs autodiff':>11} {'vs FD':>9}  ok"
-    print_fn(header)
-    print_fn("-" * len(header))
-    all_ok, worst, worst_full = True, {"float64": 0.0, "float32": 0.0, "bfloat16": 0.0}, 0.0
-    for n, (cell, kw) in enumerate(grid):
-        try:
-            report = check_gradients(cell, key=jax.random.fold_in(key, n), **kw)
-        except Exception as e:  # noqa: BLE001 (a user cell may fail anywhere: a FAIL row)
-            all_ok = False
-            print_fn(f"{model_name(cell)} {kw}: FAIL, {type(e).__name__}: {e}")
-            continue
-        leaf = max(report.autodiff, key=report.autodiff.get)
-        fd = max(report.finite_diff.values()) if report.finite_diff else float("nan")
-        dt = jnp.dtype(kw.get("compute_dtype") or kw["dtype"]).name
-        worst[dt] = max(worst[dt], report.max_error)
-        worst_full = max(worst_full, max(report.full_precision.values(), default=0.0))
-        all_ok &= report.passed
-        fd_s = f"{fd:9.1e}" if report.finite_diff else f"{'-':>9}"
-        print_fn(
-            f"{report.config:<84} {leaf:<20} {report.max_error:11.1e} {fd_s}  "
-            f"{'ok' if report.passed else 'FAIL'}"
-        )
-        if report.full_precision:
-            full = max(report.full_precision.values())
-            naive = max(report.naive.values())
-            tol = report.full_precision_tolerance
-            print_fn(
-                f"    information: vs float32 autodiff {full:.1e} (typically within "
-                f"{tol:.1e}); a naive bfloat16 run: {naive:.1e}"
-            )
-        if not report.passed:
-            for name, e in report.autodiff.items():
-                print_fn(
-                    f"    {name:<20} vs autodiff {e:.2e}"
-                    + (
-                        f"  vs FD {report.finite_diff[name]:.2e}"
-                        if name in report.finite_diff
-                        else ""
-                    )
-                )
-    print_fn(
-        f"\nworst relative error vs autodiff: float64 {worst['float64']:.1e}, "
-        f"float32 {worst['float32']:.1e}, bfloat16 compute {worst['bfloat16']:.1e} (vs "
-        f"float32, information: {worst_full:.1e}); {time.perf_counter() - start:.1f} s"
-    )
-    print_fn("PASSED" if all_ok else "FAILED")
-    return all_ok
-
-
-# ------------------------------------------------------------------------------- CLI
-def add_cli_arguments(parser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for the random problems")
-    parser.add_argument(
-        "--cell",
-        metavar="MODULE:NAME",
-        help="check this cell instead of the built-in grid (e.g. my_cells:MyCell, a class "
-        "called with --hidden-size): alone, checkpointed, stacked, bidirectional, bfloat16",
-    )
-    parser.add_argument(
-        "--hidden-size", type=int, default=6, help="H of a --cell class (default 6)"
-    )
-
-
-def cli_main(args) -> int:
-    grid = None
-    if args.cell is not None:
-        try:
-            grid = cell_grid(load_cell(args.cell, args.hidden_size))
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return 0 if run_verify(seed=args.seed, grid=grid) else 1

@@ -78,10 +78,15 @@ def rng(request):
 #: Test files whose tests share one expensive module-scoped fixture: each file runs on one
 #: xdist worker (else every worker builds the fixture): test_bench's smoke run of
 #: ``bptt-jax bench``, test_docs' interpreter running every docstring example,
-#: test_parallel's 8-device interpreter and 2-process run. (``--dist
-#: loadgroup`` cannot do it: xdist 3.8 marks a group in the test ids, which pytest 9.2 no
-#: longer lets it change.)
-ONE_WORKER_FILES = ("tests/test_bench.py", "tests/test_docs.py", "tests/test_parallel.py")
+#: test_parallel's 8-device interpreter and 2-process run, test_wheel's installed wheel.
+#: (``--dist loadgroup`` cannot do it: xdist 3.8 marks a group in the test ids, which pytest
+#: 9.2 no longer lets it change.)
+ONE_WORKER_FILES = (
+    "tests/test_bench.py",
+    "tests/test_docs.py",
+    "tests/test_parallel.py",
+    "tests/test_wheel.py",
+)
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook, on the controller

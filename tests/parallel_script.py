@@ -11,7 +11,7 @@ compiles once:
   gradient on one device (float64), with each compiled program's collectives (and how many
   loops enclose each) and its FLOPs per device against the one-device program's;
 * ``train``: the trainer's full-BPTT and TBPTT steps on 8 devices against one device;
-* ``fit``: ``train.fit`` on 8 devices against 1, a run killed and resumed, a resume onto 4
+* ``fit``: ``fit_loop.fit`` on 8 devices against 1, a run killed and resumed, a resume onto 4
   devices, and the final checkpoint the 2-process run is compared with;
 * ``errors``: the messages of bad input that needs devices to be found.
 
@@ -41,7 +41,9 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bptt_jax  # noqa: E402
-from bptt_jax import config, losses, parallel, train  # noqa: E402
+from bptt_jax import losses, parallel, train  # noqa: E402
+from bptt_jax.cli import config, hlo, train_config  # noqa: E402
+from bptt_jax.cli import fit as fit_loop  # noqa: E402
 from tests import reference as ref  # noqa: E402
 
 N = 8
@@ -91,7 +93,7 @@ def rel_err(a, b) -> float:
 
 
 def collective_summary(compiled) -> dict:
-    found = parallel.collectives(compiled.as_text())
+    found = hlo.collectives(compiled.as_text())
     return dict(
         in_loops=[c._asdict() for c in found if c.loop_depth > 0],
         outside=len([c for c in found if c.loop_depth == 0]),
@@ -174,8 +176,8 @@ def grad_entry(model_name, schedule, mode, seed) -> dict:
         },  # fmt: skip
         dropout=dkey is not None,
         zero_carry=carry0 is None,
-        flops_single=parallel.flops(single),
-        flops_per_device=parallel.flops(sharded),
+        flops_single=hlo.flops(single),
+        flops_per_device=hlo.flops(sharded),
         collectives=collective_summary(sharded),
         out_shardings=out_shardings,
     )
@@ -191,7 +193,7 @@ def train_entries() -> dict:
     key = jax.random.key(11)
     opt = train.OptimConfig(name="adam", learning_rate=0.05, clip="global_norm", max_norm=0.5)
     full_cell = bptt_jax.LSTM(5)
-    task, recall_cell, _ = train.build(cfg_of())
+    task, recall_cell, _ = train_config.build(cfg_of())
 
     def random_batch(step):
         _, _, xs, ys, _, mask = ref.model_problem(
@@ -265,7 +267,7 @@ TWO_PROCESS_RUN = (*TINY_RECALL, "train.steps=10")
 
 
 def cfg_of(*overrides):
-    return config.load(train.Config, None, [*TINY_RECALL, *overrides])
+    return config.load(train_config.Config, None, [*TINY_RECALL, *overrides])
 
 
 class Killed(Exception):
@@ -275,12 +277,13 @@ class Killed(Exception):
 def fit_entries(out_dir: Path) -> dict:
     import io
 
-    from bptt_jax import checkpoint
+    from bptt_jax.cli import saving
 
     quiet = dict(out=io.StringIO())
     steps = "train.steps=10"
-    # the run the 2-process one is compared with: 8 devices, final checkpoint in ref8/
-    r8 = train.fit(cfg_of(steps, f"checkpoint.dir={out_dir / 'ref8'}"), **quiet)  # TWO_PROCESS_RUN
+    # the run the 2-process one is compared with (TWO_PROCESS_RUN): 8 devices, final
+    # checkpoint in ref8/
+    r8 = fit_loop.fit(cfg_of(steps, f"checkpoint.dir={out_dir / 'ref8'}"), **quiet)
     whole = train_np(r8.state)
     res = dict(
         mesh_devices=int(r8.mesh.devices.size),
@@ -294,13 +297,13 @@ def fit_entries(out_dir: Path) -> dict:
     ck = out_dir / "ck"
     cfg = cfg_of(steps, f"checkpoint.dir={ck}", "checkpoint.every=3")
     try:
-        train.fit(cfg, hooks=[die_at_8], **quiet)
+        fit_loop.fit(cfg, hooks=[die_at_8], **quiet)
     except Killed:
         pass
-    res["latest_after_kill"] = checkpoint.latest_step(ck)
+    res["latest_after_kill"] = saving.latest_step(ck)
     shutil.copytree(ck, out_dir / "ck_copy")
     log = io.StringIO()
-    resumed = train.fit(cfg, out=log).state
+    resumed = fit_loop.fit(cfg, out=log).state
     res["resumed_message"] = "resumed from" in log.getvalue() and "at step 6" in log.getvalue()
     res["resume_bit_for_bit"] = all(
         np.array_equal(a, b)
@@ -313,7 +316,7 @@ def fit_entries(out_dir: Path) -> dict:
     # the step-6 checkpoint of the 8-device run, resumed on 4 devices
     cfg4 = cfg_of(steps, f"checkpoint.dir={out_dir / 'ck_copy'}", "checkpoint.every=3",
                   "parallel.devices=4")  # fmt: skip
-    r4 = train.fit(cfg4, **quiet)
+    r4 = fit_loop.fit(cfg4, **quiet)
     res["resume_on_4_devices"] = dict(
         devices=int(r4.mesh.devices.size),
         carry_spec=str(r4.state.carry.h.sharding.spec),
@@ -377,9 +380,9 @@ def error_entries() -> dict:
         init_batch=message(lambda: t8.init(jax.random.key(0), 2, 3, 12)),
         put_batch=message(lambda: t8.put_batch(batch12)),
         step_batch=message(lambda: t8.step(state, batch12)),
-        config_batch=message(lambda: train.make_mesh(cfg_of("train.batch_size=12"))),
-        config_devices=message(lambda: train.make_mesh(cfg_of("parallel.devices=16"))),
-        config_divisor=message(lambda: train.make_mesh(cfg_of("parallel.devices=3"))),
+        config_batch=message(lambda: train_config.make_mesh(cfg_of("train.batch_size=12"))),
+        config_devices=message(lambda: train_config.make_mesh(cfg_of("parallel.devices=16"))),
+        config_divisor=message(lambda: train_config.make_mesh(cfg_of("parallel.devices=3"))),
     )
 
 

@@ -15,7 +15,8 @@ import time
 import jax
 import pytest
 
-from bptt_jax import bench, cli
+from bptt_jax import cli
+from bptt_jax.cli import bench, config
 
 STATS = ("median_s", "q25_s", "q75_s", "iqr_s", "min_s", "max_s", "tokens_per_s", "compile_s")
 MEMORY = ("temp_bytes", "argument_bytes", "output_bytes")
@@ -407,7 +408,7 @@ def test_a_wrong_gradient_path_is_refused_and_never_timed(
     assert "FAILED" in capsys.readouterr().err
 
 
-def test_bench_without_the_repository_says_how_to_get_it(monkeypatch, tmp_path):
+def test_bench_without_its_scripts_says_how_to_get_them(monkeypatch, tmp_path):
     monkeypatch.setattr(bench, "BENCHMARKS_DIR", tmp_path / "benchmarks")
     with pytest.raises(FileNotFoundError, match=r"pip install -e \."):
         bench.load_runner()
@@ -433,9 +434,7 @@ def test_interleaved_timing_settles_short_samples_only():
     assert stats["long"]["min_s"] >= harness.SETTLE_BELOW_S
 
 
-@pytest.mark.parametrize(
-    "name", sorted(p.stem for p in (bench.BENCHMARKS_DIR.parent / "configs").glob("bench*.toml"))
-)
+@pytest.mark.parametrize("name", sorted(p.stem for p in config.CONFIG_DIR.glob("bench*.toml")))
 def test_every_shipped_bench_config_loads_and_names_known_variants(name):
     runner = bench.load_runner()
     cfg = bench.load_config(name)

@@ -1,4 +1,4 @@
-"""Checkpoints and logs that survive what users do (issue 22): two runs in one directory, bit
+"""Checkpoints and logs that survive what users do: two runs in one directory, bit
 flips, kills and resumes, broken newest steps, a full disk, a diverged run."""
 
 import errno
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import bptt_jax
-from bptt_jax import checkpoint, cli, config, train
+from bptt_jax import cli, train
+from bptt_jax.cli import config, saving, train_config
+from bptt_jax.cli import fit as fit_loop
 from bptt_jax.config import ConfigError
 
 
@@ -40,12 +42,12 @@ TINY = (
 
 
 def cfg_of(*overrides):
-    return config.load(train.Config, None, list(overrides))
+    return config.load(train_config.Config, None, list(overrides))
 
 
 def fit(*overrides, **kwargs):
     out = kwargs.pop("out", None) or io.StringIO()
-    return train.fit(cfg_of(*TINY, *overrides), out=out, **kwargs)
+    return fit_loop.fit(cfg_of(*TINY, *overrides), out=out, **kwargs)
 
 
 def cli_run(*overrides) -> int:
@@ -55,7 +57,7 @@ def cli_run(*overrides) -> int:
 
 
 def like_of(cfg):
-    task, _, t = train.build(cfg)
+    task, _, t = train_config.build(cfg)
     return t.init(jax.random.key(cfg.seed), task.input_size, task.output_size, 2, jnp.float32)
 
 
@@ -64,7 +66,7 @@ def step_names(directory):
 
 
 def assert_same_state(a, b):
-    a, b = checkpoint._to_disk(a), checkpoint._to_disk(b)
+    a, b = saving._to_disk(a), saving._to_disk(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
@@ -77,17 +79,17 @@ class Killed(Exception):
 def test_a_second_live_writer_of_a_checkpoint_dir_is_refused(tmp_path):
     """Two runs in one checkpoint.dir overwrote each other's steps, both exiting 0."""
     ck = tmp_path / "ck"
-    holder = checkpoint.Checkpointer(ck)
+    holder = saving.Checkpointer(ck)
     try:
-        with pytest.raises(checkpoint.CheckpointInUse, match=r"in use by another run \(pid"):
-            checkpoint.Checkpointer(ck)
+        with pytest.raises(saving.CheckpointInUse, match=r"in use by another run \(pid"):
+            saving.Checkpointer(ck)
         with pytest.raises(ConfigError, match=r"'checkpoint.dir'.* in use by another run"):
             fit("train.steps=2", f"checkpoint.dir={ck}")
-        assert checkpoint.latest_step(ck) is None  # reading is not writing: allowed
+        assert saving.latest_step(ck) is None  # reading is not writing: allowed
     finally:
         holder.close()
     fit("train.steps=2", f"checkpoint.dir={ck}")  # released: the run goes ahead
-    assert checkpoint.latest_step(ck) == 2
+    assert saving.latest_step(ck) == 2
 
 
 def test_the_lock_dies_with_the_process_holding_it(tmp_path):
@@ -99,25 +101,25 @@ def test_the_lock_dies_with_the_process_holding_it(tmp_path):
         "print('held', flush=True); time.sleep(120)"
     )
     holder = subprocess.Popen(
-        [sys.executable, "-c", code, str(ck / checkpoint.LOCK_FILE)],
+        [sys.executable, "-c", code, str(ck / saving.LOCK_FILE)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(checkpoint.CheckpointInUse):
-            checkpoint.Checkpointer(ck)
+        with pytest.raises(saving.CheckpointInUse):
+            saving.Checkpointer(ck)
     finally:
         holder.kill()
         holder.wait()
-    checkpoint.Checkpointer(ck).close()
+    saving.Checkpointer(ck).close()
 
 
 def test_a_save_reads_the_steps_on_the_disk_not_a_cached_list(tmp_path):
     """A step that appeared on the disk after the Checkpointer listed the steps (a writer on
     a file system without locks) is not overwritten."""
     state = train.trainer(bptt_jax.GRU(4)).init(jax.random.key(0), 3, 2, 2)
-    checkpoint.save(tmp_path / "other", state._replace(step=state.step + 1))
-    with checkpoint.Checkpointer(tmp_path / "ck") as c:
+    saving.save(tmp_path / "other", state._replace(step=state.step + 1))
+    with saving.Checkpointer(tmp_path / "ck") as c:
         c.save(state)
         shutil.copytree(tmp_path / "other" / "1", tmp_path / "ck" / "1")
         with pytest.raises(FileExistsError, match="step 1 already exists"):
@@ -145,21 +147,21 @@ def test_every_array_is_checksummed_and_a_bit_flip_is_caught_naming_the_array(tm
     (GRU(16)'s w_h, 3 KiB) restored silently."""
     state = train.trainer(bptt_jax.GRU(16)).init(jax.random.key(0), 3, 2, 2)
     later = state._replace(step=state.step + 1)
-    with checkpoint.Checkpointer(tmp_path) as c:
+    with saving.Checkpointer(tmp_path) as c:
         c.save(state, {"n": 0})
         c.save(later, {"n": 1})
     saved = json.loads((tmp_path / "1" / "checksums" / "metadata").read_text())
-    assert saved == checkpoint.checksums(later) and len(saved) == len(jax.tree.leaves(state))
+    assert saved == saving.checksums(later) and len(saved) == len(jax.tree.leaves(state))
     data = max((tmp_path / "1" / "state" / "ocdbt.process_0" / "d").iterdir(),
                key=lambda p: p.stat().st_size)  # fmt: skip
     flipped = bytearray(data.read_bytes())
     flipped[len(flipped) // 2] ^= 0x10
     data.write_bytes(bytes(flipped))
     flipped_w_h = r"step 1 .*array \.params\.w_h does not match its saved checksum"
-    with pytest.raises(checkpoint.CheckpointCorrupt, match=flipped_w_h):
-        checkpoint.restore(tmp_path, state, step=1)
+    with pytest.raises(saving.CheckpointCorrupt, match=flipped_w_h):
+        saving.restore(tmp_path, state, step=1)
     with pytest.warns(UserWarning, match="step 1 .* corrupt"):
-        restored, meta = checkpoint.restore(tmp_path, state)  # the newest intact one
+        restored, meta = saving.restore(tmp_path, state)  # the newest intact one
     assert int(restored.step) == 0 and meta == {"n": 0}
     assert_same_state(restored, state)
 
@@ -258,9 +260,9 @@ def test_a_broken_step_restored_by_number_is_named_and_no_intact_step_is_refused
     shutil.copytree(base, ck)
     _empty(ck / "6")
     like = like_of(cfg_of(*TINY))
-    with pytest.raises(checkpoint.CheckpointCorrupt,
+    with pytest.raises(saving.CheckpointCorrupt,
                        match="step 6 .* is corrupt or incomplete: an empty directory"):  # fmt: skip
-        checkpoint.restore(ck, like, step=6)
+        saving.restore(ck, like, step=6)
     (ck / "3" / "commit_success.txt").unlink()
     with pytest.raises(ConfigError, match="'checkpoint.dir' .* holds no intact checkpoint"):
         fit("train.steps=9", *RUN, f"checkpoint.dir={ck}")
@@ -321,16 +323,16 @@ def test_divergence_names_nonfinite_params_and_a_run_stuck_skipping():
     logged = [{"kind": "train", "step": 4, "updates": 2}, {"kind": "eval", "step": 4, "mse": 0.1}]
 
     def result(s):
-        return train.FitResult(s, logged, None, None)
+        return fit_loop.FitResult(s, logged, None, None)
 
-    assert train.divergence(result(state)) is None
+    assert fit_loop.divergence(result(state)) is None
     streak = state.opt_state._replace(notfinite_count=jnp.asarray(2, jnp.int32))
-    assert "stuck: its last 2 updates were all skipped" in train.divergence(
+    assert "stuck: its last 2 updates were all skipped" in fit_loop.divergence(
         result(state._replace(opt_state=streak))
     )
     one = state.opt_state._replace(notfinite_count=jnp.asarray(1, jnp.int32))
-    assert train.divergence(result(state._replace(opt_state=one))) is None  # 1 of 2: going on
+    assert fit_loop.divergence(result(state._replace(opt_state=one))) is None  # 1 of 2: going on
     bad = state.readout._replace(b_y=state.readout.b_y.at[0].set(jnp.nan))
-    assert "final readout hold NaN or inf (readout.b_y)" in train.divergence(
+    assert "final readout hold NaN or inf (readout.b_y)" in fit_loop.divergence(
         result(state._replace(readout=bad))
     )

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
-from bptt_jax import _engine as engine
+from bptt_jax._engine import memory
 from tests import reference as ref
 
 T = 10  # ref.draw's sequence length
@@ -28,7 +28,7 @@ def _budget_for_segment(cell, dtype, b, segment, d):
     of ``d`` features)."""
     for budget in range(64, 2**20, 8):
         try:
-            if engine.segment_for_budget(cell, T, b, dtype, budget, input_size=d) == segment:
+            if memory.segment_for_budget(cell, T, b, dtype, budget, input_size=d) == segment:
                 return budget
         except ValueError:
             continue
@@ -200,22 +200,22 @@ def test_checkpointed_memory_grows_like_sqrt_t_while_autodiff_grows_like_t():
 
 def test_memory_budget_picks_a_segment_that_fits():
     cell = bptt_jax.LSTM(32)
-    seg = engine.segment_for_budget(cell, 4096, 8, jnp.float32, 2**20)
+    seg = memory.segment_for_budget(cell, 4096, 8, jnp.float32, 2**20)
     assert 1 <= seg < 4096
     # Per step: h and c, the four in-place gate buffers, the readout's error; B=8, H=32.
     per_step = 8 * 32 * (2 + 4 + 1) * 4
     checkpoints = -(-4096 // seg) * 8 * 32 * 2 * 4
     assert seg * per_step + checkpoints <= 2**20
     # More memory never gives a shorter segment.
-    assert engine.segment_for_budget(cell, 4096, 8, jnp.float32, 2**22) >= seg
+    assert memory.segment_for_budget(cell, 4096, 8, jnp.float32, 2**22) >= seg
     with pytest.raises(ValueError, match="memory_budget=100 bytes is too small"):
-        engine.segment_for_budget(cell, 4096, 8, jnp.float32, 100)
+        memory.segment_for_budget(cell, 4096, 8, jnp.float32, 100)
     # The inputs cut into segments count too; a Bidirectional layer keeps its input (T steps)
-    with_inputs = engine.segment_for_budget(cell, 4096, 8, jnp.float32, 2**20, input_size=2)
+    with_inputs = memory.segment_for_budget(cell, 4096, 8, jnp.float32, 2**20, input_size=2)
     assert with_inputs < seg
     bi = bptt_jax.Bidirectional(cell)
     with pytest.raises(ValueError, match=r"262144 of them the Bidirectional layers' inputs"):
-        engine.segment_for_budget(bi, 4096, 8, jnp.float32, 2**18, input_size=2)
+        memory.segment_for_budget(bi, 4096, 8, jnp.float32, 2**18, input_size=2)
 
 
 def test_memory_budget_bounds_the_compiled_gradients_temp_memory():
@@ -240,7 +240,7 @@ def test_memory_budget_bounds_the_compiled_gradients_temp_memory():
 
 def test_default_segment_is_about_sqrt_t_and_covers_t():
     for t in [1, 2, 7, 100, 1000, 4096, 10007]:
-        s = engine.default_segment(t)
+        s = memory.default_segment(t)
         n = -(-t // s)
         assert abs(s - t**0.5) <= t**0.5 / 2 + 1
         assert (n - 1) * s < t <= n * s

@@ -1,4 +1,4 @@
-"""The command line's persistent compilation cache (issue 13): where it lives, that a second
+"""The command line's persistent compilation cache: where it lives, that a second
 run reads what the first compiled, and the two flags that move it and turn it off."""
 
 import os

@@ -17,7 +17,8 @@ import optax
 import pytest
 
 import bptt_jax
-from bptt_jax import config, diagnostics
+from bptt_jax import diagnostics
+from bptt_jax.cli import config, diagnose
 from tests import reference as ref
 
 DTYPES = [pytest.param(jnp.float64, id="f64"), pytest.param(jnp.float32, id="f32")]
@@ -392,8 +393,8 @@ def test_diagnose_config_errors_name_the_key(override, key, capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
-    diagnostics.add_cli_arguments(parser)
-    assert diagnostics.cli_main(parser.parse_args([override])) == 2
+    diagnose.add_cli_arguments(parser)
+    assert diagnose.cli_main(parser.parse_args([override])) == 2
     assert f"'{key}'" in capsys.readouterr().err
 
 
@@ -404,32 +405,32 @@ def test_diagnose_out_that_cannot_be_written_is_one_line_naming_out(tmp_path, mo
     import argparse
 
     parser = argparse.ArgumentParser()
-    diagnostics.add_cli_arguments(parser)
+    diagnose.add_cli_arguments(parser)
     (tmp_path / "a" / "summary.json").mkdir(parents=True)
-    assert diagnostics.cli_main(parser.parse_args([f"out={tmp_path / 'a'}", *TINY])) == 2
+    assert diagnose.cli_main(parser.parse_args([f"out={tmp_path / 'a'}", *TINY])) == 2
     err = capsys.readouterr().err
     assert "'out'" in err and "'summary.json'" in err and "Traceback" not in err
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "b"))
 
-    monkeypatch.setattr(diagnostics.tempfile, "TemporaryFile", refuse)
-    monkeypatch.setattr(diagnostics, "_train", None)  # no work may start before the check
-    assert diagnostics.cli_main(parser.parse_args([f"out={tmp_path / 'b'}", *TINY])) == 2
+    monkeypatch.setattr(diagnose.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(diagnose, "_train", None)  # no work may start before the check
+    assert diagnose.cli_main(parser.parse_args([f"out={tmp_path / 'b'}", *TINY])) == 2
     captured = capsys.readouterr()
     assert "'out'" in captured.err and "Permission denied" in captured.err
     assert len(captured.err.strip().splitlines()) == 1
 
 
 def test_diagnose_config_sorts_ks_for_its_curve():
-    cfg = diagnostics.check_config(
-        config.load(diagnostics.DiagnoseConfig, None, ["truncation.ks=[6, 1, 3]"])
+    cfg = diagnose.check_config(
+        config.load(diagnose.DiagnoseConfig, None, ["truncation.ks=[6, 1, 3]"])
     )
     assert cfg.truncation.ks == (1, 3, 6)
 
 
 def test_shipped_config_is_the_schema_default():
-    assert config.load(diagnostics.DiagnoseConfig, "diagnose") == diagnostics.DiagnoseConfig()
+    assert config.load(diagnose.DiagnoseConfig, "diagnose") == diagnose.DiagnoseConfig()
 
 
 # ------------------------------------------------------- models: per layer and direction

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
-from bptt_jax import _engine as engine
 from bptt_jax import verify
+from bptt_jax._engine import memory
 from tests import reference as ref
 
 DTYPES = [jnp.float64, jnp.float32]
@@ -286,7 +286,7 @@ def test_truncated_loss_with_final_carry_cotangent_matches_reference(
     """The chunk-by-chunk truncated path: the error on carry_T enters the last chunk only;
     T=10 with k=4 leaves a short last chunk; resets and a loss mask are random too. The 3
     chunks go through the batched reverse scan 1, 2 (the second group padded) or 3 at once."""
-    monkeypatch.setattr(engine, "chunk_group", lambda *args: group)
+    monkeypatch.setattr(memory, "chunk_group", lambda *args: group)
     cell = ref.CELLS[name]
     p, ro, xs, tg, c0, m = ref.draw(cell, rng, dtype, loss=loss, mask=mask)
     r = ref.flags(rng, xs.shape[:2], 0.15)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import bptt_jax
-from bptt_jax import _engine as engine
+from bptt_jax._engine import bundles, options
 from bptt_jax.losses import loss_and_grads
 from tests import reference as ref
 
@@ -199,13 +199,13 @@ def test_readout_error_formed_inside_the_reverse_scan_matches_autodiff(
     name, dtype, loss, clip, rng, monkeypatch
 ):
     """Large problems add ``W_hy^T dy_t`` to the error inside the reverse scan instead of
-    storing it for every step (``engine.output_error``) and lay out the weight gradients'
+    storing it for every step (``bundles.output_error``) and lay out the weight gradients'
     transposed operands once; forced here on a small one, with a mask, resets, a loss mask,
     a random carry and (optionally) per-step clipping."""
-    monkeypatch.setattr(engine, "LARGE_BYTES", 0)
+    monkeypatch.setattr(options, "LARGE_BYTES", 0)
     cell = ref.CELLS[name]
     p, ro, xs, tg, c0, m = ref.draw(cell, rng, dtype, loss=loss)
-    assert isinstance(engine.output_error(xs[..., :1], ro.w_hy[:, :1]), engine.OutputError)
+    assert isinstance(bundles.output_error(xs[..., :1], ro.w_hy[:, :1]), bundles.OutputError)
     r = ref.flags(rng, xs.shape[:2], 0.25)
     lm = ref.flags(rng, xs.shape[:2], 0.7)
     opts = dict(mask=m, resets=r, loss_mask=lm, loss=loss, reduction="sum")

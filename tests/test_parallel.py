@@ -1,4 +1,4 @@
-"""Data parallelism (issue 14): 8 simulated CPU devices, and 2 processes of 4 devices each.
+"""Data parallelism: 8 simulated CPU devices, and 2 processes of 4 devices each.
 
 The suite's own processes started JAX with one device, so the multi-device checks run in
 fresh interpreters: ``tests/parallel_script.py`` on 8 devices (gradients, train steps,
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import bptt_jax
-from bptt_jax import checkpoint, cli, config, parallel, train
+from bptt_jax import cli, parallel, train
+from bptt_jax.cli import config, distributed, hlo, saving, train_config
 from bptt_jax.config import ConfigError
 from tests.parallel_script import TWO_PROCESS_RUN, grid
 from tests.reference import TOL, rel_err
@@ -141,7 +142,7 @@ def test_sharded_gradients_equal_single_device_ones(runs, entry):
 @pytest.mark.parametrize("entry", GRID)
 def test_no_collective_inside_a_loop_body(runs, entry):
     """The compiled per-device program reduces the weight gradients once, after the scans:
-    no collective in any while-loop body (parallel.collectives), no all-gather anywhere."""
+    no collective in any while-loop body (hlo.collectives), no all-gather anywhere."""
     c = _entry(runs, entry)["collectives"]
     assert c["in_loops"] == [], c["in_loops"]
     assert c["ops"] == ["all-reduce"] and c["outside"] >= 1, c
@@ -198,10 +199,10 @@ def test_a_checkpoint_from_8_devices_resumes_on_4(runs):
 
 
 def _restore_on_one_device(directory: Path):
-    cfg = config.load(train.Config, None, list(TWO_PROCESS_RUN))
-    task, _, t = train.build(cfg)
+    cfg = config.load(train_config.Config, None, list(TWO_PROCESS_RUN))
+    task, _, t = train_config.build(cfg)
     like = t.init(jax.random.key(cfg.seed), task.input_size, task.output_size, 8, jnp.float64)
-    state, meta = checkpoint.restore(directory, like)
+    state, meta = saving.restore(directory, like)
     return state, meta
 
 
@@ -232,7 +233,7 @@ def test_two_processes_train_to_the_params_of_one_process_with_8_devices(tmp_pat
     assert [r["step"] for r in losses if r["kind"] == "train"] == list(range(1, 11))
     # Run again on the compilation cache the first run filled: a CPU program with
     # cross-process collectives read back from the cache hung in its first all-reduce, so
-    # multi-process CPU runs do not use the cache (parallel.initialize).
+    # multi-process CPU runs do not use the cache (distributed.initialize).
     for pid, (rc, out, err) in enumerate(_finish(_start_two_processes(runs["out"], "again"))):
         assert rc == 0, f"rerun, process {pid}:\n{out[-2000:]}\n{err[-3000:]}"
     again, _ = _restore_on_one_device(runs["out"] / "again")
@@ -309,7 +310,7 @@ def test_bad_input_on_8_devices_names_the_argument(runs, name, match):
 )  # fmt: skip
 def test_bad_distributed_settings_are_refused_naming_the_key(cfg, environ, match):
     with pytest.raises(ConfigError, match=match):
-        parallel.distributed_args(parallel.DistributedConfig(**cfg), environ)
+        distributed.distributed_args(distributed.DistributedConfig(**cfg), environ)
 
 
 def test_a_coordinator_port_in_use_is_refused_before_connecting():
@@ -320,11 +321,11 @@ def test_a_coordinator_port_in_use_is_refused_before_connecting():
         busy.bind(("", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        cfg = parallel.DistributedConfig(
+        cfg = distributed.DistributedConfig(
             coordinator_address=f"localhost:{port}", num_processes=2, process_id=0
         )
         with pytest.raises(ConfigError, match=rf"coordinator on port {port}, which is in use"):
-            parallel.initialize(cfg, environ={})
+            distributed.initialize(cfg, environ={})
 
 
 def test_distributed_settings_come_from_the_config_or_the_environment():
@@ -333,15 +334,15 @@ def test_distributed_settings_come_from_the_config_or_the_environment():
         "JAX_NUM_PROCESSES": "4",
         "JAX_PROCESS_ID": "3",
     }
-    args = parallel.distributed_args(parallel.DistributedConfig(), env)
+    args = distributed.distributed_args(distributed.DistributedConfig(), env)
     assert args == dict(coordinator_address="10.1.2.3:4567", num_processes=4, process_id=3,
                         initialization_timeout=300)  # fmt: skip
-    mine = parallel.DistributedConfig(coordinator_address="h:9", process_id=0)
-    assert parallel.distributed_args(mine, env)["process_id"] == 0  # the config wins
-    assert parallel.distributed_args(parallel.DistributedConfig(num_processes=1), {}) is None
-    assert parallel.distributed_args(parallel.DistributedConfig(enabled=False), env) is None
+    mine = distributed.DistributedConfig(coordinator_address="h:9", process_id=0)
+    assert distributed.distributed_args(mine, env)["process_id"] == 0  # the config wins
+    assert distributed.distributed_args(distributed.DistributedConfig(num_processes=1), {}) is None
+    assert distributed.distributed_args(distributed.DistributedConfig(enabled=False), env) is None
     # enabled: what is missing is left to JAX's cluster detection (SLURM, Open MPI, ...)
-    detect = parallel.distributed_args(parallel.DistributedConfig(enabled=True), {})
+    detect = distributed.distributed_args(distributed.DistributedConfig(enabled=True), {})
     assert detect["coordinator_address"] is None and detect["process_id"] is None
 
 
@@ -363,7 +364,7 @@ def test_a_mesh_without_the_data_axis_or_too_many_devices_is_refused():
     with pytest.raises(ValueError, match=r"data_mesh: devices must be at most the 1 devices"):
         parallel.data_mesh(devices=2)
     with pytest.raises(ConfigError, match=r"'parallel.devices'.*got devices=2"):
-        train.make_mesh(config.load(train.Config, None, ["parallel.devices=2"]))
+        train_config.make_mesh(config.load(train_config.Config, None, ["parallel.devices=2"]))
 
 
 # ------------------------------------------------------------------- the HLO reader
@@ -406,7 +407,7 @@ ENTRY %main (arg: f32[4,8]) -> f32[8] {
 
 
 def test_collectives_are_found_with_the_loops_around_them():
-    found = sorted(parallel.collectives(HLO), key=lambda c: c.loop_depth)
+    found = sorted(hlo.collectives(HLO), key=lambda c: c.loop_depth)
     assert [(c.op, c.computation, c.loop_depth, c.bytes) for c in found] == [
         ("collective-permute", "fused", 0, 32 + 12),  # a fusion is as deep as its caller
         ("all-reduce", "main", 0, 32),  # an async start counts as its op
@@ -417,8 +418,8 @@ def test_collectives_are_found_with_the_loops_around_them():
 
 def test_the_one_device_fit_path_is_unchanged():
     """parallel.devices = 0 (all devices) on one device builds no mesh: the plain step."""
-    cfg = config.load(train.Config, None, [])
-    assert train.make_mesh(cfg) is None
+    cfg = config.load(train_config.Config, None, [])
+    assert train_config.make_mesh(cfg) is None
     assert np.asarray(parallel.local_copy(jnp.arange(3))).tolist() == [0, 1, 2]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import bptt_jax
 from bptt_jax import losses, train, verify
+from bptt_jax.cli import train_config
 from bptt_jax.config import ConfigError
 
 BF16 = jnp.bfloat16
@@ -212,9 +213,11 @@ def test_bfloat16_inputs_with_float32_params_point_to_the_policy():
 
 
 def test_the_config_refuses_a_compute_dtype_wider_than_the_params():
-    cfg = train.Config(model=train.ModelConfig(compute_dtype="float64", dtype="float32"))
+    cfg = train_config.Config(
+        model=train_config.ModelConfig(compute_dtype="float64", dtype="float32")
+    )
     with pytest.raises(ConfigError, match="'model.compute_dtype' \\(float64\\)"):
-        train.check_config(cfg)
+        train_config.check_config(cfg)
 
 
 def test_the_trainer_steps_under_the_policy_with_float32_master_weights():

@@ -14,7 +14,9 @@ import optax
 import pytest
 
 import bptt_jax
-from bptt_jax import checkpoint, config, losses, tasks, train, truncated
+from bptt_jax import losses, tasks, train, truncated
+from bptt_jax.cli import config, saving, train_config
+from bptt_jax.cli import fit as fit_loop
 from bptt_jax.config import ConfigError
 from tests import reference
 from tests.reference import TOL, assert_trees_close
@@ -42,7 +44,7 @@ def optax_promotion():
 
 
 def cfg_of(*overrides):
-    return config.load(train.Config, None, ["train.progress=false", *overrides])
+    return config.load(train_config.Config, None, ["train.progress=false", *overrides])
 
 
 # ----------------------------------------------------------------- the train step
@@ -331,33 +333,33 @@ def test_sampler_is_deterministic_per_key_and_greedy_at_temperature_zero(key):
 )
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        train.build(cfg_of(*overrides))
+        train_config.build(cfg_of(*overrides))
 
 
 def test_a_config_file_that_is_not_utf8_is_one_error_naming_the_file(tmp_path):
     f = tmp_path / "latin1.toml"
     f.write_bytes("seed = 1\n# caf\xe9\n".encode("latin-1"))  # was a UnicodeDecodeError
     with pytest.raises(ConfigError, match=r"latin1.toml is not UTF-8 text .* 0xe9 on line 2"):
-        config.load(train.Config, f)
+        config.load(train_config.Config, f)
 
 
 def test_a_directory_as_the_corpus_is_named_as_one(tmp_path):
     with pytest.raises(ConfigError, match=r"'charlm.corpus' '.*' is a directory; give a UTF-8"):
-        train.build(cfg_of("task=charlm", f"charlm.corpus={tmp_path}"))  # was "does not exist"
+        train_config.build(cfg_of("task=charlm", f"charlm.corpus={tmp_path}"))
 
 
 def test_a_checkpoint_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("x")
     for d in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         with pytest.raises(ConfigError, match="'checkpoint.dir' .* is a file"):
-            train.build(cfg_of(f"checkpoint.dir={d}"))
+            train_config.build(cfg_of(f"checkpoint.dir={d}"))
 
 
 def test_float64_params_need_x64_mode_instead_of_silently_becoming_float32():
     with jax.enable_x64(False):
         with pytest.raises(ConfigError, match="'model.dtype' float64 needs JAX's 64-bit mode"):
-            train.build(cfg_of("model.dtype=float64"))
-    train.build(cfg_of("model.dtype=float64"))  # the suite runs with x64 on
+            train_config.build(cfg_of("model.dtype=float64"))
+    train_config.build(cfg_of("model.dtype=float64"))  # the suite runs with x64 on
 
 
 def test_optim_config_built_in_python_is_checked_like_a_file():
@@ -387,7 +389,7 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_key(overrides, k
     k = re.escape(key)
     match = rf"'{k}' = \d+ makes the run too big .* 64 GiB; reduce '{k}'"
     with pytest.raises(ConfigError, match=match):
-        train.build(cfg_of(*overrides))
+        train_config.build(cfg_of(*overrides))
 
 
 @pytest.mark.parametrize(
@@ -413,7 +415,7 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_key(overrides, k
 )
 def test_footprint_counts_the_params_and_the_optimizer_state_exactly(overrides):
     cfg = cfg_of("model.hidden_size=6", *overrides)
-    task, _, t = train.build(cfg)
+    task, _, t = train_config.build(cfg)
     dtype = jnp.dtype(cfg.model.dtype)
     state = jax.eval_shape(
         lambda k: t.init(k, task.input_size, task.output_size, 2, dtype), jax.random.key(0)
@@ -425,24 +427,24 @@ def test_footprint_counts_the_params_and_the_optimizer_state_exactly(overrides):
     params = nbytes(jax.tree.leaves((state.params, state.readout)))
     slots = nbytes([x for x in jax.tree.leaves(state.opt_state) if x.ndim])  # not the counts
     assert slots >= params if cfg.optim.name != "sgd" or cfg.optim.momentum else True
-    assert train.footprint(cfg).params == 2 * params + slots  # params, gradient, state
+    assert train_config.footprint(cfg).params == 2 * params + slots  # params, gradient, state
 
 
 def test_the_shipped_configs_fit_a_small_machine(monkeypatch):
     """The estimate does not refuse what runs: every shipped config within 1 GiB."""
     monkeypatch.setattr(config, "available_memory", lambda: 2**30)
     for name in ("adding", "recall", "charlm"):
-        cfg = config.load(train.Config, name)
-        train.check_config(cfg)
-        assert train.footprint(cfg).total < 2**27
+        cfg = config.load(train_config.Config, name)
+        train_config.check_config(cfg)
+        assert train_config.footprint(cfg).total < 2**27
 
 
 def test_shipped_configs_load_and_build():
     for name in ("adding", "recall", "charlm"):
-        cfg = config.load(train.Config, name)
+        cfg = config.load(train_config.Config, name)
         assert cfg.task == name
-        train.build(cfg)
-    assert config.load(train.Config, "adding").adding.seq_len == 100
+        train_config.build(cfg)
+    assert config.load(train_config.Config, "adding").adding.seq_len == 100
 
 
 # ----------------------------------------------------------------- checkpoints
@@ -470,7 +472,7 @@ class Killed(Exception):
 def test_a_run_killed_mid_way_and_resumed_ends_with_the_same_params(tmp_path):
     """Checkpoint every 3 of 10 steps; die after step 8; a new run resumes from step 6."""
     quiet = dict(out=io.StringIO())
-    whole = train.fit(cfg_of(*TINY_RECALL, "train.steps=10"), **quiet).state
+    whole = fit_loop.fit(cfg_of(*TINY_RECALL, "train.steps=10"), **quiet).state
 
     def die_at_8(step, rec):
         if rec["kind"] == "train" and step == 8:
@@ -479,10 +481,10 @@ def test_a_run_killed_mid_way_and_resumed_ends_with_the_same_params(tmp_path):
     ck = [f"checkpoint.dir={tmp_path / 'ck'}", "checkpoint.every=3"]
     cfg = cfg_of(*TINY_RECALL, "train.steps=10", *ck)
     with pytest.raises(Killed):
-        train.fit(cfg, hooks=[die_at_8], **quiet)
-    assert checkpoint.latest_step(tmp_path / "ck") == 6
+        fit_loop.fit(cfg, hooks=[die_at_8], **quiet)
+    assert saving.latest_step(tmp_path / "ck") == 6
     out = io.StringIO()
-    resumed = train.fit(cfg, out=out).state
+    resumed = fit_loop.fit(cfg, out=out).state
     assert "resumed from" in out.getvalue() and "at step 6" in out.getvalue()
     assert int(resumed.step) == 10
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole)):
@@ -506,35 +508,33 @@ def test_a_finished_run_run_again_resumes_at_its_end_and_saves_nothing_new(tmp_p
     """Running the same config twice (or resuming at or past train.steps) evaluates the
     restored state and ends; it used to die saving a step that existed."""
     ck = f"checkpoint.dir={tmp_path / 'ck'}"
-    first = train.fit(cfg_of(*TINY_ADDING, ck), out=io.StringIO())
+    first = fit_loop.fit(cfg_of(*TINY_ADDING, ck), out=io.StringIO())
     out = io.StringIO()
-    again = train.fit(cfg_of(*TINY_ADDING, ck), out=out)
+    again = fit_loop.fit(cfg_of(*TINY_ADDING, ck), out=out)
     assert "resumed from" in out.getvalue() and "at step 2" in out.getvalue()
-    assert int(again.state.step) == 2 and checkpoint.Checkpointer(tmp_path / "ck").all_steps() == [
-        2
-    ]
+    assert int(again.state.step) == 2 and saving.Checkpointer(tmp_path / "ck").all_steps() == [2]
     np.testing.assert_array_equal(again.state.params.w_h, first.state.params.w_h)
-    fewer = train.fit(cfg_of(*TINY_ADDING, ck, "train.steps=1"), out=io.StringIO())
+    fewer = fit_loop.fit(cfg_of(*TINY_ADDING, ck, "train.steps=1"), out=io.StringIO())
     assert int(fewer.state.step) == 2
 
 
 @pytest.mark.usefixtures("optax_promotion")
 def test_resuming_refuses_another_problem_and_reports_changed_optimizer_settings(tmp_path):
     ck = f"checkpoint.dir={tmp_path / 'ck'}"
-    train.fit(cfg_of(*TINY_ADDING, ck, "model.cell=elman"), out=io.StringIO())
+    fit_loop.fit(cfg_of(*TINY_ADDING, ck, "model.cell=elman"), out=io.StringIO())
     # the same shapes, another problem: another activation, another seed
     for other, what in (("model.activation=relu", "model.activation: 'tanh' -> 'relu'"),
                         ("seed=7", "seed: 0 -> 7")):  # fmt: skip
         with pytest.raises(ConfigError, match=re.escape(what)):
-            train.fit(cfg_of(*TINY_ADDING, ck, "model.cell=elman", other), out=io.StringIO())
+            fit_loop.fit(cfg_of(*TINY_ADDING, ck, "model.cell=elman", other), out=io.StringIO())
     out = io.StringIO()
     more = cfg_of(*TINY_ADDING, ck, "model.cell=elman", "train.steps=3", "optim.learning_rate=0.01")
-    assert int(train.fit(more, out=out).state.step) == 3
+    assert int(fit_loop.fit(more, out=out).state.step) == 3
     assert "changed settings: optim.learning_rate: 0.001 -> 0.01" in out.getvalue()
     # resume=false would mix a new run's checkpoints with the old ones: refused, nothing lost
     with pytest.raises(ConfigError, match=r"holds checkpoints \(steps \[2, 3\]\)"):
-        train.fit(cfg_of(*TINY_ADDING, ck, "checkpoint.resume=false"), out=io.StringIO())
-    assert checkpoint.latest_step(tmp_path / "ck") == 3
+        fit_loop.fit(cfg_of(*TINY_ADDING, ck, "checkpoint.resume=false"), out=io.StringIO())
+    assert saving.latest_step(tmp_path / "ck") == 3
 
 
 @pytest.mark.usefixtures("optax_promotion")
@@ -544,7 +544,7 @@ def test_checkpoint_round_trip_keeps_every_field(tmp_path):
     state = t.init(jax.random.key(5), 3, 2, 2, jnp.float64)
     xs = jax.random.normal(jax.random.key(6), (6, 2, 3), jnp.float64)
     state, _ = t.step(state, batch_of(xs, jnp.ones((6, 2), jnp.int32)))
-    with checkpoint.Checkpointer(tmp_path, keep=2) as c:
+    with saving.Checkpointer(tmp_path, keep=2) as c:
         for _ in range(3):
             c.save(state, {"hello": [1, 2]})
             state = state._replace(step=state.step + 1)
@@ -558,20 +558,20 @@ def test_checkpoint_round_trip_keeps_every_field(tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
     assert not list(pathlib.Path(tmp_path).glob("*tmp*"))  # nothing half-written left
     with pytest.raises(FileExistsError, match="step 3 already exists"):
-        checkpoint.save(tmp_path, state._replace(step=state.step - 1))
+        saving.save(tmp_path, state._replace(step=state.step - 1))
     host, _ = c_restore_on_host(tmp_path, state)
     assert int(host.step) == 3 and isinstance(host.params.w_h, jax.Array)
     with pytest.raises(FileNotFoundError, match="no directory"):
-        checkpoint.restore(tmp_path / "missing", state)
+        saving.restore(tmp_path / "missing", state)
     assert not (tmp_path / "missing").exists()
     other = t.init(jax.random.key(5), 3, 2, 5, jnp.float64)  # batch size 5: another carry
-    with pytest.raises(checkpoint.CheckpointMismatch, match=r"\.carry\.h: \(2, 4\)"):
-        checkpoint.restore(tmp_path, other)
+    with pytest.raises(saving.CheckpointMismatch, match=r"\.carry\.h: \(2, 4\)"):
+        saving.restore(tmp_path, other)
 
 
 def c_restore_on_host(directory, state):
     """Restore into a ``like`` fetched to the host (NumPy leaves, no shardings)."""
-    return checkpoint.restore(directory, jax.device_get(state))
+    return saving.restore(directory, jax.device_get(state))
 
 
 # ----------------------------------------------------------------- CLI and README
@@ -622,7 +622,7 @@ def test_readme_training_example_runs():
 @pytest.mark.usefixtures("optax_promotion")
 def test_the_loop_logs_the_effective_horizon_and_the_pre_clip_gradient_norm():
     cfg = cfg_of(*TINY_RECALL, "train.steps=4", "train.horizon_every=2", "train.progress=false")
-    history = train.fit(cfg, out=io.StringIO()).history
+    history = fit_loop.fit(cfg, out=io.StringIO()).history
     logged = [r for r in history if r["kind"] == "train"]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert ["horizon" in r for r in logged] == [False, True, False, True]
@@ -640,15 +640,15 @@ def test_the_horizon_of_a_diverged_run_is_undefined_and_logged_as_null(tmp_path,
     key = jax.random.key(2)
     for cell in (bptt_jax.LSTM(4), bptt_jax.stacked(bptt_jax.GRU(4), 2)):
         p = cell.init(jax.random.key(0), 3)
-        assert 1 <= int(train._horizon(cell, p, xs, key)) <= 12
+        assert 1 <= int(fit_loop._horizon(cell, p, xs, key)) <= 12
         leaves, tdef = jax.tree.flatten(p)
         leaves[0] = jnp.full_like(leaves[0], jnp.nan)  # one layer's input kernel
-        assert int(train._horizon(cell, jax.tree.unflatten(tdef, leaves), xs, key)) == -1
+        assert int(fit_loop._horizon(cell, jax.tree.unflatten(tdef, leaves), xs, key)) == -1
 
-    monkeypatch.setattr(train, "_horizon", lambda *a: jnp.int32(-1))  # as it is, diverged
+    monkeypatch.setattr(fit_loop, "_horizon", lambda *a: jnp.int32(-1))  # as it is, diverged
     log = tmp_path / "log.jsonl"
     cfg = cfg_of(*TINY_RECALL, "train.steps=2", "train.horizon_every=2", f"train.log_file={log}")
-    history = train.fit(cfg, out=io.StringIO()).history
+    history = fit_loop.fit(cfg, out=io.StringIO()).history
     assert [r.get("horizon", "-") for r in history if r["kind"] == "train"] == ["-", None]
     logged = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r.get("horizon", "-") for r in logged if r["kind"] == "train"] == ["-", None]
@@ -738,13 +738,13 @@ def test_tbptt_step_for_a_stack_is_the_tbptt_driver(key):
 )
 def test_model_config_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
-        train.build(cfg_of(*overrides))
+        train_config.build(cfg_of(*overrides))
 
 
 def test_config_builds_pytorchs_multilayer_bidirectional_model():
-    _, model, _ = train.build(
+    _, model, _ = train_config.build(
         cfg_of("model.num_layers=3", "model.bidirectional=true", "model.dropout=0.1")
     )
     assert model == bptt_jax.stacked(
-        train.make_cell(train.ModelConfig()), 3, bidirectional=True, dropout=0.1
+        train_config.make_cell(train_config.ModelConfig()), 3, bidirectional=True, dropout=0.1
     )

@@ -33,8 +33,8 @@ import pytest
 from jax import lax
 
 import bptt_jax
-from bptt_jax import _engine as engine
 from bptt_jax import diagnostics, train, truncated
+from bptt_jax._engine import memory
 from bptt_jax.cells import protocol
 from tests import reference
 from tests.reference import rel_err
@@ -369,7 +369,7 @@ def _budget_for(model, kw, xs):
     t_len, b, d = xs.shape
     for budget in range(64, 2**22, 8):
         try:
-            if engine.segment_for_budget(model, t_len, b, xs.dtype, budget, input_size=d) == s:
+            if memory.segment_for_budget(model, t_len, b, xs.dtype, budget, input_size=d) == s:
                 return {**kw, "memory_budget": budget}
         except ValueError:
             continue
@@ -786,6 +786,7 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import bptt_jax
 from bptt_jax import parallel
+from bptt_jax.cli import hlo
 from tests.test_user_cells import CELLS, problem, _dot
 from tests.reference import rel_err
 model = bptt_jax.Stack((CELLS["gated-memory"], CELLS["indrnn"]))
@@ -814,9 +815,9 @@ for mode in sys.argv[1:]:
     with jax.set_mesh(mesh):
         compiled = jax.jit(f).lower(*placed).compile()
         got = compiled(*placed)
-        hlo = compiled.as_text()
+        text = compiled.as_text()
     err = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-    loops = sorted({c.loop_depth for c in parallel.collectives(hlo)})
+    loops = sorted({c.loop_depth for c in hlo.collectives(text)})
     out[mode] = dict(err=err, loop_depths=loops)
 print("RESULT " + json.dumps(out))
 """

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import pytest
 
 import bptt_jax
-from bptt_jax import verify
 from bptt_jax.cells import elman as elman_module
+from bptt_jax.cli import verify as verify_cli
 from tests import reference as ref
 
 
@@ -97,9 +97,9 @@ def test_verify_command_wiring_on_a_small_grid(wrong, monkeypatch, capsys):
     """``bptt-jax verify`` (in this process, on SMALL_GRID): a table row per configuration,
     exit status 0 and PASSED; with a wrong Elman backward, exit status 1 and FAILED. The
     full command (its default grid, in a fresh interpreter) is in the slow run."""
-    from bptt_jax import cli, verify
+    from bptt_jax import cli
 
-    monkeypatch.setattr(verify, "default_grid", lambda: SMALL_GRID)
+    monkeypatch.setattr(verify_cli, "default_grid", lambda: SMALL_GRID)
     if wrong:
         original = elman_module.Elman.backward
 
@@ -159,15 +159,15 @@ def test_check_gradients_passes_for_models(model, backward, key):
 def test_check_gradients_catches_a_wrong_reverse_direction_backward(monkeypatch, key):
     """A backward that hands the reverse direction its output error in forward time (not
     reversed with its sequence) is caught; the forward is untouched."""
-    from bptt_jax import _engine as engine
+    from bptt_jax._engine import directions
 
-    original = engine._split_error
+    original = directions.split_error
 
     def wrong(layer, dhs, idx):
         dh_f, dh_b = original(layer, dhs, idx)
-        return dh_f, engine.reverse_time(dh_b, idx)  # undo the reversal
+        return dh_f, directions.reverse_time(dh_b, idx)  # undo the reversal
 
-    monkeypatch.setattr(engine, "_split_error", wrong)
+    monkeypatch.setattr(directions, "split_error", wrong)
     report = bptt_jax.check_gradients(bptt_jax.Bidirectional(bptt_jax.GRU(4)), key=key)
     assert not report.passed
     assert report.autodiff["params.1.w_h"] > 1e-3
@@ -209,7 +209,7 @@ not_a_cell = 3.0
 
 def test_the_cell_grid_covers_every_path_and_model_kind_of_a_cell():
     cell = bptt_jax.GRU(3)
-    grid = verify.cell_grid(cell)
+    grid = verify_cli.cell_grid(cell)
     kinds = {
         (type(m).__name__, kw.get("path", "loss"), kw.get("backward", "manual")) for m, kw in grid
     }
@@ -235,7 +235,7 @@ def test_verify_cell_checks_a_users_cell_from_a_module_in_the_working_directory(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))  # load_cell puts the directory on it
     monkeypatch.delitem(sys.modules, "user_cells", raising=False)
-    full = verify.cell_grid
+    full = verify_cli.cell_grid
 
     def f64_rows(cell):
         rows = [r for r in full(cell) if r[1]["dtype"] == jnp.float64]
@@ -244,7 +244,7 @@ def test_verify_cell_checks_a_users_cell_from_a_module_in_the_working_directory(
             *[r for r in rows if isinstance(r[0], (bptt_jax.Stack, bptt_jax.Bidirectional))],
         ]
 
-    monkeypatch.setattr(verify, "cell_grid", f64_rows)
+    monkeypatch.setattr(verify_cli, "cell_grid", f64_rows)
     status = cli.main(["verify", "--cell", f"user_cells:{name}", "--hidden-size", "4"])
     out = capsys.readouterr().out
     assert "3 configurations" in out and "Stack[Leaky, Leaky]" in out and "Bi(Leaky)" in out
@@ -272,7 +272,7 @@ def test_verify_cell_errors_name_the_spec(spec, match, monkeypatch, tmp_path, ca
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delitem(sys.modules, "user_cells", raising=False)
     with pytest.raises(ValueError, match=match):
-        verify.load_cell(spec)
+        verify_cli.load_cell(spec)
     assert cli.main(["verify", "--cell", spec]) == 2
     assert "error: verify: --cell" in capsys.readouterr().err
 
@@ -317,7 +317,7 @@ def _example_cells():
     return module
 
 
-#: The bfloat16 row of ``verify.cell_grid`` (float32 params, bfloat16 compute, T = 64).
+#: The bfloat16 row of ``verify_cli.cell_grid`` (float32 params, bfloat16 compute, T = 64).
 BF16_ROW = dict(dtype=jnp.float32, compute_dtype=jnp.bfloat16, seq_len=64, loss="xent")
 
 
@@ -336,7 +336,7 @@ def test_the_bfloat16_tier_judges_the_backward_not_bfloat16s_rounding():
     input near 0 flips); within the same policy it is a few eps from autodiff. Keys 4 and 8
     failed when the verdict was taken against float32 autodiff (0.09 and 0.10 > 4 eps)."""
     cell = _example_cells().ManualIndRNN(6)
-    row = next(kw for c, kw in verify.cell_grid(cell) if kw.get("compute_dtype") is not None)
+    row = next(kw for c, kw in verify_cli.cell_grid(cell) if kw.get("compute_dtype") is not None)
     assert row == BF16_ROW  # what `bptt-jax verify --cell` runs
     far = 0
     for seed in (0, 4, 8):

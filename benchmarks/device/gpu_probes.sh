@@ -7,7 +7,7 @@
 #    XLA's defaults, Triton GEMMs off, autotune level 2 (0 compiled in 1.8 s but ran 2.5-2.9x
 #    slower). A setting that compiles much faster and runs as fast would go into the CLI.
 # 3. A Bidirectional layer with its directions fused into one scan against one after the
-#    other (bptt_jax._engine.FUSE_DIRECTIONS: off until this says it helps on a GPU; the
+#    other (bptt_jax._engine.options.FUSE_DIRECTIONS: off until this says it helps on a GPU; the
 #    H100's BiGRU 512/128/256/512 took 62.6 ms against cuDNN's 45).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false

@@ -1,12 +1,12 @@
 """``bptt-jax bench``: the benchmark suite's config schema and command-line entry point.
 
-The suite itself is the plain scripts in the repository's ``benchmarks/`` folder (a timing
+The suite itself is the plain scripts of the repository's ``benchmarks/`` folder (a timing
 harness, one script per measurement, one runner); this module only describes what a config may
-say, checks it, and hands it to ``benchmarks/run.py``. The scripts stay outside the package so
-that they read as what they are, programs that time the library from the outside, and so that
-each still runs on its own (``python benchmarks/truncation.py``). They are found next to the
-package, as ``configs/`` is, so ``bptt-jax bench`` needs the repository (an editable install,
-``pip install -e .``).
+say, checks it, and hands it to ``benchmarks/run.py``. The scripts stay outside the library so
+that they read as what they are, programs that time it from the outside, and so that each
+still runs on its own (``python benchmarks/truncation.py``). A wheel carries them inside the
+package (:func:`bptt_jax.cli.config.shipped`), as it carries ``configs/``, so an installed
+package runs ``bptt-jax bench`` as a clone does.
 
     bptt-jax bench                                  # configs/bench.toml
     bptt-jax bench bench_gpu                        # configs/bench_gpu.toml
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 import sys
+from dataclasses import field
 from pathlib import Path
 from typing import Literal, get_args
 
-from bptt_jax import config
+from bptt_jax.cli import config
+from bptt_jax.config import ConfigError, bounds, check_bounds
+from bptt_jax.models import parse_spec
 
 Cell = Literal["elman", "lstm", "gru"]
 Part = Literal[
@@ -42,30 +44,13 @@ Part = Literal[
 Library = Literal["torch", "flax", "cudnn", "torch_bf16"]
 PARTS: tuple[str, ...] = get_args(Part)  # every part, in the order they run
 
-#: A model spec: ``[bi]<cell>[:<layers>]``. ``"gru"`` is the cell itself, ``"bigru"``
-#: ``Bidirectional(GRU(H))``, ``"lstm:2"`` ``stacked(LSTM(H), 2)`` (a Stack; ``"lstm:1"`` a
-#: one-layer one), ``"bilstm:2"`` ``stacked(LSTM(H), 2, bidirectional=True)``.
-MODEL_SPEC = re.compile(r"(bi)?(elman|lstm|gru)(?::([1-9][0-9]*))?")
+#: A model spec, ``[bi]<cell>[:<layers>]``, names a cell or model by
+#: :func:`bptt_jax.models.parse_spec`: ``"gru"`` is the cell itself, ``"bigru"``
+#: ``Bidirectional(GRU(H))``, ``"lstm:2"`` ``stacked(LSTM(H), 2)``, ``"bilstm:2"``
+#: ``stacked(LSTM(H), 2, bidirectional=True)``.
 
-
-def parse_model(spec: str) -> tuple[str, int | None, bool]:
-    """``(cell, layers, bidirectional)`` of a model spec (``layers`` ``None``: no Stack).
-
-    >>> parse_model("lstm:2"), parse_model("bigru"), parse_model("gru")
-    (('lstm', 2, False), ('gru', None, True), ('gru', None, False))
-    """
-    m = MODEL_SPEC.fullmatch(spec)
-    if m is None:
-        raise ValueError(
-            f"model spec {spec!r} is not [bi]<cell>[:<layers>] with cell elman, lstm or gru "
-            "(e.g. 'lstm:2', 'bigru', 'bilstm:2')"
-        )
-    bi, cell, layers = m.groups()
-    return cell, None if layers is None else int(layers), bi is not None
-
-
-#: Where the benchmark scripts live (``<repo>/benchmarks``), beside ``configs/``.
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+#: Where the benchmark scripts live (see :func:`bptt_jax.cli.config.shipped`).
+BENCHMARKS_DIR = config.shipped("benchmarks")
 
 #: Sizes are ``[T, B, D, H]``: sequence length, batch, input size, hidden size.
 Size = tuple[int, ...]
@@ -75,17 +60,22 @@ Size = tuple[int, ...]
 class Timing:
     """How every timed entry is measured (the same for all parts)."""
 
-    repeats: int = 10  # timed samples per variant, interleaved round-robin across variants
-    warmup: int = 2  # untimed calls per variant after compiling, before timing
-    min_sample_s: float = 0.0  # calls per sample are batched until a sample lasts this long
+    # timed samples per variant, interleaved round-robin across variants
+    repeats: int = field(default=10, metadata=bounds(ge=1))
+    # untimed calls per variant after compiling, before timing
+    warmup: int = field(default=2, metadata=bounds(ge=0))
+    # calls per sample are batched until a sample lasts this long
+    min_sample_s: float = field(default=0.0, metadata=bounds(ge=0))
 
 
 @dataclasses.dataclass(frozen=True)
 class Check:
     """The check that runs before any timing: each gradient path against autodiff."""
 
-    rtol: float = 1e-4  # max normwise relative error of value and every gradient leaf...
-    long_T: int = 1024  # ...times sqrt(T / long_T) for T above this (float32 sums grow with T)
+    # max normwise relative error of value and every gradient leaf...
+    rtol: float = field(default=1e-4, metadata=bounds(gt=0))
+    # ...times sqrt(T / long_T) for T above this (float32 sums grow with T)
+    long_T: int = field(default=1024, metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +92,14 @@ class Scaling:
     """Part 2: one cell over a sweep of sequence lengths: tokens/s and memory vs T."""
 
     cell: Cell = "elman"
-    T: tuple[int, ...] = (128, 512, 2048)
-    B: int = 32
-    D: int = 32
-    H: int = 128
+    T: tuple[int, ...] = field(default=(128, 512, 2048), metadata=bounds(ge=1))
+    B: int = field(default=32, metadata=bounds(ge=1))
+    D: int = field(default=32, metadata=bounds(ge=1))
+    H: int = field(default=128, metadata=bounds(ge=1))
     variants: tuple[str, ...] = ("manual", "checkpointed", "autodiff")  # unavailable: skipped
     time: bool = True  # false: compile, check and memory only (large T on a small machine)
-    memory_T: tuple[int, ...] = ()  # more lengths, for memory only (compiled and checked)
+    # more lengths, for memory only (compiled and checked)
+    memory_T: tuple[int, ...] = field(default=(), metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +107,11 @@ class Truncation:
     """Part 3: full BPTT against ``truncate=k`` on one long sequence."""
 
     cell: Cell = "elman"
-    T: int = 4096
-    B: int = 8
-    D: int = 32
-    H: int = 64
-    k: tuple[int, ...] = (16, 32, 64, 128, 256)
+    T: int = field(default=4096, metadata=bounds(ge=1))
+    B: int = field(default=8, metadata=bounds(ge=1))
+    D: int = field(default=32, metadata=bounds(ge=1))
+    H: int = field(default=64, metadata=bounds(ge=1))
+    k: tuple[int, ...] = field(default=(16, 32, 64, 128, 256), metadata=bounds(ge=1))
     variant: str = "manual"
 
 
@@ -131,8 +122,10 @@ class Peers:
     cells: tuple[Cell, ...] = ("elman", "lstm", "gru")
     sizes: tuple[Size, ...] = ((100, 32, 64, 128),)
     libraries: tuple[Library, ...] = ("torch", "flax", "cudnn")  # cudnn: GPU and LSTM only
-    torch_threads: int = 0  # torch.set_num_threads on the CPU; 0 keeps torch's default
-    settle: int = 1  # untimed calls of a library right before each of its samples under 0.1 s
+    # torch.set_num_threads on the CPU; 0 keeps torch's default
+    torch_threads: int = field(default=0, metadata=bounds(ge=0))
+    # untimed calls of a library right before each of its samples under 0.1 s
+    settle: int = field(default=1, metadata=bounds(ge=0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +134,8 @@ class Floor:
 
     cells: tuple[Cell, ...] = ("elman", "lstm", "gru")
     sizes: tuple[Size, ...] = ((100, 32, 64, 128),)
-    matmul_size: int = 1024  # n of the n x n @ n x n matmul that measures the rate
+    # n of the n x n @ n x n matmul that measures the rate
+    matmul_size: int = field(default=1024, metadata=bounds(ge=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +153,10 @@ class Models:
     sizes: tuple[Size, ...] = ((256, 64, 128, 256),)  # [T, B, D, H]; H per cell
     variants: tuple[str, ...] = ("manual", "autodiff")  # names in harness.VARIANTS
     libraries: tuple[Library, ...] = ("torch", "flax")  # peers, when installed (no cudnn)
-    repeats: int | None = None  # timed samples per entry; none: timing.repeats
-    warmup: int | None = None  # untimed calls per entry; none: timing.warmup
+    # timed samples per entry; none: timing.repeats
+    repeats: int | None = field(default=None, metadata=bounds(ge=1))
+    # untimed calls per entry; none: timing.warmup
+    warmup: int | None = field(default=None, metadata=bounds(ge=0))
     memory_models: tuple[str, ...] = ("lstm:4",)
     memory_sizes: tuple[Size, ...] = ((4096, 16, 32, 64),)
     memory_variants: tuple[str, ...] = ("manual", "checkpointed")
@@ -179,11 +175,14 @@ class Parallel:
 
     model: str = "lstm"  # a model spec: [bi]<cell>[:<layers>]
     size: Size = (100, 64, 32, 128)  # [T, B, D, H]; B divisible by every device count
-    devices: tuple[int, ...] = (1, 2, 4, 8)
+    devices: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=bounds(ge=1))
     backward: Literal["manual", "checkpointed"] = "manual"
-    simulate: int = 8  # CPU devices of the fresh interpreter on a CPU; 0: only those there are
-    repeats: int | None = None  # timed samples per entry; none: timing.repeats
-    warmup: int | None = None  # untimed calls per entry; none: timing.warmup
+    # CPU devices of the fresh interpreter on a CPU; 0: only those there are
+    simulate: int = field(default=8, metadata=bounds(ge=0))
+    # timed samples per entry; none: timing.repeats
+    repeats: int | None = field(default=None, metadata=bounds(ge=1))
+    # untimed calls per entry; none: timing.warmup
+    warmup: int | None = field(default=None, metadata=bounds(ge=0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +209,8 @@ class BenchConfig:
     out: str = "results/bench"  # output folder: bench.json and the PNG plots
     parts: tuple[Part, ...] = PARTS  # which parts run, in this order
     seed: int = 0
-    outputs: int = 32  # O, the readout size (classes of the cross-entropy loss)
+    # O, the readout size (classes of the cross-entropy loss)
+    outputs: int = field(default=32, metadata=bounds(ge=1))
     # "highest": true float32 matmuls on every backend (no effect on a CPU), as PyTorch's
     # default, and what check.rtol is sized for; "default" lets a GPU use TF32 (raise
     # check.rtol to ~2e-2 with it) and a TPU bfloat16 passes.
@@ -228,20 +228,17 @@ class BenchConfig:
     precision: Precision = Precision()
 
 
-def _positive(key: str, value, minimum: int | float = 1) -> None:
-    if value < minimum:
-        raise config.ConfigError(f"config: '{key}' must be >= {minimum}; got {value!r}")
+def _check_spec(key: str, spec: str) -> None:
+    try:
+        parse_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"config: '{key}': {e}") from None
 
 
 def check_config(cfg: BenchConfig) -> BenchConfig:
-    """The checks a schema's types cannot express; each :class:`ConfigError` names its key."""
-    _positive("outputs", cfg.outputs)
-    _positive("timing.repeats", cfg.timing.repeats)
-    _positive("timing.warmup", cfg.timing.warmup, 0)
-    _positive("timing.min_sample_s", cfg.timing.min_sample_s, 0)
-    if not cfg.check.rtol > 0:
-        raise config.ConfigError(f"config: 'check.rtol' must be > 0; got {cfg.check.rtol!r}")
-    _positive("check.long_T", cfg.check.long_T)
+    """The bounds on the fields, then what they cannot express; each :class:`ConfigError`
+    names its key."""
+    check_bounds(cfg)
     for part, key in (
         ("manual_vs_autodiff", "sizes"),
         ("peers", "sizes"),
@@ -252,58 +249,29 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     ):
         for i, size in enumerate(getattr(getattr(cfg, part), key)):
             if len(size) != 4 or min(size) < 1:
-                raise config.ConfigError(
+                raise ConfigError(
                     f"config: '{part}.{key}[{i}]' must be [T, B, D, H], four positive ints; "
                     f"got {list(size)}"
                 )
     for key in ("models", "memory_models"):
         for i, spec in enumerate(getattr(cfg.models, key)):
-            try:
-                parse_model(spec)
-            except ValueError as e:
-                raise config.ConfigError(f"config: 'models.{key}[{i}]': {e}") from None
-    if cfg.models.repeats is not None:
-        _positive("models.repeats", cfg.models.repeats)
-    if cfg.models.warmup is not None:
-        _positive("models.warmup", cfg.models.warmup, 0)
-    for name in ("B", "D", "H"):
-        _positive(f"scaling.{name}", getattr(cfg.scaling, name))
-    for i, t in enumerate(cfg.scaling.T):
-        _positive(f"scaling.T[{i}]", t)
-    for i, t in enumerate(cfg.scaling.memory_T):
-        _positive(f"scaling.memory_T[{i}]", t)
-    for name in ("T", "B", "D", "H"):
-        _positive(f"truncation.{name}", getattr(cfg.truncation, name))
-    for i, k in enumerate(cfg.truncation.k):
-        _positive(f"truncation.k[{i}]", k)
-    _positive("floor.matmul_size", cfg.floor.matmul_size)
-    _positive("peers.torch_threads", cfg.peers.torch_threads, 0)
-    _positive("peers.settle", cfg.peers.settle, 0)
+            _check_spec(f"models.{key}[{i}]", spec)
     pc = cfg.parallel
-    try:
-        parse_model(pc.model)
-    except ValueError as e:
-        raise config.ConfigError(f"config: 'parallel.model': {e}") from None
+    _check_spec("parallel.model", pc.model)
     if len(pc.size) != 4 or min(pc.size) < 1:
-        raise config.ConfigError(
+        raise ConfigError(
             f"config: 'parallel.size' must be [T, B, D, H], four positive ints; got {list(pc.size)}"
         )
     if not pc.devices:
-        raise config.ConfigError("config: 'parallel.devices' must list at least one count")
+        raise ConfigError("config: 'parallel.devices' must list at least one count")
     for i, n in enumerate(pc.devices):
-        _positive(f"parallel.devices[{i}]", n)
         if pc.size[1] % n:
-            raise config.ConfigError(
+            raise ConfigError(
                 f"config: 'parallel.devices[{i}]' = {n} does not divide the batch B = "
                 f"{pc.size[1]} ('parallel.size'[1]); each device takes B / n examples"
             )
-    _positive("parallel.simulate", pc.simulate, 0)
-    if pc.repeats is not None:
-        _positive("parallel.repeats", pc.repeats)
-    if pc.warmup is not None:
-        _positive("parallel.warmup", pc.warmup, 0)
     if len(set(cfg.parts)) != len(cfg.parts):
-        raise config.ConfigError(f"config: 'parts' lists a part twice: {list(cfg.parts)}")
+        raise ConfigError(f"config: 'parts' lists a part twice: {list(cfg.parts)}")
     config.check_directory("out", cfg.out)
     return cfg
 
@@ -314,13 +282,13 @@ def load_config(name_or_path=None, overrides=()) -> BenchConfig:
 
 
 def load_runner():
-    """Import ``benchmarks/run.py`` from the repository (its folder goes on ``sys.path``)."""
+    """Import ``benchmarks/run.py`` (:data:`BENCHMARKS_DIR`; its folder goes on ``sys.path``)."""
     run_py = BENCHMARKS_DIR / "run.py"
     if not run_py.is_file():
         raise FileNotFoundError(
-            f"bptt-jax bench: the benchmark scripts were not found at {BENCHMARKS_DIR}; they "
-            "live in the repository, not in the installed package: run from a clone installed "
-            "with `pip install -e .`"
+            f"bptt-jax bench: the benchmark scripts were not found at {BENCHMARKS_DIR}: this "
+            "installation lacks them; reinstall the package (a wheel carries them) or run from "
+            "a clone installed with `pip install -e .`"
         )
     if str(BENCHMARKS_DIR) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS_DIR))
@@ -347,7 +315,7 @@ def config_name(args) -> str | None:
 def cli_main(args) -> int:
     try:
         cfg = check_config(config.from_args(BenchConfig, args))
-    except config.ConfigError as e:
+    except ConfigError as e:
         print(f"bptt-jax bench: error: {e}", file=sys.stderr)
         return 2
     try:
@@ -357,6 +325,6 @@ def cli_main(args) -> int:
         return 2
     try:
         return runner.main_with_config(cfg, config_file=config_name(args))
-    except config.ConfigError as e:  # a variant name the harness does not know
+    except ConfigError as e:  # a variant name the harness does not know
         print(f"bptt-jax bench: error: {e}", file=sys.stderr)
         return 2

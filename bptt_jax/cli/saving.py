@@ -1,4 +1,5 @@
-"""Checkpoints of a :class:`~bptt_jax.train.TrainState`, with orbax-checkpoint.
+"""Saving and restoring training state: checkpoints of a :class:`~bptt_jax.train.TrainState`,
+with orbax-checkpoint (``bptt-jax train``'s ``[checkpoint]`` table).
 
 A checkpoint holds everything a run needs to continue exactly: params, readout, optimizer
 state, the carry of the stream, the step and the data key, plus JSON metadata (the config).
@@ -43,12 +44,13 @@ Only process 0 takes the lock and moves broken steps aside.
 
 Example:
   >>> import tempfile, jax, bptt_jax
-  >>> from bptt_jax import checkpoint, train
+  >>> from bptt_jax import train
+  >>> from bptt_jax.cli import saving
   >>> t = train.trainer(bptt_jax.GRU(4))
   >>> state = t.init(jax.random.key(0), input_size=3, output_size=2, batch_size=2)
   >>> with tempfile.TemporaryDirectory() as d:
-  ...     _ = checkpoint.save(d, state, {"note": "hi"})
-  ...     restored, meta = checkpoint.restore(d, state)
+  ...     _ = saving.save(d, state, {"note": "hi"})
+  ...     restored, meta = saving.restore(d, state)
   >>> meta, bool((restored.params.w_h == state.params.w_h).all())
   ({'note': 'hi'}, True)
 """

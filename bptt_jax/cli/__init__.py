@@ -1,7 +1,9 @@
-"""The ``bptt-jax`` command line (also ``python -m bptt_jax``).
+"""The ``bptt-jax`` command line (also ``python -m bptt_jax``): the applications over the library.
 
-Each subcommand lives in the module of its concept, which provides ``add_cli_arguments(parser)``
-and ``cli_main(args) -> int`` (the exit status).
+Each subcommand is a module of this package (``train``, ``verify``, ``diagnose``, ``bench``),
+which provides ``add_cli_arguments(parser)`` and ``cli_main(args) -> int`` (the exit status).
+The package uses the library (``bptt_jax``) and is never imported by it; what its commands
+read, the shipped configs and the benchmark scripts, comes with it (:func:`config.shipped`).
 
 **Compilation cache.** Every command turns on JAX's persistent compilation cache, so a
 program compiled once (XLA:GPU takes 10 to 18 s for some gradient programs) is read from disk
@@ -9,8 +11,8 @@ the next time: in ``$BPTT_JAX_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/bptt_ja
 (``~/.cache/bptt_jax/xla``). ``--cache-dir DIR`` overrides it for one run and
 ``--no-compile-cache`` turns it off. Programs that compile in under
 :data:`CACHE_MIN_COMPILE_S` seconds are not written. A multi-process run on CPUs turns it off
-(:func:`bptt_jax.parallel.initialize`: a cached CPU program with collectives across processes
-hangs).
+(:func:`bptt_jax.cli.distributed.initialize`: a cached CPU program with collectives across
+processes hangs).
 """
 
 from __future__ import annotations
@@ -59,19 +61,19 @@ def enable_compile_cache(directory: str | Path | None = None) -> Path | None:
 #: subcommand -> (module, one-line help)
 COMMANDS = {
     "verify": (
-        "bptt_jax.verify",
+        "bptt_jax.cli.verify",
         "check the hand-written gradients against autodiff and finite differences",
     ),
     "bench": (
-        "bptt_jax.bench",
+        "bptt_jax.cli.bench",
         "benchmark the hand-written BPTT: vs autodiff, truncation, peers, the floor",
     ),
     "diagnose": (
-        "bptt_jax.diagnostics",
+        "bptt_jax.cli.diagnose",
         "plot gradient flow: error norms vs time, horizons, exploding vs clipped, truncation bias",
     ),
     "train": (
-        "bptt_jax.train",
+        "bptt_jax.cli.train",
         "train a model on a built-in task (adding, recall, charlm) from a TOML config",
     ),
 }

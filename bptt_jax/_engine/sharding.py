@@ -93,7 +93,7 @@ def batch_split(xs, axis: int = 1) -> Split | None:
     return Split(mesh, names[0] if len(names) == 1 else names)
 
 
-def per_device(split: Split, fn, args: tuple, in_axes: tuple, out_axes):
+def per_device(split: Split, fn, args, in_axes, out_axes):
     """``fn(*args)`` run by every device on its share of the batch (``jax.shard_map``).
 
     A loop over time whose body sums over the batch (a segment's weight gradients, its
@@ -104,8 +104,9 @@ def per_device(split: Split, fn, args: tuple, in_axes: tuple, out_axes):
     Args:
       split: from :func:`batch_split`.
       fn: a function of ``args``; values it closes over must be replicated.
-      args: its arguments.
-      in_axes: one per argument: the batch axis of every leaf, or ``None`` (replicated).
+      args: a NamedTuple of its arguments.
+      in_axes: a NamedTuple of the same type, each field a prefix of its argument: the batch
+        axis of every leaf below, or ``None`` (replicated).
       out_axes: a prefix of ``fn``'s output: the batch axis of the leaves below, or
         :data:`SUMMED` (each device's part, summed over the devices).
     """
@@ -115,22 +116,22 @@ def per_device(split: Split, fn, args: tuple, in_axes: tuple, out_axes):
     def spec(axis):
         return P() if axis in (None, SUMMED) else P(*([None] * axis), batch)
 
-    def local(*args):
+    def local(args):
         out = fn(*args)
         return jax.tree.map(
             lambda a, o: lax.psum(o, names) if a == SUMMED and o is not None else o,
             out_axes, out, is_leaf=lambda x: x is None,
         )  # fmt: skip
 
-    in_specs = tuple(spec(a) for a in in_axes)
+    in_specs = jax.tree.map(spec, in_axes, is_leaf=lambda x: x is None)
     if all(t == AxisType.Explicit for t in mesh.axis_types):
-        # under an Explicit mesh every input must already be laid out as its spec says
-        # (e.g. a mask made on one device is split too)
-        args = tuple(
-            jax.tree.map(lambda x, s=s: _reshard(x, s, mesh), a) for a, s in zip(args, in_specs)
-        )
+        # every input laid out as its spec says (e.g. a mask made on one device is split too)
+        args = jax.tree.map(
+            lambda s, a: jax.tree.map(lambda x: _reshard(x, s, mesh), a), in_specs, args,
+            is_leaf=lambda x: isinstance(x, P),
+        )  # fmt: skip
     out_specs = jax.tree.map(spec, out_axes)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+    return jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs)(args)
 
 
 def _reshard(x, spec, mesh):
@@ -193,7 +194,8 @@ def _mesh_of(xs):
 
 
 def finish_cotangents(cotangents, primals):
-    """Each cotangent in its primal's dtype, summed over the devices its primal is shared by.
+    """Each cotangent in its primal's dtype, summed over the devices its primal is shared by
+    (one whose primal in ``primals`` is ``None`` is left as it is).
 
     The second half is the data-parallel reduction: a replicated input (the params) used by
     device-varying work has the sum of every device's cotangent as its own, one ``psum`` per
@@ -201,8 +203,8 @@ def finish_cotangents(cotangents, primals):
     """
 
     def finish(g, p):
-        if g is None:
-            return None
+        if g is None or p is None:  # no cotangent, or one left as it is
+            return g
         g = g.astype(p.dtype) if g.dtype != p.dtype else g
         extra = tuple(sorted(_varying(g) - _varying(p)))
         return lax.psum(g, extra) if extra else g
@@ -230,21 +232,18 @@ def off_mesh(x) -> bool:
 def sum_over_rows(x, a, dtype, *, x_t=None):
     """``sum_{t,b} x[t, b]^T a[t, b]``: (T, B, D), (T, B, N) -> (D, N), accumulated in ``dtype``.
 
-    ``x_t``: ``x`` already laid out as (D, T, B) (see :func:`bptt_jax._engine.weight_grads`).
-    On a single device without a precision policy the rows are merged (T*B, D), free for
-    row-major arrays, and the matmul takes ``x`` transposed, as XLA:CPU's GEMM does without
-    a copy (the (T, B)-contracting form copies both operands there: Elman T=256, B=64,
-    H=256 temp 74 against 50 MiB). On a mesh the (T, B) axes stay apart (B may be sharded)
-    and the sum is one ``dot_general`` over both, replicated under an Explicit mesh; so is a
-    compute-dtype sum, whose merged form XLA:CPU widens to float32 copies.
+    ``x_t``: ``x`` already laid out as (D, T, B) (see
+    :func:`bptt_jax._engine.cell_scan.weight_grads`). On a single device without a precision
+    policy the rows are merged (T*B, D) and the matmul takes ``x`` transposed; on a mesh, or
+    for a compute-dtype sum, it is one ``dot_general`` over both (T, B) axes, which keeps a
+    sharded B apart (README.md: why each form).
     """
     if off_mesh(x) and x.dtype == dtype:
         rows = x.shape[0] * x.shape[1]
         lhs = x.reshape(rows, x.shape[-1]).T if x_t is None else x_t.reshape(x_t.shape[0], rows)
         return jnp.matmul(lhs, a.reshape(rows, a.shape[-1]), preferred_element_type=dtype)
     out = _summed_out(x)
-    # lax.dot_general with the contracting axes in (t, b) order: jnp.einsum sorts them to
-    # (b, t) and XLA then copies both operands into that order.
+    # contracting axes in (t, b) order: jnp.einsum sorts them to (b, t), and XLA copies both
     if x_t is None:
         dims = (((0, 1), (0, 1)), ((), ()))
         return lax.dot_general(x, a, dims, preferred_element_type=dtype, out_sharding=out)

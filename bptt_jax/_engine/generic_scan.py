@@ -1,0 +1,150 @@
+"""The generic path: any cell that is not a :class:`~bptt_jax.cells.FastCell`, step by step.
+
+The sequence-level BPTT of :mod:`~bptt_jax._engine.cell_scan`, one step at a time: the
+forward ``lax.scan`` of ``cell.step`` stores the carries (no residuals: the backward of step
+t runs at ``(params, carry_{t-1}, x_t)``, ``carry_{t-1}`` read from the stored states); the
+reverse ``lax.scan`` carries the error on the carry and the params' gradient summed so far,
+and emits ``dx_t``. Each step's backward is the cell's ``step_backward``
+(:class:`~bptt_jax.cells.ManualCell`) or else ``jax.vjp`` of ``cell.step``: the one place the
+library derives a backward by autodiff; no sequence is differentiated as a whole. Masks,
+resets, truncation cuts, per-step clipping and kept deltas are the fast path's
+(:mod:`~bptt_jax._engine.step_rules`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bptt_jax import precision
+from bptt_jax._engine import step_rules
+from bptt_jax._engine.bundles import Backprop, OutputError, Steps, Stored
+from bptt_jax._engine.sharding import SUMMED, batch_split, like_batch, per_device, vary_like
+from bptt_jax._engine.step_rules import Row
+from bptt_jax.cells import protocol
+
+
+def step_backward(cell):
+    """``(cparams, carry, x, new, dnew) -> (dparams, dcarry, dx)`` of one step: the cell's
+    ``step_backward``, or ``jax.vjp`` of ``cell.step``'s new carry."""
+    if protocol.has_step_backward(cell):
+        return cell.step_backward
+
+    def vjp(params, carry, x, new, dnew):
+        # the one-step backward of a cell that brings none; the sequence around it stays
+        # hand-written
+        del new
+        _, pullback = jax.vjp(lambda p, c, x_: cell.step(p, c, x_)[0], params, carry, x)
+        return pullback(dnew)
+
+    return vjp
+
+
+def forward(cell, params, steps, carry0, keep: bool = True):
+    """:func:`bptt_jax._engine.cell_scan.forward` of a cell off the fast path: a
+    ``lax.scan`` of ``cell.step``. Its buffers are the inputs, ``(xs,)``."""
+    xs, mask, resets = steps.xs, steps.mask, steps.resets
+    cparams = precision.compute_params(params, xs.dtype)  # matrices in the compute dtype
+    carry0 = like_batch(carry0, xs)
+    store = xs.dtype  # the stacked states are stored in the compute dtype
+    acc = jax.tree.leaves(carry0)[0].dtype  # the carry's (params') dtype
+
+    def body(carry, inputs):
+        x_t, m_t, r_t = inputs
+        carry = step_rules.reset(r_t, carry)
+        # as in the autodiff path: x_t in the carry's dtype, the kernels in the compute dtype
+        new, _ = cell.step(cparams, carry, x_t.astype(acc))
+        if m_t is not None:  # padded step: the carry passes through unchanged
+            new = step_rules.select(m_t, new, carry)
+        return new, jax.tree.map(lambda c: c.astype(store), new)
+
+    carry_t, states = lax.scan(body, carry0, (xs, mask, resets))
+    return states, ((xs,) if keep else None), carry_t
+
+
+class _Args(NamedTuple):
+    """The reverse scan's arguments, as :func:`~bptt_jax._engine.sharding.per_device`
+    splits them."""
+
+    params: Any
+    steps: Steps
+    carry0: Any
+    stored: Stored
+    g: tuple
+    backprop: Backprop
+
+
+def reverse_scan(cell, params, steps, carry0, stored, g, backprop):
+    """:func:`bptt_jax._engine.cell_scan.reverse_scan` of a cell off the fast path.
+
+    Returns ``(dcarry0, (dparams, dxs), deltas)``: ``dparams`` summed over the steps in the
+    params' dtype, ``dxs`` (T, B, D).
+
+    On a mesh it runs on each device's rows (``per_device``): the params' gradient crosses
+    the devices once, after the loop, not at every step (where the VJP of a step would sum
+    it over the batch).
+    """
+    args = _Args(params, Steps(None, steps.mask, steps.resets), carry0, stored, g, backprop)
+    states, (xs,) = stored
+    split = batch_split(xs)
+    if split is None:
+        return _reverse_scan(cell, *args)
+    dhs = g[0]
+    axes = _Args(
+        params=None, steps=1, carry0=0, stored=1, backprop=None,
+        g=(OutputError(1, None) if isinstance(dhs, OutputError) else 1, 0),
+    )  # fmt: skip
+    return per_device(split, lambda *a: _reverse_scan(cell, *a), args, axes, (0, (SUMMED, 1), 1))
+
+
+def _reverse_scan(cell, params, steps, carry0, stored, g, backprop):
+    """:func:`reverse_scan` on one device's rows (or a whole batch off a mesh)."""
+    states, (xs,) = stored
+    dhs, dcarry_t = g
+    # inside shard_map: params made device-varying like the batch, so that the VJP of a step
+    # gives each device's own gradient, summed over the devices once at the end
+    cparams = vary_like(precision.compute_params(params, xs.dtype), xs)
+    dcarry_t, carry0 = like_batch((dcarry_t, carry0), xs)
+    acc = jax.tree.leaves(carry0)[0].dtype  # the carry's (params') dtype
+    step_bwd = step_backward(cell)
+    out_w = None
+    if isinstance(dhs, OutputError):
+        dhs, out_w = dhs
+        out_w = out_w.astype(xs.dtype)
+
+    def as_carry(state):  # a stored state back in the carry's dtypes
+        return jax.tree.map(lambda s, c: s.astype(c.dtype), state, carry0)
+
+    def body(scan_carry, row):
+        dstate, dparams = scan_carry
+        x_t, state_t = row.x.astype(acc), as_carry(row.state)
+        prev_t = step_rules.carry_entering(carry0, states, row.t, row.reset)
+        dstate = step_rules.add_error(cell, dstate, row.dh, out_w, acc)
+        dstate, kept = step_rules.clip_and_keep(cell, dstate, row.real, backprop)
+
+        def step_back(d):  # (dparams, dcarry, dx) -> (dcarry, dparams, dx)
+            dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, d)
+            return dprev, dp, dx
+
+        dprev, (dp, dx) = step_rules.back_one_step(step_back, dstate, row.mask, row.cut, row.reset)
+        dprev = jax.tree.map(lambda g, c: g.astype(c.dtype), dprev, carry0)
+        dparams = jax.tree.map(lambda a, g: a + g.astype(a.dtype), dparams, dp)
+        return (dprev, dparams), (dx.astype(xs.dtype), kept)
+
+    ts = jnp.arange(xs.shape[0])
+    init = (dcarry_t, vary_like(step_rules.zeros_like(params), xs))
+    rows = Row(
+        ts, x=xs, state=states, dh=dhs, mask=steps.mask,
+        cut=backprop.cuts, reset=steps.resets, real=backprop.real,
+    )  # fmt: skip
+    (dcarry0, dparams), (dxs, deltas) = lax.scan(body, init, rows, reverse=True)
+    return dcarry0, (dparams, dxs), deltas
+
+
+def backward(cell, params, steps, carry0, stored, g, backprop):
+    """The whole sequence backward of ``cell``. Returns ``(dparams, dxs, dcarry0, deltas)``."""
+    dcarry0, (grads, dxs), deltas = reverse_scan(cell, params, steps, carry0, stored, g, backprop)
+    return grads, dxs, dcarry0, deltas

@@ -1,0 +1,55 @@
+"""What the engine is tuned by: its measured constants and the environment's overrides.
+
+The bottom of the engine's modules: any of them may read these, and this one imports none of
+them. What each value was measured on is in ``README.md`` beside this file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+#: The ``backward=`` choices of the public entry points.
+BACKWARDS = ("manual", "checkpointed", "autodiff")
+
+#: The ``unroll`` factor of the fast path's forward and reverse scans, by (backend, cell
+#: class): how many steps XLA compiles into one loop iteration; 1 where not listed.
+SCAN_UNROLL = {("gpu", "Elman"): 2, ("gpu", "LSTM"): 2}
+
+#: A per-step array of this many bytes or more counts as large: the readout's error on it is
+#: formed inside the reverse scan, not stored (:func:`~bptt_jax._engine.bundles.output_error`).
+LARGE_BYTES = 4 * 2**20
+
+#: Bytes one group of truncated-BPTT chunks may store (states and per-step buffers): enough
+#: chunks for wide batched reverse-scan steps, few enough to stay in cache.
+GROUP_BYTES = 2 * 2**20
+
+#: Backends where a Bidirectional layer runs its two directions as one scan; none until
+#: measured on a GPU (``benchmarks/gpu_probe.py bidirectional``).
+FUSE_DIRECTIONS: frozenset[str] = frozenset()
+
+
+def scan_unroll(cell) -> int:
+    """The scans' ``unroll`` factor for ``cell`` on the default backend (:data:`SCAN_UNROLL`).
+
+    ``BPTT_JAX_SCAN_UNROLL`` overrides it for every cell. It is read at trace time, and JAX
+    reuses a function's earlier traces: within one process call ``jax.clear_caches()`` after
+    changing it.
+    """
+    override = os.environ.get("BPTT_JAX_SCAN_UNROLL")
+    if override:
+        return max(1, int(override))
+    return SCAN_UNROLL.get((jax.default_backend(), type(cell).__name__), 1)
+
+
+def fuse_directions() -> bool:
+    """Whether Bidirectional layers may fuse their directions (:data:`FUSE_DIRECTIONS`).
+
+    ``BPTT_JAX_FUSE_DIRECTIONS=1`` (or ``0``) overrides it on every backend, read at trace
+    time as ``BPTT_JAX_SCAN_UNROLL`` is.
+    """
+    override = os.environ.get("BPTT_JAX_FUSE_DIRECTIONS")
+    if override:
+        return override not in ("0", "false", "False")
+    return jax.default_backend() in FUSE_DIRECTIONS
