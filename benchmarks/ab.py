@@ -43,6 +43,9 @@ ENTRIES = [
     ("elman", (1024, 32, 32, 128), {"backward": "checkpointed"}),
     ("elman", (4096, 8, 32, 64), {"truncate": 64}),
     ("lstm", (256, 32, 64, 128), {"truncate": 32}),
+    # the default config's model entries ([bi]<cell>[:<layers>])
+    ("lstm:2", (256, 64, 128, 256), {}),
+    ("bigru", (256, 64, 128, 256), {}),
 ]
 
 
@@ -62,10 +65,19 @@ def import_revision(rev: str, name: str = "bptt_jax_ab"):
     return importlib.import_module(name)
 
 
-def _cell(lib, name: str, h: int):
-    """The cell ``name`` of :data:`bptt_jax.models.CELLS`, from ``lib`` (this tree or a
-    revision's, which may predate the registry: its class of the same name)."""
-    return getattr(lib, CELLS[name].__name__)(h)
+def _cell(lib, spec: str, h: int):
+    """The cell or model of a spec (``"gru"``, ``"lstm:2"``, ``"bigru"``) from ``lib`` (this
+    tree or a revision's, which may predate the registry: built from its classes by name)."""
+    bi = spec.startswith("bi")
+    name, _, layers = spec.removeprefix("bi").partition(":")
+    cell = getattr(lib, CELLS[name].__name__)(h)
+    if layers:
+        return lib.stacked(cell, int(layers), bidirectional=bi)
+    return lib.Bidirectional(cell) if bi else cell
+
+
+def spec_is_model(spec: str) -> bool:
+    return spec.startswith("bi") or ":" in spec
 
 
 def main(argv=None) -> int:
@@ -79,7 +91,7 @@ def main(argv=None) -> int:
         f"{jax.devices()[0].platform}; median of {args.repeats} interleaved samples"
     )
     print(
-        f"{'cell':<6} {'T':>5} {'B':>3} {'D':>4} {'H':>4} {'options':<26} {'rev ms':>8} "
+        f"{'model':<6} {'T':>5} {'B':>3} {'D':>4} {'H':>4} {'options':<26} {'rev ms':>8} "
         f"{'tree ms':>8} {'rev/tree':>8}  IQR/median rev, tree"
     )
     ratios = []
@@ -87,16 +99,17 @@ def main(argv=None) -> int:
         k = jax.random.split(jax.random.key(0), 4)
         xs = jax.random.normal(k[0], (t, b, d), jnp.float32)
         ys = jax.random.randint(k[1], (t, b), 0, 32)
-        runs, grads = {}, {}
+        runs, grads, temp = {}, {}, {}
         for tag, lib in (("rev", old), ("tree", bptt_jax)):
             cell = _cell(lib, name, h)
             params = cell.init(k[2], d)
-            ro = lib.init_readout(k[3], h, 32)
+            ro = lib.init_readout(k[3], cell.output_size if spec_is_model(name) else h, 32)
 
             def loss(p, r, lib=lib, cell=cell, xs=xs, ys=ys, opts=opts):
                 return lib.sequence_loss(cell, p, r, xs, ys, **opts)
 
             f = jax.jit(jax.grad(loss, argnums=(0, 1)))
+            temp[tag] = f.lower(params, ro).compile().memory_analysis().temp_size_in_bytes
             grads[tag] = jax.block_until_ready(f(params, ro))
             runs[tag] = lambda f=f, p=params, r=ro: jax.block_until_ready(f(p, r))
         for a, b_ in zip(jax.tree.leaves(grads["rev"]), jax.tree.leaves(grads["tree"])):
@@ -108,7 +121,8 @@ def main(argv=None) -> int:
         opt = ", ".join(f"{k_}={v}" for k_, v in opts.items()) or "full"
         print(
             f"{name:<6} {t:>5} {b:>3} {d:>4} {h:>4} {opt:<26} {1e3 * r:8.2f} {1e3 * n:8.2f} "
-            f"{r / n:8.3f}  {spread[0]:.0%}, {spread[1]:.0%}",
+            f"{r / n:8.3f}  {spread[0]:.0%}, {spread[1]:.0%}; temp MiB {temp['rev'] / 2**20:.2f}, "
+            f"{temp['tree'] / 2**20:.2f}",
             flush=True,
         )
     print(
