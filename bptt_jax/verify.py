@@ -7,6 +7,8 @@ checks that ``bptt-jax verify`` runs is :mod:`bptt_jax.cli.verify`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -220,12 +222,71 @@ def check_gradients(
       True
     """
     fn = "check_gradients"
+    dtype, cdt = _check_options(
+        fn, path, backward, loss, dtype, compute_dtype, truncate, finite_differences,
+        (seq_len, batch_size, input_size, output_size),
+    )  # fmt: skip
+    key = validation.check_key(fn, key)
+    kp, kc, kv = jax.random.split(key, 3)
+    problem = random_problem(
+        model,
+        kp,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        input_size=input_size,
+        output_size=output_size,
+        dtype=dtype,
+        mask=mask,
+        random_carry=random_carry,
+        loss=loss,
+    )
+    if path == "loss":
+        check = _loss_check(model, problem, loss, reduction, truncate)
+    else:
+        check = _unroll_check(model, problem, truncate, kc)
+    # True float32 (or float64) matmuls on every backend: the tolerances are the dtype's,
+    # and a GPU's default float32 matmul (TF32, ~1e-3 relative) would swamp them.
+    with jax.default_matmul_precision("highest"):
+        g_manual = check.grad(backward, cdt)(*check.args)
+        g_auto = check.grad("autodiff", cdt)(*check.args)
+    errors, fd_errors, full, naive = check.errors(g_manual, g_auto), {}, {}, {}
+    tolerance, full_tolerance = TOLERANCE[dtype.name], 0.0
+    if cdt is not None:
+        full_tolerance, tolerance = policy_tolerances(cdt)
+        with jax.default_matmul_precision("highest"):
+            g_full = check.grad("autodiff", None)(*check.args)
+            low = jax.tree.map(
+                lambda a: a.astype(cdt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                check.args,
+            )
+            g_naive = check.grad(backward, None)(*low)
+        full, naive = check.errors(g_manual, g_full), check.errors(g_naive, g_full)
+    if finite_differences is None:
+        finite_differences = dtype == jnp.float64 and truncate is None and cdt is None
+    if finite_differences:
+        with jax.default_matmul_precision("highest"):
+            fd_errors = _finite_difference_errors(
+                check.make(backward, cdt), check.args, check.argnums, g_manual, check.names, kv
+            )
+    desc = (
+        f"{model_name(model)} {path}{'' if backward == 'manual' else ' ' + backward} "
+        f"{dtype.name} T={seq_len} B={batch_size} "
+        f"mask={mask} carry0={'random' if random_carry else 'zero'}"
+        + (f" loss={loss}/{reduction}" if path == "loss" else "")
+        + (f" truncate={truncate}" if truncate else "")
+        + (f" compute={cdt.name}" if cdt is not None else "")
+    )
+    return GradientReport(desc, errors, fd_errors, tolerance, full, naive, full_tolerance)
+
+
+def _check_options(fn, path, backward, loss, dtype, compute_dtype, truncate, fd, sizes):
+    """:func:`check_gradients`' arguments, checked: ``(dtype, compute dtype or None)``."""
     validation.check_choice(fn, "path", path, ("loss", "unroll"))
     validation.check_choice(fn, "backward", backward, ("manual", "checkpointed"))
     validation.check_choice(fn, "loss", loss, losses.LOSSES)
-    for name, v in (("seq_len", seq_len), ("batch_size", batch_size), ("input_size", input_size),
-                    ("output_size", output_size)):  # fmt: skip
+    for name, v in zip(("seq_len", "batch_size", "input_size", "output_size"), sizes):
         validation.check_positive(fn, name, v, kind=int, allow_none=False)
+    output_size = sizes[3]
     if loss == "xent" and output_size < 2:
         raise ValueError(
             f"{fn}: output_size must be >= 2 for loss='xent'; got {output_size} (a softmax "
@@ -241,137 +302,86 @@ def check_gradients(
     cdt = precision.resolve(fn, compute_dtype, dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError(f"{fn}: dtype float64 needs jax.config.update('jax_enable_x64', True)")
-    if finite_differences and truncate is not None:
+    if fd and truncate is not None:
         raise ValueError(
             f"{fn}: finite_differences is undefined with truncate={truncate}: a truncated "
             "gradient is by design not the derivative of the loss (its reference is autodiff "
             "with stop_gradient at the cuts, which check_gradients runs)"
         )
-    if finite_differences and (dtype != jnp.float64 or cdt is not None):
+    if fd and (dtype != jnp.float64 or cdt is not None):
         raise ValueError(
             f"{fn}: finite_differences needs dtype float64 and no compute_dtype (a central "
             f"difference in {(cdt or dtype).name} is all round-off at FD_TOLERANCE = "
             f"{FD_TOLERANCE}); got dtype {dtype.name}"
             + (f", compute_dtype {cdt.name}" if cdt is not None else "")
         )
-    key = validation.check_key(fn, key)
-    kp, kc, kv = jax.random.split(key, 3)
-    params, readout, xs, targets, carry0, m = random_problem(
-        model,
-        kp,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        input_size=input_size,
-        output_size=output_size,
-        dtype=dtype,
-        mask=mask,
-        random_carry=random_carry,
-        loss=loss,
-    )
+    return dtype, cdt
 
-    if path == "loss":
-        argnums = (0, 1, 2, 3, 4) if loss == "mse" else (0, 1, 2, 4)
-        names = ("params", "readout", "xs", "targets", "carry0")
 
-        def make(gradient_path, compute_dtype=cdt):
-            def f(p, ro, x, tg, c0):
-                return losses.sequence_loss(
-                    model,
-                    p,
-                    ro,
-                    x,
-                    tg,
-                    c0,
-                    mask=m,
-                    loss=loss,
-                    reduction=reduction,
-                    truncate=truncate,
-                    backward=gradient_path,
-                    compute_dtype=compute_dtype,
-                )
+class _Check(NamedTuple):
+    """One checked function: ``make(gradient_path, compute_dtype)`` builds the scalar whose
+    gradient with respect to ``args[argnums]`` (named ``names``) is compared."""
 
-            return f
+    make: Callable
+    args: tuple
+    argnums: tuple[int, ...]
+    names: tuple[str, ...]
 
-        args = (params, readout, xs, targets, carry0)
-    else:
-        argnums = (0, 1, 2)
-        names = ("params", "xs", "carry0")
-        hs_shape = (seq_len, batch_size, output_size_of(model))
-        k1, k2 = jax.random.split(kc)
-        ct_hs = jax.random.normal(k1, hs_shape, dtype)
-        ct_leaves, ct_def = jax.tree.flatten(carry0)
-        ct_carry = jax.tree.unflatten(
-            ct_def,
-            [
-                jax.random.normal(kk, c.shape, dtype)
-                for kk, c in zip(jax.random.split(k2, len(ct_leaves)), ct_leaves)
-            ],
-        )
+    def grad(self, gradient_path, compute_dtype):
+        return jax.jit(jax.grad(self.make(gradient_path, compute_dtype), argnums=self.argnums))
 
-        def make(gradient_path, compute_dtype=cdt):
-            def f(p, x, c0):  # <(hs, carry_T), random cotangent>: its gradient is the VJP
-                hs, c_t = engine.unroll(
-                    model,
-                    p,
-                    x,
-                    c0,
-                    mask=m,
-                    truncate=truncate,
-                    backward=gradient_path,
-                    compute_dtype=compute_dtype,
-                )
-                dots = [
-                    jnp.vdot(a.astype(b.dtype), b)
-                    for a, b in zip(jax.tree.leaves((hs, c_t)), jax.tree.leaves((ct_hs, ct_carry)))
-                ]
-                return sum(dots)
-
-            return f
-
-        args = (params, xs, carry0)
-
-    f_manual, f_auto = make(backward), make("autodiff")
-    # True float32 (or float64) matmuls on every backend: the tolerances are the dtype's,
-    # and a GPU's default float32 matmul (TF32, ~1e-3 relative) would swamp them.
-    with jax.default_matmul_precision("highest"):
-        g_manual = jax.jit(jax.grad(f_manual, argnums=argnums))(*args)
-        g_auto = jax.jit(jax.grad(f_auto, argnums=argnums))(*args)
-
-    def leaf_errors(g, reference):
+    def errors(self, g, reference) -> dict[str, float]:
+        """Leaf name -> relative error of ``g`` against ``reference``."""
         out = {}
-        for i, gm, ga in zip(argnums, g, reference):
-            lm, la = _named_leaves(gm, names[i]), _named_leaves(ga, names[i])
+        for i, gm, ga in zip(self.argnums, g, reference):
+            lm, la = _named_leaves(gm, self.names[i]), _named_leaves(ga, self.names[i])
             out.update({name: relative_error(lm[name], la[name]) for name in lm})
         return out
 
-    errors, fd_errors, full, naive = leaf_errors(g_manual, g_auto), {}, {}, {}
-    tolerance = TOLERANCE[dtype.name]
-    full_tolerance = 0.0
-    if cdt is not None:
-        full_tolerance, tolerance = policy_tolerances(cdt)
-        with jax.default_matmul_precision("highest"):
-            g_full = jax.jit(jax.grad(make("autodiff", None), argnums=argnums))(*args)
-            low = jax.tree.map(
-                lambda a: a.astype(cdt) if jnp.issubdtype(a.dtype, jnp.floating) else a, args
-            )
-            g_naive = jax.jit(jax.grad(make(backward, None), argnums=argnums))(*low)
-        full, naive = leaf_errors(g_manual, g_full), leaf_errors(g_naive, g_full)
 
-    if finite_differences is None:
-        finite_differences = dtype == jnp.float64 and truncate is None and cdt is None
-    if finite_differences:
-        with jax.default_matmul_precision("highest"):
-            fd_errors = _finite_difference_errors(f_manual, args, argnums, g_manual, names, kv)
+def _loss_check(model, problem, loss, reduction, truncate) -> _Check:
+    """:func:`bptt_jax.sequence_loss`, every differentiable argument."""
+    params, readout, xs, targets, carry0, m = problem
 
-    desc = (
-        f"{model_name(model)} {path}{'' if backward == 'manual' else ' ' + backward} "
-        f"{dtype.name} T={seq_len} B={batch_size} "
-        f"mask={mask} carry0={'random' if random_carry else 'zero'}"
-        + (f" loss={loss}/{reduction}" if path == "loss" else "")
-        + (f" truncate={truncate}" if truncate else "")
-        + (f" compute={cdt.name}" if cdt is not None else "")
+    def make(gradient_path, compute_dtype):
+        def f(p, ro, x, tg, c0):
+            return losses.sequence_loss(
+                model, p, ro, x, tg, c0, mask=m, loss=loss, reduction=reduction,
+                truncate=truncate, backward=gradient_path, compute_dtype=compute_dtype,
+            )  # fmt: skip
+
+        return f
+
+    argnums = (0, 1, 2, 3, 4) if loss == "mse" else (0, 1, 2, 4)
+    names = ("params", "readout", "xs", "targets", "carry0")
+    return _Check(make, (params, readout, xs, targets, carry0), argnums, names)
+
+
+def _unroll_check(model, problem, truncate, key) -> _Check:
+    """:func:`bptt_jax.unroll` under a random cotangent on ``(hs, carry_T)``: the gradient
+    of ``<(hs, carry_T), cotangent>`` is the VJP."""
+    params, _, xs, _, carry0, m = problem
+    seq_len, batch_size = xs.shape[:2]
+    k1, k2 = jax.random.split(key)
+    ct_hs = jax.random.normal(k1, (seq_len, batch_size, output_size_of(model)), xs.dtype)
+    ct_leaves, ct_def = jax.tree.flatten(carry0)
+    ks = jax.random.split(k2, len(ct_leaves))
+    ct_carry = jax.tree.unflatten(
+        ct_def, [jax.random.normal(kk, c.shape, xs.dtype) for kk, c in zip(ks, ct_leaves)]
     )
-    return GradientReport(desc, errors, fd_errors, tolerance, full, naive, full_tolerance)
+
+    def make(gradient_path, compute_dtype):
+        def f(p, x, c0):
+            hs, c_t = engine.unroll(
+                model, p, x, c0, mask=m, truncate=truncate, backward=gradient_path,
+                compute_dtype=compute_dtype,
+            )  # fmt: skip
+            out, cts = jax.tree.leaves((hs, c_t)), jax.tree.leaves((ct_hs, ct_carry))
+            return sum(jnp.vdot(a.astype(b.dtype), b) for a, b in zip(out, cts))
+
+        return f
+
+    return _Check(make, (params, xs, carry0), (0, 1, 2), ("params", "xs", "carry0"))
 
 
 def _finite_difference_errors(f, args, argnums, grads, names, key) -> dict[str, float]:
