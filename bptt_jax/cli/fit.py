@@ -10,6 +10,8 @@ finished run is not a trained model.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -152,79 +154,122 @@ def fit(
         if ckpt is not None:
             ckpt.close()
         raise
-    tokens_per_step = tc.batch_size * task.seq_len
-    history: list[dict] = []
-
-    def record(rec: dict):
-        history.append(rec)
-        if log is not None:
-            log.write(_json_line(rec) + "\n")
-            log.flush()
-        for hook in hooks:
-            hook(rec["step"], rec)
-
-    def evaluate(step: int):
-        params, readout = parallel.local_copy((state.params, state.readout))
-        rec = {"kind": "eval", "step": step, **task.evaluate(cell, params, readout)}
-        if isinstance(task, tasks.CharLMTask) and task.sample_len:
-            key = jax.random.fold_in(jax.random.key(cfg.seed + 1), step)
-            rec["sample"] = task.sample(cell, params, readout, key)
-        text = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float))
-        if main:
-            _write(bar, out, f"[eval step {step}] {text}")
-            if "sample" in rec:
-                _write(bar, out, "sample: " + repr(rec["sample"]))
-        record(rec)
-
     start = int(state.step)
-    bar = _progress(tc, start, out) if main else None
+    report = _Reporter(cfg, task, cell, out, main, tuple(hooks), log)
+    report.bar = _progress(tc, start, out) if main else None
     data_key = parallel.local_copy(state.key)  # the same in every process
-    window: list[dict] = []
-    t_last, step_last = time.perf_counter(), start
+    clock = _Clock(tc.batch_size * task.seq_len, start)
     try:
         for s in range(start, tc.steps):
             batch = _batch(task, data_key, s, tc.batch_size)  # the global batch s
             state, metrics = t.step(state, t.put_batch(batch))
-            window.append(metrics)
+            clock.window.append(metrics)
             done = s + 1
             if done % tc.log_every == 0 or done == tc.steps:
-                host = jax.device_get(window)
-                now = time.perf_counter()
-                rate = tokens_per_step * (done - step_last) / (now - t_last)
-                rec = _train_record(done, host, rate)
-                if tc.horizon_every and done % tc.horizon_every == 0:
-                    t_h = time.perf_counter()  # not throughput either
-                    params, key = parallel.local_copy((state.params, state.key))
-                    h = int(_horizon(cell, params, batch.xs, key))
-                    rec["horizon"] = h if h >= 0 else None  # null: undefined (NaN norms)
-                    now += time.perf_counter() - t_h
-                t_last, step_last, window = now, done, []
-                if bar is not None:
-                    bar.update(done - bar.n)
-                    extra = {"horizon": rec["horizon"]} if "horizon" in rec else {}
-                    bar.set_postfix(
-                        loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", **extra
-                    )
-                record(rec)
-            t_aside = time.perf_counter()  # evaluation and checkpoints are not throughput
-            if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
-                evaluate(done)
-            if ckpt is not None and cc.every and done % cc.every == 0:
-                ckpt.save(state, {"config": config_lib.to_dict(cfg)})
-            t_last += time.perf_counter() - t_aside
-        evaluate(int(state.step))
+                report.train(state, batch, clock, done)
+            with clock.aside():  # evaluation and checkpoints are not throughput
+                if tc.eval_every and done % tc.eval_every == 0 and done != tc.steps:
+                    report.evaluate(state, done)
+                if ckpt is not None and cc.every and done % cc.every == 0:
+                    ckpt.save(state, {"config": config_lib.to_dict(cfg)})
+        report.evaluate(state, int(state.step))
         # the last state, unless saved already (by `every`, or by the run this one resumed
         # when it had nothing left to do)
         if ckpt is not None and int(state.step) not in ckpt.all_steps():
             ckpt.save(state, {"config": config_lib.to_dict(cfg)})
     finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
+        report.close()
         if ckpt is not None:
             ckpt.close()
-    return FitResult(state, history, task, cell, mesh)
+    return FitResult(state, report.history, task, cell, mesh)
+
+
+class _Clock:
+    """Tokens per second of the train steps since the last record, the time set aside for
+    evaluation, checkpoints and horizons left out; and the steps' metrics since then."""
+
+    def __init__(self, tokens_per_step: int, step: int):
+        self.tokens_per_step = tokens_per_step
+        self.t_last, self.step_last = time.perf_counter(), step
+        self.window: list[dict] = []
+
+    @contextlib.contextmanager
+    def aside(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t_last += time.perf_counter() - t
+
+    def lap(self, step: int) -> tuple[list[dict], float]:
+        """The window's metrics (on the host) and its tokens per second; a new window."""
+        host = jax.device_get(self.window)
+        now = time.perf_counter()
+        rate = self.tokens_per_step * (step - self.step_last) / (now - self.t_last)
+        self.t_last, self.step_last, self.window = now, step, []
+        return host, rate
+
+
+@dataclasses.dataclass
+class _Reporter:
+    """Where a run's records go: the history, the log file (process 0), the hooks (every
+    process), the progress bar and the lines on ``out`` (process 0)."""
+
+    cfg: Config
+    task: Any
+    cell: Any
+    out: Any
+    main: bool
+    hooks: tuple
+    log: Any = None
+    bar: Any = None
+    history: list = dataclasses.field(default_factory=list)
+
+    def record(self, rec: dict) -> None:
+        self.history.append(rec)
+        if self.log is not None:
+            self.log.write(_json_line(rec) + "\n")
+            self.log.flush()
+        for hook in self.hooks:
+            hook(rec["step"], rec)
+
+    def train(self, state: TrainState, batch, clock: _Clock, step: int) -> None:
+        """The train record of the steps since the last one (and the horizon, when due)."""
+        host, rate = clock.lap(step)
+        rec = _train_record(step, host, rate)
+        every = self.cfg.train.horizon_every
+        if every and step % every == 0:
+            with clock.aside():  # not throughput either
+                params, key = parallel.local_copy((state.params, state.key))
+                h = int(_horizon(self.cell, params, batch.xs, key))
+                rec["horizon"] = h if h >= 0 else None  # null: undefined (NaN norms)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            extra = {"horizon": rec["horizon"]} if "horizon" in rec else {}
+            self.bar.set_postfix(
+                loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", **extra
+            )
+        self.record(rec)
+
+    def evaluate(self, state: TrainState, step: int) -> None:
+        params, readout = parallel.local_copy((state.params, state.readout))
+        task = self.task
+        rec = {"kind": "eval", "step": step, **task.evaluate(self.cell, params, readout)}
+        if isinstance(task, tasks.CharLMTask) and task.sample_len:
+            key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), step)
+            rec["sample"] = task.sample(self.cell, params, readout, key)
+        text = " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float))
+        if self.main:
+            _write(self.bar, self.out, f"[eval step {step}] {text}")
+            if "sample" in rec:
+                _write(self.bar, self.out, "sample: " + repr(rec["sample"]))
+        self.record(rec)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None:
+            self.log.close()
 
 
 def _checkpointer(cc: CheckpointConfig):
