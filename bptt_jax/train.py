@@ -297,9 +297,22 @@ def trainer(
     if compute_dtype is not None:  # a floating dtype; checked against the params' at step 1
         precision.resolve("trainer", compute_dtype, jnp.float64)
         compute_dtype = jnp.dtype(compute_dtype).name
-    return _trainer(
-        cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis, compute_dtype
-    )
+    spec = _StepSpec(cell, optim, loss, reduction, k1, k2, metrics_fn, compute_dtype)
+    return _trainer(spec, mesh, data_axis)
+
+
+class _StepSpec(NamedTuple):
+    """What a train step computes (hashable: cells and configs are frozen dataclasses, so
+    equal settings share one compiled step)."""
+
+    cell: Any
+    optim: OptimConfig
+    loss: str
+    reduction: str
+    k1: int | None
+    k2: int | None
+    metrics_fn: Any
+    compute_dtype: str | None
 
 
 def _make_init(cell, tx: optax.GradientTransformation, mesh, data_axis: str):
@@ -383,75 +396,56 @@ def _make_update(tx: optax.GradientTransformation, optim: OptimConfig, metrics_f
 
 
 @lru_cache(maxsize=32)
-def _trainer(
-    cell, optim, loss, reduction, k1, k2, metrics_fn, mesh, data_axis, compute_dtype
-) -> Trainer:
-    """:func:`trainer`, cached: equal arguments share one compiled step (cells and configs
-    are frozen dataclasses, so equal settings hash equal)."""
-    tx = make_optimizer(optim)
-    init = _make_init(cell, tx, mesh, data_axis)
-    update = _make_update(tx, optim, metrics_fn)
-
-    bidirectional = is_bidirectional(cell)
-    dropout = isinstance(cell, Stack) and cell.dropout > 0
-
-    def step(state: TrainState, batch: Batch):
-        resets = None if bidirectional else batch.resets
-        common = dict(mask=batch.mask, loss_mask=batch.loss_mask, resets=resets)
-        dkey = None
-        if dropout:  # its own stream, apart from the data's (key, s)
-            dkey = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT_STREAM), state.step)
-        if k1 is None:
-            lg = losses.loss_and_grads(
-                cell,
-                state.params,
-                state.readout,
-                batch.xs,
-                batch.targets,
-                None if bidirectional else state.carry,
-                loss=loss,
-                reduction=reduction,
-                dropout_key=dkey,
-                compute_dtype=compute_dtype,
-                **common,
-            )
-            opt_state, params, readout, metrics = update(
-                state.opt_state, state.params, state.readout, lg, batch
-            )
-            carry = lg.carry
-            metrics = jax.tree.map(lambda x: x[None], metrics)
-        else:
-            out = truncated.tbptt(
-                cell,
-                state.params,
-                state.readout,
-                batch.xs,
-                batch.targets,
-                state.carry,
-                k1=k1,
-                k2=k2,
-                update=update,
-                update_state=state.opt_state,
-                loss=loss,
-                reduction=reduction,
-                dropout_key=dkey,
-                compute_dtype=compute_dtype,
-                **common,
-            )
-            opt_state, params, readout, carry, metrics = out
-        if optim.skip_nonfinite:  # a skipped update's NaN carry would poison the stream
-            carry = _reset_nonfinite_rows(carry)
-        new = TrainState(params, readout, opt_state, carry, state.step + 1, state.key)
-        return new, metrics
-
+def _trainer(spec: _StepSpec, mesh, data_axis: str) -> Trainer:
+    """:func:`trainer`, cached: equal arguments share one compiled step."""
+    tx = make_optimizer(spec.optim)
+    init = _make_init(spec.cell, tx, mesh, data_axis)
+    step = _make_step(spec, _make_update(tx, spec.optim, spec.metrics_fn))
+    bidirectional = is_bidirectional(spec.cell)
     if mesh is None:
-        return Trainer(tx, init, _CheckedStep(jax.jit(step), None, data_axis, loss, bidirectional))
+        checked = _CheckedStep(jax.jit(step), None, data_axis, spec.loss, bidirectional)
+        return Trainer(tx, init, checked)
     shardings = (_state_sharding(mesh, data_axis), parallel.batch_sharding(mesh, data_axis))
     step_on_mesh = jax.jit(
         step, in_shardings=shardings, out_shardings=(shardings[0], parallel.replicated(mesh))
     )
-    checked_step = _CheckedStep(step_on_mesh, mesh, data_axis, loss, bidirectional)
-    return Trainer(tx, init, checked_step, mesh, data_axis)
+    checked = _CheckedStep(step_on_mesh, mesh, data_axis, spec.loss, bidirectional)
+    return Trainer(tx, init, checked, mesh, data_axis)
+
+
+def _make_step(spec: _StepSpec, update):
+    """The train step of ``spec``: one update over the batch (full BPTT) or ``tbptt``'s
+    updates over its windows, from ``state.carry``."""
+    cell = spec.cell
+    bidirectional = is_bidirectional(cell)
+    dropout = isinstance(cell, Stack) and cell.dropout > 0
+    options = dict(loss=spec.loss, reduction=spec.reduction, compute_dtype=spec.compute_dtype)
+
+    def step(state: TrainState, batch: Batch):
+        resets = None if bidirectional else batch.resets
+        kw = dict(options, mask=batch.mask, loss_mask=batch.loss_mask, resets=resets)
+        if dropout:  # its own stream, apart from the data's (key, s)
+            key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT_STREAM), state.step)
+            kw["dropout_key"] = key
+        p, ro = state.params, state.readout
+        if spec.k1 is None:
+            carry0 = None if bidirectional else state.carry
+            lg = losses.loss_and_grads(cell, p, ro, batch.xs, batch.targets, carry0, **kw)
+            opt_state, params, readout, metrics = update(state.opt_state, p, ro, lg, batch)
+            carry = lg.carry
+            metrics = jax.tree.map(lambda x: x[None], metrics)
+        else:
+            out = truncated.tbptt(
+                cell, p, ro, batch.xs, batch.targets, state.carry, k1=spec.k1, k2=spec.k2,
+                update=update, update_state=state.opt_state, **kw,
+            )  # fmt: skip
+            opt_state, params, readout, carry, metrics = out
+        if spec.optim.skip_nonfinite:  # a skipped update's NaN carry would poison the stream
+            carry = _reset_nonfinite_rows(carry)
+        new = TrainState(params, readout, opt_state, carry, state.step + 1, state.key)
+        return new, metrics
+
+    return step
 
 
 def _reset_nonfinite_rows(carry):
