@@ -12,7 +12,7 @@ and readout size O, for a sequence (T, B, D, H) they are, in FLOPs (2 per multip
 The machine's matmul rate is measured on one ``n x n @ n x n`` matmul (``floor.matmul_size``).
 Two floors are reported:
 
-* ``floor_s``: all of those FLOPs at that rate (the issue's floor: a throughput bound);
+* ``floor_s``: all of those FLOPs at that rate (the throughput floor);
 * ``chain_floor_s``: the recurrent part measured instead, as the time of a ``lax.scan`` of T
   sequential ``(B, H) @ (H, H)`` matmuls (timed side by side with bptt_jax) counted ``2*G``
   times, plus the non-recurrent FLOPs at the rate: small sequential matmuls run far below the

@@ -1,4 +1,4 @@
-"""GPU measurements of issue 13 that are not a bench part: one section per call.
+"""GPU measurements that are not a bench part: one section per call.
 
     python benchmarks/gpu_probe.py cudnn [after]   # jax.experimental.rnn's LSTM vs lstm_ref
     python benchmarks/gpu_probe.py unroll [SPEC]   # the scans' unroll factor: time per factor

@@ -11,7 +11,7 @@ against autodiff first; an entry that fails its check is reported loudly and nev
 the run exits 1.
 
 Writes to the config's ``out`` folder: ``bench.json`` (every number: environment, config,
-each part's rows with all samples, the targets of issue 5 and whether they were met,
+each part's rows with all samples, the suite's targets and whether they were met,
 failures, notes) and the PNG plots of ``plots.py``. A single part run as a script writes
 ``<part>.json`` instead, so it does not overwrite a whole run's results.
 """
@@ -75,7 +75,7 @@ def check_names(cfg) -> None:
 
 
 # ----------------------------------------------------------------------------- targets
-#: Issue 5's targets, as (name, threshold, kind): each is checked where the results have it.
+#: The suite's targets, as (name, threshold, kind): each is checked where the results have it.
 TARGETS = {
     "elman_vs_autodiff": 1.3,  # autodiff/manual time, Elman, H <= 256
     "gated_vs_autodiff": 1.1,  # LSTM and GRU, H <= 256

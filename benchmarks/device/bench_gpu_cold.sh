@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13, next GPU session, call 1 (about 8-10 minutes; run with timeout_s=600):
+# GPU call 1 (about 8-10 minutes; run with timeout_s=600):
 # `bptt-jax bench bench_gpu` on an empty compilation cache, its wall time being the "cold"
 # number (goal: under 10 minutes). Every part prints as it goes; bench.json, the log and the
 # cache's size come back under $OUT. If it runs out of time, the log still says how far it got.

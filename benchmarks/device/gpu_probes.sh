@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 13, next GPU session, call 2 (about 5 minutes, at most 6.5): the questions that
+# GPU call 2 (about 5 minutes, at most 6.5): the questions that
 # bench_gpu does not answer.
 # 1. jax.experimental.rnn's cuDNN LSTM against lstm_ref when another program ran first (it
 #    agreed when run first in a fresh process; the bench's peer, run after others, failed).
