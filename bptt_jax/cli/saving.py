@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_lib
-import gc
 import hashlib
 import json
 import logging
@@ -67,9 +66,6 @@ import os
 import re
 import shutil
 import socket
-import sys
-import threading
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +73,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from bptt_jax.cli import orbax_failures
 
 try:
     import fcntl
@@ -154,97 +152,6 @@ class CheckpointSaveError(OSError):
     """A save that failed (e.g. a full disk); nothing partial of it is left on disk."""
 
 
-class _Below(logging.Filter):
-    def __init__(self, level: int):
-        super().__init__()
-        self.level = level
-
-    def filter(self, record):
-        return record.levelno < self.level
-
-
-@contextlib.contextmanager
-def _quiet(level: int = logging.ERROR):
-    """Silence orbax's own error logs (and those of the coroutines it abandons) while a
-    possibly broken step is read or a failing save runs: the error this module raises says
-    it in one line, where orbax would print tracebacks of tens to hundreds of lines."""
-    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "concurrent.futures")]
-    drop = _Below(level)
-    for logger in loggers:
-        logger.addFilter(drop)
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
-    failed = False
-    try:
-        yield
-    except BaseException:
-        failed = True
-        gc.collect()  # the failed read's coroutines are reported when collected: now
-        raise
-    finally:
-        sys.unraisablehook = hook
-        for logger in loggers:
-            logger.removeFilter(drop)
-        if failed:
-            _drop_closed_loop_noise()
-
-
-def _drop_closed_loop_noise() -> None:
-    """From now on, drop the ``RuntimeError('Event loop is closed')`` that a read orbax
-    abandoned reports when it completes later, into the event loop orbax has closed (a
-    traceback on stderr, long after the error this module raised); every other unraisable
-    exception goes to the hook as before. Installed once, after the first failed read."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_bptt_jax_closed_loop", False):
-        return
-
-    def hook(unraisable):
-        e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._bptt_jax_closed_loop = True
-    sys.unraisablehook = hook
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    text = text[0] if text else ""
-    text = text if len(text) <= 200 else text[:200] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _is_read_error(e: Exception) -> bool:
-    """Whether a failure to read a step means its files are bad (not memory, the device,
-    permissions: those are raised as they are)."""
-    return not isinstance(e, (MemoryError, RuntimeError, PermissionError))
-
-
-def _is_write_error(e: Exception) -> bool:
-    """Whether a failed save failed to write (the file system's error, or tensorstore's
-    report of a full disk), as opposed to a bad state or a bug: raised as it is."""
-    if isinstance(e, OSError):
-        return True
-    text = str(e)
-    return "No space left on device" in text or "Disk quota exceeded" in text
-
-
-#: The longest wait for the writer threads of a failed save to end before removing what
-#: they wrote.
-WRITER_WAIT_S = 60.0
-
-
-def _join_writers() -> None:
-    """Wait (up to :data:`WRITER_WAIT_S`) for orbax's writer threads (``_SignalingThread``,
-    one per item being committed): after one item's write failed, the others still write
-    into the step's temporary directory, which is removed only once they are done."""
-    deadline = time.monotonic() + WRITER_WAIT_S
-    for t in threading.enumerate():
-        if type(t).__name__ == "_SignalingThread" and t is not threading.current_thread():
-            t.join(max(0.0, deadline - time.monotonic()))
-
-
 class Checkpointer:
     """Saves and restores train states in one directory (a thin ``CheckpointManager``).
 
@@ -270,7 +177,7 @@ class Checkpointer:
             if self._primary:
                 self._lock = self._acquire_lock()
         try:
-            with _quiet():
+            with orbax_failures.quiet():
                 self._manager = ocp.CheckpointManager(
                     self.directory,
                     options=ocp.CheckpointManagerOptions(
@@ -332,7 +239,7 @@ class Checkpointer:
         return sorted(int(p.name) for p in self.directory.iterdir() if _STEP_NAME.match(p.name))
 
     def _reload(self) -> None:
-        with _quiet(logging.WARNING):  # (orbax warns of each broken step it lists)
+        with orbax_failures.quiet(logging.WARNING):  # (orbax warns of each broken step it lists)
             self._manager.reload()
 
     def latest_step(self) -> int | None:
@@ -423,7 +330,7 @@ class Checkpointer:
             self.set_aside(step)
         sums = checksums(state)
         try:
-            with _quiet():
+            with orbax_failures.quiet():
                 self._manager.save(
                     step,
                     args=ocp.args.Composite(
@@ -437,11 +344,11 @@ class Checkpointer:
                 self._manager.wait_until_finished()
         except Exception as e:
             self._clean_failed_save(step)
-            if not _is_write_error(e):
+            if not orbax_failures.is_write_error(e):
                 raise
             complete = [s for s in self.steps_on_disk() if self.problem(s) is None]
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            why = getattr(e, "strerror", None) or _first_line(e)
+            why = getattr(e, "strerror", None) or orbax_failures.first_line(e)
             err = CheckpointSaveError(
                 f"checkpoint: saving step {step} into {self.directory} failed: {why}{where}; "
                 f"nothing of step {step} was left; the intact checkpoints are steps "
@@ -455,10 +362,10 @@ class Checkpointer:
     def _clean_failed_save(self, step: int) -> None:
         """Remove what a failed save of ``step`` wrote: its temporary directories, and the
         step's directory if it is there incomplete."""
-        with _quiet():
+        with orbax_failures.quiet():
             with contextlib.suppress(Exception):
                 self._manager.wait_until_finished()
-            _join_writers()
+            orbax_failures.join_writers()
             if self._primary:
                 for p in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
                     shutil.rmtree(p, ignore_errors=True)
@@ -533,14 +440,16 @@ class Checkpointer:
         if problem is not None:
             raise self._corrupt(step, problem)
         try:
-            with _quiet():
+            with orbax_failures.quiet():
                 saved = self._manager.restore(
                     step, args=ocp.args.Composite(signature=ocp.args.JsonRestore())
                 )["signature"]
         except Exception as e:
-            if not _is_read_error(e):
+            if not orbax_failures.is_read_error(e):
                 raise
-            raise self._corrupt(step, f"item 'signature' unreadable ({_first_line(e)})") from None
+            raise self._corrupt(
+                step, f"item 'signature' unreadable ({orbax_failures.first_line(e)})"
+            ) from None
         expected = signature(like)
         if saved is not None and not isinstance(saved, list):
             raise self._corrupt(step, "item 'signature' is not a list")
@@ -559,12 +468,14 @@ class Checkpointer:
         if has_sums:
             items["checksums"] = ocp.args.JsonRestore()
         try:
-            with _quiet():
+            with orbax_failures.quiet():
                 out = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            if not _is_read_error(e):
+            if not orbax_failures.is_read_error(e):
                 raise
-            raise self._corrupt(step, f"its data does not read ({_first_line(e)})") from None
+            raise self._corrupt(
+                step, f"its data does not read ({orbax_failures.first_line(e)})"
+            ) from None
         restored = out["state"]
         # orbax hands back NamedTuples as the target's type; rebuild to be sure of it
         restored = jax.tree.unflatten(jax.tree.structure(_to_disk(like)), jax.tree.leaves(restored))
