@@ -22,8 +22,6 @@ import jax  # noqa: E402 (after XLA_FLAGS)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from bptt_jax import cli  # noqa: E402
-
 # float64 is needed for the 1e-12 checks; float32 tests pass float32 arrays explicitly.
 jax.config.update("jax_enable_x64", True)
 # Silent upcasts (float32 params meeting a float64 constant) fail loudly instead.
@@ -31,13 +29,10 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # True float32 matmuls on every backend: the float32 tolerances (~1e-5) are float32's, and a
 # GPU's default (TF32) or a TPU's (bfloat16 passes) would be ~1e-3 off. No effect on a CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
-# JAX's persistent compilation cache for the whole run, where the CLI keeps it
-# (bptt_jax.cli: $BPTT_JAX_CACHE_DIR, else ~/.cache/bptt_jax/xla), as a user's CLI commands
-# would have it: the suite reads back the programs of an earlier run (with TEST_XLA_FLAGS, a
-# small gain: 4:28 from an empty cache, 4:11 with one filled; without the flags it was 9:02
-# and 5:35). tests/test_cli.py and the 2-process run of tests/test_parallel.py test the cache
-# in directories of their own.
-cli.enable_compile_cache()
+# No persistent compilation cache in the suite's own process: on a fresh machine it holds
+# nothing to read, and writing every program costs time (the CLI's cache is tested by
+# tests/test_cli.py and the 2-process run of tests/test_parallel.py in directories of their
+# own).
 
 
 #: A context of JAX's trace and compilation caches: a test that changes an environment

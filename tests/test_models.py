@@ -132,7 +132,9 @@ def _grid(kind: str):
     the schedule's reference (truncate? clip?), so the schedules that share a reference share
     its compilation; the loss and reduction rotate. The merge variants (``MERGES``: a
     Bidirectional layer that differs from another only in how it merges) meet the full
-    schedule in the default run. The other dtype and SLOW_SCHEDULES are slow."""
+    schedule in the default run, and each model x schedule is checked through one of
+    unroll and sequence_loss (alternating). The other dtype and path and SLOW_SCHEDULES are
+    slow."""
     for si, (sched_name, (opts, which)) in enumerate(ALL_SCHEDULES.items()):
         group = 2 * ("truncate" in opts) + ("delta_clip" in opts)
         for mi, (model_name, model) in enumerate(MODELS.items()):
@@ -143,6 +145,9 @@ def _grid(kind: str):
             for j, dtype in enumerate(DTYPES):
                 fast = sched_name in SCHEDULES and j == (mi + group) % 2
                 fast = fast and (model_name not in MERGES or sched_name == "manual")
+                # one of unroll and sequence_loss per model x schedule, alternating: each
+                # model meets both, and so does each schedule
+                fast = fast and (kind == "unroll") == ((mi + si) % 2 == 0)
                 ident = f"{model_name}-{sched_name}-{jnp.dtype(dtype).name}"
                 extra = (loss, reduction) if kind == "loss" else ()
                 yield pytest.param(
@@ -319,8 +324,8 @@ def _one(tree, b):
 @pytest.mark.parametrize(
     "cell_name,clip",
     [
-        ("elman-tanh", None),
-        ("lstm", None),
+        pytest.param("elman-tanh", None, marks=pytest.mark.slow),
+        pytest.param("lstm", None, marks=pytest.mark.slow),
         ("gru", None),
         ("lstm", CLIP_LOSS),
         pytest.param("elman-tanh", CLIP_LOSS, marks=pytest.mark.slow),
@@ -682,7 +687,8 @@ def _padded_output(layer, carry):
 def _padded_grid():
     for name in BIDIRECTIONAL:
         for backward in ["manual", "checkpointed"]:
-            fast = backward == "manual" or name in ("bi-gru-mean", "stacked-bigru2")
+            # each bidirectional model once, the schedule alternating
+            fast = (backward == "manual") == (BIDIRECTIONAL.index(name) % 2 == 0)
             yield pytest.param(
                 name, backward, id=f"{name}-{backward}", marks=() if fast else pytest.mark.slow
             )

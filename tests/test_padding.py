@@ -133,11 +133,11 @@ def test_nan_padding_reaches_no_gradient_of_loss_and_grads_or_tbptt(key):
     cell = bptt_jax.GRU(5)
     p, ro, xs, tg, c0, mask = ref.model_problem(cell, key, F64, t=T, b=B, d=D, o=O)
     nan_xs = _padded(xs, mask, np.nan)
-    for kw in (dict(), dict(truncate=3, return_deltas=True)):
-        clean = loss_and_grads(cell, p, ro, xs, tg, c0, mask=mask, **kw)
-        dirty = loss_and_grads(cell, p, ro, nan_xs, tg, c0, mask=mask, **kw)
-        assert _finite(dirty)
-        _assert_same(dirty, clean)
+    kw = dict(truncate=3, return_deltas=True)
+    clean = loss_and_grads(cell, p, ro, xs, tg, c0, mask=mask, **kw)
+    dirty = loss_and_grads(cell, p, ro, nan_xs, tg, c0, mask=mask, **kw)
+    assert _finite(dirty)
+    _assert_same(dirty, clean)
 
     def sgd(n, p, r, lg, window):
         p, r = jax.tree.map(lambda w, g: w - 0.1 * g, (p, r), (lg.params, lg.readout))

@@ -31,9 +31,13 @@ MODELS = {
     "stack-lstm-gru": bptt_jax.Stack((bptt_jax.LSTM(5), bptt_jax.GRU(4))),
     "bi-gru": bptt_jax.Bidirectional(bptt_jax.GRU(5)),
 }
-#: (model, unroll options): every cell and model kind, the checkpointed walk and clipping.
+#: (model, unroll options): every model kind, the checkpointed walk and clipping; the Elman
+#: and GRU cells alone under ``-m slow`` (the stack and the bidirectional layer hold them).
 CASES = [
-    *[(name, {}) for name in MODELS],
+    *[
+        pytest.param(name, {}, marks=pytest.mark.slow if name in ("elman", "gru") else ())
+        for name in MODELS
+    ],
     ("lstm", {"backward": "checkpointed", "segment": 4}),
     ("lstm", {"delta_clip": 0.3}),  # padded steps' zero errors: a NaN before the safe norm
     pytest.param("stack-lstm-gru", {"delta_clip": 0.3}, marks=pytest.mark.slow),

@@ -172,17 +172,17 @@ def test_an_empty_sequence_is_refused_naming_xs():
     ("cell_name", "k1", "k2", "dtype", "reduction"),
     [
         ("elman", 3, 3, jnp.float64, "mean"),
-        ("elman", 4, 10, jnp.float32, "sum"),
-        ("lstm", 4, 4, jnp.float32, "mean"),
+        pytest.param("elman", 4, 10, jnp.float32, "sum", marks=pytest.mark.slow),
+        pytest.param("lstm", 4, 4, jnp.float32, "mean", marks=pytest.mark.slow),
         ("lstm", 3, 5, jnp.float64, "sum"),
-        ("gru", 3, 3, jnp.float64, "sum"),
+        pytest.param("gru", 3, 3, jnp.float64, "sum", marks=pytest.mark.slow),
         ("gru", 2, 7, jnp.float32, "mean"),
     ],
     ids=lambda v: jnp.dtype(v).name if isinstance(v, type) else None,
 )
 def test_tbptt_matches_the_definition_with_autodiff(cell_name, k1, k2, dtype, reduction, key):
     """T=11 (not a multiple of k1 = 2, 3, 4), random mask/loss_mask/resets/carry, in both
-    dtypes and reductions (each cell meets each)."""
+    dtypes and reductions (with ``-m slow``, each cell meets each)."""
     cell = CELLS[cell_name]
     loss = "mse" if cell_name == "gru" else "xent"
     p, ro, xs, ys, carry, mask, loss_mask, resets = stream(cell, key, dtype, loss=loss)
