@@ -149,3 +149,32 @@ def make(results: dict[str, Any], out: Path) -> list[str]:
     """Draw every plot the results have data for; return the paths written."""
     paths = [f(results, out) for f in (tokens_vs_T, tokens_vs_k, memory_vs_T, ratios)]
     return [p for p in paths if p]
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """``python benchmarks/plots.py OUT RESULTS.json [RESULTS.json ...]``: the plots of
+    recorded results, written to the folder OUT. The parts of several files are merged (rows
+    of a part appended in order; the first file's environment names the machine), so give
+    files of one machine only."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        raise SystemExit(main.__doc__)
+    out = Path(args[0])
+    merged: dict[str, Any] = {}
+    for name in args[1:]:
+        for key, value in json.loads(Path(name).read_text()).items():
+            if isinstance(value, list) and isinstance(merged.get(key), list):
+                merged[key] = merged[key] + value
+            else:
+                merged.setdefault(key, value)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = make(merged, out)
+    print("\n".join(paths))
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -94,7 +94,7 @@ TARGETS = {
     "bf16_vs_torch_bf16": 1.0,  # torch autocast bf16 time / bptt_jax bf16 time (on GPUs)
 }
 #: B*H at or below which a size counts as "small" (per-step cost dominates) for the torch
-#: targets; an assumption of this suite, stated in benchmarks/README.md.
+#: targets; an assumption of this suite, stated in docs/guides/performance.md.
 SMALL_BH = 32 * 128
 
 

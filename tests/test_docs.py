@@ -1,4 +1,5 @@
-"""The documentation runs: the README's tour and every docstring example.
+"""The documentation runs: the README's tour and every docstring example (the guides'
+code blocks: tests/test_guides.py).
 
 Each runs in a fresh interpreter, as a user would run it: default float32, no x64, no strict
 dtype promotion (the settings conftest.py turns on for the rest of the suite). The docstring
@@ -40,13 +41,6 @@ def test_readme_tour_runs():
     assert blocks, "README has no python example"
     out = _run(blocks[0] + "\nprint('tour ok')\n")
     assert out.returncode == 0 and "tour ok" in out.stdout, out.stderr
-
-
-def test_readme_models_example_runs():
-    """The stacked bidirectional example on a padded batch (it asserts padding-freedom)."""
-    (block,) = [b for b in _readme_blocks() if "bptt_jax.stacked(" in b]
-    out = _run(block + "\nprint('models ok')\n")
-    assert out.returncode == 0 and "models ok" in out.stdout, out.stderr
 
 
 @pytest.fixture(scope="module")

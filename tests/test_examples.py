@@ -63,29 +63,3 @@ def test_example_runs_at_tiny_size_and_prints_its_final_metric(script):
     last = out.stdout.strip().splitlines()[-1]
     found = re.fullmatch(rf"final {metric} (\S+)", last)
     assert found and math.isfinite(float(found.group(1))), log
-
-
-def _readme_block(marker: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    (block,) = [b for b in blocks if marker in b]
-    return block
-
-
-@pytest.mark.parametrize(
-    "marker,needs",
-    [
-        ("from bptt_jax.interop import", ("torch",)),
-        ("bptt_jax.nnx.RNN(", ("flax", "equinox")),
-        ("class IndRNN:", ()),
-    ],
-)
-def test_readme_snippet_runs(marker, needs):
-    """The README's PyTorch-weights, NNX/Equinox and own-cell snippets, as written, in a
-    fresh interpreter (skipped without the packages they import)."""
-    for package in needs:
-        pytest.importorskip(package)
-    code = _readme_block(marker) + "\nprint('snippet ok')\n"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert out.returncode == 0 and "snippet ok" in out.stdout, out.stdout + out.stderr

@@ -241,8 +241,8 @@ def test_two_processes_train_to_the_params_of_one_process_with_8_devices(tmp_pat
         assert rel_err(a, b) <= F64
 
 
-def test_the_readme_data_parallel_example_runs_on_8_devices(runs):
-    r = runs["grid"]["readme"]
+def test_the_devices_guide_example_runs_on_8_devices(runs):
+    r = runs["grid"]["guide"]
     assert "error" not in r, r["error"]
     assert r["printed"].strip() == "P('data',) P()"
 

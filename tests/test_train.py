@@ -574,7 +574,7 @@ def c_restore_on_host(directory, state):
     return saving.restore(directory, jax.device_get(state))
 
 
-# ----------------------------------------------------------------- CLI and README
+# ------------------------------------------------------------------------------- CLI
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "bptt_jax", "train", *args],
@@ -603,20 +603,6 @@ def test_cli_config_errors_exit_2_before_any_work(tmp_path):
     assert "step" not in out.stdout
     out = _cli("charlm", f"charlm.corpus={tmp_path / 'missing.txt'}")
     assert out.returncode == 2 and "'charlm.corpus' file" in out.stderr
-
-
-def test_readme_training_example_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Training") :]
-    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
-    out = subprocess.run(
-        [sys.executable, "-c", code + "\nprint('training ok')\n"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0 and "training ok" in out.stdout, out.stderr
 
 
 @pytest.mark.usefixtures("optax_promotion")

@@ -309,7 +309,7 @@ def test_the_library_compiled_with_xlas_default_flags_passes_check_gradients():
 
 # ------------------------------------------------------------------- the bfloat16 tier
 def _example_cells():
-    """``IndRNN``/``ManualIndRNN`` of examples/custom_cell.py, the README's own cell."""
+    """``IndRNN``/``ManualIndRNN`` of examples/custom_cell.py, the own-cell guide's cell."""
     path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "custom_cell.py"
     spec = importlib.util.spec_from_file_location("custom_cell_example", path)
     module = importlib.util.module_from_spec(spec)
@@ -331,7 +331,7 @@ def standard_promotion():
 
 @pytest.mark.usefixtures("standard_promotion")
 def test_the_bfloat16_tier_judges_the_backward_not_bfloat16s_rounding():
-    """The README's IndRNN with its hand-written step_backward passes the bfloat16 tier on
+    """The guides' IndRNN with its hand-written step_backward passes the bfloat16 tier on
     keys where it is far from float32 autodiff (bfloat16's rounding of the forward: a relu
     input near 0 flips); within the same policy it is a few eps from autodiff. Keys 4 and 8
     failed when the verdict was taken against float32 autodiff (0.09 and 0.10 > 4 eps)."""
