@@ -1,6 +1,7 @@
 """bptt_jax: Backpropagation Through Time for JAX, with the backward written by hand.
 
-Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`) and models of them (:class:`Stack`,
+Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`, and the linear recurrences
+:class:`MinGRU` and :class:`MinLSTM`) and models of them (:class:`Stack`,
 :class:`Bidirectional`, :func:`stacked`) run over time-major sequences with :func:`unroll`
 and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse ``lax.scan``
 (the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`. Any cell
@@ -21,9 +22,14 @@ from bptt_jax.cells import Elman as Elman
 from bptt_jax.cells import ElmanParams as ElmanParams
 from bptt_jax.cells import FastCell as FastCell
 from bptt_jax.cells import GRUParams as GRUParams
+from bptt_jax.cells import LinearCell as LinearCell
 from bptt_jax.cells import LSTMCarry as LSTMCarry
 from bptt_jax.cells import LSTMParams as LSTMParams
 from bptt_jax.cells import ManualCell as ManualCell
+from bptt_jax.cells import MinGRU as MinGRU
+from bptt_jax.cells import MinGRUParams as MinGRUParams
+from bptt_jax.cells import MinLSTM as MinLSTM
+from bptt_jax.cells import MinLSTMParams as MinLSTMParams
 from bptt_jax.checking import checked as checked
 from bptt_jax.diagnostics import GradientFlow as GradientFlow
 from bptt_jax.diagnostics import SpectralNorms as SpectralNorms
@@ -68,12 +74,17 @@ __all__ = [
     "horizon_from_norms",
     "init_readout",
     "jacobian_norms",
+    "LinearCell",
     "loss_and_grads",
     "LossAndGrads",
     "LSTM",
     "LSTMCarry",
     "LSTMParams",
     "ManualCell",
+    "MinGRU",
+    "MinGRUParams",
+    "MinLSTM",
+    "MinLSTMParams",
     "ReadoutParams",
     "sequence_loss",
     "spectral_norms",

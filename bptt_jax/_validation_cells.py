@@ -42,6 +42,8 @@ def check_cell(fn: str, cell, where: str = "cell") -> None:
             f"{', '.join(missing)}; give it all of them (bptt_jax.cells.FastCell, the fast path) "
             "or none of them (a bptt_jax.cells.Cell: init, zero_carry, step)"
         )
+    if protocol.is_linear(cell):
+        protocol.check_scan(f"{fn}: {where} {name}", getattr(cell, "scan", "auto"))
     try:
         hash(cell)
     except TypeError:
@@ -306,6 +308,8 @@ def check_step(fn: str, cell, params, carry, d: int, dtype, compute_dtype=None) 
     _check_hidden(fn, call, h)
     if protocol.has_step_backward(cell):
         _check_step_backward(fn, call)
+    if protocol.is_linear(cell):
+        _check_coefficients(fn, call)
 
 
 def _traced_step(fn: str, call: _StepCall):
@@ -428,3 +432,46 @@ def _check_step_backward(fn: str, call: _StepCall) -> None:
                 raise TypeError(
                     f"{fn}: {call_name} returns {leaf} of dtype {g.dtype}; it must be floating"
                 )
+
+
+def _check_coefficients(fn: str, call: _StepCall) -> None:
+    """A :class:`~bptt_jax.cells.LinearCell`'s ``coefficients`` over two steps, traced: ``a``
+    and ``b`` floating, shaped like the carry with a leading T axis (the carry one array),
+    the residuals' leaves with leading axes (T, B)."""
+    cell, carry = call.cell, call.carry
+    name = type(cell).__name__
+    if not hasattr(carry, "shape"):
+        raise TypeError(
+            f"{fn}: {name} is a linear cell (it has coefficients): its carry must be one array "
+            f"(B, N), the state h_t = a_t * h_{{t-1}} + b_t; got a {type(carry).__name__}"
+        )
+    xs = jax.ShapeDtypeStruct((2, *call.x.shape), call.x.dtype)
+    call_name = f"{name}.coefficients(params, xs) with xs {tuple(xs.shape)} {xs.dtype.name}"
+    try:
+        out = jax.eval_shape(
+            lambda p, x: cell.coefficients(precision.compute_params(p, call.compute_dtype), x),
+            call.params, xs,
+        )  # fmt: skip
+    except Exception as e:
+        raise _noted(e, f"{fn}: raised by {call_name}{call.policy}") from None
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], tuple)
+            and len(out[0]) == 2):  # fmt: skip
+        raise TypeError(f"{fn}: {call_name} must return ((a, b), residuals)")
+    want = (2, *carry.shape)
+    for what, c in zip("ab", out[0]):
+        if not hasattr(c, "shape") or tuple(c.shape) != want:
+            raise ValueError(
+                f"{fn}: {call_name} returns {what} of shape {getattr(c, 'shape', None)}; it must "
+                f"be (T, *carry.shape) = {want}"
+            )
+        if not jnp.issubdtype(c.dtype, jnp.floating):
+            raise TypeError(
+                f"{fn}: {call_name} returns {what} of dtype {c.dtype}; it must be floating"
+            )
+    for path, r in jax.tree_util.tree_leaves_with_path(out[1]):
+        if tuple(r.shape[:2]) != want[:2]:
+            raise ValueError(
+                f"{fn}: {call_name} returns residuals{jax.tree_util.keystr(path)} of shape "
+                f"{tuple(r.shape)}; every residual is per step, with leading axes (T, B) = "
+                f"{want[:2]}"
+            )

@@ -106,7 +106,7 @@ def _layers(fn: str, model) -> tuple[list[tuple], bool]:
             cells.append((layer,))
     first = cells[0][0]
     bidirectional = len(cells[0]) == 2
-    if cell_name(first) is None:
+    if cell_name(first) not in _TORCH:
         raise TypeError(
             f"{fn}: cells must be bptt_jax.Elman, LSTM or GRU to map to PyTorch; "
             f"got {type(first).__name__}"

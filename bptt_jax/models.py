@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax.cells import GRU, LSTM, Elman, _common, protocol
+from bptt_jax.cells import GRU, LSTM, Elman, MinGRU, MinLSTM, _common, protocol
 
 MERGES = ("concat", "sum", "mean")
 #: The built-in cells.
-CELL_TYPES = (Elman, LSTM, GRU)
+CELL_TYPES = (Elman, LSTM, GRU, MinGRU, MinLSTM)
 
 
 def is_cell(x) -> bool:
@@ -313,7 +313,7 @@ def is_bidirectional(model) -> bool:
 
 # ----------------------------------------------------------------------------- by name
 #: The built-in cells by the names configs and model specs use.
-CELLS = {"elman": Elman, "lstm": LSTM, "gru": GRU}
+CELLS = {"elman": Elman, "lstm": LSTM, "gru": GRU, "mingru": MinGRU, "minlstm": MinLSTM}
 
 
 def cell_name(cell) -> str | None:
@@ -336,14 +336,16 @@ def build_model(
     ``bptt-jax`` commands and the benchmarks.
 
     Args:
-      cell: a name of :data:`CELLS` (``"elman"``, ``"lstm"``, ``"gru"``).
+      cell: a name of :data:`CELLS` (``"elman"``, ``"lstm"``, ``"gru"``, ``"mingru"``,
+        ``"minlstm"``).
       hidden_size: H of every cell.
       layers: ``None``: the cell itself, or ``Bidirectional(cell)``; an int L:
         ``stacked(cell, L, bidirectional=..., dropout=...)`` (a :class:`Stack`, also for L = 1).
       bidirectional, dropout: as in :func:`stacked` (``dropout`` needs ``layers``).
       activation, forget_bias, init_scheme: the cell's settings; each applies to the cells
-        that have it (``activation``: Elman, ``forget_bias``: LSTM, ``init_scheme``: all) and
-        is ignored by the others, as a config table holds them all; ``None``: the default.
+        that have it (``activation``: Elman, ``forget_bias``: LSTM, ``init_scheme``: Elman,
+        LSTM, GRU) and is ignored by the others, as a config table holds them all; ``None``:
+        the default.
 
     Example:
       >>> build_model("lstm", 8, forget_bias=1.0)
@@ -382,8 +384,8 @@ def parse_spec(spec: str) -> tuple[str, int | None, bool]:
     counted = layers.isascii() and layers.isdigit() and not layers.startswith("0")
     if cell not in CELLS or (sep and not counted):
         raise ValueError(
-            f"model spec {spec!r} is not [bi]<cell>[:<layers>] with cell elman, lstm or gru "
-            "(e.g. 'lstm:2', 'bigru', 'bilstm:2')"
+            f"model spec {spec!r} is not [bi]<cell>[:<layers>] with cell one of "
+            f"{', '.join(CELLS)} (e.g. 'lstm:2', 'bigru', 'bilstm:2')"
         )
     return cell, int(layers) if sep else None, bidirectional
 

@@ -55,9 +55,9 @@ def _check_page(page, url: str, name: str, shots: Path) -> list[str]:
     page.on("pageerror", lambda e: errors.append(f"{name}: JavaScript error: {e}"))
     page.on(
         "console",
-        lambda m: errors.append(f"{name}: console {m.type}: {m.text}")
-        if m.type == "error"
-        else None,
+        lambda m: (
+            errors.append(f"{name}: console {m.type}: {m.text}") if m.type == "error" else None
+        ),
     )
     response = page.goto(url, wait_until="networkidle")
     if response is None or response.status != 200:

@@ -148,8 +148,7 @@ def _check_api_complete(app, env):
         from sphinx.util import logging
 
         logging.getLogger(__name__).warning(
-            f"public name {name} (bptt_jax.__all__) has no entry in the API reference "
-            "(docs/api/)"
+            f"public name {name} (bptt_jax.__all__) has no entry in the API reference (docs/api/)"
         )
 
 

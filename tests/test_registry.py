@@ -44,7 +44,9 @@ def test_a_bad_spec_says_what_a_spec_is(spec):
 
 
 def test_unknown_names_and_dropout_without_layers_are_refused():
-    with pytest.raises(ValueError, match="cell must be one of elman, lstm, gru; got 'rnn'"):
+    with pytest.raises(
+        ValueError, match="cell must be one of elman, lstm, gru, mingru, minlstm; got 'rnn'"
+    ):
         build_model("rnn", 4)
     with pytest.raises(ValueError, match="dropout=0.1 applies between layers"):
         build_model("lstm", 4, dropout=0.1)

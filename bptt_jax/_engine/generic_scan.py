@@ -5,8 +5,9 @@ forward ``lax.scan`` of ``cell.step`` stores the carries (no residuals: the back
 t runs at ``(params, carry_{t-1}, x_t)``, ``carry_{t-1}`` read from the stored states); the
 reverse ``lax.scan`` carries the error on the carry and the params' gradient summed so far,
 and emits ``dx_t``. Each step's backward is the cell's ``step_backward``
-(:class:`~bptt_jax.cells.ManualCell`) or else ``jax.vjp`` of ``cell.step``: the one place the
-library derives a backward by autodiff; no sequence is differentiated as a whole. Masks,
+(:class:`~bptt_jax.cells.ManualCell`) or else ``jax.vjp`` of ``cell.step`` (with a linear
+cell's coefficients, :mod:`~bptt_jax._engine.linear_scan`, the places the library derives a
+backward by autodiff); no sequence is differentiated as a whole. Masks,
 resets, truncation cuts, per-step clipping and kept deltas are the fast path's
 (:mod:`~bptt_jax._engine.step_rules`).
 """

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from bptt_jax._engine import cell_scan, directions, generic_scan
+from bptt_jax._engine import cell_scan, directions, generic_scan, linear_scan
 from bptt_jax._engine.bundles import Backprop, Steps, Stored
 from bptt_jax._engine.directions import Paired, pair, reverse_time, unpair
 from bptt_jax.cells import protocol
@@ -50,9 +50,12 @@ def cells_of(model) -> tuple:
 
 def scans(cell):
     """The module that walks ``cell`` over a sequence: :mod:`~bptt_jax._engine.cell_scan`
-    for a :class:`~bptt_jax.cells.FastCell`, else :mod:`~bptt_jax._engine.generic_scan`.
-    Both offer ``forward``, ``reverse_scan`` and ``backward`` with the same arguments."""
-    return cell_scan if protocol.is_fast(cell) else generic_scan
+    for a :class:`~bptt_jax.cells.FastCell`, :mod:`~bptt_jax._engine.linear_scan` for a
+    :class:`~bptt_jax.cells.LinearCell`, else :mod:`~bptt_jax._engine.generic_scan`. Each
+    offers ``forward``, ``reverse_scan`` and ``backward`` with the same arguments."""
+    if protocol.is_fast(cell):
+        return cell_scan
+    return linear_scan if protocol.is_linear(cell) else generic_scan
 
 
 class _Full:

@@ -1,7 +1,8 @@
 """What the engine is tuned by: its measured constants and the environment's overrides.
 
 The bottom of the engine's modules: any of them may read these, and this one imports none of
-them. What each value was measured on is in ``README.md`` beside this file.
+them (only the cells' contract, :mod:`bptt_jax.cells.protocol`, from below the engine). What
+each value was measured on is in ``README.md`` beside this file.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 
 import jax
+
+from bptt_jax.cells import protocol
 
 #: The ``backward=`` choices of the public entry points.
 BACKWARDS = ("manual", "checkpointed", "autodiff")
@@ -28,6 +31,19 @@ GROUP_BYTES = 2 * 2**20
 #: Backends where a Bidirectional layer runs its two directions as one scan; none until
 #: measured on a GPU (``benchmarks/gpu_probe.py bidirectional``).
 FUSE_DIRECTIONS: frozenset[str] = frozenset()
+
+#: Backends where a linear cell's ``scan="auto"`` is ``"parallel"`` (an associative scan);
+#: elsewhere (the CPU) it is ``"sequential"`` (README.md: the measurements).
+PARALLEL_SCAN: frozenset[str] = frozenset({"gpu", "tpu"})
+
+
+def linear_scan(cell) -> str:
+    """``"parallel"`` or ``"sequential"``: how a linear cell's recurrence is scanned, its
+    ``scan`` with ``"auto"`` resolved for the default backend (:data:`PARALLEL_SCAN`)."""
+    scan = protocol.check_scan(type(cell).__name__, getattr(cell, "scan", "auto"))
+    if scan == "auto":
+        return "parallel" if jax.default_backend() in PARALLEL_SCAN else "sequential"
+    return scan
 
 
 def scan_unroll(cell) -> int:

@@ -109,14 +109,26 @@ def add_error(cell, dstate, dh_t, out_w, acc):
 def clip_and_keep(cell, dstate, real_t, backprop):
     """``(dstate, kept)``: the error clipped by ``backprop.delta_clip`` where the step exists
     (``real_t``), and what ``backprop.keep_deltas`` keeps of it (``None`` when off)."""
-    if backprop.delta_clip is not None:
-        clipped = clip_delta(dstate, backprop.delta_clip)
-        dstate = clipped if real_t is None else select_all(real_t, clipped, dstate)
+    dstate = clip(dstate, real_t, backprop.delta_clip)
     if not backprop.keep_deltas:
         return dstate, None
+    return dstate, keeper(cell, backprop)(dstate)
+
+
+def clip(dstate, real_t, delta_clip):
+    """The error clipped by ``delta_clip`` (``None``: off) where the step exists (``real_t``,
+    ``None``: everywhere)."""
+    if delta_clip is None:
+        return dstate
+    clipped = clip_delta(dstate, delta_clip)
+    return clipped if real_t is None else select_all(real_t, clipped, dstate)
+
+
+def keeper(cell, backprop):
+    """What ``backprop.keep_deltas`` keeps of one step's error: the callable it is, or the
+    hidden part of the error (``True``)."""
     keep = backprop.keep_deltas
-    kept = keep if callable(keep) else partial(protocol.hidden, cell)
-    return dstate, kept(dstate)
+    return keep if callable(keep) else partial(protocol.hidden, cell)
 
 
 def back_one_step(step_back, dstate, m_t, cut_t, r_t):

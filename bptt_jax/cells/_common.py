@@ -56,6 +56,29 @@ def matmul(a: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.matmul(a.astype(w.dtype), w, preferred_element_type=a.dtype)
 
 
+def sum_over_rows(x: jax.Array, d: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``sum_{t,b} x[t, b]^T d[t, b]``: (T, B, D), (T, B, N) -> (D, N), the gradient of a
+    kernel applied to every row of ``x``; operands in ``kernel``'s dtype, accumulated in
+    ``d``'s (as :func:`matmul`).
+
+    As the engine's own weight gradients (``bptt_jax._engine.sharding.sum_over_rows``): off
+    any mesh, without a precision policy, the rows merged (T*B, D), which XLA:CPU multiplies
+    without copying; else one ``dot_general`` over both (T, B) axes, which keeps a sharded
+    batch axis apart, its sum replicated under an Explicit mesh.
+    """
+    lhs, rhs = x.astype(kernel.dtype), d.astype(kernel.dtype)
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    on_mesh = sharding is not None and not sharding.mesh.empty
+    if not on_mesh and kernel.dtype == d.dtype:
+        rows = x.shape[0] * x.shape[1]
+        return lhs.reshape(rows, x.shape[-1]).T @ rhs.reshape(rows, d.shape[-1])
+    out = None
+    if on_mesh and any(a is not None for a in sharding.spec):
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    dims = (((0, 1), (0, 1)), ((), ()))
+    return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=d.dtype, out_sharding=out)
+
+
 def check_hidden_size(cls_name: str, hidden_size) -> None:
     if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
         raise ValueError(f"{cls_name}: hidden_size must be a positive int; got {hidden_size!r}")

@@ -10,8 +10,9 @@ that meets one of these contracts:
   reverse ``lax.scan`` carrying the error back in time, the weight gradients summed over
   the steps, masks, resets, truncation cuts, per-step clipping); the backward of **one
   step** is ``jax.vjp`` of ``cell.step`` at ``(params, carry_{t-1}, x_t)``, inside the
-  reverse scan. This is the one place the library derives a backward by autodiff; the
-  sequence is never differentiated as a whole.
+  reverse scan. This (and a :class:`LinearCell`'s coefficients without their own
+  backward, which are parallel in time) is where the library derives a backward by
+  autodiff; the sequence is never differentiated as a whole.
 * **Tier 2,** :class:`ManualCell`: a tier-1 cell that also has ``step_backward``, its
   hand-written one-step backward, used by the engine instead of ``jax.vjp``.
 * **Tier 2, fast path,** :class:`FastCell`: the contract of the built-in cells
@@ -19,6 +20,11 @@ that meets one of these contracts:
   projection ``x_t W_x`` of all steps is one hoisted matmul, the step works on gate blocks
   ``(B, H)``, and every weight gradient is a single matmul over all ``T*B`` rows after the
   reverse scan.
+* **Tier 2, linear,** :class:`LinearCell`: a diagonal linear recurrence
+  ``h_t = a_t * h_{t-1} + b_t`` whose coefficients come from the inputs alone
+  (:class:`~bptt_jax.MinGRU`, :class:`~bptt_jax.MinLSTM`, your own): the coefficients of
+  all steps at once, time walked as one (parallel or sequential) scan, and a hand-written
+  reverse scan for the backward.
 
 **The hidden state** of a carry, what the engine stacks as the outputs ``hs`` (T, B, H)
 and what a readout reads, is ``hidden(carry)``: the cell's ``hidden`` method if it has one,
@@ -234,6 +240,102 @@ class FastCell(Protocol):
         ...
 
 
+@runtime_checkable
+class LinearCell(Protocol):
+    """Tier 2, linear recurrences: a diagonal ``h_t = a_t * h_{t-1} + b_t`` whose coefficients
+    ``a_t`` and ``b_t`` depend on the inputs only (minGRU, minLSTM, the LRU, Griffin's RG-LRU,
+    S5-style layers), so time can be walked as a parallel (associative) scan.
+
+    The engine (:mod:`bptt_jax._engine.linear_scan`) asks the cell for the coefficients of
+    **all** steps at once, applies the masks (a padded step passes the carry: ``a = 1,
+    b = 0``) and resets (the carry entering the step is zeros: ``a = 0``), then scans::
+
+        h_t = a_t * h_{t-1} + b_t                      # elementwise, h_{-1} = carry0
+
+    Its backward is the same recurrence run in reverse, written by hand: with ``dh_t`` the
+    error arriving at ``h_t`` from outside (a readout, the next layer)::
+
+        delta_t = dh_t + a_{t+1} * delta_{t+1}         # the error on h_t
+        dL/da_t = delta_t * h_{t-1},  dL/db_t = delta_t,  dL/dcarry0 = a_0 * delta_0
+
+    then ``coefficients_backward`` turns ``(dL/da, dL/db)`` into the params' and the inputs'
+    gradients, one pass over all ``T*B`` rows. Truncation cuts zero ``a_t`` in the backward
+    recursion only; per-step clipping (``delta_clip``) is not linear, so with it the reverse
+    recursion runs as a sequential ``lax.scan`` whatever ``scan`` says.
+
+    Besides ``init``, ``zero_carry`` and ``step`` (as :class:`Cell`: the one-step form, for
+    loops written by hand and for ``backward="autodiff"``; it must compute the same
+    recurrence), a linear cell has ``coefficients``. The carry is one array ``(B, N)``, and
+    it is the cell's output. Optional:
+
+    * ``scan``, an attribute: ``"parallel"`` (``jax.lax.associative_scan``, depth
+      O(log T)), ``"sequential"`` (``lax.scan``) or ``"auto"`` (the default: by backend,
+      parallel on a GPU or TPU, sequential on a CPU, where the parallel scan's extra work
+      costs more than its depth saves);
+    * ``coefficients_backward(params, xs, a, residuals, da, db) -> (dparams, dxs)``: the VJP
+      of ``coefficients`` for the errors ``da``, ``db`` (T, B, N) on ``a`` and ``b``, ``a``
+      and ``residuals`` as the forward returned them (``a`` before masks and resets), the
+      params' gradient summed over all ``T*B`` rows. Without it the engine takes
+      ``jax.vjp`` of ``coefficients``, which is parallel in time (each step's inputs
+      alone), re-running ``coefficients`` in the backward. Never a ``jax.vjp`` of the
+      sequence.
+
+    Under a precision policy (:mod:`bptt_jax.precision`) both methods get the params with
+    every matrix in the compute dtype and ``xs`` in the params' dtype, as ``step`` does; the
+    engine scans ``a`` and ``b`` in the params' dtype (float32 under a bfloat16 policy:
+    products of many ``a_t`` are never formed in bfloat16), stores ``a`` in it and the
+    residuals in the compute dtype.
+
+    Example: an exponential moving average of projected inputs with a learned decay per
+    unit, ``h_t = sigmoid(lam) * h_{t-1} + x_t W``, whose backward comes from ``jax.vjp`` of
+    its coefficients:
+
+      >>> import dataclasses, jax, jax.numpy as jnp, bptt_jax
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class EMA:
+      ...     hidden_size: int
+      ...     scan: str = "parallel"
+      ...     def init(self, key, input_size, dtype=jnp.float32):
+      ...         w = jax.random.normal(key, (input_size, self.hidden_size), dtype)
+      ...         return {"w": w, "lam": jnp.zeros((self.hidden_size,), dtype)}
+      ...     def zero_carry(self, batch_size, dtype=jnp.float32):
+      ...         return jnp.zeros((batch_size, self.hidden_size), dtype)
+      ...     def coefficients(self, params, xs):  # xs (T, B, D) or one step's (B, D)
+      ...         b = bptt_jax.cells.matmul(xs, params["w"])
+      ...         return (jnp.broadcast_to(jax.nn.sigmoid(params["lam"]), b.shape), b), ()
+      ...     def step(self, params, h, x):
+      ...         (a, b), _ = self.coefficients(params, x)
+      ...         return a * h + b, a * h + b
+      >>> cell = EMA(8)
+      >>> params = cell.init(jax.random.key(0), input_size=3)
+      >>> hs, h_T = bptt_jax.unroll(cell, params, jnp.ones((20, 4, 3)))
+      >>> bptt_jax.cells.protocol.tier(cell), hs.shape
+      ('linear', (20, 4, 8))
+      >>> bptt_jax.check_gradients(cell, dtype=jnp.float32).passed
+      True
+    """
+
+    def init(self, key: jax.Array, input_size: int, dtype=jnp.float32) -> Params: ...
+
+    def zero_carry(self, batch_size: int, dtype=jnp.float32) -> jax.Array: ...
+
+    def step(self, params: Params, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(h_{t-1} (B, N), x_t (B, D)) -> (h_t, h_t)`` with ``h_t = a_t * h_{t-1} + b_t``."""
+        ...
+
+    def coefficients(
+        self, params: Params, xs: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], Any]:
+        """``((a, b), residuals)`` of every step of ``xs`` (T, B, D): ``a`` and ``b``
+        ``(T, B, N)`` in the params' dtype; ``residuals`` a pytree of arrays, each with
+        leading axes ``(T, B)`` (the engine cuts and regroups them in time with the steps),
+        what ``coefficients_backward`` needs besides ``a``; ``()`` for none."""
+        ...
+
+
+#: The ``scan`` values of a :class:`LinearCell`.
+SCANS = ("auto", "parallel", "sequential")
+
 #: What every cell has.
 CELL_METHODS = ("init", "zero_carry", "step")
 #: What a :class:`FastCell` has besides; these names (but ``hidden_size``, ``forward``,
@@ -280,16 +382,37 @@ def is_fast(cell) -> bool:
     return all(hasattr(cell, m) for m in FAST_MEMBERS)
 
 
+def is_linear(cell) -> bool:
+    """Whether the engine walks ``cell`` as a linear recurrence (:class:`LinearCell`: it has
+    ``coefficients``, and is not a :class:`FastCell`)."""
+    return callable(getattr(cell, "coefficients", None)) and not is_fast(cell)
+
+
+def has_coefficients_backward(cell) -> bool:
+    """Whether a :class:`LinearCell` brings its own ``coefficients_backward``."""
+    return callable(getattr(cell, "coefficients_backward", None))
+
+
+def check_scan(where: str, scan) -> str:
+    """``scan`` if it is one of :data:`SCANS`, else a ValueError naming it."""
+    if not isinstance(scan, str) or scan not in SCANS:
+        raise ValueError(f"{where}: scan must be one of {SCANS}; got {scan!r}")
+    return scan
+
+
 def has_step_backward(cell) -> bool:
     """Whether ``cell`` is a :class:`ManualCell` (its own ``step_backward``)."""
     return callable(getattr(cell, "step_backward", None))
 
 
 def tier(cell) -> str:
-    """``"fast"`` (:class:`FastCell`), ``"manual"`` (:class:`ManualCell`) or ``"vjp"``
-    (a tier-1 :class:`Cell`, each step's backward by ``jax.vjp``)."""
+    """``"fast"`` (:class:`FastCell`), ``"linear"`` (:class:`LinearCell`), ``"manual"``
+    (:class:`ManualCell`) or ``"vjp"`` (a tier-1 :class:`Cell`, each step's backward by
+    ``jax.vjp``)."""
     if is_fast(cell):
         return "fast"
+    if is_linear(cell):
+        return "linear"
     return "manual" if has_step_backward(cell) else "vjp"
 
 
