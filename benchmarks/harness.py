@@ -44,9 +44,9 @@ from bptt_jax.models import CELLS, from_spec
 from bptt_jax.models import cell_name as kind_of
 from bptt_jax.verify import relative_error
 
-#: Gate blocks per cell (by name, :data:`bptt_jax.models.CELLS`): the recurrent matmul is
+#: Gate blocks per fast-path cell (by name, :data:`bptt_jax.models.CELLS`): the recurrent matmul is
 #: (B, H) @ (H, GATES * H).
-GATES = {name: cls(1).n_blocks for name, cls in CELLS.items()}
+GATES = {name: cls(1).n_blocks for name, cls in CELLS.items() if hasattr(cls, "n_blocks")}
 
 
 def model_layers(model) -> list[tuple]:
