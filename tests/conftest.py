@@ -79,6 +79,7 @@ def rng(request):
 ONE_WORKER_FILES = (
     "tests/test_bench.py",
     "tests/test_docs.py",
+    "tests/test_guides.py",
     "tests/test_parallel.py",
     "tests/test_wheel.py",
 )

@@ -1,8 +1,9 @@
 """Every fenced ``python`` block of the guides (``docs/guides/*.md``) runs.
 
-The blocks of one page run in order in one fresh interpreter, as a reader runs the page from
-top to bottom: JAX's defaults (float32, no x64, standard dtype promotion), not the settings
-conftest.py turns on for the rest of the suite (the suite's XLA flags are inherited). Each
+The blocks of one page run in order in a namespace of their own, as a reader runs the page
+from top to bottom, all pages in one fresh interpreter: JAX's defaults (float32, no x64,
+standard dtype promotion), not the settings conftest.py turns on for the rest of the suite
+(the suite's XLA flags are inherited). Each
 block is compiled with its page's path and line numbers, so a traceback names the line of
 the page that failed.
 
@@ -79,14 +80,49 @@ def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-#: A fresh interpreter's driver: runs ``[path, line, code]`` blocks in one namespace.
+#: The driver of one fresh interpreter: runs each page's ``[path, line, code]`` blocks in order
+#: in a namespace of its own, and reports per page the last block that ran and any traceback.
 DRIVER = """
-import json, sys
-namespace = {"__name__": "__main__"}
-for path, line, code in json.loads(sys.stdin.read()):
-    exec(compile("\\n" * (line - 1) + code, path, "exec"), namespace)
-    print(f"ran {path}:{line}", flush=True)
+import json, sys, traceback
+results = {}
+for page, run in json.loads(sys.stdin.read()).items():
+    namespace = {"__name__": "__main__"}
+    last, error = None, None
+    try:
+        for path, line, code in run:
+            exec(compile("\\n" * (line - 1) + code, path, "exec"), namespace)
+            last = f"{path}:{line}"
+    except BaseException:
+        error = traceback.format_exc()[-5000:]
+    results[page] = (last, error)
+print("RESULTS " + json.dumps(results))
 """
+
+
+def _runnable(page: str) -> list[Block]:
+    """The page's blocks this file runs: not run elsewhere, every package they need there."""
+    return [
+        b for b in blocks(page) if b.elsewhere is None and all(_installed(pkg) for pkg in b.needs)
+    ]
+
+
+@pytest.fixture(scope="module")
+def page_results():
+    """``{page: (last block run, traceback or None)}``: every page's blocks run by one fresh
+    interpreter, one page after the other, each page in a namespace of its own (one JAX
+    start-up, not one per page; conftest.py keeps this file on one xdist worker)."""
+    pages = {p: [[b.path, b.line, b.code] for b in _runnable(p)] for p in PAGES}
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER],
+        input=json.dumps({p: run for p, run in pages.items() if run}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )  # (the suite's XLA flags are inherited: tests/conftest.py)
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULTS ")]
+    assert out.returncode == 0 and line, out.stdout[-3000:] + out.stderr[-5000:]
+    return json.loads(line[0][len("RESULTS ") :])
 
 
 def test_there_are_guides_with_code():
@@ -110,25 +146,15 @@ def test_opt_outs_are_well_formed():
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.elsewhere is None for b in blocks(p))])
-def test_guide_page_runs(page):
-    """The page's blocks, in order, in one fresh interpreter (those whose packages are
+def test_guide_page_runs(page, page_results):
+    """The page's blocks, in order, in a namespace of their own (those whose packages are
     missing left out: test_block_left_out reports them)."""
-    run = [
-        b for b in blocks(page) if b.elsewhere is None and all(_installed(pkg) for pkg in b.needs)
-    ]
+    run = _runnable(page)
     if not run:
         pytest.skip(f"every block of {page} needs a missing package (see test_block_left_out)")
-    out = subprocess.run(
-        [sys.executable, "-c", DRIVER],
-        input=json.dumps([[b.path, b.line, b.code] for b in run]),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )  # (the suite's XLA flags are inherited: tests/conftest.py)
-    log = out.stdout[-3000:] + out.stderr[-5000:]
-    assert out.returncode == 0, log
-    assert out.stdout.splitlines()[-1] == f"ran {run[-1]}", log
+    last, error = page_results[page]
+    assert error is None, error
+    assert last == str(run[-1]), f"{page}: the last block that ran is {last}, not {run[-1]}"
 
 
 @pytest.mark.parametrize(
