@@ -1,7 +1,7 @@
 """bptt_jax: Backpropagation Through Time for JAX, with the backward written by hand.
 
 Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`, and the linear recurrences
-:class:`MinGRU` and :class:`MinLSTM`) and models of them (:class:`Stack`,
+:class:`MinGRU`, :class:`MinLSTM` and :class:`RGLRU`) and models of them (:class:`Stack`,
 :class:`Bidirectional`, :func:`stacked`) run over time-major sequences with :func:`unroll`
 and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse ``lax.scan``
 (the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`. Any cell
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 from bptt_jax._engine import unroll as unroll
 from bptt_jax.cells import GRU as GRU
 from bptt_jax.cells import LSTM as LSTM
+from bptt_jax.cells import RGLRU as RGLRU
 from bptt_jax.cells import Cell as Cell
 from bptt_jax.cells import Elman as Elman
 from bptt_jax.cells import ElmanParams as ElmanParams
@@ -30,6 +31,7 @@ from bptt_jax.cells import MinGRU as MinGRU
 from bptt_jax.cells import MinGRUParams as MinGRUParams
 from bptt_jax.cells import MinLSTM as MinLSTM
 from bptt_jax.cells import MinLSTMParams as MinLSTMParams
+from bptt_jax.cells import RGLRUParams as RGLRUParams
 from bptt_jax.checking import checked as checked
 from bptt_jax.diagnostics import GradientFlow as GradientFlow
 from bptt_jax.diagnostics import SpectralNorms as SpectralNorms
@@ -86,6 +88,8 @@ __all__ = [
     "MinLSTM",
     "MinLSTMParams",
     "ReadoutParams",
+    "RGLRU",
+    "RGLRUParams",
     "sequence_loss",
     "spectral_norms",
     "SpectralNorms",

@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax.cells import GRU, LSTM, Elman, MinGRU, MinLSTM, _common, protocol
+from bptt_jax.cells import GRU, LSTM, RGLRU, Elman, MinGRU, MinLSTM, _common, protocol
 
 MERGES = ("concat", "sum", "mean")
 #: The built-in cells.
-CELL_TYPES = (Elman, LSTM, GRU, MinGRU, MinLSTM)
+CELL_TYPES = (Elman, LSTM, GRU, MinGRU, MinLSTM, RGLRU)
 
 
 def is_cell(x) -> bool:
@@ -313,7 +313,14 @@ def is_bidirectional(model) -> bool:
 
 # ----------------------------------------------------------------------------- by name
 #: The built-in cells by the names configs and model specs use.
-CELLS = {"elman": Elman, "lstm": LSTM, "gru": GRU, "mingru": MinGRU, "minlstm": MinLSTM}
+CELLS = {
+    "elman": Elman,
+    "lstm": LSTM,
+    "gru": GRU,
+    "mingru": MinGRU,
+    "minlstm": MinLSTM,
+    "rglru": RGLRU,
+}
 
 
 def cell_name(cell) -> str | None:
@@ -337,7 +344,7 @@ def build_model(
 
     Args:
       cell: a name of :data:`CELLS` (``"elman"``, ``"lstm"``, ``"gru"``, ``"mingru"``,
-        ``"minlstm"``).
+        ``"minlstm"``, ``"rglru"``).
       hidden_size: H of every cell.
       layers: ``None``: the cell itself, or ``Bidirectional(cell)``; an int L:
         ``stacked(cell, L, bidirectional=..., dropout=...)`` (a :class:`Stack`, also for L = 1).

@@ -16,7 +16,7 @@ import numpy as np
 
 from bptt_jax import _engine as engine
 from bptt_jax import losses, precision, validation
-from bptt_jax.cells import LSTM, Elman
+from bptt_jax.cells import LSTM, Elman, protocol
 from bptt_jax.models import Bidirectional, Stack
 from bptt_jax.models import output_size as output_size_of
 
@@ -417,7 +417,9 @@ def _cell_name(cell) -> str:
         return f"Elman({cell.activation})"
     if isinstance(cell, LSTM):
         return "LSTM" + (f"(forget_bias={cell.forget_bias})" if cell.forget_bias else "")
-    return type(cell).__name__
+    # a linear cell's scan when it is not the default (the rows of both scans differ by it)
+    scan = getattr(cell, "scan", "auto") if protocol.is_linear(cell) else "auto"
+    return type(cell).__name__ + ("" if scan == "auto" else f"({scan})")
 
 
 def model_name(model) -> str:

@@ -345,8 +345,9 @@ TINY = [
 
 def test_diagnose_cli_writes_plots_and_summary(tmp_path):
     out = tmp_path / "diag"
-    proc = subprocess.run(  # one cell (the loop over cells is the same code) and the Elman
-        [sys.executable, "-m", "bptt_jax", "diagnose", f"out={out}", "cells=['gru']", *TINY],
+    cells = "cells=['gru', 'rglru']"  # a cell with a recurrent kernel, a linear one
+    proc = subprocess.run(  # and the Elman
+        [sys.executable, "-m", "bptt_jax", "diagnose", f"out={out}", cells, *TINY],
         capture_output=True,
         text=True,
         timeout=300,
@@ -357,8 +358,12 @@ def test_diagnose_cli_writes_plots_and_summary(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, f
     summary = (out / "summary.txt").read_text()
     assert "horizon" in summary and "Exploding" in summary and "delta_clip=0.5" in summary
+    assert "of rglru (linear recurrences, no W_h): max a_t" in summary
     res = json.loads((out / "summary.json").read_text())
-    assert set(res["cells"]) == {"gru"}
+    assert set(res["cells"]) == {"gru", "rglru"}
+    assert res["cells"]["gru"]["init"]["spectral_norm"] > 0
+    rg = res["cells"]["rglru"]["init"]
+    assert rg["spectral_norm"] is None and 0.9 < rg["max_a"] < 1  # a^c >= 0.9 at init, r < 1
     for entry in res["cells"].values():
         assert len(entry["train_loss"]) == 3
         for stage in ("init", "trained"):
@@ -369,6 +374,7 @@ def test_diagnose_cli_writes_plots_and_summary(tmp_path):
             )
     assert max(res["exploding"]["clip"]["delta_norm"]) <= 0.5 * (1 + 1e-5)
     assert "step    2" in proc.stdout and "gru trained" in proc.stdout  # progress is printed
+    assert "rglru init   : " in proc.stdout and "max a_t" in proc.stdout
 
 
 @pytest.mark.parametrize(

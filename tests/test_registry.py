@@ -45,7 +45,7 @@ def test_a_bad_spec_says_what_a_spec_is(spec):
 
 def test_unknown_names_and_dropout_without_layers_are_refused():
     with pytest.raises(
-        ValueError, match="cell must be one of elman, lstm, gru, mingru, minlstm; got 'rnn'"
+        ValueError, match="cell must be one of elman, lstm, gru, mingru, minlstm, rglru; got 'rnn'"
     ):
         build_model("rnn", 4)
     with pytest.raises(ValueError, match="dropout=0.1 applies between layers"):
@@ -63,3 +63,6 @@ def test_the_commands_build_their_models_from_the_registry():
         bptt_jax.GRU(128), 1, bidirectional=True
     )
     assert diagnose._make_cell("lstm", diagnose.Model()) == bptt_jax.LSTM(32, forget_bias=1.0)
+    assert diagnose._make_cell("rglru", diagnose.Model()) == bptt_jax.RGLRU(32)
+    linear = train_config.ModelConfig(cell="minlstm", num_layers=2, init="orthogonal")
+    assert train_config.make_cell(linear) == bptt_jax.stacked(bptt_jax.MinLSTM(128), 2)

@@ -411,6 +411,9 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_naming_the_key(overrides, k
             "optim.name=adagrad",
             "train.k1=4",
         ),  # fmt: skip
+        ("model.cell=mingru",),  # the linear recurrences: no recurrent kernel
+        ("model.cell=minlstm", "model.num_layers=2", "train.k1=10"),
+        ("model.cell=rglru", "model.bidirectional=true", "model.num_layers=2"),
     ],
 )
 def test_footprint_counts_the_params_and_the_optimizer_state_exactly(overrides):

@@ -14,7 +14,9 @@ import pytest
 
 import bptt_jax
 from bptt_jax.cells import elman as elman_module
+from bptt_jax.cells import protocol
 from bptt_jax.cli import verify as verify_cli
+from bptt_jax.models import CELLS
 from tests import reference as ref
 
 
@@ -119,6 +121,18 @@ def test_verify_command_wiring_on_a_small_grid(wrong, monkeypatch, capsys):
         assert status == 0 and "PASSED" in out
 
 
+def test_the_default_grid_checks_every_built_in_cell_in_float64_with_finite_differences():
+    """Every cell of the registry has a float64 row without truncation (finite differences
+    run) on its own; each linear recurrence with both scans (the default, sequential on a
+    CPU, and the parallel one)."""
+    grid = verify_cli.default_grid()
+    f64 = [m for m, kw in grid if kw["dtype"] == jnp.float64 and not kw.get("truncate")]
+    for cls in CELLS.values():
+        assert any(type(m) is cls for m in f64), cls.__name__
+        if protocol.is_linear(cls(3)):
+            assert {m.scan for m in f64 if type(m) is cls} == {"auto", "parallel"}
+
+
 @pytest.mark.slow
 def test_verify_command_exits_zero_and_prints_the_table():
     out = subprocess.run(
@@ -136,6 +150,10 @@ def test_verify_command_exits_zero_and_prints_the_table():
         "Stack[LSTM",
         "Bi(GRU)",
         "checkpointed",
+        "MinGRU loss float64",
+        "MinLSTM(parallel) unroll float64",
+        "RGLRU(parallel) unroll float64",
+        "Stack[MinGRU(parallel), RGLRU]",
     ):
         assert name in out.stdout
 

@@ -1,7 +1,7 @@
-"""Recurrent cells: Elman, LSTM and GRU, each with a hand-written step backward; MinGRU and
-MinLSTM, linear recurrences with a hand-written parallel-scan backward; and the contract any
-cell of your own meets (:mod:`bptt_jax.cells.protocol`): :class:`Cell` (tier 1: ``init``,
-``zero_carry``, ``step``), :class:`ManualCell` (tier 2: plus a hand-written
+"""Recurrent cells: Elman, LSTM and GRU, each with a hand-written step backward; MinGRU,
+MinLSTM and RGLRU, linear recurrences with a hand-written parallel-scan backward; and the
+contract any cell of your own meets (:mod:`bptt_jax.cells.protocol`): :class:`Cell` (tier 1:
+``init``, ``zero_carry``, ``step``), :class:`ManualCell` (tier 2: plus a hand-written
 ``step_backward``), :class:`FastCell` (the fast path of the built-in cells) and
 :class:`LinearCell` (a diagonal linear recurrence whose coefficients come from the inputs).
 """
@@ -22,6 +22,8 @@ from bptt_jax.cells.protocol import FastCell as FastCell
 from bptt_jax.cells.protocol import LinearCell as LinearCell
 from bptt_jax.cells.protocol import ManualCell as ManualCell
 from bptt_jax.cells.protocol import matmul as matmul
+from bptt_jax.cells.rglru import RGLRU as RGLRU
+from bptt_jax.cells.rglru import RGLRUParams as RGLRUParams
 
 #: The built-in cells' params types (their params are checked field by field; any other
 #: cell's against what its ``init`` returns).

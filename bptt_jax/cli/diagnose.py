@@ -1,9 +1,11 @@
-"""``bptt-jax diagnose``: gradient flow of Elman, LSTM and GRU on the adding problem, plotted.
+"""``bptt-jax diagnose``: gradient flow of Elman, LSTM and GRU (by default; any built-in cell by
+name, the linear recurrences MinGRU, MinLSTM and RGLRU too) on the adding problem, plotted.
 
 Each cell is diagnosed at initialisation and after a short Adam run (gradients from the
 hand-written :func:`bptt_jax.loss_and_grads`) on the adding problem
 (:class:`bptt_jax.tasks.AddingTask`, loss on the last step only): error and Jacobian norms
-against time, the effective horizon, the spectral norms of the recurrent kernel and the
+against time, the effective horizon, the spectral norms of the recurrent kernel (for a linear
+recurrence, which has none, the largest ``a_t``: its step Jacobian is ``diag(a_t)``) and the
 truncation bias over a sweep of k (:mod:`bptt_jax.diagnostics`); then an exploding Elman
 network with and without per-step clipping of ``delta^h_t``. Writes PNG plots,
 ``summary.txt`` and ``summary.json`` into ``out``.
@@ -19,12 +21,14 @@ import tempfile
 import time
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import losses
+from bptt_jax.cells import protocol
 from bptt_jax.cli import config
 from bptt_jax.config import ConfigError, bounds, check_bounds
 from bptt_jax.diagnostics import (
@@ -38,7 +42,10 @@ from bptt_jax.diagnostics import (
 from bptt_jax.models import build_model
 from bptt_jax.tasks import AddingTask
 
-CellName = Literal["elman", "lstm", "gru"]
+CellName = Literal["elman", "lstm", "gru", "mingru", "minlstm", "rglru"]
+#: How the summary and the plots name each cell.
+TITLES = {"elman": "Elman", "lstm": "LSTM", "gru": "GRU", "mingru": "MinGRU",
+          "minlstm": "MinLSTM", "rglru": "RG-LRU"}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +63,8 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    hidden: int = field(default=32, metadata=bounds(ge=1))  # H, the same for the three cells
-    init: Literal["uniform", "orthogonal"] = "uniform"
+    hidden: int = field(default=32, metadata=bounds(ge=1))  # H, the same for every cell
+    init: Literal["uniform", "orthogonal"] = "uniform"  # Elman, LSTM, GRU
     forget_bias: float = 1.0  # LSTM
 
 
@@ -112,7 +119,9 @@ def check_config(cfg: DiagnoseConfig) -> DiagnoseConfig:
     names its key."""
     check_bounds(cfg)
     if not cfg.cells:
-        raise ConfigError("config: 'cells' must name at least one of elman, lstm, gru")
+        raise ConfigError(
+            f"config: 'cells' must name at least one of {', '.join(get_args(CellName))}"
+        )
     if len(set(cfg.cells)) != len(cfg.cells):
         raise ConfigError(f"config: 'cells' lists a cell twice: {list(cfg.cells)}")
     if not cfg.truncation.ks:
@@ -279,20 +288,41 @@ def _diagnose_cell(name: str, cfg: DiagnoseConfig, batch, flow_kw: dict, keys) -
         flow = gradient_flow(cell, params, readout, xs, tg, **flow_kw)
         ks = tuple(cfg.truncation.ks)
         bias = truncation_bias(cell, params, readout, xs, tg, ks=ks, loss="mse", loss_mask=lm)
-        spec = spectral_norms(cell, params)
-        entry[stage] = e = _flow_numbers(flow, cfg.fraction) | {
-            "spectral_norm": float(spec.kernel),
-            "spectral_norm_blocks": {g: float(v) for g, v in spec.blocks.items()},
-            "truncation_cosine": np.asarray(bias.cosine).tolist(),
-            "truncation_norm_ratio": np.asarray(bias.norm_ratio).tolist(),
-        }
+        entry[stage] = e = (
+            _flow_numbers(flow, cfg.fraction)
+            | _recurrence_norms(cell, params, xs)
+            | {
+                "truncation_cosine": np.asarray(bias.cosine).tolist(),
+                "truncation_norm_ratio": np.asarray(bias.norm_ratio).tolist(),
+            }
+        )
+        norm = (
+            f"max a_t {e['max_a']:.3g}"
+            if e["spectral_norm"] is None
+            else f"sigma_max(W_h) {e['spectral_norm']:.3g}"
+        )
         _log(
             f"  {name} {stage:7s}: loss {e['loss']:.4f}  horizon {e['horizon']}  "
             f"|delta_0| {e['delta_norm_first']:.3g}  |delta_T| {e['delta_norm_last']:.3g}  "
-            f"sigma_max(W_h) {e['spectral_norm']:.3g}"
+            f"{norm}"
         )
     entry["seconds"] = round(time.perf_counter() - t0, 1)
     return entry
+
+
+def _recurrence_norms(cell, params, xs) -> dict:
+    """What bounds the error's flow through one step: the recurrent kernel's spectral norms
+    (:func:`bptt_jax.spectral_norms`), or, for a linear recurrence (no recurrent kernel),
+    ``max_a``, the largest ``a_t`` over the batch ``xs``: the spectral norm of its step
+    Jacobian ``dh_t/dh_{t-1} = diag(a_t)`` (``spectral_norm`` is then ``None``)."""
+    if protocol.is_linear(cell):
+        (a, _), _ = cell.coefficients(params, xs)
+        return {"spectral_norm": None, "spectral_norm_blocks": {}, "max_a": float(jnp.max(a))}
+    spec = spectral_norms(cell, params)
+    return {
+        "spectral_norm": float(spec.kernel),
+        "spectral_norm_blocks": {g: float(v) for g, v in spec.blocks.items()},
+    }
 
 
 def _exploding(cfg: DiagnoseConfig, batch, flow_kw: dict, key) -> dict:
@@ -329,24 +359,33 @@ def _summary_text(cfg: DiagnoseConfig, results: dict) -> str:
         f"of its running peak ({t_len} = never, 0 = all zero, -1 = undefined: NaN or inf); "
         "delta horizon: the same for ||delta^h_t||.",
         "",
-        f"{'cell':6s} {'stage':8s} {'loss':>7s} {'horizon':>8s} {'d-hor.':>7s} "
+        f"{'cell':7s} {'stage':8s} {'loss':>7s} {'horizon':>8s} {'d-hor.':>7s} "
         f"{'|delta_0|':>10s} {'|delta_T|':>10s} {'sigma_max':>9s}",
     ]
+    linear = []
     for name, entry in results["cells"].items():
         for stage in ("init", "trained"):
             e = entry[stage]
+            norm = e["spectral_norm"]
+            if norm is None:  # a linear recurrence: max a_t
+                norm = e["max_a"]
+                linear += [name] if stage == "init" else []
             lines.append(
-                f"{name:6s} {stage:8s} {e['loss']:7.4f} {e['horizon']:8d} "
+                f"{name:7s} {stage:8s} {e['loss']:7.4f} {e['horizon']:8d} "
                 f"{e['delta_horizon']:7d} {e['delta_norm_first']:10.3g} "
-                f"{e['delta_norm_last']:10.3g} {e['spectral_norm']:9.3g}"
+                f"{e['delta_norm_last']:10.3g} {norm:9.3g}"
             )
+    lines.append("sigma_max: of the recurrent kernel W_h")
+    if linear:
+        lines[-1] += f"; of {', '.join(linear)} (linear recurrences, no W_h): max a_t over"
+        lines.append("  the batch, the largest singular value of the step Jacobian diag(a_t)")
     ks = cfg.truncation.ks
     lines += ["", "Truncation bias of the trained models: cosine(g_k, g) / ||g_k|| / ||g||"]
-    lines.append(f"{'cell':6s} " + " ".join(f"{'k=' + str(k):>11s}" for k in ks))
+    lines.append(f"{'cell':7s} " + " ".join(f"{'k=' + str(k):>11s}" for k in ks))
     for name, entry in results["cells"].items():
         e = entry["trained"]
         lines.append(
-            f"{name:6s} "
+            f"{name:7s} "
             + " ".join(
                 f"{c:5.2f}/{r:5.2f}"
                 for c, r in zip(e["truncation_cosine"], e["truncation_norm_ratio"])
@@ -369,7 +408,8 @@ def _summary_text(cfg: DiagnoseConfig, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-COLORS = {"elman": "tab:blue", "lstm": "tab:orange", "gru": "tab:green"}
+COLORS = {"elman": "tab:blue", "lstm": "tab:orange", "gru": "tab:green", "mingru": "tab:red",
+          "minlstm": "tab:purple", "rglru": "tab:brown"}  # fmt: skip
 
 
 def _plot(cfg: DiagnoseConfig, results: dict, out: Path) -> list[str]:
@@ -407,7 +447,7 @@ def _plot_flow(plt, cfg: DiagnoseConfig, results: dict):
             )  # fmt: skip
             if e["horizon"] >= 0:  # -1: undefined (non-finite norms), no line to draw
                 axes[1, col].axvline(t_len - e["horizon"], ls=style, color="gray", lw=0.8)
-        axes[0, col].set_title(f"{name.upper() if name != 'elman' else 'Elman'}")
+        axes[0, col].set_title(TITLES[name])
         axes[1, col].set_xlabel("time step t")
         for row in (0, 1):
             axes[row, col].legend(fontsize=8)

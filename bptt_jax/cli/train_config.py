@@ -39,7 +39,9 @@ class ModelConfig:
     are one unidirectional cell.
     """
 
-    cell: Literal["lstm", "gru", "elman"] = "lstm"
+    # the linear recurrences (mingru, minlstm, rglru) have no recurrent kernel: activation,
+    # forget_bias and init do not apply to them
+    cell: Literal["lstm", "gru", "elman", "mingru", "minlstm", "rglru"] = "lstm"
     hidden_size: int = field(default=128, metadata=bounds(gt=0))
     num_layers: int = field(default=1, metadata=bounds(gt=0))
     bidirectional: bool = False
@@ -47,7 +49,7 @@ class ModelConfig:
     dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     activation: Literal["tanh", "relu", "identity", "sigmoid"] = "tanh"  # elman only
     forget_bias: float = 1.0  # lstm only
-    init: Literal["uniform", "orthogonal"] = "uniform"
+    init: Literal["uniform", "orthogonal"] = "uniform"  # elman, lstm, gru
     dtype: Literal["float32", "float64"] = "float32"
     # the precision policy (bptt_jax.precision): "bfloat16" or "float16" compute with
     # params, carries and sums in `dtype`; "" (the default): compute in `dtype`
@@ -201,10 +203,19 @@ def check_config(cfg: Config) -> None:
 #: use have tens of layers.
 MAX_LAYERS = 1000
 
-#: Per built-in cell: gate blocks (kernel columns per H), bias vectors of G*H, carry parts
-#: (B, H) and the (B, H) blocks its hand-written backward stores per step beside the carry
-#: (the largest of its gate, residual and gradient blocks: the engine writes them in place).
-_CELL_SIZES = {"elman": (1, 1, 1, 1), "lstm": (4, 1, 2, 4), "gru": (3, 2, 1, 4)}
+#: Per built-in cell: blocks of H columns in its input kernel (D, G*H) and in its recurrent
+#: kernel (H, G*H) (none for a linear recurrence), vectors of H (biases, and the RG-LRU's
+#: Lambda), carry parts (B, H) and the (B, H) blocks its hand-written backward stores per step
+#: beside the carry (the largest of its gate, residual and gradient blocks: the engine writes
+#: them in place; a linear cell's a_t and its coefficients' residuals).
+_CELL_SIZES = {
+    "elman": (1, 1, 1, 1, 1),
+    "lstm": (4, 4, 4, 2, 4),
+    "gru": (3, 3, 6, 1, 4),
+    "mingru": (2, 0, 2, 1, 2),
+    "minlstm": (3, 0, 3, 1, 4),
+    "rglru": (3, 0, 4, 1, 4),
+}
 
 
 class Footprint(NamedTuple):
@@ -259,13 +270,13 @@ def footprint(cfg: Config) -> Footprint:
     else:  # charlm: one-hot over the corpus's characters, at least 2
         d, o, xent, t_eval, b_eval = 2, 2, True, tc.eval_len, tc.eval_streams
         io_keys, eval_keys = (), ("charlm.eval_len", "charlm.eval_streams")
-    gates, biases, carry, stored = _CELL_SIZES[m.cell]
+    inputs, recurrent, vectors, carry, stored = _CELL_SIZES[m.cell]
     h, layers, dirs = m.hidden_size, m.num_layers, 1 + m.bidirectional
     b, seq = t.batch_size, tc.seq_len
     f = dirs * h  # features out of every layer (a bidirectional one concatenates both)
 
     def cell(d_in):
-        return gates * h * (d_in + h) + biases * gates * h
+        return inputs * h * d_in + recurrent * h * h + vectors * h
 
     n_params = dirs * (cell(d) + (layers - 1) * cell(f)) + f * o + o
     params = n_params * item * (2 + _optimizer_slots(cfg.optim))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.cells import GRU, LSTM, Elman, protocol
+from bptt_jax.cells import GRU, LSTM, RGLRU, Elman, MinGRU, MinLSTM, protocol
 from bptt_jax.models import (
     Bidirectional,
     Stack,
@@ -102,8 +102,40 @@ def load_cell(spec: str, hidden_size: int = 6):
     return cell
 
 
+def _linear_configs(hidden_size: int) -> list[tuple[Callable, dict]]:
+    """The linear recurrences' rows (:class:`~bptt_jax.LinearCell`: MinGRU, MinLSTM, RGLRU),
+    fewer per cell than the others' (their scans are one engine path): each cell in float64
+    with finite differences, a mean cross-entropy from a zero carry with the default scan
+    and ``unroll`` under random cotangents with the parallel scan; a truncated summed MSE
+    and float32 for two cells each; a Stack and a Bidirectional layer of two kinds,
+    checkpointed BPTT, and bfloat16 compute."""
+    h = hidden_size
+    rows = []
+    padded = dict(mask=True, random_carry=True)
+    for cls in (MinGRU, MinLSTM, RGLRU):
+        rows += [
+            (cls(h), dict(dtype=jnp.float64, loss="xent", mask=False, random_carry=False)),
+            (cls(h, scan="parallel"), dict(padded, dtype=jnp.float64, path="unroll")),
+        ]
+    trunc = dict(padded, dtype=jnp.float64, loss="mse", reduction="sum", truncate=4)
+    f32 = dict(padded, dtype=jnp.float32, loss="xent", reduction="sum")
+    bf16 = dict(dtype=jnp.float32, compute_dtype=jnp.bfloat16, seq_len=64, mask=True)
+    stack = Stack((MinGRU(h, scan="parallel"), RGLRU(h - 1)))
+    bi = Bidirectional(MinLSTM(h), backward=RGLRU(h - 1, scan="parallel"))
+    return rows + [
+        (MinLSTM(h, scan="parallel"), trunc),
+        (RGLRU(h, scan="parallel"), trunc),
+        (MinGRU(h), f32),
+        (RGLRU(h), f32),
+        (stack, dict(padded, dtype=jnp.float64, loss="xent", backward="checkpointed")),
+        (bi, dict(padded, dtype=jnp.float64, path="unroll")),
+        (RGLRU(h, scan="parallel"), dict(bf16, loss="xent")),
+    ]
+
+
 def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
-    """The configurations ``bptt-jax verify`` checks: every cell, model kind and gradient path."""
+    """The configurations ``bptt-jax verify`` checks: every cell, model kind and gradient path
+    (the linear recurrences: :func:`_linear_configs`)."""
     h = hidden_size
     cells = [
         *(build_model("elman", h, activation=f) for f in ("tanh", "relu", "identity")),
@@ -139,7 +171,7 @@ def default_grid(hidden_size: int = 6) -> list[tuple[Callable, dict]]:
         (models[0], dict(bf16, loss="xent", truncate=8)),
         (models[2], dict(bf16, path="unroll")),
     ]
-    return grid
+    return grid + _linear_configs(h)
 
 
 def run_verify(seed: int = 0, print_fn=print, grid=None) -> bool:
