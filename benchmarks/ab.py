@@ -8,6 +8,7 @@ a cell, size and schedule; both versions' gradients are compared before timing.
 
     python benchmarks/ab.py HEAD~1                  # the default entries
     python benchmarks/ab.py 712fdaf --repeats 15
+    python benchmarks/ab.py HEAD --entries linear   # MinGRU and MinLSTM entries instead
 
 Prints per entry: median ms of the revision and of the working tree, and ``rev / tree``
 (above 1: the working tree is faster), with each median's IQR / median.
@@ -47,6 +48,14 @@ ENTRIES = [
     ("lstm:2", (256, 64, 128, 256), {}),
     ("bigru", (256, 64, 128, 256), {}),
 ]
+#: ``--entries linear``: the linear cells (their default scan) at the linear part's sizes.
+LINEAR_ENTRIES = [
+    *[(c, (t, 16, 128, 256), {}) for c in ("mingru", "minlstm") for t in (256, 1024, 4096)],
+    ("mingru", (1024, 32, 128, 256), {}),
+    ("mingru", (1024, 16, 128, 256), {"truncate": 64}),
+    ("minlstm", (1024, 16, 128, 256), {"backward": "checkpointed"}),
+]
+ENTRY_SETS = {"default": ENTRIES, "linear": LINEAR_ENTRIES}
 
 
 def import_revision(rev: str, name: str = "bptt_jax_ab"):
@@ -84,6 +93,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="git revision to compare against (e.g. HEAD~1)")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--entries", choices=sorted(ENTRY_SETS), default="default")
     args = parser.parse_args(argv)
     old = import_revision(args.rev)
     print(
@@ -95,7 +105,7 @@ def main(argv=None) -> int:
         f"{'tree ms':>8} {'rev/tree':>8}  IQR/median rev, tree"
     )
     ratios = []
-    for name, (t, b, d, h), opts in ENTRIES:
+    for name, (t, b, d, h), opts in ENTRY_SETS[args.entries]:
         k = jax.random.split(jax.random.key(0), 4)
         xs = jax.random.normal(k[0], (t, b, d), jnp.float32)
         ys = jax.random.randint(k[1], (t, b), 0, 32)

@@ -4,6 +4,7 @@
     python benchmarks/gpu_probe.py unroll [SPEC]   # the scans' unroll factor: time per factor
     python benchmarks/gpu_probe.py compile [CELLS] [VARIANTS]   # compile and run time
     python benchmarks/gpu_probe.py bidirectional [SPEC]   # directions fused or one by one
+    python benchmarks/gpu_probe.py linear [SPEC]   # a linear cell's chunk length and scan
 
 Each prints one JSON line per measurement (``{"section": ..., ...}``) and runs on any backend;
 the numbers mean something on a GPU. ``compile`` honours ``BPTT_JAX_CACHE_DIR`` (cold or warm
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bptt_jax
-from bptt_jax.models import build_model
+from bptt_jax.models import CELLS, build_model
 
 
 def emit(**record) -> None:
@@ -208,7 +209,50 @@ def bidirectional(spec: str | None = None) -> None:
     os.environ.pop("BPTT_JAX_FUSE_DIRECTIONS", None)
 
 
+def linear(spec: str | None = None) -> None:
+    """A linear cell's gradient for each chunk length (``BPTT_JAX_LINEAR_CHUNK``; the length
+    T itself: one chunk, the whole sequence; 0: the backend's own rule) and each scan,
+    interleaved: time, temp memory and the agreement with the first. ``spec``: cases
+    ``cell:T,B,D,H:chunks:scans`` separated by ``;`` (what ``options.LINEAR_CHUNK_BYTES`` and
+    ``PARALLEL_SCAN`` are set from)."""
+    spec = spec or (
+        "mingru:4096,16,128,256:0,32,64,256,1024,4096:sequential,parallel;"
+        "mingru:4096,128,256,512:0,64,256,1024,4096:sequential,parallel"
+    )
+    with jax.default_matmul_precision("highest"):
+        for case in spec.split(";"):
+            name, size, chunks, scans = case.split(":")
+            T, B, D, H = map(int, size.split(","))
+            runs = {}
+            for scan in scans.split(","):
+                for c in chunks.split(","):
+                    if c == "0":  # the backend's own (options.LINEAR_CHUNK_BYTES)
+                        os.environ.pop("BPTT_JAX_LINEAR_CHUNK", None)
+                    else:
+                        os.environ["BPTT_JAX_LINEAR_CHUNK"] = c  # read when traced
+                    jax.clear_caches()
+                    f, args = _grad_fn(CELLS[name](H, scan=scan), T, B, D, H)
+                    start = time.perf_counter()
+                    compiled = f.lower(*args).compile()
+                    compile_s = time.perf_counter() - start
+                    temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+                    runs[scan, int(c)] = (compiled, args, compile_s, temp)
+            ms = {k: [] for k in runs}
+            for _ in range(3):  # interleaved, so all see the same machine
+                for k, (compiled, args, _, _) in runs.items():
+                    ms[k].append(1e3 * _time(lambda c=compiled, a=args: c(*a), repeats=5))
+            grads = {k: c(*a)[1] for k, (c, a, _, _) in runs.items()}
+            first = jax.tree.leaves(next(iter(grads.values())))
+            for (scan, c), (_, _, compile_s, temp) in runs.items():
+                err = max(_rel(x, y) for x, y in zip(jax.tree.leaves(grads[scan, c]), first))
+                emit(section="linear", cell=name, size=[T, B, D, H], scan=scan, chunk=c,
+                     ms=min(ms[scan, c]), temp_mib=temp, compile_s=compile_s,
+                     rel_err_vs_first=err)  # fmt: skip
+    os.environ.pop("BPTT_JAX_LINEAR_CHUNK", None)
+
+
 if __name__ == "__main__":
     sections = {"cudnn": cudnn, "unroll": unroll, "compile": compile_}
     sections["bidirectional"] = bidirectional
+    sections["linear"] = linear
     sections[sys.argv[1]](*sys.argv[2:])

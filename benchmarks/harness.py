@@ -546,20 +546,22 @@ class Session:
             t.min_sample_s,
             settle,
         )
-        out = {}
-        for name, v in timed.items():
-            s = stats[name]
-            out[name] = dict(
-                **{k: s[k] for k in ("median_s", "q25_s", "q75_s", "iqr_s", "min_s", "max_s")},
-                tokens_per_s=problem.tokens / s["median_s"],
-                compile_s=v.compile_s,
-                **v.memory,
-                check=v.check,
-                repeats=s["repeats"],
-                calls_per_sample=s["calls_per_sample"],
-                samples_s=s["samples_s"],
-            )
-        return out
+        return {name: record(problem.tokens, v, stats[name]) for name, v in timed.items()}
+
+
+def record(tokens: int, timed: Timed, s: dict[str, Any]) -> dict[str, Any]:
+    """One timed entry's record: ``timed`` 's compile time, memory and check with the
+    statistics ``s`` of :func:`time_interleaved` and ``tokens`` (T*B) per second."""
+    return dict(
+        **{k: s[k] for k in ("median_s", "q25_s", "q75_s", "iqr_s", "min_s", "max_s")},
+        tokens_per_s=tokens / s["median_s"],
+        compile_s=timed.compile_s,
+        **timed.memory,
+        check=timed.check,
+        repeats=s["repeats"],
+        calls_per_sample=s["calls_per_sample"],
+        samples_s=s["samples_s"],
+    )
 
 
 # ------------------------------------------------------------------------------- environment

@@ -5,8 +5,8 @@
   of each variant against T;
 * ``tokens_per_s_vs_k.png``: the ``truncation`` part, tokens/s against k, full BPTT as a line;
 * ``ratios.png``: the speedups of the hand-written path: autodiff/manual per cell and size,
-  each peer's time over bptt_jax's, and each model row's (stacked, bidirectional) times over
-  manual's.
+  each peer's time over bptt_jax's, each model row's (stacked, bidirectional) times over
+  manual's, and the linear part's times over the MinGRU's.
 
 A plot whose part did not run (or has no timings) is not drawn.
 """
@@ -129,6 +129,10 @@ def ratios(results: dict, out: Path) -> str | None:
     for r in (results.get("models") or {}).get("rows", []):
         for name, v in r.get("time_vs_manual", {}).items():
             bars.append((f"{r['model']} {r['T']},{r['B']},{r['D']},{r['H']}\n{name}/manual", v))
+    linear = results.get("linear") or {}
+    for r in [*linear.get("comparisons", []), *linear.get("vs_gru", [])]:
+        for name, v in r.get("time_vs_manual", {}).items():
+            bars.append((f"mingru {r['T']},{r['B']},{r['D']},{r['H']}\n{name}/mingru", v))
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(max(6.4, 0.55 * len(bars)), 4.6))

@@ -5,10 +5,10 @@
 
 Parts, in the order ``parts`` lists them (each is a script here, also runnable alone):
 ``manual_vs_autodiff``, ``scaling`` (tokens/s and memory vs T), ``truncation``, ``peers``,
-``floor``, ``models`` (stacked and bidirectional), ``parallel`` (the batch split over devices;
-not in the default list). Every timed gradient path is checked
-against autodiff first; an entry that fails its check is reported loudly and never timed, and
-the run exits 1.
+``floor``, ``models`` (stacked and bidirectional), ``parallel`` (the batch split over
+devices), ``precision`` (bfloat16 compute), ``linear`` (MinGRU and MinLSTM). Every timed
+gradient path is checked against autodiff first; an entry that fails its check is reported
+loudly and never timed, and the run exits 1.
 
 Writes to the config's ``out`` folder: ``bench.json`` (every number: environment, config,
 each part's rows with all samples, the suite's targets and whether they were met,
@@ -30,6 +30,7 @@ from typing import Any
 import floor
 import harness
 import jax
+import linear
 import manual_vs_autodiff
 import models
 import parallel
@@ -50,6 +51,7 @@ PARTS = {
     "models": (models, "stacked and bidirectional models: vs autodiff, the peers; memory"),
     "parallel": (parallel, "data parallelism: the gradient step on 1, 2, 4, 8 devices"),
     "precision": (precision, "the precision policy: float32 against bfloat16 compute"),
+    "linear": (linear, "linear recurrences: MinGRU/MinLSTM vs what a user writes, GRU, LSTM"),
 }
 SCHEMA_VERSION = 1
 
@@ -92,6 +94,11 @@ TARGETS = {
     # the precision policy (the precision part)
     "bf16_temp": 1 / 0.75,  # temp(float32)/temp(bf16 compute): bf16 at most 0.75x
     "bf16_vs_torch_bf16": 1.0,  # torch autocast bf16 time / bptt_jax bf16 time (on GPUs)
+    # linear recurrences (the linear part): a MinGRU layer's gradient with its default scan
+    "linear_vs_assoc": 4.0,  # time(jax.grad of an associative-scan forward) / time(MinGRU)
+    "linear_temp_vs_assoc": 4.0,  # temp(that) / temp(MinGRU): the MinGRU's at most 0.25x
+    "linear_vs_tier1": 2.0,  # time(the same cell as a tier-1 user cell) / time(MinGRU)
+    "linear_vs_gru": 3.0,  # time(GRU) / time(MinGRU), same size
 }
 #: B*H at or below which a size counts as "small" (per-step cost dominates) for the torch
 #: targets; an assumption of this suite, stated in docs/guides/performance.md.
@@ -174,6 +181,19 @@ def targets(results: dict) -> list[dict[str, Any]]:
         if "bf16" in v and "torch_bf16" in v and jax.default_backend() == "gpu":
             ratio = v["torch_bf16"]["median_s"] / v["bf16"]["median_s"]
             add("bf16_vs_torch_bf16", entry, ratio, 1.0, [v["bf16"], v["torch_bf16"]])
+    part = results.get("linear") or {}
+    for r in [*part.get("comparisons", []), *part.get("vs_gru", [])]:
+        entry = f"mingru T={r['T']} B={r['B']} D={r['D']} H={r['H']}"
+        speed, temp = r.get("time_vs_manual", {}), r.get("temp_vs_manual", {})
+        for key, other, ratio in (
+            ("linear_vs_assoc", "assoc_autodiff", speed),
+            ("linear_temp_vs_assoc", "assoc_autodiff", temp),
+            ("linear_vs_tier1", "tier1", speed),
+            ("linear_vs_gru", "gru", speed),
+        ):
+            if other in r["entries"]:
+                timed = [r["entries"][v] for v in ("manual", other)] if ratio is speed else ()
+                add(key, entry, ratio.get(other), TARGETS[key], timed)
     return out
 
 

@@ -294,12 +294,47 @@ def test_precision_part_checks_and_compares_bf16_compute_with_float32(tiny_run):
     assert t["value"] == 1 / temp
 
 
+def test_linear_part_compares_the_linear_path_with_what_a_user_writes_and_the_gru(tiny_run):
+    """bench_tiny's linear rows: MinGRU against autodiff of an associative scan and a tier-1
+    cell, against the GRU, and the table (both scans beside the GRU); every entry checked
+    against autodiff and timed; ratios from the medians and temps; the four targets."""
+    res, _, _ = tiny_run
+    part = res["linear"]
+    assert part["auto_scan"] == ("sequential" if res["environment"]["backend"] == "cpu"
+                                 else "parallel")  # fmt: skip
+    (cmp,) = part["comparisons"]
+    (gru,) = part["vs_gru"]
+    (row,) = part["table"]
+    assert list(cmp["entries"]) == ["manual", "assoc_autodiff", "tier1"]
+    assert list(gru["entries"]) == ["manual", "gru"]
+    assert list(row["entries"]) == ["minlstm/sequential", "minlstm/parallel", "gru"]
+    for r in (cmp, gru, row):
+        assert r["tokens"] == r["T"] * r["B"]
+        for v in r["entries"].values():
+            _check_timed(v, r["tokens"])
+            assert v["temp_bytes"] > 0
+    for r in (cmp, gru):
+        base = r["entries"]["manual"]
+        for name, v in r["entries"].items():
+            if name != "manual":
+                assert _close(r["time_vs_manual"][name], v["median_s"] / base["median_s"])
+                assert _close(r["temp_vs_manual"][name], v["temp_bytes"] / base["temp_bytes"])
+    for name, ratio in row["time_of"]["gru"].items():
+        assert _close(ratio, row["entries"]["gru"]["median_s"] / row["entries"][name]["median_s"])
+    targets = {t["target"]: t for t in res["targets"] if t["target"].startswith("linear_")}
+    assert set(targets) == {"linear_vs_assoc", "linear_temp_vs_assoc", "linear_vs_tier1",
+                            "linear_vs_gru"}  # fmt: skip
+    assert targets["linear_temp_vs_assoc"]["value"] == cmp["temp_vs_manual"]["assoc_autodiff"]
+    assert targets["linear_vs_gru"]["value"] == gru["time_vs_manual"]["gru"]
+
+
 def test_targets_are_evaluated_from_the_ratios(tiny_run):
     res, _, _ = tiny_run
     assert res["targets"]
     for t in res["targets"]:
         assert t["met"] == (t["value"] >= t["threshold"])
-        if t["target"] in ("temp_vs_autodiff", "checkpoint_saving", "bf16_temp"):  # memory
+        memory = ("temp_vs_autodiff", "checkpoint_saving", "bf16_temp", "linear_temp_vs_assoc")
+        if t["target"] in memory:
             assert t["spread"] is None and not t["noisy"]
         else:
             assert t["spread"] >= 0
@@ -341,6 +376,8 @@ def test_plots_are_written(tiny_run):
         ("models.memory_variants=['manual', 'nope']", "models.memory_variants[1]"),
         ("models.repeats=0", "models.repeats"),
         ("parallel.devices=[1, 3]", "parallel.devices[1]"),
+        ("linear.sizes=[[4, 2, 3]]", "linear.sizes[0]"),
+        ("linear.cells=['gru']", "linear.cells[0]"),
     ],
 )
 def test_config_error_names_the_key_and_exits_2(override, key, tmp_path, capsys):

@@ -23,12 +23,33 @@ from jax import lax
 import bptt_jax
 from bptt_jax import _engine as engine
 from bptt_jax import truncated
+from bptt_jax._engine import linear_scan
 from bptt_jax.cells import protocol
 from tests import reference as ref
 
 F64, F32 = jnp.float64, jnp.float32
 H = 5
 SCANS = ("parallel", "sequential")
+
+
+def _set_chunk(monkeypatch, n):
+    """The linear path's chunks at most ``n`` steps long (``None``: the backend's), with
+    every trace made afresh (the override is read at trace time)."""
+    if n is None:
+        monkeypatch.delenv("BPTT_JAX_LINEAR_CHUNK", raising=False)
+    else:
+        monkeypatch.setenv("BPTT_JAX_LINEAR_CHUNK", str(n))
+    jax.clear_caches()
+
+
+@pytest.fixture(params=[None, 2], ids=["chunk-default", "chunk-2"])
+def chunk(request, monkeypatch):
+    """Each test twice: one chunk over its few steps (the backend's length), and chunks of 2
+    steps (T=9: four and a tail of one), so that the state and its error cross chunks."""
+    _set_chunk(monkeypatch, request.param)
+    yield request.param
+    monkeypatch.delenv("BPTT_JAX_LINEAR_CHUNK", raising=False)
+    jax.clear_caches()
 
 
 def sigmoid(a):
@@ -216,8 +237,74 @@ def test_float32_within_1e5_and_both_scans_agree(name, rng):
     ref.assert_trees_close(grads["parallel"], grads["sequential"], F32)
 
 
+@pytest.mark.parametrize(
+    "name,scan", list(itertools.product(("mingru", "minlstm", "decay"), SCANS))
+)
+@pytest.mark.parametrize("size", [2, 5])
+def test_chunks_of_any_length_match_the_plain_scan(name, scan, size, rng, monkeypatch):
+    """T=13 in chunks of at most 2 (six and a tail of one) or 5 (two and a tail of three):
+    the state, its error, the truncation cuts and the clipping cross the chunks' edges."""
+    cell = _cell(name, scan)
+    _set_chunk(monkeypatch, size)
+    assert linear_scan.chunks(13, 8) == {2: (2, 6, 1), 5: (5, 2, 3)}[size]
+    try:
+        for kw in ({}, {"truncate": 3, "delta_clip": 0.3}):
+            p, xs, h0, m, r, ct = problem(cell, rng, F64, t=13)
+            out, grads = _library_vjp(cell, **kw)(p, xs, h0, ct, m, r)
+            out_r, grads_r = reference_vjp(cell, p, xs, h0, ct, m, r, **kw)
+            ref.assert_trees_close(out, out_r, F64)
+            ref.assert_trees_close(grads, grads_r, F64)
+    finally:
+        _set_chunk(monkeypatch, None)
+
+
+def test_chunks_are_as_even_as_the_length_allows(monkeypatch):
+    """``(size, n, tail)``: chunks of about ``LINEAR_CHUNK_BYTES`` of a (T, B, N) array (one
+    chunk when the whole is at most twice that), as even as T allows; the override in steps."""
+    monkeypatch.delenv("BPTT_JAX_LINEAR_CHUNK", raising=False)
+    monkeypatch.setattr(engine.options, "LINEAR_CHUNK_BYTES", {jax.default_backend(): 2**21})
+    step = 16 * 256 * 4  # B=16, H=256 in float32: 128 steps in 2 MiB
+    assert linear_scan.chunks(4096, step) == (128, 32, 0)
+    assert linear_scan.chunks(1000, step) == (125, 8, 0)  # not 7 of 128 and a tail of 104
+    assert linear_scan.chunks(256, step) == (256, 1, 0)  # 4 MiB: one chunk
+    assert linear_scan.chunks(3, 2**30) == (1, 3, 0)  # a step over the budget: one per chunk
+    monkeypatch.setattr(engine.options, "LINEAR_CHUNK_BYTES", {})
+    assert linear_scan.chunks(4096, step) == (4096, 1, 0)  # unmeasured backends: one chunk
+    monkeypatch.setenv("BPTT_JAX_LINEAR_CHUNK", "64")
+    assert linear_scan.chunks(4096, step) == (64, 64, 0)
+    assert linear_scan.chunks(4097, step) == (64, 64, 1)
+    assert linear_scan.chunks(100, step) == (50, 2, 0)
+    assert linear_scan.chunks(9, step) == (9, 1, 0)
+
+
+def test_the_gradient_stores_a_quarter_of_an_associative_scans_autodiff():
+    """The issue's memory bound: the compiled gradient's temp memory at most 0.25x that of
+    ``jax.grad`` of an associative-scan forward of the same minGRU, written plainly here (only
+    the states are stored; each chunk's coefficients are re-computed in the backward). At a
+    length whose (T, B, H) arrays take several chunks: 16 MiB here."""
+    t, b, d, h = 8192, 16, 8, 32
+    cell = bptt_jax.MinGRU(h)
+    p = cell.init(jax.random.key(0), d)
+    xs, ct = jnp.ones((t, b, d), F32), jnp.ones((t, b, h), F32)
+
+    def plain(p, xs, ct):
+        z = sigmoid(xs @ p.w_z + p.b_z)
+        a, b_ = 1 - z, z * (xs @ p.w_h + p.b_h)
+        hs = lax.associative_scan(lambda e, l: (l[0] * e[0], l[0] * e[1] + l[1]), (a, b_))[1]
+        return jnp.vdot(hs, ct)
+
+    def library(p, xs, ct):
+        return jnp.vdot(bptt_jax.unroll(cell, p, xs)[0], ct)
+
+    def temp(f):
+        compiled = jax.jit(jax.grad(f, (0, 1))).lower(p, xs, ct).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp(library) <= 0.25 * temp(plain), (temp(library), temp(plain))
+
+
 @pytest.mark.parametrize("scan", SCANS)
-def test_checkpointed_bptt_matches_the_plain_scan(scan, rng):
+def test_checkpointed_bptt_matches_the_plain_scan(scan, rng, chunk):
     """backward="checkpointed", segments of 4 over T=9 (a padded tail), truncation at 3."""
     cell = bptt_jax.MinLSTM(H, scan=scan)
     p, xs, h0, m, r, ct = problem(cell, rng, F64)
@@ -229,7 +316,7 @@ def test_checkpointed_bptt_matches_the_plain_scan(scan, rng):
 
 
 @pytest.mark.parametrize("scan", SCANS)
-def test_chunked_truncated_loss_with_a_final_carry_error_matches_the_plain_scan(scan, rng):
+def test_chunked_truncated_loss_with_a_final_carry_error_matches_the_plain_scan(scan, rng, chunk):
     """sequence_loss(truncate=4) (chunk by chunk, chunk groups batched) with resets, a loss
     mask and an error on carry_T, against the reference's loss."""
     cell = bptt_jax.MinGRU(H, scan=scan)
@@ -254,7 +341,7 @@ def test_chunked_truncated_loss_with_a_final_carry_error_matches_the_plain_scan(
     ref.assert_trees_close(g, g_r, F64)
 
 
-def test_a_stack_with_dropout_matches_the_plain_scan(rng, key):
+def test_a_stack_with_dropout_matches_the_plain_scan(rng, key, chunk):
     """A MinGRU over a MinLSTM with dropout between them, truncation and resets."""
     model = bptt_jax.Stack(
         (bptt_jax.MinGRU(H, scan="parallel"), bptt_jax.MinLSTM(4, scan="sequential")), 0.3
@@ -279,7 +366,7 @@ def test_a_stack_with_dropout_matches_the_plain_scan(rng, key):
 
 
 @pytest.mark.parametrize("scan", SCANS)
-def test_a_bidirectional_layer_over_right_padded_sequences_matches_the_plain_scan(scan, rng):
+def test_a_bidirectional_layer_over_right_padded_sequences_matches_the_plain_scan(scan, rng, chunk):
     """The reverse cell reads each sequence's valid prefix backwards; per-step clipping."""
     model = bptt_jax.Bidirectional(bptt_jax.MinGRU(H, scan=scan), bptt_jax.MinLSTM(H, scan=scan))
     p, xs, h0, m, _, _ = problem(model.forward, rng, F64, resets=False)
@@ -304,7 +391,7 @@ def test_a_bidirectional_layer_over_right_padded_sequences_matches_the_plain_sca
 
 
 # ------------------------------------------------- against the generic path (tier 1)
-def test_kept_deltas_equal_the_generic_paths(rng):
+def test_kept_deltas_equal_the_generic_paths(rng, chunk):
     """The errors kept per step (the diagnostics' ``keep_deltas``), with clipping, padding
     and resets, are the generic path's for the same cell walked step by step."""
     cell = bptt_jax.MinLSTM(H, scan="parallel")
@@ -319,7 +406,7 @@ def test_kept_deltas_equal_the_generic_paths(rng):
     ref.assert_trees_close(jax.jit(run, static_argnums=0)(cell), run(Tier1(cell)), F64)
 
 
-def test_tbptt_streams_equal_the_generic_paths(rng):
+def test_tbptt_streams_equal_the_generic_paths(rng, chunk):
     """TBPTT(3, 5) over a stream with resets, SGD inside: params, readout and final carry."""
     cell = bptt_jax.MinGRU(H, scan="parallel")
     p, ro, xs, tg, h0, _ = ref.draw(cell, rng, F64, t=11)
@@ -335,6 +422,16 @@ def test_tbptt_streams_equal_the_generic_paths(rng):
         return out.params, out.readout, out.carry, out.aux
 
     ref.assert_trees_close(jax.jit(run, static_argnums=0)(cell), run(Tier1(cell)), F64)
+
+
+def test_jacobian_norms_equal_the_generic_paths(rng, chunk):
+    """The diagnostics' reverse walk without gradients (``linear_scan.reverse_scan``, the
+    inputs read from what the forward stored): ``||dh_T/dh_t||`` with padding and resets."""
+    cell = bptt_jax.MinLSTM(H, scan="parallel")
+    p, xs, _, m, r, _ = problem(cell, rng, F64)
+    norms = bptt_jax.jacobian_norms(cell, p, xs, mask=m, resets=r)
+    ref.assert_trees_close(norms, bptt_jax.jacobian_norms(Tier1(cell), p, xs, mask=m, resets=r),
+                           F64)  # fmt: skip
 
 
 def test_check_gradients_passes_under_a_bf16_policy():

@@ -8,7 +8,7 @@ One module per axis, from the bottom up (none imports one above it):
 * :mod:`.step_rules`: masks, resets, truncation and clipping at one step;
 * :mod:`.cell_scan`: the fast path, a built-in cell's forward and reverse scans;
 * :mod:`.generic_scan`: any other cell, step by step;
-* :mod:`.linear_scan`: a linear cell, its coefficients at once and one scan each way;
+* :mod:`.linear_scan`: a linear cell, chunk by chunk: coefficients at once, one scan;
 * :mod:`.directions` and :mod:`.layers`: Bidirectional layers, Stacks, whole models;
 * :mod:`.memory`: what is stored per step, segment and chunk-group sizes;
 * :mod:`.schedules`: the full, checkpointed and chunked walks through time;

@@ -1,32 +1,44 @@
-"""The linear path: a :class:`~bptt_jax.cells.LinearCell` over a sequence, as one scan.
+"""The linear path: a :class:`~bptt_jax.cells.LinearCell` over a sequence, chunk by chunk.
 
 A linear cell's recurrence is ``h_t = a_t * h_{t-1} + b_t`` (elementwise), with ``a`` and
-``b`` of all steps computed from the inputs at once (``cell.coefficients``: its matmuls over
-all ``T*B`` rows). Masks and resets act on the coefficients: a padded step passes the carry
-(``a = 1, b = 0``), a reset zeros the carry entering its step (``a = 0``). The recurrence is
-then one scan: ``jax.lax.associative_scan`` (``"parallel"``, depth O(log T)) or ``lax.scan``
-(``"sequential"``), as the cell's ``scan`` says (``"auto"``:
-:func:`~bptt_jax._engine.options.linear_scan`).
+``b`` computed from the inputs alone (``cell.coefficients``: its matmuls over many rows at
+once). Masks and resets act on the coefficients: a padded step passes the carry
+(``a = 1, b = 0``), a reset zeros the carry entering its step (``a = 0``).
 
-The backward is written by hand. The error on ``h_t`` is again a linear recurrence, in
+Time is walked in chunks of :func:`~bptt_jax._engine.options.linear_chunk` steps (about 2 MiB
+of a (T, B, N) array on the CPU), a ``lax.scan`` over the chunks carrying the state: each
+chunk's coefficients come from one call of ``cell.coefficients`` on its ``C*B`` rows, and its
+recurrence is one scan of ``C`` steps,
+``jax.lax.associative_scan`` (``"parallel"``) or ``lax.scan`` (``"sequential"``), as the
+cell's ``scan`` says (``"auto"``: :func:`~bptt_jax._engine.options.linear_scan`). A chunk's
+arrays stay in cache; whole-sequence (T, B, H) coefficient arrays would not (README.md: the
+measurements).
+
+Only the states are stored (and the inputs, by reference): the backward re-computes each
+chunk's coefficients and the cell's residuals from its inputs, one more pass of the cell's
+input matmuls instead of three (T, B, H) arrays per cell written and read back. The backward
+walks the chunks in reverse; in each, the error on ``h_t`` is again a linear recurrence, in
 reverse time::
 
     delta_t = dh_t + a_{t+1} * delta_{t+1},   delta_{T-1} = dh_{T-1} + dcarry_T
 
-run as the same kind of scan; a truncation cut at step t zeros ``a_t`` in it (the carry
-entering step t gets no error). Then ``dL/da_t = delta_t * h_{t-1}``, ``dL/db_t = delta_t``
-(through the masks and resets), ``dcarry0 = a_0 * delta_0``, and the cell's
-``coefficients_backward`` (or ``jax.vjp`` of ``coefficients``, time-parallel) gives the
-params' and inputs' gradients. Per-step clipping (``delta_clip``) is not linear: with it the
-reverse recursion is a sequential ``lax.scan`` whatever ``scan`` says. Only ``a``, the
-states and the cell's residuals are stored; autodiff of an associative scan would keep every
-level of its tree.
+run as the same kind of scan, ``a_{t+1} delta_{t+1}`` of a chunk's first step carried to the
+chunk before; a truncation cut at step t zeros ``a_t`` in it (the carry entering step t gets
+no error). Then ``dL/da_t = delta_t * h_{t-1}``, ``dL/db_t = delta_t`` (through the masks
+and resets) and the cell's ``coefficients_backward`` (or ``jax.vjp`` of ``coefficients``,
+parallel in time) give the chunk's inputs' gradient and its share of the params', summed
+over the chunks in the loop's carry. Per-step clipping (``delta_clip``) is not linear: with
+it the reverse recursion is a sequential ``lax.scan`` whatever ``scan`` says. Autodiff of an
+associative scan would keep every level of its tree over the whole sequence.
 
 The three functions have :mod:`~bptt_jax._engine.cell_scan`'s arguments and results; the
-stored buffers are ``(a, residuals)``, every leaf with leading axes (T, B).
+stored buffers are ``(xs,)``, as on the generic path.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +46,8 @@ from jax import lax
 
 from bptt_jax import precision
 from bptt_jax._engine import options, step_rules
-from bptt_jax._engine.bundles import dense
-from bptt_jax._engine.sharding import like_batch
+from bptt_jax._engine.bundles import Backprop, OutputError, Steps, Stored
+from bptt_jax._engine.sharding import SUMMED, batch_split, like_batch, per_device, vary_like
 from bptt_jax.cells import protocol
 
 
@@ -65,14 +77,6 @@ def recurrence(a, b, h0, mode: str, reverse: bool = False):
     return lax.scan(body, h0, (a, b), reverse=reverse)[1]
 
 
-def _coefficients(cell, params, xs, acc):
-    """``((a, b), residuals)`` of every step, ``a`` and ``b`` in the carry's dtype ``acc``;
-    the params' matrices in the compute dtype (``xs``'s), ``xs`` in ``acc``."""
-    cparams = precision.compute_params(params, xs.dtype)
-    (a, b), res = cell.coefficients(cparams, xs.astype(acc))
-    return (a.astype(acc), b.astype(acc)), res
-
-
 def passing(a, mask, resets):
     """``a`` as the scan multiplies it: 1 at a padded step (the carry passes), 0 where the
     carry entering the step is reset."""
@@ -83,116 +87,218 @@ def passing(a, mask, resets):
     return a
 
 
+# ------------------------------------------------------------------ chunks of time
+def chunks(length: int, step_bytes: int) -> tuple[int, int, int]:
+    """``(size, n, tail)``: ``length`` steps of ``step_bytes`` each (one (B, N) array) as
+    ``n`` chunks of ``size`` and one of ``tail`` (0: none), ``size`` at most
+    :func:`~bptt_jax._engine.options.linear_chunk` and as even as ``length`` allows (T = 100
+    with 64: two chunks of 50)."""
+    n = math.ceil(length / options.linear_chunk(length, step_bytes))
+    size = math.ceil(length / n)
+    return size, length // size, length % size
+
+
+def _step_bytes(carry) -> int:
+    """Bytes of one step of a (T, B, N) array like the carry (B, N)."""
+    return carry.size * carry.dtype.itemsize
+
+
+def _rows(x, t0, size: int):
+    """Steps ``[t0, t0 + size)`` of ``x`` (T, ...); ``None`` stays ``None``."""
+    return None if x is None else lax.dynamic_slice_in_dim(x, t0, size, axis=0)
+
+
+def _over_chunks(body, init, length: int, step_bytes: int, reverse: bool = False):
+    """``body(carry, t0, size) -> (carry, out)`` over the chunks of ``length`` steps
+    (:func:`chunks`), in time order or ``reverse``; ``out``'s leaves (``size``, ...) are
+    joined into (``length``, ...). Returns ``(carry, outs)``."""
+    size, n, tail = chunks(length, step_bytes)
+
+    def main(carry):
+        if n == 1:
+            return body(carry, 0, size)
+        carry, out = lax.scan(lambda c, i: body(c, i * size, size), carry, jnp.arange(n),
+                              reverse=reverse)  # fmt: skip
+        return carry, jax.tree.map(lambda o: o.reshape(n * size, *o.shape[2:]), out)
+
+    if not tail:
+        return main(init)
+    if reverse:
+        carry, last = body(init, n * size, tail)
+        carry, out = main(carry)
+    else:
+        carry, out = main(init)
+        carry, last = body(carry, n * size, tail)
+    return carry, jax.tree.map(lambda o, t: jnp.concatenate([o, t]), out, last)
+
+
+def _coefficients(cell, cparams, x, acc):
+    """``((a, b), residuals)`` of the steps of ``x`` (in the carry's dtype ``acc``), ``a``
+    and ``b`` in ``acc``; ``cparams``: the params with their matrices in the compute dtype."""
+    (a, b), res = cell.coefficients(cparams, x)
+    return (a.astype(acc), b.astype(acc)), res
+
+
+# ------------------------------------------------------------------ forward
 def forward(cell, params, steps, carry0, keep: bool = True):
-    """The coefficients, then one scan over ``steps`` (its ``drops`` are not read).
+    """The scan over ``steps`` (its ``drops`` are not read), chunk by chunk.
 
     Returns:
       ``(states, buffers, carry_T)``: the state after every step (T, B, N), in the compute
-      dtype; ``(a, residuals)`` (``a`` before masks and resets, in the carry's dtype; the
-      residuals in the compute dtype), ``None`` unless ``keep``; the final carry.
+      dtype; ``(xs,)`` (the backward re-computes the coefficients), ``None`` unless
+      ``keep``; the final carry, in the carry's dtype.
     """
     xs, mask, resets = steps.xs, steps.mask, steps.resets
     carry0 = like_batch(carry0, xs)
     acc, store = carry0.dtype, xs.dtype
-    (a, b), res = _coefficients(cell, params, xs, acc)
-    if mask is not None:
-        b = jnp.where(mask[..., None], b, 0)
-    hs = recurrence(passing(a, mask, resets), b, carry0, options.linear_scan(cell))
-    states = hs.astype(store)
-    if not keep:
-        return states, None, hs[-1]
-    res = jax.tree.map(lambda r: r.astype(store) if _wider(r, store) else r, res)
-    return states, (a, res), hs[-1]
+    cparams = precision.compute_params(params, xs.dtype)  # matrices in the compute dtype
+    mode = options.linear_scan(cell)
+
+    def chunk(h, t0, size):
+        (a, b), _ = _coefficients(cell, cparams, _rows(xs, t0, size).astype(acc), acc)
+        m, r = _rows(mask, t0, size), _rows(resets, t0, size)
+        if m is not None:
+            b = jnp.where(m[..., None], b, 0)
+        hs = recurrence(passing(a, m, r), b, h, mode)
+        return hs[-1], hs.astype(store)
+
+    carry_t, states = _over_chunks(chunk, carry0, xs.shape[0], _step_bytes(carry0))
+    return states, ((xs,) if keep else None), carry_t
 
 
-def _floating(r) -> bool:
-    return jnp.issubdtype(r.dtype, jnp.floating)
+# ------------------------------------------------------------------ backward
+class _Args(NamedTuple):
+    """The reverse walk's arguments, as :func:`~bptt_jax._engine.sharding.per_device`
+    splits them."""
+
+    params: Any
+    steps: Steps
+    carry0: Any
+    stored: Stored
+    g: tuple
+    backprop: Backprop
 
 
-def _wider(r, store) -> bool:
-    return _floating(r) and r.dtype.itemsize > jnp.dtype(store).itemsize
+def _walk_back(cell, params, steps, carry0, stored, g, backprop, grads: bool):
+    """The chunks in reverse: ``(dcarry0, (dparams, dxs), kept)``; ``(dparams, dxs)`` is
+    ``None`` unless ``grads``. On a mesh it runs on each device's rows (``per_device``):
+    the params' gradient crosses the devices once, after the loop, not at every chunk."""
+    args = _Args(params, Steps(None, steps.mask, steps.resets), carry0, stored, g, backprop)
+    (xs,) = stored[1]
+    split = batch_split(xs)
+    if split is None:
+        return _walk_back_local(cell, grads, *args)
+    dhs = g[0]
+    axes = _Args(
+        params=None, steps=1, carry0=0, stored=1, backprop=None,
+        g=(OutputError(1, None) if isinstance(dhs, OutputError) else 1, 0),
+    )  # fmt: skip
+    out_axes = (0, (SUMMED, 1) if grads else None, 1)
+    return per_device(split, lambda *a: _walk_back_local(cell, grads, *a), args, axes, out_axes)
 
 
-def reverse_scan(cell, params, steps, carry0, stored, g, backprop):
-    """The reverse recursion of the error, from step T-1 down to 0.
-
-    Args: as :func:`bptt_jax._engine.cell_scan.reverse_scan` (``steps.xs`` is not read).
-
-    Returns:
-      ``(dcarry0, deltas, kept)``: the error on ``carry0``; ``delta_t``, the error on every
-      ``h_t`` (T, B, N), in the carry's dtype; what ``backprop.keep_deltas`` keeps of each
-      (else ``None``).
-    """
-    del params
-    states, (a, _) = stored
+def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
+    """:func:`_walk_back` on one device's rows (or a whole batch off a mesh)."""
+    states, (xs,) = stored
     dhs, dcarry_t = g
-    dcarry_t, carry0 = like_batch((dcarry_t, carry0), states)
+    dcarry_t, carry0 = like_batch((dcarry_t, carry0), xs)
     acc = carry0.dtype
-    a = passing(a.astype(acc), steps.mask, steps.resets)
-    if backprop.cuts is not None:  # no error crosses into the carry entering a cut step
-        a = jnp.where(backprop.cuts[:, None, None], 0, a)
-    e = jnp.zeros_like(a) if dhs is None else dense(dhs).astype(acc)
-    e = e.at[-1].add(dcarry_t.astype(acc))
-    # the error on h_t reaches h_{t-1} through a_t: delta_t = e_t + a_{t+1} * delta_{t+1}
-    a_next = jnp.concatenate([a[1:], jnp.zeros_like(a[:1])])
-    if backprop.delta_clip is None:
-        deltas = recurrence(a_next, e, jnp.zeros_like(e[0]), options.linear_scan(cell), True)
-    else:
-        deltas = _clipped(a_next, e, backprop)
-    kept = None
-    if backprop.keep_deltas:
-        kept = jax.vmap(step_rules.keeper(cell, backprop))(deltas)
-    return a[0] * deltas[0], deltas, kept
+    # inside shard_map: the params made device-varying like the batch, so that each chunk's
+    # gradient is the device's own, summed over the devices once at the end
+    cparams = vary_like(precision.compute_params(params, xs.dtype), xs)
+    mode = options.linear_scan(cell)
+    out_w = None
+    if isinstance(dhs, OutputError):  # the readout's product formed chunk by chunk
+        dhs, out_w = dhs
+        out_w = out_w.astype(xs.dtype)
 
+    def coefficients_vjp(x):
+        """``(a, residuals)`` of the steps of ``x`` and ``(da, db) -> (dparams, dx)``."""
+        if protocol.has_coefficients_backward(cell):
+            (a, _), res = _coefficients(cell, cparams, x, acc)
+            return a, lambda da, db: cell.coefficients_backward(cparams, x, a, res, da, db)
 
-def _clipped(a_next, e, backprop):
-    """The reverse recursion with each ``delta_t`` clipped before it travels on: a
-    ``lax.scan``, clipping not being linear."""
-
-    def body(d_next, row):  # d_next = delta_{t+1}, a_t = a_{t+1}
-        a_t, e_t, real_t = row
-        d = step_rules.clip(e_t + a_t * d_next, real_t, backprop.delta_clip)
-        return d, d
-
-    rows = (a_next, e, backprop.real)
-    return lax.scan(body, jnp.zeros_like(e[0]), rows, reverse=True)[1]
-
-
-def coefficient_grads(cell, params, steps, carry0, stored, deltas):
-    """``(dparams, dxs)`` from the errors on the states: ``dL/da_t = delta_t * h_{t-1}``
-    and ``dL/db_t = delta_t`` where the step counts, then the coefficients' backward."""
-    xs, mask, resets = steps.xs, steps.mask, steps.resets
-    states, (a, res) = stored
-    carry0 = like_batch(carry0, states)
-    acc = carry0.dtype
-    h_prev = jnp.concatenate([carry0[None], states[:-1].astype(acc)])
-    da, db = deltas * h_prev, deltas
-    if mask is not None:
-        da = jnp.where(mask[..., None], da, 0)
-        db = jnp.where(mask[..., None], db, 0)
-    if resets is not None:
-        da = jnp.where(resets[..., None], 0, da)
-    cparams = precision.compute_params(params, xs.dtype)
-    x = xs.astype(acc)
-    if protocol.has_coefficients_backward(cell):
-        # the stored residuals back in the carry's dtype, as the fast path's step sees them
-        res = jax.tree.map(lambda r: r.astype(acc) if _floating(r) else r, res)
-        dparams, dxs = cell.coefficients_backward(cparams, x, a.astype(acc), res, da, db)
-    else:
         # the one autodiff of this path: the coefficients are a function of each step's own
         # input, so their VJP is parallel in time (re-run here, nothing of it stored)
         def coefficients(p, x_):
             return cell.coefficients(precision.compute_params(p, xs.dtype), x_)[0]
 
-        out, pullback = jax.vjp(coefficients, params, x)
-        dparams, dxs = pullback((da.astype(out[0].dtype), db.astype(out[1].dtype)))
-    dparams = jax.tree.map(lambda d, p: d.astype(p.dtype), dparams, params)
-    return dparams, dxs.astype(xs.dtype)
+        (a, b), pullback = jax.vjp(coefficients, vary_like(params, xs), x)
+        return a.astype(acc), lambda da, db: pullback((da.astype(a.dtype), db.astype(b.dtype)))
+
+    def chunk(carry, t0, size):
+        d_next, dparams = carry  # a_{t+1} delta_{t+1} of the chunk after; the sum so far
+        x = _rows(xs, t0, size).astype(acc)
+        m, r = _rows(steps.mask, t0, size), _rows(steps.resets, t0, size)
+        cut, real = _rows(backprop.cuts, t0, size), _rows(backprop.real, t0, size)
+        a, pullback = coefficients_vjp(x)
+        a_back = passing(a, m, r)
+        if cut is not None:  # no error crosses into the carry entering a cut step
+            a_back = jnp.where(cut[:, None, None], 0, a_back)
+        if dhs is None:
+            e = jnp.zeros_like(a_back)
+        else:
+            e = _rows(dhs, t0, size)
+            e = (e if out_w is None else protocol.matmul(e, out_w.T)).astype(acc)
+        e = e.at[-1].add(d_next)
+        # the error on h_t reaches h_{t-1} through a_t: delta_t = e_t + a_{t+1} * delta_{t+1}
+        a_next = jnp.concatenate([a_back[1:], jnp.zeros_like(a_back[:1])])
+        if backprop.delta_clip is None:
+            deltas = recurrence(a_next, e, jnp.zeros_like(e[0]), mode, True)
+        else:
+            deltas = _clipped(a_next, e, real, backprop.delta_clip)
+        kept = jax.vmap(step_rules.keeper(cell, backprop))(deltas) if backprop.keep_deltas else None
+        d_prev = a_back[0] * deltas[0]
+        if not grads:
+            return (d_prev, dparams), (None, kept)
+        h_in = step_rules.carry_entering(carry0, states, t0, None)
+        h_prev = jnp.concatenate([h_in[None], _rows(states, t0, size)[:-1].astype(acc)])
+        da, db = deltas * h_prev, deltas
+        if m is not None:
+            da = jnp.where(m[..., None], da, 0)
+            db = jnp.where(m[..., None], db, 0)
+        if r is not None:
+            da = jnp.where(r[..., None], 0, da)
+        dp, dx = pullback(da, db)
+        dparams = jax.tree.map(lambda s, d: s + d.astype(s.dtype), dparams, dp)
+        return (d_prev, dparams), (dx.astype(xs.dtype), kept)
+
+    init = (dcarry_t.astype(acc), vary_like(step_rules.zeros_like(params), xs) if grads else None)
+    (dcarry0, dparams), (dxs, kept) = _over_chunks(
+        chunk, init, xs.shape[0], _step_bytes(carry0), reverse=True
+    )
+    return dcarry0, ((dparams, dxs) if grads else None), kept
+
+
+def _clipped(a_next, e, real, delta_clip):
+    """The reverse recursion with each ``delta_t`` clipped before it travels on: a
+    ``lax.scan``, clipping not being linear."""
+
+    def body(d_next, row):  # d_next = delta_{t+1}, a_t = a_{t+1}
+        a_t, e_t, real_t = row
+        d = step_rules.clip(e_t + a_t * d_next, real_t, delta_clip)
+        return d, d
+
+    return lax.scan(body, jnp.zeros_like(e[0]), (a_next, e, real), reverse=True)[1]
+
+
+def reverse_scan(cell, params, steps, carry0, stored, g, backprop):
+    """The reverse recursion of the error, from step T-1 down to 0, without the gradients.
+
+    Args: as :func:`bptt_jax._engine.cell_scan.reverse_scan` (``steps.xs`` is not read:
+    the stored inputs are).
+
+    Returns:
+      ``(dcarry0, None, kept)``: the error on ``carry0``; what ``backprop.keep_deltas``
+      keeps of each step's error (else ``None``).
+    """
+    return _walk_back(cell, params, steps, carry0, stored, g, backprop, grads=False)
 
 
 def backward(cell, params, steps, carry0, stored, g, backprop):
-    """The whole sequence backward of ``cell``: :func:`reverse_scan`, then
-    :func:`coefficient_grads`. Returns ``(dparams, dxs, dcarry0, deltas)``."""
-    dcarry0, deltas, kept = reverse_scan(cell, params, steps, carry0, stored, g, backprop)
-    grads, dxs = coefficient_grads(cell, params, steps, carry0, stored, deltas)
+    """The whole sequence backward of ``cell``, chunk by chunk.
+
+    Returns ``(dparams, dxs, dcarry0, deltas)``."""
+    dcarry0, (grads, dxs), kept = _walk_back(cell, params, steps, carry0, stored, g, backprop,
+                                             grads=True)  # fmt: skip
     return grads, dxs, dcarry0.astype(carry0.dtype), kept

@@ -28,15 +28,14 @@ def _carry_units(cell) -> int:
 
 def stored_per_step(model, batch: int, dtype) -> int:
     """Bytes the manual backward stores per step: every cell's carry and in-place block
-    buffers (input projections, then residuals, then gradients; none off the fast path; a
-    linear cell's coefficient ``a``, its residuals not counted), and the readout's error."""
+    buffers (input projections, then residuals, then gradients; none off the fast path, a
+    linear cell's backward re-computing its coefficients chunk by chunk), and the readout's
+    error."""
     units = output_size(model)
     for cell in cells_of(model):
         units += _carry_units(cell)
         if protocol.is_fast(cell):
             units += cell.hidden_size * max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
-        elif protocol.is_linear(cell):
-            units += _carry_units(cell)
     return batch * units * jnp.dtype(dtype).itemsize
 
 

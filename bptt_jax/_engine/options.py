@@ -37,6 +37,29 @@ FUSE_DIRECTIONS: frozenset[str] = frozenset()
 PARALLEL_SCAN: frozenset[str] = frozenset({"gpu", "tpu"})
 
 
+#: Bytes of one chunk of a linear cell's (T, B, N) arrays (coefficients, states, errors), by
+#: backend: a chunk's coefficients are one call of the cell's ``coefficients`` over its rows
+#: and its arrays stay in cache (README.md: the measurements). A sequence whose arrays are at
+#: most twice this is one chunk. Not listed: the whole sequence as one chunk (unmeasured).
+LINEAR_CHUNK_BYTES = {"cpu": 2 * 2**20}
+
+
+def linear_chunk(length: int, step_bytes: int) -> int:
+    """The most steps per chunk of a linear cell's scans over ``length`` steps whose (B, N)
+    arrays take ``step_bytes`` per step, on the default backend (:data:`LINEAR_CHUNK_BYTES`).
+
+    ``BPTT_JAX_LINEAR_CHUNK`` (a number of steps) overrides it on every backend, read at
+    trace time as ``BPTT_JAX_SCAN_UNROLL`` is (:func:`scan_unroll`).
+    """
+    override = os.environ.get("BPTT_JAX_LINEAR_CHUNK")
+    if override:
+        return max(1, min(int(override), length))
+    budget = LINEAR_CHUNK_BYTES.get(jax.default_backend())
+    if budget is None or length * step_bytes <= 2 * budget:
+        return length
+    return max(1, budget // max(1, step_bytes))
+
+
 def linear_scan(cell) -> str:
     """``"parallel"`` or ``"sequential"``: how a linear cell's recurrence is scanned, its
     ``scan`` with ``"auto"`` resolved for the default backend (:data:`PARALLEL_SCAN`)."""

@@ -40,6 +40,7 @@ Part = Literal[
     "models",
     "parallel",
     "precision",
+    "linear",
 ]
 Library = Literal["torch", "flax", "cudnn", "torch_bf16"]
 PARTS: tuple[str, ...] = get_args(Part)  # every part, in the order they run
@@ -203,6 +204,31 @@ class Precision:
 
 
 @dataclasses.dataclass(frozen=True)
+class Linear:
+    """Part 9: linear recurrences (``MinGRU``, ``MinLSTM``): the linear path against what a
+    user could write instead and against the library's GRU and LSTM.
+
+    ``sizes``: a ``MinGRU`` layer against ``jax.grad`` of an associative-scan forward of its
+    equations and against the same cell as a tier-1 user cell; ``gru_sizes``: against the
+    ``GRU``; the table: each of ``cells`` with both scans and each of ``peers``, at each
+    ``T`` of (``B``, ``D``, ``H``). Every entry checked against autodiff, then timed.
+    """
+
+    sizes: tuple[Size, ...] = ((4096, 16, 128, 256),)  # [T, B, D, H] each
+    gru_sizes: tuple[Size, ...] = ((1024, 32, 128, 256),)
+    cells: tuple[Literal["mingru", "minlstm"], ...] = ("mingru", "minlstm")
+    peers: tuple[Cell, ...] = ("gru", "lstm")
+    T: tuple[int, ...] = field(default=(256, 1024, 4096), metadata=bounds(ge=1))
+    B: int = field(default=16, metadata=bounds(ge=1))
+    D: int = field(default=128, metadata=bounds(ge=1))
+    H: int = field(default=256, metadata=bounds(ge=1))
+    # timed samples per entry; none: timing.repeats
+    repeats: int | None = field(default=None, metadata=bounds(ge=1))
+    # untimed calls per entry; none: timing.warmup
+    warmup: int | None = field(default=None, metadata=bounds(ge=0))
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """Everything ``bptt-jax bench`` runs; each table is one part (see ``benchmarks/``)."""
 
@@ -226,6 +252,7 @@ class BenchConfig:
     models: Models = Models()
     parallel: Parallel = Parallel()
     precision: Precision = Precision()
+    linear: Linear = Linear()
 
 
 def _check_spec(key: str, spec: str) -> None:
@@ -246,6 +273,8 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
         ("models", "sizes"),
         ("models", "memory_sizes"),
         ("precision", "sizes"),
+        ("linear", "sizes"),
+        ("linear", "gru_sizes"),
     ):
         for i, size in enumerate(getattr(getattr(cfg, part), key)):
             if len(size) != 4 or min(size) < 1:
