@@ -31,8 +31,8 @@ class MinGRU:
         h_t   = (1 - z_t) * h_{t-1} + z_t * h~_t
 
     ``h_t = a_t * h_{t-1} + b_t`` with ``a_t = 1 - z_t`` and ``b_t = z_t * h~_t``, both from
-    the inputs alone, so the engine computes them for all steps with two matmuls over the
-    ``T*B`` rows and walks time as one scan (:class:`~bptt_jax.cells.LinearCell`). The carry
+    the inputs alone, so the engine computes them for a chunk of steps with two matmuls over
+    its rows and walks the chunk as one scan (:class:`~bptt_jax.cells.LinearCell`). The carry
     is the hidden state, an array ``(B, H)``.
 
     Args:

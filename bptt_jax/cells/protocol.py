@@ -23,8 +23,8 @@ that meets one of these contracts:
 * **Tier 2, linear,** :class:`LinearCell`: a diagonal linear recurrence
   ``h_t = a_t * h_{t-1} + b_t`` whose coefficients come from the inputs alone
   (:class:`~bptt_jax.MinGRU`, :class:`~bptt_jax.MinLSTM`, your own): the coefficients of
-  all steps at once, time walked as one (parallel or sequential) scan, and a hand-written
-  reverse scan for the backward.
+  many steps at once (a chunk of the sequence), time walked as (parallel or sequential)
+  scans, and a hand-written reverse scan for the backward.
 
 **The hidden state** of a carry, what the engine stacks as the outputs ``hs`` (T, B, H)
 and what a readout reads, is ``hidden(carry)``: the cell's ``hidden`` method if it has one,
@@ -247,8 +247,10 @@ class LinearCell(Protocol):
     S5-style layers), so time can be walked as a parallel (associative) scan.
 
     The engine (:mod:`bptt_jax._engine.linear_scan`) asks the cell for the coefficients of
-    **all** steps at once, applies the masks (a padded step passes the carry: ``a = 1,
-    b = 0``) and resets (the carry entering the step is zeros: ``a = 0``), then scans::
+    many steps at once (``xs`` of one chunk of the sequence, ``(T', B, D)``: the whole
+    sequence, or as many steps as keep a chunk's arrays in cache), applies the masks (a
+    padded step passes the carry: ``a = 1, b = 0``) and resets (the carry entering the step
+    is zeros: ``a = 0``), then scans::
 
         h_t = a_t * h_{t-1} + b_t                      # elementwise, h_{-1} = carry0
 
@@ -259,7 +261,9 @@ class LinearCell(Protocol):
         dL/da_t = delta_t * h_{t-1},  dL/db_t = delta_t,  dL/dcarry0 = a_0 * delta_0
 
     then ``coefficients_backward`` turns ``(dL/da, dL/db)`` into the params' and the inputs'
-    gradients, one pass over all ``T*B`` rows. Truncation cuts zero ``a_t`` in the backward
+    gradients, one pass over the chunk's ``T'*B`` rows (the engine adds the chunks' params
+    gradients, walking the chunks in reverse and recomputing each chunk's coefficients: only
+    the states and the inputs are stored). Truncation cuts zero ``a_t`` in the backward
     recursion only; per-step clipping (``delta_clip``) is not linear, so with it the reverse
     recursion runs as a sequential ``lax.scan`` whatever ``scan`` says.
 
@@ -274,17 +278,16 @@ class LinearCell(Protocol):
       costs more than its depth saves);
     * ``coefficients_backward(params, xs, a, residuals, da, db) -> (dparams, dxs)``: the VJP
       of ``coefficients`` for the errors ``da``, ``db`` (T, B, N) on ``a`` and ``b``, ``a``
-      and ``residuals`` as the forward returned them (``a`` before masks and resets), the
-      params' gradient summed over all ``T*B`` rows. Without it the engine takes
-      ``jax.vjp`` of ``coefficients``, which is parallel in time (each step's inputs
-      alone), re-running ``coefficients`` in the backward. Never a ``jax.vjp`` of the
+      and ``residuals`` as ``coefficients`` returned them for the same chunk (``a`` before
+      masks and resets), the params' gradient summed over the chunk's rows. Without it the
+      engine takes ``jax.vjp`` of ``coefficients``, which is parallel in time (each step's
+      inputs alone), re-running ``coefficients`` in the backward. Never a ``jax.vjp`` of the
       sequence.
 
     Under a precision policy (:mod:`bptt_jax.precision`) both methods get the params with
     every matrix in the compute dtype and ``xs`` in the params' dtype, as ``step`` does; the
     engine scans ``a`` and ``b`` in the params' dtype (float32 under a bfloat16 policy:
-    products of many ``a_t`` are never formed in bfloat16), stores ``a`` in it and the
-    residuals in the compute dtype.
+    products of many ``a_t`` are never formed in bfloat16).
 
     Example: an exponential moving average of projected inputs with a learned decay per
     unit, ``h_t = sigmoid(lam) * h_{t-1} + x_t W``, whose backward comes from ``jax.vjp`` of

@@ -47,7 +47,7 @@ class RGLRU:
         h_t     = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * x^_t)
 
     ``h_t = a_t * h_{t-1} + b_t`` with ``b_t = sqrt(1 - a_t^2) i_t x^_t``, both from the
-    inputs alone (:class:`~bptt_jax.cells.LinearCell`): three matmuls over the ``T*B`` rows,
+    inputs alone (:class:`~bptt_jax.cells.LinearCell`): three matmuls over a chunk's rows,
     then one scan. ``a_t`` is formed in log space and ``sqrt(1 - a_t^2)`` as
     ``sqrt(-expm1(2 log a_t))``, exact however close ``a_t`` is to 1. Its derivative
     ``-a_t^2 / sqrt(1 - a_t^2)`` (per unit of ``log a_t``) grows without bound as ``a_t -> 1``,
