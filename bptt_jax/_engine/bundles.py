@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from bptt_jax._engine import options
+from bptt_jax._engine.sharding import batch_split, per_device
 from bptt_jax.cells import protocol
 
 
@@ -113,6 +114,33 @@ class OutputError(NamedTuple):
 
     dy: jax.Array  # (T, B, O) the error on the readout's outputs
     w: jax.Array  # (H, O) its kernel
+
+
+class ReverseArgs(NamedTuple):
+    """A step-by-step reverse walk's arguments (the generic and the linear path's), as
+    :func:`~bptt_jax._engine.sharding.per_device` splits them."""
+
+    params: Any
+    steps: Steps
+    carry0: Any
+    stored: Stored
+    g: tuple
+    backprop: Backprop
+
+
+def reverse_per_device(walk, params, steps, carry0, stored, g, backprop, out_axes):
+    """``walk(*ReverseArgs)``, on each device's rows when the batch (the stored inputs
+    ``stored.buffers[0]``) is sharded over a mesh, so that a gradient summed inside the walk
+    crosses the devices once, after it (``out_axes``: :func:`per_device`'s), else once."""
+    args = ReverseArgs(params, Steps(None, steps.mask, steps.resets), carry0, stored, g, backprop)
+    split = batch_split(stored[1][0])
+    if split is None:
+        return walk(*args)
+    axes = ReverseArgs(
+        params=None, steps=1, carry0=0, stored=1, backprop=None,
+        g=(OutputError(1, None) if isinstance(g[0], OutputError) else 1, 0),
+    )  # fmt: skip
+    return per_device(split, walk, args, axes, out_axes)
 
 
 def output_error(dy, w):

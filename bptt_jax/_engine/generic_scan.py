@@ -14,16 +14,14 @@ resets, truncation cuts, per-step clipping and kept deltas are the fast path's
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from bptt_jax import precision
 from bptt_jax._engine import step_rules
-from bptt_jax._engine.bundles import Backprop, OutputError, Steps, Stored
-from bptt_jax._engine.sharding import SUMMED, batch_split, like_batch, per_device, vary_like
+from bptt_jax._engine.bundles import OutputError, reverse_per_device
+from bptt_jax._engine.sharding import SUMMED, like_batch, vary_like
 from bptt_jax._engine.step_rules import Row
 from bptt_jax.cells import protocol
 
@@ -66,18 +64,6 @@ def forward(cell, params, steps, carry0, keep: bool = True):
     return states, ((xs,) if keep else None), carry_t
 
 
-class _Args(NamedTuple):
-    """The reverse scan's arguments, as :func:`~bptt_jax._engine.sharding.per_device`
-    splits them."""
-
-    params: Any
-    steps: Steps
-    carry0: Any
-    stored: Stored
-    g: tuple
-    backprop: Backprop
-
-
 def reverse_scan(cell, params, steps, carry0, stored, g, backprop):
     """:func:`bptt_jax._engine.cell_scan.reverse_scan` of a cell off the fast path.
 
@@ -88,17 +74,9 @@ def reverse_scan(cell, params, steps, carry0, stored, g, backprop):
     the devices once, after the loop, not at every step (where the VJP of a step would sum
     it over the batch).
     """
-    args = _Args(params, Steps(None, steps.mask, steps.resets), carry0, stored, g, backprop)
-    states, (xs,) = stored
-    split = batch_split(xs)
-    if split is None:
-        return _reverse_scan(cell, *args)
-    dhs = g[0]
-    axes = _Args(
-        params=None, steps=1, carry0=0, stored=1, backprop=None,
-        g=(OutputError(1, None) if isinstance(dhs, OutputError) else 1, 0),
-    )  # fmt: skip
-    return per_device(split, lambda *a: _reverse_scan(cell, *a), args, axes, (0, (SUMMED, 1), 1))
+    walk = lambda *a: _reverse_scan(cell, *a)  # noqa: E731
+    out_axes = (0, (SUMMED, 1), 1)
+    return reverse_per_device(walk, params, steps, carry0, stored, g, backprop, out_axes)
 
 
 def _reverse_scan(cell, params, steps, carry0, stored, g, backprop):

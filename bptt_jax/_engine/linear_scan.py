@@ -38,7 +38,6 @@ stored buffers are ``(xs,)``, as on the generic path.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +45,8 @@ from jax import lax
 
 from bptt_jax import precision
 from bptt_jax._engine import options, step_rules
-from bptt_jax._engine.bundles import Backprop, OutputError, Steps, Stored
-from bptt_jax._engine.sharding import SUMMED, batch_split, like_batch, per_device, vary_like
+from bptt_jax._engine.bundles import OutputError, reverse_per_device
+from bptt_jax._engine.sharding import SUMMED, like_batch, vary_like
 from bptt_jax.cells import protocol
 
 
@@ -167,34 +166,13 @@ def forward(cell, params, steps, carry0, keep: bool = True):
 
 
 # ------------------------------------------------------------------ backward
-class _Args(NamedTuple):
-    """The reverse walk's arguments, as :func:`~bptt_jax._engine.sharding.per_device`
-    splits them."""
-
-    params: Any
-    steps: Steps
-    carry0: Any
-    stored: Stored
-    g: tuple
-    backprop: Backprop
-
-
 def _walk_back(cell, params, steps, carry0, stored, g, backprop, grads: bool):
     """The chunks in reverse: ``(dcarry0, (dparams, dxs), kept)``; ``(dparams, dxs)`` is
     ``None`` unless ``grads``. On a mesh it runs on each device's rows (``per_device``):
     the params' gradient crosses the devices once, after the loop, not at every chunk."""
-    args = _Args(params, Steps(None, steps.mask, steps.resets), carry0, stored, g, backprop)
-    (xs,) = stored[1]
-    split = batch_split(xs)
-    if split is None:
-        return _walk_back_local(cell, grads, *args)
-    dhs = g[0]
-    axes = _Args(
-        params=None, steps=1, carry0=0, stored=1, backprop=None,
-        g=(OutputError(1, None) if isinstance(dhs, OutputError) else 1, 0),
-    )  # fmt: skip
+    walk = lambda *a: _walk_back_local(cell, grads, *a)  # noqa: E731
     out_axes = (0, (SUMMED, 1) if grads else None, 1)
-    return per_device(split, lambda *a: _walk_back_local(cell, grads, *a), args, axes, out_axes)
+    return reverse_per_device(walk, params, steps, carry0, stored, g, backprop, out_axes)
 
 
 def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
