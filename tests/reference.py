@@ -621,3 +621,54 @@ def deltas(
     eps = jnp.zeros((*xs.shape[:2], cell.hidden_size), xs.dtype)
     opts = _options(xs, mask, loss_mask, resets, truncate, delta_clip)
     return _compiled_deltas(cell, loss, reduction)(eps, p, ro, xs, targets, carry, *opts)
+
+
+# ------------------------------------------------------------------ one-array-carry cells
+def diagonal_scan(step_fn, p, xs, h0, mask, resets, truncate, delta_clip):
+    """The plain ``lax.scan`` of ``step_fn(p, h, x) -> h`` (a cell whose carry is one array,
+    e.g. a linear recurrence written from its equations): a reset zeros the carry entering
+    its step, a padded step passes it, truncation is ``stop_gradient`` on the carry entering
+    steps k, 2k, ... (``truncate=T``: none), ``delta_clip`` clips the error on each new carry
+    (``inf``: none). Every option is an array (:func:`scan_options`), so one compile serves
+    every problem of a shape. Returns ``(hs, carry_T)``."""
+
+    def body(h, inp):
+        t, x, m_t, r_t = inp
+        cut = (t % truncate == 0) & (t > 0)
+        h = jnp.where(cut, lax.stop_gradient(h), h)
+        h = jnp.where(r_t[:, None], 0.0, h).astype(h.dtype)
+        new = jnp.where(m_t[:, None], step_fn(p, h, x), h)
+        new = clip_error_at(new, delta_clip)
+        return new, new
+
+    carry_t, hs = lax.scan(body, h0, (jnp.arange(xs.shape[0]), xs, mask, resets))
+    return hs, carry_t
+
+
+def scan_options(xs, mask=None, resets=None, truncate=None, delta_clip=None):
+    """:func:`diagonal_scan`'s options as arrays (``None``: all valid, no reset, no cut, no
+    clipping)."""
+    t, b = xs.shape[:2]
+    return (
+        jnp.ones((t, b), bool) if mask is None else mask,
+        jnp.zeros((t, b), bool) if resets is None else resets,
+        jnp.asarray(t if truncate is None else truncate),
+        jnp.asarray(np.inf if delta_clip is None else delta_clip, xs.dtype),
+    )
+
+
+@cache
+def _diagonal_scan_vjp(step_fn):
+    def run(p, xs, h0, ct, *options):
+        out, vjp = jax.vjp(lambda *a: diagonal_scan(step_fn, *a, *options), p, xs, h0)
+        return out, vjp(ct)
+
+    return jax.jit(run)
+
+
+def diagonal_scan_vjp(step_fn, p, xs, h0, ct, mask=None, resets=None, truncate=None,
+                      delta_clip=None):  # fmt: skip
+    """``((hs, carry_T), (dp, dxs, dh0))`` of :func:`diagonal_scan` for cotangents ``ct``
+    (``step_fn`` hashable and kept: one compile per step function and shape)."""
+    options = scan_options(xs, mask, resets, truncate, delta_clip)
+    return _diagonal_scan_vjp(step_fn)(p, xs, h0, ct, *options)

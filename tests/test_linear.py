@@ -12,7 +12,7 @@ generic path (a verified one): the same cell with its coefficients hidden, a tie
 
 import dataclasses
 import itertools
-from functools import cache
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -112,47 +112,22 @@ def step(cell, p, h, x):
     return sigmoid(p["lam"]) * h + jnp.tanh(x @ p["w"])
 
 
-def scan_unroll(cell, p, xs, h0, mask, resets, truncate, delta_clip):
-    """The plain ``lax.scan``: a reset zeros the carry entering its step, a padded step passes
-    it, truncation is ``stop_gradient`` on the carry entering steps k, 2k, ...
-    (``truncate=T``: none), ``delta_clip`` clips the error on each new carry (``inf``:
-    none). Every option is an array, so one compile serves every problem of a shape."""
-
-    def body(h, inp):
-        t, x, m_t, r_t = inp
-        cut = (t % truncate == 0) & (t > 0)
-        h = jnp.where(cut, lax.stop_gradient(h), h)
-        h = jnp.where(r_t[:, None], 0.0, h).astype(h.dtype)
-        new = jnp.where(m_t[:, None], step(cell, p, h, x), h)
-        new = ref.clip_error_at(new, delta_clip)
-        return new, new
-
-    carry_t, hs = lax.scan(body, h0, (jnp.arange(xs.shape[0]), xs, mask, resets))
-    return hs, carry_t
-
-
-def _options(xs, mask, resets, truncate, delta_clip):
-    t, b = xs.shape[:2]
-    return (
-        jnp.ones((t, b), bool) if mask is None else mask,
-        jnp.zeros((t, b), bool) if resets is None else resets,
-        jnp.asarray(t if truncate is None else truncate),
-        jnp.asarray(np.inf if delta_clip is None else delta_clip, xs.dtype),
-    )
-
-
 @cache
-def _reference_vjp(cell):
-    def run(p, xs, h0, ct, *options):
-        out, vjp = jax.vjp(lambda *a: scan_unroll(cell, *a, *options), p, xs, h0)
-        return out, vjp(ct)
+def _step_of(cell):
+    """The reference step of ``cell``, one object per cell (the reference compiles once)."""
+    return partial(step, cell)
 
-    return jax.jit(run)
+
+def scan_unroll(cell, p, xs, h0, *options):
+    return ref.diagonal_scan(_step_of(cell), p, xs, h0, *options)
+
+
+_options = ref.scan_options
 
 
 def reference_vjp(cell, p, xs, h0, ct, mask=None, resets=None, truncate=None, delta_clip=None):
     """``((hs, carry_T), (dp, dxs, dh0))`` of the reference for cotangents ``ct``."""
-    return _reference_vjp(cell)(p, xs, h0, ct, *_options(xs, mask, resets, truncate, delta_clip))
+    return ref.diagonal_scan_vjp(_step_of(cell), p, xs, h0, ct, mask, resets, truncate, delta_clip)
 
 
 @cache

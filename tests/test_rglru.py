@@ -16,7 +16,7 @@ per-step clipped backwards; a Stack with dropout.
 
 import itertools
 import re
-from functools import cache
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -47,46 +47,22 @@ def rglru_step(c, p, h, x):
     return jnp.exp(log_a) * h + jnp.sqrt(-jnp.expm1(2 * log_a)) * (i * (x @ p.w_in + p.b_in))
 
 
-def scan_unroll(c, p, xs, h0, mask, resets, truncate, delta_clip):
-    """The plain ``lax.scan``: a reset zeros the carry entering its step, a padded step passes
-    it, truncation is ``stop_gradient`` on the carry entering steps k, 2k, ... (``truncate=T``:
-    none), ``delta_clip`` clips the error on each new carry (``inf``: none)."""
-
-    def body(h, inp):
-        t, x, m_t, r_t = inp
-        cut = (t % truncate == 0) & (t > 0)
-        h = jnp.where(cut, lax.stop_gradient(h), h)
-        h = jnp.where(r_t[:, None], 0.0, h).astype(h.dtype)
-        new = jnp.where(m_t[:, None], rglru_step(c, p, h, x), h)
-        new = ref.clip_error_at(new, delta_clip)
-        return new, new
-
-    carry_t, hs = lax.scan(body, h0, (jnp.arange(xs.shape[0]), xs, mask, resets))
-    return hs, carry_t
-
-
-def _options(xs, mask, resets, truncate, delta_clip):
-    t, b = xs.shape[:2]
-    return (
-        jnp.ones((t, b), bool) if mask is None else mask,
-        jnp.zeros((t, b), bool) if resets is None else resets,
-        jnp.asarray(t if truncate is None else truncate),
-        jnp.asarray(np.inf if delta_clip is None else delta_clip, xs.dtype),
-    )
-
-
 @cache
-def _reference_vjp(c):
-    def run(p, xs, h0, ct, *options):
-        out, vjp = jax.vjp(lambda *a: scan_unroll(c, *a, *options), p, xs, h0)
-        return out, vjp(ct)
+def _step_of(c):
+    """The reference step for ``c``, one object per value (the reference compiles once)."""
+    return partial(rglru_step, c)
 
-    return jax.jit(run)
+
+def scan_unroll(c, p, xs, h0, *options):
+    return ref.diagonal_scan(_step_of(c), p, xs, h0, *options)
+
+
+_options = ref.scan_options
 
 
 def reference_vjp(c, p, xs, h0, ct, mask=None, resets=None, truncate=None, delta_clip=None):
     """``((hs, carry_T), (dp, dxs, dh0))`` of the reference for cotangents ``ct``."""
-    return _reference_vjp(c)(p, xs, h0, ct, *_options(xs, mask, resets, truncate, delta_clip))
+    return ref.diagonal_scan_vjp(_step_of(c), p, xs, h0, ct, mask, resets, truncate, delta_clip)
 
 
 @cache
