@@ -33,8 +33,9 @@ def step_backward(cell):
         return cell.step_backward
 
     def vjp(params, carry, x, new, dnew):
-        # the one-step backward of a cell that brings none; the sequence around it stays
-        # hand-written
+        # allowed autodiff: the one-step backward of a tier-1 user cell that brings no
+        # step_backward (the contract's one exception); the sequence around it, the reverse
+        # scan and the sum over steps, stays hand-written
         del new
         _, pullback = jax.vjp(lambda p, c, x_: cell.step(p, c, x_)[0], params, carry, x)
         return pullback(dnew)

@@ -196,8 +196,10 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
             (a, _), res = _coefficients(cell, cparams, x, acc)
             return a, lambda da, db: cell.coefficients_backward(cparams, x, a, res, da, db)
 
-        # the one autodiff of this path: the coefficients are a function of each step's own
-        # input, so their VJP is parallel in time (re-run here, nothing of it stored)
+        # allowed autodiff (the linear contract's exception): a user linear cell without
+        # coefficients_backward gets the VJP of its coefficient function, which is parallel
+        # in time (each step's coefficients depend on its own input only; re-run here,
+        # nothing of it stored); never a VJP of the sequence
         def coefficients(p, x_):
             return cell.coefficients(precision.compute_params(p, xs.dtype), x_)[0]
 
