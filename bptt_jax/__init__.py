@@ -1,12 +1,12 @@
 """bptt_jax: Backpropagation Through Time for JAX, with the backward written by hand.
 
 Cells (:class:`Elman`, :class:`LSTM`, :class:`GRU`, and the linear recurrences
-:class:`MinGRU`, :class:`MinLSTM` and :class:`RGLRU`) and models of them (:class:`Stack`,
-:class:`Bidirectional`, :func:`stacked`) run over time-major sequences with :func:`unroll`
-and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written reverse ``lax.scan``
-(the BPTT of Werbos 1990), verified against autodiff by :func:`check_gradients`. Any cell
-of your own that meets :class:`Cell` (``init``, ``zero_carry``, ``step``) goes wherever a
-built-in one goes (:mod:`bptt_jax.cells.protocol`).
+:class:`MinGRU`, :class:`MinLSTM`, :class:`RGLRU` and :class:`LRU`) and models of them
+(:class:`Stack`, :class:`Bidirectional`, :func:`stacked`) run over time-major sequences
+with :func:`unroll` and :func:`sequence_loss`; ``jax.grad`` of either uses a hand-written
+reverse ``lax.scan`` (the BPTT of Werbos 1990), verified against autodiff by
+:func:`check_gradients`. Any cell of your own that meets :class:`Cell` (``init``,
+``zero_carry``, ``step``) goes wherever a built-in one goes (:mod:`bptt_jax.cells.protocol`).
 
 The names below are the public API. ``bptt_jax._engine`` (the sequence engine) and
 ``bptt_jax.validation`` are internals: their functions may change without notice.
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 from bptt_jax._engine import unroll as unroll
 from bptt_jax.cells import GRU as GRU
+from bptt_jax.cells import LRU as LRU
 from bptt_jax.cells import LSTM as LSTM
 from bptt_jax.cells import RGLRU as RGLRU
 from bptt_jax.cells import Cell as Cell
@@ -24,6 +25,7 @@ from bptt_jax.cells import ElmanParams as ElmanParams
 from bptt_jax.cells import FastCell as FastCell
 from bptt_jax.cells import GRUParams as GRUParams
 from bptt_jax.cells import LinearCell as LinearCell
+from bptt_jax.cells import LRUParams as LRUParams
 from bptt_jax.cells import LSTMCarry as LSTMCarry
 from bptt_jax.cells import LSTMParams as LSTMParams
 from bptt_jax.cells import ManualCell as ManualCell
@@ -90,6 +92,8 @@ __all__ = [
     "ReadoutParams",
     "RGLRU",
     "RGLRUParams",
+    "LRU",
+    "LRUParams",
     "sequence_loss",
     "spectral_norms",
     "SpectralNorms",

@@ -17,7 +17,7 @@ import numpy as np
 
 from bptt_jax import checking
 from bptt_jax._engine import unroll
-from bptt_jax.cells import GRU, LSTM, Elman
+from bptt_jax.cells import GRU, LRU, LSTM, RGLRU, Elman, MinGRU, MinLSTM
 from bptt_jax.models import Bidirectional, Stack
 
 #: The options of :func:`bptt_jax.unroll` a wrapper passes through, with their defaults.
@@ -41,10 +41,13 @@ def first_cell_params(model, params):
 
 
 def input_size_of(model, params) -> int | None:
-    """D, read from a built-in cell's input kernel ``(D, G*H)``; ``None`` when unknown."""
+    """D, read from a built-in cell's input kernel (its first params field, ``(D, G*H)``, or
+    ``(D, H)`` for a linear cell); ``None`` when unknown."""
     cell, p = first_cell_params(model, params)
-    if isinstance(cell, (Elman, LSTM, GRU)):
+    if isinstance(cell, (Elman, LSTM, GRU, MinGRU, MinLSTM, RGLRU)):
         return int(np.shape(p[0])[0])
+    if isinstance(cell, LRU):  # its input kernel B (D, N), after the eigenvalues' vectors
+        return int(np.shape(p.b_re)[0])
     return None
 
 

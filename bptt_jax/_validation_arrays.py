@@ -50,6 +50,50 @@ def concrete(x) -> np.ndarray | None:
     return np.asarray(x)
 
 
+# ----------------------------------------------------------------------- real numbers
+#: Per argument, how its complex numbers go in as real arrays (:func:`check_real`).
+_AS_REAL = {
+    "xs": "xs as jnp.concatenate([xs.real, xs.imag], axis=-1), 2*D real features",
+    "params": "a complex kernel as two real params (w_re, w_im), combined inside the step",
+    "carry0": "a complex state (B, N) as one real (B, 2N) array, its real parts then its "
+    "imaginary parts",
+    "readout": "a readout of the real features the model outputs",
+}
+
+
+def check_real(fn: str, name: str, tree) -> None:
+    """No complex array (nor Python complex number) anywhere in ``tree``, the argument
+    ``name``: the cells, the losses and the hand-written backward are real; a complex state
+    or parameter goes in as its real and imaginary parts. Reads dtypes only (free under
+    ``jit``).
+
+    Raises:
+      TypeError: naming the argument and the leaf (``params[1].w_x``), its dtype, and how to
+        pass it as real arrays.
+    """
+    if not any(map(_is_complex, jax.tree.leaves(tree))):
+        return  # the common case, without the paths (xs may be a long nested list)
+    path, leaf = next(
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if _is_complex(leaf)
+    )
+    dt = np.dtype(complex) if isinstance(leaf, complex) else leaf.dtype
+    how = _AS_REAL.get(name)
+    raise TypeError(
+        f"{fn}: {name}{jax.tree_util.keystr(path)} has dtype {dt}; complex dtypes are not "
+        f"supported: pass a complex number as its real and imaginary parts, real arrays"
+        + (f" (e.g. {how})" if how else "")
+    )
+
+
+def _is_complex(leaf) -> bool:
+    if isinstance(leaf, complex):
+        return True
+    dt = getattr(leaf, "dtype", None)
+    return dt is not None and jnp.issubdtype(dt, jnp.complexfloating)
+
+
 # ----------------------------------------------------------------------------- options
 def check_key(fn: str, key, name: str = "key") -> jax.Array:
     """A PRNG key: a typed key (``jax.random.key``), a raw ``uint32`` key
@@ -235,6 +279,7 @@ def check_right_padded(fn: str, mask) -> None:
 # --------------------------------------------------------------------------- loss head
 def check_readout(fn: str, readout, h: int, dtype) -> int:
     """Check ReadoutParams(w_hy (H, O), b_y (O,)); return O."""
+    check_real(fn, "readout", readout)
     if not isinstance(readout, ReadoutParams):
         raise TypeError(
             f"{fn}: readout must be a bptt_jax.ReadoutParams(w_hy, b_y); "

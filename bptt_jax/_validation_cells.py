@@ -305,9 +305,12 @@ def check_step(fn: str, cell, params, carry, d: int, dtype, compute_dtype=None) 
     call = _StepCall(cell, *args, x, compute_dtype, policy)
     new, h = _traced_step(fn, call)
     _check_new_carry(fn, call, new)
-    _check_hidden(fn, call, h)
+    if protocol.has_output(cell):
+        _check_output(fn, call, h)
+    else:
+        _check_hidden(fn, call, h)
     if protocol.has_step_backward(cell):
-        _check_step_backward(fn, call)
+        _check_step_backward(fn, call, h if protocol.has_output(cell) else None)
     if protocol.is_linear(cell):
         _check_coefficients(fn, call)
 
@@ -395,18 +398,41 @@ def _check_hidden(fn: str, call: _StepCall, h) -> None:
         ) from None
 
 
-def _check_step_backward(fn: str, call: _StepCall) -> None:
+def _check_output(fn: str, call: _StepCall, y) -> None:
+    """The output ``y_t`` of a cell whose outputs are not its carry: one floating array
+    ``(B, F)``, F the cell's output size."""
+    cell, batch = call.cell, call.x.shape[0]
+    name = type(cell).__name__
+    try:
+        size = protocol.output_size(cell)
+    except TypeError as e:
+        raise TypeError(f"{fn}: {e}") from None
+    shape = getattr(y, "shape", None)
+    if shape is None or tuple(shape) != (batch, size):
+        raise ValueError(
+            f"{fn}: {name}.step returns the output y_t of shape {shape}; its outputs are not "
+            f"its carry (it has no hidden method and y_t is not the new carry), so y_t must be "
+            f"one array (B, F) = {(batch, size)}"
+        )
+    if not jnp.issubdtype(y.dtype, jnp.floating):
+        raise TypeError(f"{fn}: {name}.step returns y_t of dtype {y.dtype}; it must be floating")
+
+
+def _check_step_backward(fn: str, call: _StepCall, y=None) -> None:
     """A :class:`~bptt_jax.cells.ManualCell`'s ``step_backward(params, carry, x_t, new,
     dnew)``, traced for shapes only: ``(dparams, dcarry, dx)`` shaped like the params, the
-    carry and ``x_t`` (a wrong shape could broadcast into a wrong sum over time, silently)."""
+    carry and ``x_t`` (a wrong shape could broadcast into a wrong sum over time, silently).
+    ``y``: the step's output where it is not the carry (``new`` and ``dnew`` are then the
+    pairs ``(carry, y)``)."""
     cell, params, carry, x = call.cell, call.params, call.carry, call.x
     call_name = f"{type(cell).__name__}.step_backward(params, carry, x_t, new, dnew)"
+    new = carry if y is None else (carry, y)
     try:
         out = jax.eval_shape(
             lambda p, c, x_t, new, dnew: cell.step_backward(
                 precision.compute_params(p, call.compute_dtype), c, x_t, new, dnew
             ),
-            params, carry, x, carry, carry,
+            params, carry, x, new, new,
         )  # fmt: skip
     except Exception as e:
         raise _noted(e, f"{fn}: raised by {call_name}{call.policy}") from None
@@ -458,15 +484,26 @@ def _check_coefficients(fn: str, call: _StepCall) -> None:
             and len(out[0]) == 2):  # fmt: skip
         raise TypeError(f"{fn}: {call_name} must return ((a, b), residuals)")
     want = (2, *carry.shape)
+    a = out[0][0]
+    complex_ = hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.complexfloating)
+    if complex_:  # a complex state of N units, carried as its real and imaginary parts
+        want = (2, *carry.shape[:-1], carry.shape[-1] // 2)
+    kind = "complex" if complex_ else "floating"
     for what, c in zip("ab", out[0]):
-        if not hasattr(c, "shape") or tuple(c.shape) != want:
+        if not hasattr(c, "shape") or tuple(c.shape) != want or carry.shape[-1] % 2 and complex_:
+            how = (
+                "(T, B, N) for a complex state carried as (B, 2N), its real and imaginary parts"
+                if complex_ else "(T, *carry.shape)"
+            )  # fmt: skip
             raise ValueError(
                 f"{fn}: {call_name} returns {what} of shape {getattr(c, 'shape', None)}; it must "
-                f"be (T, *carry.shape) = {want}"
+                f"be {how} = {want} (carry {tuple(carry.shape)})"
             )
-        if not jnp.issubdtype(c.dtype, jnp.floating):
+        ok = jnp.complexfloating if complex_ else jnp.floating
+        if not jnp.issubdtype(c.dtype, ok):
             raise TypeError(
-                f"{fn}: {call_name} returns {what} of dtype {c.dtype}; it must be floating"
+                f"{fn}: {call_name} returns {what} of dtype {c.dtype}; a and b must both be "
+                f"{kind} (as a is)"
             )
     for path, r in jax.tree_util.tree_leaves_with_path(out[1]):
         if tuple(r.shape[:2]) != want[:2]:
@@ -475,3 +512,79 @@ def _check_coefficients(fn: str, call: _StepCall) -> None:
                 f"{tuple(r.shape)}; every residual is per step, with leading axes (T, B) = "
                 f"{want[:2]}"
             )
+    if protocol.has_coefficients_backward(cell):
+        _check_coefficients_backward(fn, call, xs, out)
+    if protocol.has_output(cell):
+        _check_output_map(fn, call, xs)
+
+
+def _check_gradient_like(fn: str, call_name: str, named) -> None:
+    """Gradients ``(what, var, got, like)`` with their variables' structures and shapes."""
+    for what, var, got, like in named:
+        if jax.tree.structure(got) != jax.tree.structure(like):
+            raise _structure_error(f"{fn}: {call_name}", what, got, like, var)
+        for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(like)):
+            if tuple(g.shape) != tuple(w.shape) or not jnp.issubdtype(g.dtype, jnp.floating):
+                raise ValueError(
+                    f"{fn}: {call_name} returns {what}{jax.tree_util.keystr(path)} of shape "
+                    f"{tuple(g.shape)} {g.dtype}; it must be floating of the shape of "
+                    f"{var}{jax.tree_util.keystr(path)}, {tuple(w.shape)} (a gradient has its "
+                    "variable's shape)"
+                )
+
+
+def _check_coefficients_backward(fn: str, call: _StepCall, xs, out) -> None:
+    """A linear cell's ``coefficients_backward``, traced: ``(dparams, dxs)`` shaped like the
+    params and ``xs`` (a wrong shape could broadcast into a wrong sum, silently)."""
+    cell = call.cell
+    call_name = f"{type(cell).__name__}.coefficients_backward(params, xs, a, residuals, da, db)"
+    (a, b), res = out
+    try:
+        got = jax.eval_shape(
+            lambda p, x, a_, r, da, db: cell.coefficients_backward(
+                precision.compute_params(p, call.compute_dtype), x, a_, r, da, db
+            ),
+            call.params, xs, a, res, a, b,
+        )  # fmt: skip
+    except Exception as e:
+        raise _noted(e, f"{fn}: raised by {call_name}{call.policy}") from None
+    if not (isinstance(got, tuple) and len(got) == 2):
+        raise TypeError(f"{fn}: {call_name} must return the pair (dparams, dxs)")
+    _check_gradient_like(
+        fn, call_name, (("dparams", "params", got[0], call.params), ("dxs", "xs", got[1], xs))
+    )
+
+
+def _check_output_map(fn: str, call: _StepCall, xs) -> None:
+    """A linear cell's ``output(params, hs, xs)`` (T, B, F), and its ``output_backward``."""
+    cell, carry = call.cell, call.carry
+    name = type(cell).__name__
+    hs = jax.ShapeDtypeStruct((2, *carry.shape), carry.dtype)
+    call_name = f"{name}.output(params, hs, xs)"
+    cparams = lambda p: precision.compute_params(p, call.compute_dtype)  # noqa: E731
+    try:
+        ys = jax.eval_shape(lambda p, h, x: cell.output(cparams(p), h, x), call.params, hs, xs)
+        size = protocol.output_size(cell)
+    except Exception as e:
+        raise _noted(e, f"{fn}: raised by {call_name}{call.policy}") from None
+    want = (*xs.shape[:2], size)
+    if tuple(getattr(ys, "shape", ())) != want or not jnp.issubdtype(ys.dtype, jnp.floating):
+        raise ValueError(
+            f"{fn}: {call_name} returns {getattr(ys, 'shape', type(ys).__name__)}; it must "
+            f"return one floating array (T, B, F) = {want}"
+        )
+    if not callable(getattr(cell, "output_backward", None)):
+        return
+    call_name = f"{name}.output_backward(params, hs, xs, dys)"
+    try:
+        got = jax.eval_shape(
+            lambda p, h, x, dy: cell.output_backward(cparams(p), h, x, dy),
+            call.params, hs, xs, ys,
+        )  # fmt: skip
+    except Exception as e:
+        raise _noted(e, f"{fn}: raised by {call_name}{call.policy}") from None
+    if not (isinstance(got, tuple) and len(got) == 3):
+        raise TypeError(f"{fn}: {call_name} must return the triple (dparams, dhs, dxs)")
+    named = (("dparams", "params", got[0], call.params), ("dhs", "hs", got[1], hs),
+             ("dxs", "xs", got[2], xs))  # fmt: skip
+    _check_gradient_like(fn, call_name, named)

@@ -46,7 +46,8 @@ class RNN(eqx.Module):
     carry without its batch axis), which can be ``jax.vmap`` -ed like any Equinox layer.
 
     Args:
-      model: a cell (``bptt_jax.Elman``, ``LSTM``, ``GRU``), a ``bptt_jax.Bidirectional`` or a
+      model: a cell (``bptt_jax.Elman``, ``LSTM``, ``GRU``, the linear ``MinGRU``,
+        ``MinLSTM``, ``RGLRU``, or your own), a ``bptt_jax.Bidirectional`` or a
         ``bptt_jax.Stack``.
       in_features: D; the params are ``model.init(key, D, dtype)``.
       key: the PRNG key for the init.

@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bptt_jax.cells import GRU, LSTM, RGLRU, Elman, MinGRU, MinLSTM, _common, protocol
+from bptt_jax.cells import GRU, LRU, LSTM, RGLRU, Elman, MinGRU, MinLSTM, _common, protocol
 
 MERGES = ("concat", "sum", "mean")
 #: The built-in cells.
-CELL_TYPES = (Elman, LSTM, GRU, MinGRU, MinLSTM, RGLRU)
+CELL_TYPES = (Elman, LSTM, GRU, MinGRU, MinLSTM, RGLRU, LRU)
 
 
 def is_cell(x) -> bool:
@@ -320,12 +320,25 @@ CELLS = {
     "mingru": MinGRU,
     "minlstm": MinLSTM,
     "rglru": RGLRU,
+    "lru": LRU,
 }
 
 
 def cell_name(cell) -> str | None:
     """The name of a built-in cell (``"lstm"`` for an :class:`~bptt_jax.LSTM`), else ``None``."""
     return next((name for name, cls in CELLS.items() if type(cell) is cls), None)
+
+
+def cells_with(setting: str) -> tuple[str, ...]:
+    """The names of the built-in cells that have ``setting`` (a field of theirs).
+
+    Example:
+      >>> cells_with("scan"), cells_with("c")
+      (('mingru', 'minlstm', 'rglru', 'lru'), ('rglru',))
+    """
+    return tuple(
+        name for name, cls in CELLS.items() if setting in {f.name for f in dataclasses.fields(cls)}
+    )
 
 
 def build_model(
@@ -338,6 +351,8 @@ def build_model(
     activation: str | None = None,
     forget_bias: float | None = None,
     init_scheme: str | None = None,
+    scan: str | None = None,
+    c: float | None = None,
 ):
     """The cell or model a name and a few settings describe: the one registry of the
     ``bptt-jax`` commands and the benchmarks.
@@ -353,6 +368,14 @@ def build_model(
         that have it (``activation``: Elman, ``forget_bias``: LSTM, ``init_scheme``: Elman,
         LSTM, GRU) and is ignored by the others, as a config table holds them all; ``None``:
         the default.
+      scan, c: the linear cells' settings (``scan``: MinGRU, MinLSTM, RGLRU, ``"auto"``,
+        ``"parallel"`` or ``"sequential"``; ``c``: RGLRU, a positive number); ``None``: the
+        default. Unlike the three above, one given for a cell that lacks it is an error.
+
+    Raises:
+      ValueError: an unknown ``cell``; ``dropout`` without ``layers``; ``scan`` or ``c``
+        given for a cell that has no such setting; a value the cell refuses (an unknown
+        ``scan``, ``c <= 0``: the cell's own message).
 
     Example:
       >>> build_model("lstm", 8, forget_bias=1.0)
@@ -360,13 +383,27 @@ def build_model(
       >>> model = build_model("gru", 8, layers=2, bidirectional=True)
       >>> model == stacked(GRU(8), 2, bidirectional=True)
       True
+      >>> build_model("rglru", 8, scan="parallel", c=4)
+      RGLRU(hidden_size=8, c=4.0, scan='parallel')
+      >>> build_model("lstm", 8, scan="parallel")
+      Traceback (most recent call last):
+      ...
+      ValueError: build_model: scan is a setting of mingru, minlstm, rglru, lru, not of cell 'lstm'
     """
     if cell not in CELLS:
         raise ValueError(f"build_model: cell must be one of {', '.join(CELLS)}; got {cell!r}")
     cls = CELLS[cell]
-    given = dict(activation=activation, forget_bias=forget_bias, init_scheme=init_scheme)
     own = {f.name for f in dataclasses.fields(cls)}
-    made = cls(hidden_size, **{k: v for k, v in given.items() if v is not None and k in own})
+    strict = dict(scan=scan, c=c)  # settings only some cells have: an error for the others
+    for name, value in strict.items():
+        if value is not None and name not in own:
+            raise ValueError(
+                f"build_model: {name} is a setting of {', '.join(cells_with(name))}, "
+                f"not of cell {cell!r}"
+            )
+    given = dict(activation=activation, forget_bias=forget_bias, init_scheme=init_scheme)
+    given = {k: v for k, v in given.items() if k in own} | strict
+    made = cls(hidden_size, **{k: v for k, v in given.items() if v is not None})
     if layers is not None:
         return stacked(made, layers, bidirectional=bidirectional, dropout=dropout)
     if dropout:

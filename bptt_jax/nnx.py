@@ -51,7 +51,8 @@ class RNN(nnx.Module):
     :class:`bptt_jax.Bidirectional`).
 
     Args:
-      model: a cell (``bptt_jax.Elman``, ``LSTM``, ``GRU``), a ``bptt_jax.Bidirectional`` or a
+      model: a cell (``bptt_jax.Elman``, ``LSTM``, ``GRU``, the linear ``MinGRU``,
+        ``MinLSTM``, ``RGLRU``, or your own), a ``bptt_jax.Bidirectional`` or a
         ``bptt_jax.Stack`` (e.g. ``bptt_jax.stacked(LSTM(64), 2, bidirectional=True)``).
       in_features: D; the params are ``model.init(rngs.params(), D, param_dtype)``.
       params: instead of ``in_features`` and ``rngs``: the model's params to hold (e.g. from

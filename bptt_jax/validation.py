@@ -34,6 +34,7 @@ from bptt_jax._validation_arrays import check_key as check_key
 from bptt_jax._validation_arrays import check_mask as check_mask
 from bptt_jax._validation_arrays import check_positive as check_positive
 from bptt_jax._validation_arrays import check_readout as check_readout
+from bptt_jax._validation_arrays import check_real as check_real
 from bptt_jax._validation_arrays import check_right_padded as check_right_padded
 from bptt_jax._validation_arrays import check_targets as check_targets
 from bptt_jax._validation_arrays import check_truncate as check_truncate
@@ -183,6 +184,8 @@ def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=
     :class:`~bptt_jax.Bidirectional` 's direction by direction.
     """
     check_model(fn, model)
+    for name, value in (("params", params), ("xs", xs), ("carry0", carry0)):
+        check_real(fn, name, value)  # before any other check reads a complex dtype
     args = _ModelArgs(params, xs, carry0, mask, resets)
     xs, carry0, mask, resets, dtype = _check_args(fn, model, args, truncate)
     carry0 = like_batch(carry0, xs)

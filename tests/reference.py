@@ -672,3 +672,41 @@ def diagonal_scan_vjp(step_fn, p, xs, h0, ct, mask=None, resets=None, truncate=N
     (``step_fn`` hashable and kept: one compile per step function and shape)."""
     options = scan_options(xs, mask, resets, truncate, delta_clip)
     return _diagonal_scan_vjp(step_fn)(p, xs, h0, ct, *options)
+
+
+# ------------------------------------------------------------------ cells with an output
+def output_scan(step_fn, p, xs, h0, mask, resets, truncate, delta_clip):
+    """:func:`diagonal_scan` of a cell whose outputs are not its carry: ``step_fn(p, carry,
+    x) -> (carry, y)`` (any carry pytree); the outputs are the ``y`` of the steps, zeros at a
+    padded step (PyTorch's padded outputs). ``delta_clip`` clips the error arriving at each
+    new carry from the steps after it (the output's own error does not pass the clip).
+    Returns ``(ys, carry_T)``."""
+
+    def body(carry, inp):
+        t, x, m_t, r_t = inp
+        cut = (t % truncate == 0) & (t > 0)
+        carry = jax.tree.map(lambda c: jnp.where(cut, lax.stop_gradient(c), c), carry)
+        carry = jax.tree.map(lambda c: jnp.where(r_t[:, None], 0.0, c).astype(c.dtype), carry)
+        new, y = step_fn(p, carry, x)
+        new = jax.tree.map(lambda n, c: jnp.where(m_t[:, None], n, c), new, carry)
+        new = clip_error_at(new, delta_clip)
+        return new, jnp.where(m_t[:, None], y, 0.0)
+
+    carry_t, ys = lax.scan(body, h0, (jnp.arange(xs.shape[0]), xs, mask, resets))
+    return ys, carry_t
+
+
+@cache
+def _output_scan_vjp(step_fn):
+    def run(p, xs, h0, ct, *options):
+        out, vjp = jax.vjp(lambda *a: output_scan(step_fn, *a, *options), p, xs, h0)
+        return out, vjp(ct)
+
+    return jax.jit(run)
+
+
+def output_scan_vjp(step_fn, p, xs, h0, ct, mask=None, resets=None, truncate=None,
+                    delta_clip=None):  # fmt: skip
+    """``((ys, carry_T), (dp, dxs, dh0))`` of :func:`output_scan` for cotangents ``ct``."""
+    options = scan_options(xs, mask, resets, truncate, delta_clip)
+    return _output_scan_vjp(step_fn)(p, xs, h0, ct, *options)

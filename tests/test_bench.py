@@ -296,8 +296,9 @@ def test_precision_part_checks_and_compares_bf16_compute_with_float32(tiny_run):
 
 def test_linear_part_compares_the_linear_path_with_what_a_user_writes_and_the_gru(tiny_run):
     """bench_tiny's linear rows: MinGRU against autodiff of an associative scan and a tier-1
-    cell, against the GRU, and the table (both scans beside the GRU); every entry checked
-    against autodiff and timed; ratios from the medians and temps; the four targets."""
+    cell, against the GRU, and the table (MinLSTM's and RG-LRU's scans beside the GRU); every
+    entry checked against autodiff and timed; ratios from the medians and temps; the four
+    targets."""
     res, _, _ = tiny_run
     part = res["linear"]
     assert part["auto_scan"] == ("sequential" if res["environment"]["backend"] == "cpu"
@@ -307,7 +308,10 @@ def test_linear_part_compares_the_linear_path_with_what_a_user_writes_and_the_gr
     (row,) = part["table"]
     assert list(cmp["entries"]) == ["manual", "assoc_autodiff", "tier1"]
     assert list(gru["entries"]) == ["manual", "gru"]
-    assert list(row["entries"]) == ["minlstm/sequential", "minlstm/parallel", "gru"]
+    # bench_tiny's linear.cells: minlstm and rglru, each with both scans, beside the gru
+    assert list(row["entries"]) == ["minlstm/sequential", "minlstm/parallel",
+                                    "rglru/sequential", "rglru/parallel", "gru"]  # fmt: skip
+    assert set(row["time_of"]["gru"]) == set(row["entries"]) - {"gru"}
     for r in (cmp, gru, row):
         assert r["tokens"] == r["T"] * r["B"]
         for v in r["entries"].values():

@@ -131,6 +131,68 @@ def test_gradients_equal_the_functional_apis(model_name, rng):
         np.testing.assert_allclose(got_x, ref_x, rtol=1e-14, atol=1e-14, err_msg=framework)
 
 
+LINEAR = {
+    "mingru": lambda: bptt_jax.MinGRU(H),
+    "rglru_parallel": lambda: bptt_jax.RGLRU(H, c=4.0, scan="parallel"),
+    "stacked_biminlstm": lambda: bptt_jax.stacked(bptt_jax.MinLSTM(H), 2, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("model_name", list(LINEAR))
+def test_linear_cells_in_a_module_have_the_functional_apis_gradients(framework, model_name, rng):
+    """The linear cells (their coefficient path, not a step loop) in either framework's
+    module, its params drawn by the module's own init (in_features + rngs / key), float32:
+    the outputs, final carry and gradients (params and inputs, through a padded batch and a
+    random initial carry) are those of ``bptt_jax.unroll`` on the module's params."""
+    wrapper = _framework(framework)
+    model = LINEAR[model_name]()
+    if framework == "nnx":
+        from flax import nnx
+
+        rnn = wrapper.RNN(model, D, rngs=nnx.Rngs(0), return_carry=True)
+        params = rnn.get_params()
+    else:
+        rnn = wrapper.RNN(model, D, key=jax.random.key(0), return_carry=True)
+        params = rnn.params
+    assert jax.tree.structure(params) == jax.tree.structure(model.init(jax.random.key(0), D))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    _, x, lengths, carry0 = problem(rng, model, np.float32)
+    out_shape = (B, T, bptt_jax.models.output_size(model))
+    ct_out = jnp.asarray(rng.normal(size=out_shape).astype(np.float32))
+    ct_carry = draw(rng, carry0, np.float32)
+    mask = jnp.asarray(np.arange(T)[:, None] < np.asarray(lengths)[None, :])
+
+    def loss_of(carry, out):
+        dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(ct_carry)))
+        return jnp.sum(out * ct_out) + dot
+
+    def functional(p, x):
+        hs, carry = bptt_jax.unroll(model, p, jnp.swapaxes(x, 0, 1), carry0, mask=mask)
+        return loss_of(carry, jnp.swapaxes(hs, 0, 1))
+
+    ref_hs, ref_carry = bptt_jax.unroll(model, params, jnp.swapaxes(x, 0, 1), carry0, mask=mask)
+    carry, y = rnn(x, initial_carry=carry0, seq_lengths=lengths)
+    np.testing.assert_allclose(y, jnp.swapaxes(ref_hs, 0, 1), rtol=1e-5, atol=1e-5)
+    for a, b in zip(leaves(carry), leaves(ref_carry)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    ref_p, ref_x = jax.jit(jax.grad(functional, argnums=(0, 1)))(params, x)
+    got_p, got_x = wrapper_grads(
+        framework, rnn, lambda m, x: loss_of(*m(x, initial_carry=carry0, seq_lengths=lengths)), x
+    )
+    assert jax.tree.structure(got_p) == jax.tree.structure(params)
+    assert any(np.abs(g).max() > 1e-3 for g in leaves(ref_p))  # not trivially all zeros
+    for a, b in zip(leaves(got_p), leaves(ref_p)):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_x, ref_x, rtol=1e-5, atol=1e-5)
+    # given params instead: D is read off them, as for the other built-in cells
+    assert make(framework, model, params).in_features == D
+    with pytest.raises(ValueError, match=f"in_features={D + 1} does not match the params' input"):
+        make(framework, model, params, in_features=D + 1)
+
+
 # ------------------------------------------------------------------------------ conventions
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_layouts_lengths_masks_and_carry_agree(framework, rng):

@@ -329,11 +329,38 @@ def test_sampler_is_deterministic_per_key_and_greedy_at_temperature_zero(key):
         (["train.k1=101"], r"'train.k1' \(101\) must be <= 'adding.seq_len' \(100\)"),
         (["train.k1=1000000000000"], r"'train.k1' \(1000000000000\) must be <= 'adding.seq_len'"),
         (["model.num_layers=100000"], "'model.num_layers' must be <= 1000"),
+        # the linear cells' settings: an error for a cell without them, never ignored
+        (["model.scan=parallel"],
+         "'model.scan' applies to model.cell mingru, minlstm, rglru, not to 'lstm'"),
+        (["model.cell=mingru", "model.c=4"], "'model.c' applies to model.cell rglru, not to "
+         "'mingru'"),
+        (["model.cell=rglru", "model.scan=fast"],
+         "'model.scan' must be 'auto' | 'parallel' | 'sequential' or none; got 'fast'"),
+        (["model.cell=rglru", "model.c=0"], r"'model.c' must be positive \(or none\); got 0.0"),
+        (["model.cell=rglru", "model.c=-2.5"], r"'model.c' must be positive .*; got -2.5"),
+        (["model.cell=rglru", "model.c=1e300"], "'model.c' must be a number that model.dtype"),
     ],
-)
+)  # fmt: skip
 def test_config_errors_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         train_config.build(cfg_of(*overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cell"),
+    [
+        (["model.cell=rglru", "model.scan=parallel", "model.c=4"],
+         bptt_jax.RGLRU(128, c=4.0, scan="parallel")),
+        (["model.cell=mingru", "model.scan=sequential"], bptt_jax.MinGRU(128, scan="sequential")),
+        (["model.cell=minlstm", "model.scan=none"], bptt_jax.MinLSTM(128)),
+        (["model.cell=rglru", "model.num_layers=2", "model.c=2"],
+         bptt_jax.stacked(bptt_jax.RGLRU(128, c=2.0), 2)),
+    ],
+)  # fmt: skip
+def test_the_linear_cells_scan_and_c_are_config_settings(overrides, cell):
+    """``model.scan`` and ``model.c`` reach the cell the trainer trains (every layer's)."""
+    _, built, _ = train_config.build(cfg_of(*overrides))
+    assert built == cell
 
 
 def test_a_config_file_that_is_not_utf8_is_one_error_naming_the_file(tmp_path):

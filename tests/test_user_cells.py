@@ -724,7 +724,6 @@ def _inputs(cell):
         (Mutating(5, "structure"), TypeError, ("Mutating.step", "structure", "step to step")),
         (Mutating(5, "dtype"), TypeError, ("Mutating.step", "dtype", "float64", "float32")),
         (Mutating(5, "shape"), ValueError, ("Mutating.step", "shape", "(3, 5)", "(3, 4)")),
-        (NoHidden(4), TypeError, ("NoHidden", "dict", "hidden(self, carry)")),
         (NonlinearHidden(4), TypeError, ("NonlinearHidden.hidden", "pick out", "tanh")),
         (BadBackward(5, "missing"), TypeError,
          ("BadBackward.step_backward", "dparams must have the structure of params",
@@ -734,7 +733,7 @@ def _inputs(cell):
         (BadBackward(5, "dcarry"), ValueError, ("dcarry of shape (3, 4)", "carry, (3, 5)")),
         (BadBackward(5, "pair"), TypeError, ("(dparams, dcarry, dx)", "tuple of 2")),
     ],
-    ids=["no-step", "half-fast", "unhashable", "structure", "dtype", "shape", "no-hidden",
+    ids=["no-step", "half-fast", "unhashable", "structure", "dtype", "shape",
          "nonlinear-hidden", "backward-structure", "backward-scalar-bias", "backward-dcarry",
          "backward-pair"],
 )  # fmt: skip
@@ -742,6 +741,24 @@ def test_a_bad_cell_is_refused_before_any_work(cell, exc, fragments):
     p, xs = _inputs(IndRNN(5) if isinstance(cell, NoStep) else cell)
     with _raises(exc, *fragments):
         bptt_jax.unroll(cell, p, xs)
+
+
+def test_a_dict_carry_without_hidden_outputs_the_steps_y_as_flax_does(rng):
+    """No ``hidden`` and a dict carry: the engine stacks the ``y_t`` that ``step`` returns
+    (Flax's convention; once refused), here the same ``h`` that GatedMemory's ``hidden``
+    picks out; with its gradients. The ``y_t`` are stored beside the carries."""
+    p, xs = _inputs(GatedMemory(4))
+    ct = jnp.asarray(rng.standard_normal((*xs.shape[:2], 4)), xs.dtype)
+
+    def grads(cell):
+        return jax.grad(lambda p, x: jnp.vdot(bptt_jax.unroll(cell, p, x)[0], ct), (0, 1))(p, xs)
+
+    assert bptt_jax.cells.protocol.has_output(NoHidden(4))
+    np.testing.assert_allclose(
+        bptt_jax.unroll(NoHidden(4), p, xs)[0], bptt_jax.unroll(GatedMemory(4), p, xs)[0],
+        rtol=1e-6, atol=1e-7,
+    )  # fmt: skip
+    reference.assert_trees_close(grads(NoHidden(4)), grads(GatedMemory(4)), F64)
 
 
 def test_a_bad_cell_is_refused_in_a_model_and_by_the_trainer():

@@ -65,6 +65,61 @@ def test_float64_carry_with_float32_params():
         bptt_jax.unroll(cell, p, xs, jnp.zeros((B, H), jnp.float64))
 
 
+def _complex(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.complex64), tree)
+
+
+@pytest.mark.parametrize("fn", ["unroll", "sequence_loss", "loss_and_grads"])
+@pytest.mark.parametrize(
+    ("arg", "leaf", "how"),
+    [
+        ("params", ".w_", "as two real params"),
+        ("xs", "", "jnp.concatenate([xs.real, xs.imag], axis=-1)"),
+        ("carry0", "", "as one real (B, 2N) array"),
+    ],
+)
+@pytest.mark.parametrize("make", [bptt_jax.GRU, bptt_jax.MinGRU], ids=["gru", "mingru"])
+def test_complex_params_xs_or_carry_is_a_type_error_naming_the_argument(make, arg, leaf, how, fn):
+    """Complex dtypes are refused before any work, by name (not as a mismatch with the
+    params' dtype, nor reported on the wrong argument), with how to pass them as reals."""
+    cell, p, ro, xs, tg = _setup(make(H))
+    args = dict(params=p, xs=xs, carry0=cell.zero_carry(B))
+    args[arg] = _complex(args[arg])
+    call = {
+        "unroll": lambda: bptt_jax.unroll(cell, args["params"], args["xs"], args["carry0"]),
+        "sequence_loss": lambda: bptt_jax.sequence_loss(
+            cell, args["params"], ro, args["xs"], tg, args["carry0"]
+        ),
+        "loss_and_grads": lambda: bptt_jax.loss_and_grads(
+            cell, args["params"], ro, args["xs"], tg, args["carry0"]
+        ),
+    }[fn]
+    with _raises(
+        TypeError,
+        f"{fn}: {arg}{leaf}",
+        "has dtype complex64",
+        "complex dtypes are not supported",
+        "a complex number as its real and imaginary parts, real arrays",
+        how,
+    ):
+        call()
+    with _raises(TypeError, f"{fn}: {arg}{leaf}", "complex dtypes are not supported"):
+        jax.jit(call)()  # at trace time
+
+
+def test_a_complex_leaf_is_named_in_a_model_and_a_complex_readout_is_refused():
+    model = bptt_jax.stacked(bptt_jax.MinGRU(H), 2, bidirectional=True)
+    _, p, ro, xs, tg = _setup(model)
+    p = (p[0], (p[1][0], p[1][1]._replace(b_h=p[1][1].b_h.astype(jnp.complex64))))
+    with _raises(TypeError, "unroll: params[1][1].b_h has dtype complex64", "not supported"):
+        bptt_jax.unroll(model, p, xs)
+    cell, p, ro, xs, tg = _setup()
+    with _raises(TypeError, "sequence_loss: readout.w_hy has dtype complex64", "real arrays"):
+        bptt_jax.sequence_loss(cell, p, ro._replace(w_hy=ro.w_hy.astype(jnp.complex64)), xs, tg)
+    with _raises(TypeError, "unroll: xs[0][0][0] has dtype complex128"):  # array-likes too
+        bptt_jax.unroll(cell, p, [[[1j] * D] * B] * T)
+
+
 @pytest.mark.parametrize("shape", [(B, H + 1), (B + 1, H), (H,)])
 def test_carry_wrong_shape(shape):
     cell, p, _, xs, _ = _setup()

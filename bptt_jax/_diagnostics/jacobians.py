@@ -37,9 +37,12 @@ def _probe_norms(run: CellRun, probes, steps, key):
     per probe ``v`` on ``h_T`` (the error on carry t is ``v^T dh_T/d carry_t``, by hand)."""
     cell, (states, res) = run.cell, run.stored
     # (B, H) per carry part, in the carry's dtype (the states may be in a compute dtype)
-    zeros = jax.tree.map(lambda s, c: jnp.zeros(s.shape[1:], c.dtype), states, run.carry0)
+    carries = engine.carries_of(states)
+    zeros = jax.tree.map(lambda s, c: jnp.zeros(s.shape[1:], c.dtype), carries, run.carry0)
     dtype = jax.tree.leaves(run.carry0)[0].dtype  # the params'
-    h, b = protocol.output_size(cell), jax.tree.leaves(states)[0].shape[1]
+    # the probe's size: the hidden state's, or the carry's where the outputs are not in it
+    h = protocol.carry_vector(cell, jax.tree.map(lambda z: z[:1], zeros)).shape[-1]
+    b = jax.tree.leaves(carries)[0].shape[1]
     if probes is None:  # the one-hot basis: the rows of every example's Jacobian
         vs = jnp.broadcast_to(jnp.eye(h, dtype=dtype)[:, None, :], (h, b, h))
     else:
@@ -47,7 +50,7 @@ def _probe_norms(run: CellRun, probes, steps, key):
     flags = steps._replace(xs=None)  # the mask and resets
 
     def one_probe(v):  # v (B, H)
-        dcarry = protocol.add_to_hidden(cell, zeros, v)
+        dcarry = protocol.add_to_carry_vector(cell, zeros, v)
         _, _, sq = engine.scans(cell).reverse_scan(
             cell, run.params, flags, run.carry0, (states, res), (None, dcarry),
             engine.Backprop(keep_deltas=_squared_norm),

@@ -29,6 +29,7 @@ from bptt_jax._engine.bundles import HeadInputs as HeadInputs
 from bptt_jax._engine.bundles import OutputError as OutputError
 from bptt_jax._engine.bundles import Primals as Primals
 from bptt_jax._engine.bundles import Steps as Steps
+from bptt_jax._engine.bundles import carries_of as carries_of
 from bptt_jax._engine.bundles import output_error as output_error
 from bptt_jax._engine.directions import by_direction as by_direction
 from bptt_jax._engine.directions import reversal as reversal

@@ -43,6 +43,7 @@ def _scan(cell, params, steps, carry0, truncate, delta_clip):
     """One cell over ``steps`` (xs, mask, resets): ``(hs, carry_T)``."""
     xs = steps.xs
     cuts = step_rules.truncation_cuts(xs.shape[0], truncate)
+    both = protocol.has_output(cell)
 
     def body(carry, inputs):
         x_t, m_t, cut_t, r_t = inputs
@@ -51,12 +52,15 @@ def _scan(cell, params, steps, carry0, truncate, delta_clip):
         carry = step_rules.reset(r_t, carry)
         # under a policy x_t in the carry's dtype; the step's matmuls cast it to the kernels'
         x_t = x_t.astype(jax.tree.leaves(carry)[0].dtype)
-        new, _ = cell.step(params, carry, x_t)
+        new, y = cell.step(params, carry, x_t)
         if m_t is not None:
             new = step_rules.select(m_t, new, carry)
         if delta_clip is not None:
             new = _clip_cotangent(new, delta_clip)
-        return new, protocol.hidden(cell, new).astype(xs.dtype)
+        if not both:
+            return new, protocol.hidden(cell, new).astype(xs.dtype)
+        # a cell whose outputs are not its carry: y_t, zeros at a padded step
+        return new, (y if m_t is None else jnp.where(m_t[:, None], y, 0)).astype(xs.dtype)
 
     inputs = (xs, steps.mask, cuts, steps.resets)
     carry_t, hs = lax.scan(body, like_batch(carry0, xs), inputs)

@@ -105,6 +105,28 @@ class Stored(NamedTuple):
     buffers: tuple | None
 
 
+class WithOutputs(NamedTuple):
+    """The stored states of a cell whose outputs are not its carry
+    (:func:`~bptt_jax.cells.protocol.has_output`): the carries and the outputs, zeros at a
+    padded step."""
+
+    carries: Any  # leaves (T, B, ...)
+    ys: jax.Array  # (T, B, F)
+
+
+def carries_of(states):
+    """The stored carries of :class:`Stored` ``states`` (a :class:`WithOutputs`' own)."""
+    return states.carries if isinstance(states, WithOutputs) else states
+
+
+def outputs_of(cell, states):
+    """A cell's outputs (T, B, F) from its stored states: the stored ``y_t`` of a
+    :class:`WithOutputs`, else the hidden part of every carry."""
+    if isinstance(states, WithOutputs):
+        return states.ys
+    return protocol.hidden_seq(cell, states)
+
+
 class OutputError(NamedTuple):
     """The error from a linear readout, handed to the reverse scan unmultiplied.
 

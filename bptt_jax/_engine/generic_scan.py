@@ -20,7 +20,7 @@ from jax import lax
 
 from bptt_jax import precision
 from bptt_jax._engine import step_rules
-from bptt_jax._engine.bundles import OutputError, reverse_per_device
+from bptt_jax._engine.bundles import OutputError, WithOutputs, carries_of, reverse_per_device
 from bptt_jax._engine.sharding import SUMMED, like_batch, vary_like
 from bptt_jax._engine.step_rules import Row
 from bptt_jax.cells import protocol
@@ -28,16 +28,20 @@ from bptt_jax.cells import protocol
 
 def step_backward(cell):
     """``(cparams, carry, x, new, dnew) -> (dparams, dcarry, dx)`` of one step: the cell's
-    ``step_backward``, or ``jax.vjp`` of ``cell.step``'s new carry."""
+    ``step_backward``, or ``jax.vjp`` of ``cell.step``'s new carry. For a cell whose outputs
+    are not its carry (:func:`~bptt_jax.cells.protocol.has_output`), ``new`` and ``dnew``
+    are pairs: the new carry and the output ``y_t``, and the errors on them."""
     if protocol.has_step_backward(cell):
         return cell.step_backward
+    both = protocol.has_output(cell)
 
     def vjp(params, carry, x, new, dnew):
         # allowed autodiff: the one-step backward of a tier-1 user cell that brings no
         # step_backward (the contract's one exception); the sequence around it, the reverse
         # scan and the sum over steps, stays hand-written
         del new
-        _, pullback = jax.vjp(lambda p, c, x_: cell.step(p, c, x_)[0], params, carry, x)
+        step = cell.step if both else lambda p, c, x_: cell.step(p, c, x_)[0]
+        _, pullback = jax.vjp(step, params, carry, x)
         return pullback(dnew)
 
     return vjp
@@ -52,14 +56,20 @@ def forward(cell, params, steps, carry0, keep: bool = True):
     store = xs.dtype  # the stacked states are stored in the compute dtype
     acc = jax.tree.leaves(carry0)[0].dtype  # the carry's (params') dtype
 
+    both = protocol.has_output(cell)  # the outputs are the step's y_t, not its carry
+
     def body(carry, inputs):
         x_t, m_t, r_t = inputs
         carry = step_rules.reset(r_t, carry)
         # as in the autodiff path: x_t in the carry's dtype, the kernels in the compute dtype
-        new, _ = cell.step(cparams, carry, x_t.astype(acc))
+        new, y = cell.step(cparams, carry, x_t.astype(acc))
         if m_t is not None:  # padded step: the carry passes through unchanged
             new = step_rules.select(m_t, new, carry)
-        return new, jax.tree.map(lambda c: c.astype(store), new)
+        state = jax.tree.map(lambda c: c.astype(store), new)
+        if both:  # the output of a padded step is zeros (PyTorch's padded outputs)
+            y = y if m_t is None else jnp.where(m_t[:, None], y, 0)
+            state = WithOutputs(state, y.astype(store))
+        return new, state
 
     carry_t, states = lax.scan(body, carry0, (xs, mask, resets))
     return states, ((xs,) if keep else None), carry_t
@@ -82,8 +92,10 @@ def reverse_scan(cell, params, steps, carry0, stored, g, backprop):
 
 def _reverse_scan(cell, params, steps, carry0, stored, g, backprop):
     """:func:`reverse_scan` on one device's rows (or a whole batch off a mesh)."""
-    states, (xs,) = stored
+    stored_states, (xs,) = stored
+    states = carries_of(stored_states)
     dhs, dcarry_t = g
+    both = protocol.has_output(cell)  # the error from outside is on y_t, not on the carry
     # inside shard_map: params made device-varying like the batch, so that the VJP of a step
     # gives each device's own gradient, summed over the devices once at the end
     cparams = vary_like(precision.compute_params(params, xs.dtype), xs)
@@ -100,13 +112,22 @@ def _reverse_scan(cell, params, steps, carry0, stored, g, backprop):
 
     def body(scan_carry, row):
         dstate, dparams = scan_carry
-        x_t, state_t = row.x.astype(acc), as_carry(row.state)
+        x_t, state_t = row.x.astype(acc), as_carry(carries_of(row.state))
         prev_t = step_rules.carry_entering(carry0, states, row.t, row.reset)
-        dstate = step_rules.add_error(cell, dstate, row.dh, out_w, acc)
+        if both:
+            y_t = row.state.ys.astype(acc)
+            dy = step_rules.outside_error(row.dh, out_w, acc)
+            dy = jnp.zeros_like(y_t) if dy is None else dy
+            dy = dy if row.mask is None else jnp.where(row.mask[:, None], dy, 0)
+        else:
+            dstate = step_rules.add_error(cell, dstate, row.dh, out_w, acc)
         dstate, kept = step_rules.clip_and_keep(cell, dstate, row.real, backprop)
 
         def step_back(d):  # (dparams, dcarry, dx) -> (dcarry, dparams, dx)
-            dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, d)
+            if both:  # the step's backward takes the errors on its carry and on its y_t
+                dp, dprev, dx = step_bwd(cparams, prev_t, x_t, (state_t, y_t), (d, dy))
+            else:
+                dp, dprev, dx = step_bwd(cparams, prev_t, x_t, state_t, d)
             return dprev, dp, dx
 
         dprev, (dp, dx) = step_rules.back_one_step(step_back, dstate, row.mask, row.cut, row.reset)
@@ -117,7 +138,7 @@ def _reverse_scan(cell, params, steps, carry0, stored, g, backprop):
     ts = jnp.arange(xs.shape[0])
     init = (dcarry_t, vary_like(step_rules.zeros_like(params), xs))
     rows = Row(
-        ts, x=xs, state=states, dh=dhs, mask=steps.mask,
+        ts, x=xs, state=stored_states, dh=dhs, mask=steps.mask,
         cut=backprop.cuts, reset=steps.resets, real=backprop.real,
     )  # fmt: skip
     (dcarry0, dparams), (dxs, deltas) = lax.scan(body, init, rows, reverse=True)

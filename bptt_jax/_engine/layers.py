@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 
 from bptt_jax._engine import cell_scan, directions, generic_scan, linear_scan
-from bptt_jax._engine.bundles import Backprop, Steps, Stored
+from bptt_jax._engine.bundles import Backprop, Steps, Stored, outputs_of
 from bptt_jax._engine.directions import Paired, pair, reverse_time, unpair
 from bptt_jax.cells import protocol
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional
@@ -67,7 +67,7 @@ class _Full:
     def forward(cell, params, steps, carry0, keep):
         """``(hs, carry_T, saved)``; ``saved`` a :class:`Stored`, or ``None`` unless ``keep``."""
         states, bufs, carry_t = scans(cell).forward(cell, params, steps, carry0, keep)
-        return protocol.hidden_seq(cell, states), carry_t, Stored(states, bufs) if keep else None
+        return outputs_of(cell, states), carry_t, Stored(states, bufs) if keep else None
 
     @staticmethod
     def backward(cell, params, steps, carry0, saved, g, backprop):
@@ -94,13 +94,12 @@ def layer_output(layer, saved, idx):
     """A layer's outputs, from what its full-BPTT forward stored."""
     if isinstance(layer, Bidirectional):
         if isinstance(saved, Paired):
-            hf, hb = protocol.hidden_seq(layer.forward, saved.saved[0])
+            hf, hb = outputs_of(layer.forward, saved.saved[0])
         else:
             (sf, _), (sb, _) = saved
-            hf = protocol.hidden_seq(layer.forward, sf)
-            hb = protocol.hidden_seq(layer.backward, sb)
+            hf, hb = outputs_of(layer.forward, sf), outputs_of(layer.backward, sb)
         return directions.merge_outputs(layer.merge, hf, reverse_time(hb, idx))
-    return protocol.hidden_seq(layer, saved[0])
+    return outputs_of(layer, saved[0])
 
 
 def model_forward(model, params, steps, carry0, *, keep=True, walk=FULL):

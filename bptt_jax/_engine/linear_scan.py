@@ -45,7 +45,7 @@ from jax import lax
 
 from bptt_jax import precision
 from bptt_jax._engine import options, step_rules
-from bptt_jax._engine.bundles import OutputError, reverse_per_device
+from bptt_jax._engine.bundles import OutputError, WithOutputs, carries_of, reverse_per_device
 from bptt_jax._engine.sharding import SUMMED, like_batch, vary_like
 from bptt_jax.cells import protocol
 
@@ -133,9 +133,54 @@ def _over_chunks(body, init, length: int, step_bytes: int, reverse: bool = False
 
 def _coefficients(cell, cparams, x, acc):
     """``((a, b), residuals)`` of the steps of ``x`` (in the carry's dtype ``acc``), ``a``
-    and ``b`` in ``acc``; ``cparams``: the params with their matrices in the compute dtype."""
+    and ``b`` in ``acc`` (complex ones in the complex dtype of ``acc``'s precision);
+    ``cparams``: the params with their matrices in the compute dtype."""
     (a, b), res = cell.coefficients(cparams, x)
+    acc = _complex_of(acc) if jnp.iscomplexobj(a) else acc
     return (a.astype(acc), b.astype(acc)), res
+
+
+def _complex_of(dtype):
+    """The complex dtype of a real dtype's precision (float32 -> complex64)."""
+    return jnp.dtype(jnp.complex128 if jnp.dtype(dtype).itemsize >= 8 else jnp.complex64)
+
+
+class _Real:
+    """How a real state is carried: as itself."""
+
+    @staticmethod
+    def enter(h):
+        return h
+
+    leave = conj = enter
+
+
+class _Complex:
+    """How a complex state of N units is carried: as an array (..., 2N) of its real and
+    imaginary parts. An error ``g`` on it is ``dL/dRe + i dL/dIm``, so that the backward of
+    ``h_t = a_t h_{t-1} + b_t`` reads as the real one with ``a`` conjugated:
+    ``dL/dh_{t-1} = conj(a_t) g_t``, ``dL/da_t = g_t conj(h_{t-1})``, ``dL/db_t = g_t``."""
+
+    @staticmethod
+    def enter(h):
+        n, part = h.shape[-1] // 2, _complex_of(h.dtype).type(0).real.dtype
+        return lax.complex(h[..., :n].astype(part), h[..., n:].astype(part))
+
+    @staticmethod
+    def leave(z):
+        return jnp.concatenate([jnp.real(z), jnp.imag(z)], axis=-1)
+
+    conj = staticmethod(jnp.conj)
+
+
+def _field(a):
+    """:class:`_Complex` for complex coefficients, else :class:`_Real`."""
+    return _Complex if jnp.iscomplexobj(a) else _Real
+
+
+def _masked(m, y):
+    """``y`` (T', B, F) with zeros at the padded steps (``m`` (T', B); ``None``: none)."""
+    return y if m is None else jnp.where(m[..., None], y, 0)
 
 
 # ------------------------------------------------------------------ forward
@@ -153,13 +198,19 @@ def forward(cell, params, steps, carry0, keep: bool = True):
     cparams = precision.compute_params(params, xs.dtype)  # matrices in the compute dtype
     mode = options.linear_scan(cell)
 
+    both = protocol.has_output(cell)  # an output map: y_t = output(h_t, x_t)
+
     def chunk(h, t0, size):
-        (a, b), _ = _coefficients(cell, cparams, _rows(xs, t0, size).astype(acc), acc)
+        x = _rows(xs, t0, size).astype(acc)
+        (a, b), _ = _coefficients(cell, cparams, x, acc)
+        field = _field(a)
         m, r = _rows(mask, t0, size), _rows(resets, t0, size)
-        if m is not None:
-            b = jnp.where(m[..., None], b, 0)
-        hs = recurrence(passing(a, m, r), b, h, mode)
-        return hs[-1], hs.astype(store)
+        hs = field.leave(recurrence(passing(a, m, r), _masked(m, b), field.enter(h), mode))
+        hs = hs.astype(acc)
+        if not both:
+            return hs[-1], hs.astype(store)
+        ys = _masked(m, cell.output(cparams, hs, x))  # zeros at a padded step
+        return hs[-1], WithOutputs(hs.astype(store), ys.astype(store))
 
     carry_t, states = _over_chunks(chunk, carry0, xs.shape[0], _step_bytes(carry0))
     return states, ((xs,) if keep else None), carry_t
@@ -178,8 +229,10 @@ def _walk_back(cell, params, steps, carry0, stored, g, backprop, grads: bool):
 def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
     """:func:`_walk_back` on one device's rows (or a whole batch off a mesh)."""
     states, (xs,) = stored
+    states = carries_of(states)
     dhs, dcarry_t = g
     dcarry_t, carry0 = like_batch((dcarry_t, carry0), xs)
+    both = protocol.has_output(cell)
     acc = carry0.dtype
     # inside shard_map: the params made device-varying like the batch, so that each chunk's
     # gradient is the device's own, summed over the devices once at the end
@@ -204,7 +257,23 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
             return cell.coefficients(precision.compute_params(p, xs.dtype), x_)[0]
 
         (a, b), pullback = jax.vjp(coefficients, vary_like(params, xs), x)
-        return a.astype(acc), lambda da, db: pullback((da.astype(a.dtype), db.astype(b.dtype)))
+        field = _field(a)  # JAX's cotangent of a complex output is conj(dL/dRe + i dL/dIm)
+        back = lambda da, db: pullback(  # noqa: E731
+            (field.conj(da).astype(a.dtype), field.conj(db).astype(b.dtype))
+        )
+        return a.astype(_complex_of(acc) if field is _Complex else acc), back
+
+    def output_vjp(x, hs):
+        """``dys -> (dparams, dhs, dx)`` of the output map at the chunk's states ``hs``."""
+        if callable(getattr(cell, "output_backward", None)):
+            return lambda dy: cell.output_backward(cparams, hs, x, dy)
+
+        # allowed autodiff, as for the coefficients: the output map is one step's function
+        # of h_t and x_t, parallel in time; never a VJP of the sequence
+        def output(p, h, x_):
+            return cell.output(precision.compute_params(p, xs.dtype), h, x_)
+
+        return jax.vjp(output, vary_like(params, xs), hs, x)[1]
 
     def chunk(carry, t0, size):
         d_next, dparams = carry  # a_{t+1} delta_{t+1} of the chunk after; the sum so far
@@ -212,54 +281,84 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
         m, r = _rows(steps.mask, t0, size), _rows(steps.resets, t0, size)
         cut, real = _rows(backprop.cuts, t0, size), _rows(backprop.real, t0, size)
         a, pullback = coefficients_vjp(x)
-        a_back = passing(a, m, r)
+        field = _field(a)
+        a_back = field.conj(passing(a, m, r))  # the error travels back through conj(a)
         if cut is not None:  # no error crosses into the carry entering a cut step
             a_back = jnp.where(cut[:, None, None], 0, a_back)
-        if dhs is None:
-            e = jnp.zeros_like(a_back)
+        hs = _rows(states, t0, size).astype(acc)
+        dy = None if dhs is None else _rows(dhs, t0, size)
+        dy = None if dy is None else (dy if out_w is None else protocol.matmul(dy, out_w.T))
+        if both:  # the error on y_t reaches h_t (and x_t, and the params) through the map
+            dy = jnp.zeros(hs.shape[:2] + (protocol.output_size(cell),), acc) if dy is None else dy
+            dp_out, e, dx_out = output_vjp(x, hs)(_masked(m, dy.astype(acc)))
         else:
-            e = _rows(dhs, t0, size)
-            e = (e if out_w is None else protocol.matmul(e, out_w.T)).astype(acc)
-        e = e.at[-1].add(d_next)
+            e = jnp.zeros_like(hs) if dy is None else dy.astype(acc)
+        e = field.enter(e)
         # the error on h_t reaches h_{t-1} through a_t: delta_t = e_t + a_{t+1} * delta_{t+1}
         a_next = jnp.concatenate([a_back[1:], jnp.zeros_like(a_back[:1])])
         if backprop.delta_clip is None:
-            deltas = recurrence(a_next, e, jnp.zeros_like(e[0]), mode, True)
-        else:
-            deltas = _clipped(a_next, e, real, backprop.delta_clip)
-        kept = jax.vmap(step_rules.keeper(cell, backprop))(deltas) if backprop.keep_deltas else None
+            deltas = recurrence(a_next, e.at[-1].add(d_next), jnp.zeros_like(e[0]), mode, True)
+        else:  # per-step clipping of the error arriving at each carry (as the autodiff path)
+            incoming = a_next if both else None
+            deltas = _clipped(field, a_next, e, d_next, real, backprop.delta_clip, incoming)
+        kept = None
+        if backprop.keep_deltas:
+            kept = jax.vmap(step_rules.keeper(cell, backprop))(field.leave(deltas))
         d_prev = a_back[0] * deltas[0]
         if not grads:
             return (d_prev, dparams), (None, kept)
         h_in = step_rules.carry_entering(carry0, states, t0, None)
-        h_prev = jnp.concatenate([h_in[None], _rows(states, t0, size)[:-1].astype(acc)])
-        da, db = deltas * h_prev, deltas
+        h_prev = field.enter(jnp.concatenate([h_in[None], hs[:-1]]))
+        da, db = deltas * field.conj(h_prev), deltas
         if m is not None:
             da = jnp.where(m[..., None], da, 0)
             db = jnp.where(m[..., None], db, 0)
         if r is not None:
             da = jnp.where(r[..., None], 0, da)
         dp, dx = pullback(da, db)
+        if both:
+            dp = jax.tree.map(lambda u, v: u + v.astype(u.dtype), dp, dp_out)
+            dx = dx + dx_out.astype(dx.dtype)
         dparams = jax.tree.map(lambda s, d: s + d.astype(s.dtype), dparams, dp)
         return (d_prev, dparams), (dx.astype(xs.dtype), kept)
 
-    init = (dcarry_t.astype(acc), vary_like(step_rules.zeros_like(params), xs) if grads else None)
+    d_carry = _field_of_carry(cell, cparams, xs, acc).enter(dcarry_t.astype(acc))
+    init = (d_carry, vary_like(step_rules.zeros_like(params), xs) if grads else None)
     (dcarry0, dparams), (dxs, kept) = _over_chunks(
         chunk, init, xs.shape[0], _step_bytes(carry0), reverse=True
     )
+    dcarry0 = _field_of_carry(cell, cparams, xs, acc).leave(dcarry0)
     return dcarry0, ((dparams, dxs) if grads else None), kept
 
 
-def _clipped(a_next, e, real, delta_clip):
-    """The reverse recursion with each ``delta_t`` clipped before it travels on: a
-    ``lax.scan``, clipping not being linear."""
+def _field_of_carry(cell, cparams, xs, acc):
+    """:func:`_field` of the cell's coefficients (traced for their dtype only)."""
+    a = jax.eval_shape(lambda: cell.coefficients(cparams, xs[:1].astype(acc))[0][0])
+    return _Complex if jnp.issubdtype(a.dtype, jnp.complexfloating) else _Real
 
-    def body(d_next, row):  # d_next = delta_{t+1}, a_t = a_{t+1}
-        a_t, e_t, real_t = row
-        d = step_rules.clip(e_t + a_t * d_next, real_t, delta_clip)
+
+def _clipped(field, a_next, e, d_last, real, delta_clip, incoming=None):
+    """The reverse recursion with the error clipped at each step before it travels on: a
+    ``lax.scan``, clipping not being linear. ``d_last``: ``a delta`` from the chunk after.
+    What is clipped is the error on the carry after step t: ``delta_t`` itself, or, for a
+    cell with an output map (``incoming``), the part of it arriving from step t+1 (the
+    output's error joins after the clip, as in a step of the autodiff path)."""
+
+    def clip(d, real_t):  # on the real view: a complex error's norm is its parts'
+        return field.enter(step_rules.clip(field.leave(d), real_t, delta_clip))
+
+    def body(d_next, row):  # d_next = delta_{t+1} (the chunk after's a delta for t = C-1)
+        a_t, e_t, real_t, last = row
+        arriving = jnp.where(last, d_next, a_t * d_next)
+        if incoming is None:
+            d = clip(e_t + arriving, real_t)
+        else:
+            d = e_t + clip(arriving, real_t)
         return d, d
 
-    return lax.scan(body, jnp.zeros_like(e[0]), (a_next, e, real), reverse=True)[1]
+    last = jnp.arange(e.shape[0]) == e.shape[0] - 1
+    init = d_last
+    return lax.scan(body, init, (a_next, e, real, last), reverse=True)[1]
 
 
 def reverse_scan(cell, params, steps, carry0, stored, g, backprop):

@@ -43,6 +43,7 @@ from bptt_jax._engine.bundles import (
     HeadInputs,
     Primals,
     Steps,
+    carries_of,
     dense,
     segments,
     unsegment,
@@ -460,7 +461,7 @@ class _Group(NamedTuple):
         """The carry entering each of the g chunks, every layer's: (g, B, ...), and as the
         chunk-major batch (B*g, ...)."""
         k, g = self.k, self.g
-        states = from_layers(self.model, [s.states for s in saved.layers])
+        states = from_layers(self.model, [carries_of(s.states) for s in saved.layers])
         entering = jax.tree.map(
             lambda c0, st: jnp.concatenate([c0[None], st[k - 1 :: k][: g - 1].astype(c0.dtype)]),
             carry,

@@ -96,14 +96,21 @@ def carry_entering(carry0, states, t, r_t):
     return reset(r_t, prev_t)
 
 
-def add_error(cell, dstate, dh_t, out_w, acc):
-    """The error on step t's new carry plus ``dh_t``, the error from outside the recurrence
-    (``dh_t @ out_w.T`` for a readout's error), in the carry's dtype ``acc``."""
+def outside_error(dh_t, out_w, acc):
+    """The error from outside the recurrence on step t's output, ``dh_t`` (``dh_t @ out_w.T``
+    for a readout's error), in the carry's dtype ``acc``; ``None`` stays ``None``."""
+    if dh_t is None:
+        return None
     if out_w is not None:  # dh_t is the readout's dy_t
         dh_t = protocol.matmul(dh_t, out_w.T)
-    if dh_t is not None:
-        dstate = protocol.add_to_hidden(cell, dstate, dh_t.astype(acc))
-    return dstate
+    return dh_t.astype(acc)
+
+
+def add_error(cell, dstate, dh_t, out_w, acc):
+    """The error on step t's new carry plus ``dh_t``, the error from outside the recurrence
+    (:func:`outside_error`), in the carry's dtype ``acc``."""
+    dh_t = outside_error(dh_t, out_w, acc)
+    return dstate if dh_t is None else protocol.add_to_hidden(cell, dstate, dh_t)
 
 
 def clip_and_keep(cell, dstate, real_t, backprop):
@@ -128,7 +135,7 @@ def keeper(cell, backprop):
     """What ``backprop.keep_deltas`` keeps of one step's error: the callable it is, or the
     hidden part of the error (``True``)."""
     keep = backprop.keep_deltas
-    return keep if callable(keep) else partial(protocol.hidden, cell)
+    return keep if callable(keep) else partial(protocol.carry_vector, cell)
 
 
 def back_one_step(step_back, dstate, m_t, cut_t, r_t):

@@ -1,5 +1,5 @@
 """Recurrent cells: Elman, LSTM and GRU, each with a hand-written step backward; MinGRU,
-MinLSTM and RGLRU, linear recurrences with a hand-written parallel-scan backward; and the
+MinLSTM, RGLRU and LRU, linear recurrences with a hand-written parallel-scan backward; and the
 contract any cell of your own meets (:mod:`bptt_jax.cells.protocol`): :class:`Cell` (tier 1:
 ``init``, ``zero_carry``, ``step``), :class:`ManualCell` (tier 2: plus a hand-written
 ``step_backward``), :class:`FastCell` (the fast path of the built-in cells) and
@@ -10,6 +10,8 @@ from bptt_jax.cells.elman import Elman as Elman
 from bptt_jax.cells.elman import ElmanParams as ElmanParams
 from bptt_jax.cells.gru import GRU as GRU
 from bptt_jax.cells.gru import GRUParams as GRUParams
+from bptt_jax.cells.lru import LRU as LRU
+from bptt_jax.cells.lru import LRUParams as LRUParams
 from bptt_jax.cells.lstm import LSTM as LSTM
 from bptt_jax.cells.lstm import LSTMCarry as LSTMCarry
 from bptt_jax.cells.lstm import LSTMParams as LSTMParams

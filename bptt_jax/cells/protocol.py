@@ -419,6 +419,88 @@ def tier(cell) -> str:
     return "manual" if has_step_backward(cell) else "vjp"
 
 
+def _probe_input_size(cell) -> int:
+    """The input size the shape probes of a cell use: its ``input_size`` if it has one, else 1
+    (a cell works for any D)."""
+    size = getattr(cell, "input_size", None)
+    return size if isinstance(size, int) and size > 0 else 1
+
+
+def _probe_step(cell):
+    """``(y is the new carry, y's shape)`` of ``cell.step`` traced once for shapes (params
+    from ``init(key, D)`` with D from :func:`_probe_input_size`, B = 1); ``None`` if the
+    trace fails (validation says why, with the real sizes)."""
+    d = _probe_input_size(cell)
+    try:
+        params = jax.eval_shape(lambda: cell.init(jax.random.key(0), d, jnp.float32))
+        carry = jax.eval_shape(lambda: cell.zero_carry(1, jnp.float32))
+        x = jax.ShapeDtypeStruct((1, d), jnp.float32)
+        closed = jax.make_jaxpr(cell.step)(params, carry, x)
+    except Exception:  # noqa: BLE001 -- reported by validation with the real sizes
+        return None
+    n = len(jax.tree.leaves(carry))
+    outs, avals = closed.jaxpr.outvars, closed.out_avals
+    same = n == 1 and len(outs) == 2 and outs[0] is outs[1]
+    return same, tuple(avals[-1].shape) if len(avals) == n + 1 else None
+
+
+_PROBES: dict = {}
+
+
+def _probed(cell):
+    """:func:`_probe_step`, once per (hashable) cell."""
+    try:
+        return _PROBES[cell] if cell in _PROBES else _PROBES.setdefault(cell, _probe_step(cell))
+    except TypeError:  # an unhashable cell: validation refuses it; probe without the cache
+        return _probe_step(cell)
+
+
+def has_output(cell) -> bool:
+    """Whether a cell's outputs are not (a part of) its carry: a :class:`LinearCell` with an
+    ``output`` map, or a tier-1 cell without ``hidden`` whose ``step`` returns, as Flax's
+    cells do, an output ``y_t`` that is not its new carry itself (a tuple carry; or an array
+    carry and an output computed from it). The engine then stacks the ``y_t`` of the steps as
+    the outputs (zeros at a padded step), and the step's backward takes the errors on both.
+    A cell with ``hidden``, or whose ``step`` returns ``(h, h)``, outputs its hidden state."""
+    if is_fast(cell):
+        return False
+    if is_linear(cell):
+        return callable(getattr(cell, "output", None))
+    if callable(getattr(cell, "hidden", None)):
+        return False
+    probed = _probed(cell)
+    if probed is None:  # the step cannot be traced: as before, outputs from the carry
+        return not _array_carry(cell)
+    return not probed[0]
+
+
+def _array_carry(cell) -> bool:
+    """Whether the cell's carry is one array."""
+    try:
+        carry = jax.eval_shape(lambda: cell.zero_carry(1, jnp.float32))
+    except Exception:  # noqa: BLE001 -- validation reports it
+        return True
+    return hasattr(carry, "shape") and hasattr(carry, "dtype")
+
+
+def carry_vector(cell, carry) -> jax.Array:
+    """One array per step of an error or state on the carry (leading axes kept): the hidden
+    part (:func:`hidden`) where a cell outputs its hidden state, else the carry's leaves
+    joined on their last axis (what diagnostics keep of a step's error)."""
+    if not has_output(cell) or callable(getattr(cell, "hidden", None)):
+        return hidden(cell, carry)
+    leaves = jax.tree.leaves(carry)
+    return leaves[0] if len(leaves) == 1 else jnp.concatenate(leaves, axis=-1)
+
+
+def add_to_carry_vector(cell, dcarry, v):
+    """``dcarry`` with ``v`` added through the transpose of :func:`carry_vector`."""
+    fn = lambda c: carry_vector(cell, c)  # noqa: E731
+    out = jax.eval_shape(fn, dcarry)
+    (ct,) = jax.linear_transpose(fn, dcarry)(v.astype(out.dtype))
+    return jax.tree.map(lambda d, c: d + c.astype(d.dtype), dcarry, ct)
+
+
 def hidden(cell, carry) -> jax.Array:
     """The hidden state of one step's ``carry``: ``cell.hidden(carry)``, or the carry itself
     when it is one array and the cell has no ``hidden``.
@@ -460,9 +542,24 @@ def add_to_hidden(cell, dcarry, dh):
 
 def output_size(cell) -> int:
     """H, the features per step of a cell's outputs: ``hidden_size`` for a
-    :class:`FastCell`, else the last axis of ``hidden(zero_carry(1))``."""
+    :class:`FastCell`; for a cell whose outputs are not its carry (:func:`has_output`), its
+    ``output_size`` attribute, else the size of the ``y_t`` its ``step`` returns; else the
+    last axis of ``hidden(zero_carry(1))``."""
     if is_fast(cell):
         return cell.hidden_size
+    if has_output(cell):
+        size = getattr(cell, "output_size", None)
+        if isinstance(size, int):
+            return size
+        probed = _probed(cell)
+        if probed is None or probed[1] is None or len(probed[1]) != 2:
+            raise TypeError(
+                f"{type(cell).__name__}: the size of its outputs cannot be read from "
+                f"step(params, carry, x_t) traced with D={_probe_input_size(cell)} (got "
+                f"{None if probed is None else probed[1]}); step must return (carry, y_t) "
+                "with y_t (B, H), or give the cell an int attribute output_size"
+            )
+        return probed[1][-1]
     shape = jax.eval_shape(lambda: hidden(cell, cell.zero_carry(1, jnp.float32))).shape
     if len(shape) != 2:
         raise TypeError(

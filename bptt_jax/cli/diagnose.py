@@ -42,10 +42,10 @@ from bptt_jax.diagnostics import (
 from bptt_jax.models import build_model
 from bptt_jax.tasks import AddingTask
 
-CellName = Literal["elman", "lstm", "gru", "mingru", "minlstm", "rglru"]
+CellName = Literal["elman", "lstm", "gru", "mingru", "minlstm", "rglru", "lru"]
 #: How the summary and the plots name each cell.
 TITLES = {"elman": "Elman", "lstm": "LSTM", "gru": "GRU", "mingru": "MinGRU",
-          "minlstm": "MinLSTM", "rglru": "RG-LRU"}  # fmt: skip
+          "minlstm": "MinLSTM", "rglru": "RG-LRU", "lru": "LRU"}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,7 +409,7 @@ def _summary_text(cfg: DiagnoseConfig, results: dict) -> str:
 
 
 COLORS = {"elman": "tab:blue", "lstm": "tab:orange", "gru": "tab:green", "mingru": "tab:red",
-          "minlstm": "tab:purple", "rglru": "tab:brown"}  # fmt: skip
+          "minlstm": "tab:purple", "rglru": "tab:brown", "lru": "tab:pink"}  # fmt: skip
 
 
 def _plot(cfg: DiagnoseConfig, results: dict, out: Path) -> list[str]:

@@ -25,7 +25,7 @@ from bptt_jax import parallel, tasks
 from bptt_jax.cli import config as config_lib
 from bptt_jax.cli.distributed import DistributedConfig, distributed_args, initialize
 from bptt_jax.config import ConfigError, bounds, check_bounds
-from bptt_jax.models import build_model
+from bptt_jax.models import build_model, cells_with
 from bptt_jax.train import OptimConfig, Trainer, check_optim, make_optimizer, trainer
 
 
@@ -39,9 +39,9 @@ class ModelConfig:
     are one unidirectional cell.
     """
 
-    # the linear recurrences (mingru, minlstm, rglru) have no recurrent kernel: activation,
+    # the linear recurrences (mingru, minlstm, rglru, lru) have no recurrent kernel: activation,
     # forget_bias and init do not apply to them
-    cell: Literal["lstm", "gru", "elman", "mingru", "minlstm", "rglru"] = "lstm"
+    cell: Literal["lstm", "gru", "elman", "mingru", "minlstm", "rglru", "lru"] = "lstm"
     hidden_size: int = field(default=128, metadata=bounds(gt=0))
     num_layers: int = field(default=1, metadata=bounds(gt=0))
     bidirectional: bool = False
@@ -50,6 +50,11 @@ class ModelConfig:
     activation: Literal["tanh", "relu", "identity", "sigmoid"] = "tanh"  # elman only
     forget_bias: float = 1.0  # lstm only
     init: Literal["uniform", "orthogonal"] = "uniform"  # elman, lstm, gru
+    # the linear recurrences' settings, an error for another cell; none: the cell's default.
+    # how their scan runs ("auto": sequential on a CPU, parallel on a GPU or TPU)
+    scan: Literal["auto", "parallel", "sequential"] | None = None  # mingru, minlstm, rglru
+    # the RG-LRU's constant scaling its gated decay (none: 8, the paper's)
+    c: float | None = field(default=None, metadata=bounds(gt=0))  # rglru
     dtype: Literal["float32", "float64"] = "float32"
     # the precision policy (bptt_jax.precision): "bfloat16" or "float16" compute with
     # params, carries and sums in `dtype`; "" (the default): compute in `dtype`
@@ -148,11 +153,23 @@ def check_config(cfg: Config) -> None:
     t, m, c = cfg.train, cfg.model, cfg.checkpoint
     check_bounds(cfg, skip=tuple(tasks.TASKS))
     check_optim(cfg.optim)
+    for key in ("scan", "c"):
+        having = cells_with(key)
+        if getattr(m, key) is not None and m.cell not in having:
+            raise ConfigError(
+                f"config: 'model.{key}' applies to model.cell {', '.join(having)}, not to "
+                f"{m.cell!r}; leave model.{key} out (or none)"
+            )
     fmax = float(np.finfo(np.float64 if m.dtype == "float64" else np.float32).max)
     if not abs(m.forget_bias) <= fmax:  # NaN too; beyond the params' dtype it would be inf
         raise ConfigError(
             f"config: 'model.forget_bias' must be a finite number that model.dtype "
             f"({m.dtype}) holds, |x| <= {fmax:.3g}; got {m.forget_bias}"
+        )
+    if m.c is not None and not m.c <= fmax:  # beyond the params' dtype it would be inf
+        raise ConfigError(
+            f"config: 'model.c' must be a number that model.dtype ({m.dtype}) holds, "
+            f"c <= {fmax:.3g}; got {m.c}"
         )
     if m.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError(
@@ -215,6 +232,9 @@ _CELL_SIZES = {
     "mingru": (2, 0, 2, 1, 2),
     "minlstm": (3, 0, 3, 1, 4),
     "rglru": (3, 0, 4, 1, 4),
+    # N = H: B (D, 2N) and C (N, 2H) as the two kinds of kernel; nu, theta, gamma and D; the
+    # carry (B, 2N); the states (2), the outputs and u (complex: 2)
+    "lru": (2, 2, 4, 2, 5),
 }
 
 
@@ -388,6 +408,8 @@ def make_cell(cfg: ModelConfig):
         activation=cfg.activation,
         forget_bias=cfg.forget_bias,
         init_scheme=cfg.init,
+        scan=cfg.scan,
+        c=cfg.c,
     )
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.cells import GRU, LSTM, RGLRU, Elman, MinGRU, MinLSTM, protocol
+from bptt_jax.cells import GRU, LRU, LSTM, RGLRU, Elman, MinGRU, MinLSTM, protocol
 from bptt_jax.models import (
     Bidirectional,
     Stack,
@@ -103,7 +103,7 @@ def load_cell(spec: str, hidden_size: int = 6):
 
 
 def _linear_configs(hidden_size: int) -> list[tuple[Callable, dict]]:
-    """The linear recurrences' rows (:class:`~bptt_jax.LinearCell`: MinGRU, MinLSTM, RGLRU),
+    """The linear recurrences' rows (:class:`~bptt_jax.LinearCell`: MinGRU, MinLSTM, RGLRU, LRU),
     fewer per cell than the others' (their scans are one engine path): each cell in float64
     with finite differences, a mean cross-entropy from a zero carry with the default scan
     and ``unroll`` under random cotangents with the parallel scan; a truncated summed MSE
@@ -112,7 +112,7 @@ def _linear_configs(hidden_size: int) -> list[tuple[Callable, dict]]:
     h = hidden_size
     rows = []
     padded = dict(mask=True, random_carry=True)
-    for cls in (MinGRU, MinLSTM, RGLRU):
+    for cls in (MinGRU, MinLSTM, RGLRU, LRU):
         rows += [
             (cls(h), dict(dtype=jnp.float64, loss="xent", mask=False, random_carry=False)),
             (cls(h, scan="parallel"), dict(padded, dtype=jnp.float64, path="unroll")),
@@ -130,6 +130,10 @@ def _linear_configs(hidden_size: int) -> list[tuple[Callable, dict]]:
         (stack, dict(padded, dtype=jnp.float64, loss="xent", backward="checkpointed")),
         (bi, dict(padded, dtype=jnp.float64, path="unroll")),
         (RGLRU(h, scan="parallel"), dict(bf16, loss="xent")),
+        (LRU(h, scan="parallel"), trunc),
+        (LRU(h), f32),
+        (Bidirectional(LRU(h)), dict(padded, dtype=jnp.float64, loss="xent")),
+        (LRU(h), dict(bf16, loss="xent")),
     ]
 
 
