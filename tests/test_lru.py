@@ -38,6 +38,15 @@ def lru_step(p, carry, x):
     return jnp.concatenate([jnp.real(h), jnp.imag(h)], axis=1), y
 
 
+class UserLRU(bptt_jax.LRU):
+    """The LRU without its hand-written ``coefficients_backward`` and ``output_backward``: a
+    user's complex linear cell, whose coefficients and output map the engine differentiates by
+    ``jax.vjp`` (one step's functions; complex cotangents conjugated)."""
+
+    coefficients_backward = None
+    output_backward = None
+
+
 def reference_vjp(p, xs, h0, ct, mask=None, resets=None, truncate=None, delta_clip=None):
     return ref.output_scan_vjp(lru_step, p, xs, h0, ct, mask, resets, truncate, delta_clip)
 
@@ -61,15 +70,17 @@ def _grid():
     """scan x options x skip; the default run takes half (each option meets both scans)."""
     for i, (scan, opt, d) in enumerate(itertools.product(SCANS, OPTIONS, (H, 3))):
         fast = i % 2 == (i // 8) % 2
-        yield pytest.param(scan, opt, d, id=f"{scan}-{opt}-d{d}",
-                           marks=() if fast else pytest.mark.slow)  # fmt: skip
+        for user in (False, True):
+            marks = () if fast and (not user or opt == "trunc3-clip") else pytest.mark.slow
+            name = f"{'user-' if user else ''}{scan}-{opt}-d{d}"
+            yield pytest.param(scan, opt, d, user, id=name, marks=marks)
 
 
-@pytest.mark.parametrize("scan,options,d", list(_grid()))
-def test_unroll_vjp_matches_the_complex_plain_scan_in_float64(scan, options, d, rng):
-    """Outputs, final carry and every gradient within 1e-12; the options change the gradient
-    (the check can fail)."""
-    cell = bptt_jax.LRU(H, N, scan=scan)
+@pytest.mark.parametrize("scan,options,d,user", list(_grid()))
+def test_unroll_vjp_matches_the_complex_plain_scan_in_float64(scan, options, d, user, rng):
+    """Outputs, final carry and every gradient within 1e-12, for the LRU and for it as a user's
+    cell without its backward methods; the options change the gradient (the check can fail)."""
+    cell = (UserLRU if user else bptt_jax.LRU)(H, N, scan=scan)
     kw = OPTIONS[options]
     p, xs, h0, m, r, ct = problem(cell, rng, F64, d=d)
     out, grads = _library_vjp(cell, **kw)(p, xs, h0, ct, m, r)

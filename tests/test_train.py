@@ -331,7 +331,7 @@ def test_sampler_is_deterministic_per_key_and_greedy_at_temperature_zero(key):
         (["model.num_layers=100000"], "'model.num_layers' must be <= 1000"),
         # the linear cells' settings: an error for a cell without them, never ignored
         (["model.scan=parallel"],
-         "'model.scan' applies to model.cell mingru, minlstm, rglru, not to 'lstm'"),
+         "'model.scan' applies to model.cell mingru, minlstm, rglru, lru, not to 'lstm'"),
         (["model.cell=mingru", "model.c=4"], "'model.c' applies to model.cell rglru, not to "
          "'mingru'"),
         (["model.cell=rglru", "model.scan=fast"],

@@ -27,13 +27,16 @@ def _carry_units(cell) -> int:
 
 
 def stored_per_step(model, batch: int, dtype) -> int:
-    """Bytes the manual backward stores per step: every cell's carry and in-place block
+    """Bytes the manual backward stores per step: every cell's carry, its outputs where they
+    are not its carry (:func:`~bptt_jax.cells.protocol.has_output`), its in-place block
     buffers (input projections, then residuals, then gradients; none off the fast path, a
     linear cell's backward re-computing its coefficients chunk by chunk), and the readout's
     error."""
     units = output_size(model)
     for cell in cells_of(model):
         units += _carry_units(cell)
+        if protocol.has_output(cell):
+            units += protocol.output_size(cell)
         if protocol.is_fast(cell):
             units += cell.hidden_size * max(cell.n_blocks, cell.residual_blocks, cell.grad_blocks)
     return batch * units * jnp.dtype(dtype).itemsize

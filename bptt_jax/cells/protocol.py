@@ -26,14 +26,20 @@ that meets one of these contracts:
   many steps at once (a chunk of the sequence), time walked as (parallel or sequential)
   scans, and a hand-written reverse scan for the backward.
 
-**The hidden state** of a carry, what the engine stacks as the outputs ``hs`` (T, B, H)
-and what a readout reads, is ``hidden(carry)``: the cell's ``hidden`` method if it has one,
-else the carry itself when the carry is one array. ``hidden`` must *pick out* part of the
-carry (``carry["h"]``, ``carry.h``, ``carry[0]``; a linear function of it): the engine
-also applies its transpose to put the error ``dL/dh_t`` on the carry. The ``h_t`` that
-``step`` returns is for loops written by hand (``lax.scan(partial(cell.step, params), ...)``)
-and should equal ``hidden(carry_t)``; the engine reads ``hidden``. So at a padded step, where
-the carry passes through, the output repeats the last valid one, for every cell.
+**The outputs** the engine stacks as ``hs`` (T, B, H), what a readout or the next layer
+reads, are one of two things (:func:`has_output` tells which):
+
+* the hidden state ``hidden(carry_t)``, when the cell has a ``hidden`` method, or its carry
+  is one array and ``step`` returns that very array as its output (``return h, h``).
+  ``hidden`` must *pick out* part of the carry (``carry["h"]``, ``carry.h``, ``carry[0]``; a
+  linear function of it): the engine also applies its transpose to put the error ``dL/dh_t``
+  on the carry. At a padded step, where the carry passes through, the output repeats the
+  last valid one.
+* the ``y_t`` that ``step`` returns, when the cell has no ``hidden`` and ``y_t`` is not its
+  new carry (Flax's convention, ``(carry, x) -> (carry, y)`` with a tuple carry; an output
+  computed from the state), and a :class:`LinearCell`'s ``output`` map. The engine stores
+  the ``y_t`` beside the carries, and a step's backward takes the errors on both. At a padded
+  step the output is zeros (as PyTorch pads the outputs of a packed sequence).
 
 **Carries** are pytrees of floating arrays, each with the batch axis first: ``(B, ...)``.
 **Params** are pytrees of floating arrays, one dtype. Cells are static arguments of
@@ -105,7 +111,9 @@ class Cell(Protocol):
         dparams += dparams_t                       # summed over time in the scan carry
 
     Optional: ``hidden(carry) -> (B, H)``, the part of the carry that is the hidden state
-    (see :mod:`bptt_jax.cells.protocol`); without it the carry must be one array.
+    (see :mod:`bptt_jax.cells.protocol`); without it the outputs are the carry (one array,
+    returned by ``step`` as its output) or else the ``y_t`` that ``step`` returns, and the
+    per-step backward is ``jax.vjp`` of the whole ``step`` for the errors on both.
 
     Under a precision policy (``compute_dtype``, :mod:`bptt_jax.precision`) ``step`` gets
     the params with every matrix cast to the compute dtype and the carry and ``x_t`` in the
@@ -148,6 +156,9 @@ class ManualCell(Cell, Protocol):
           new_carry: ``step(params, carry, x)[0]``, as the forward stored it (rounded to
             the compute dtype under a precision policy).
           dnew: the error on ``new_carry`` (its structure), the output's error included.
+            For a cell whose outputs are not its carry (:func:`has_output`), ``new_carry`` and
+            ``dnew`` are the pairs ``(carry_t, y_t)`` and ``(dcarry_t, dy_t)``: the VJP of
+            the whole ``step``.
 
         Returns:
           ``(dparams, dcarry, dx)``: the params' structure (this step's contribution),
@@ -267,15 +278,27 @@ class LinearCell(Protocol):
     recursion only; per-step clipping (``delta_clip``) is not linear, so with it the reverse
     recursion runs as a sequential ``lax.scan`` whatever ``scan`` says.
 
+    **Complex states** (the LRU, S5): ``coefficients`` may return complex ``a`` and ``b``
+    ``(T, B, N)`` for a carry ``(B, 2N)`` holding the state's real parts, then its imaginary
+    parts. The engine scans in complex arithmetic and carries errors as ``dL/dRe + i dL/dIm``,
+    so the backward above holds with ``a`` conjugated (``delta_t = dh_t + conj(a_{t+1})
+    delta_{t+1}``, ``dL/da_t = delta_t conj(h_{t-1})``); ``coefficients_backward`` gets
+    ``da`` and ``db`` in that form.
+
     Besides ``init``, ``zero_carry`` and ``step`` (as :class:`Cell`: the one-step form, for
     loops written by hand and for ``backward="autodiff"``; it must compute the same
     recurrence), a linear cell has ``coefficients``. The carry is one array ``(B, N)``, and
-    it is the cell's output. Optional:
+    it is the cell's output unless the cell has an output map. Optional:
 
     * ``scan``, an attribute: ``"parallel"`` (``jax.lax.associative_scan``, depth
       O(log T)), ``"sequential"`` (``lax.scan``) or ``"auto"`` (the default: by backend,
       parallel on a GPU or TPU, sequential on a CPU, where the parallel scan's extra work
       costs more than its depth saves);
+    * ``output(params, hs, xs) -> ys``: an output map, the outputs ``(T, B, F)`` from the
+      states ``hs`` ``(T, B, N)`` (as carried) and the inputs of the same steps, for a cell
+      whose outputs are not its carry (``step`` then returns ``(h_t, y_t)``; an int attribute
+      ``output_size`` gives F); with ``output_backward(params, hs, xs, dys) -> (dparams, dhs,
+      dxs)``, else ``jax.vjp`` of ``output`` (one step's function, parallel in time);
     * ``coefficients_backward(params, xs, a, residuals, da, db) -> (dparams, dxs)``: the VJP
       of ``coefficients`` for the errors ``da``, ``db`` (T, B, N) on ``a`` and ``b``, ``a``
       and ``residuals`` as ``coefficients`` returned them for the same chunk (``a`` before

@@ -52,7 +52,7 @@ class ModelConfig:
     init: Literal["uniform", "orthogonal"] = "uniform"  # elman, lstm, gru
     # the linear recurrences' settings, an error for another cell; none: the cell's default.
     # how their scan runs ("auto": sequential on a CPU, parallel on a GPU or TPU)
-    scan: Literal["auto", "parallel", "sequential"] | None = None  # mingru, minlstm, rglru
+    scan: Literal["auto", "parallel", "sequential"] | None = None  # mingru, minlstm, rglru, lru
     # the RG-LRU's constant scaling its gated decay (none: 8, the paper's)
     c: float | None = field(default=None, metadata=bounds(gt=0))  # rglru
     dtype: Literal["float32", "float64"] = "float32"
