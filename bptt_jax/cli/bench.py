@@ -205,7 +205,7 @@ class Precision:
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
-    """Part 9: linear recurrences (``MinGRU``, ``MinLSTM``, ``RGLRU``): the linear path
+    """Part 9: linear recurrences (``MinGRU``, ``MinLSTM``, ``RGLRU``, ``LRU``): the linear path
     against what a user could write instead and against the library's GRU and LSTM.
 
     ``sizes``: a ``MinGRU`` layer against ``jax.grad`` of an associative-scan forward of its
@@ -216,7 +216,9 @@ class Linear:
 
     sizes: tuple[Size, ...] = ((4096, 16, 128, 256),)  # [T, B, D, H] each
     gru_sizes: tuple[Size, ...] = ((1024, 32, 128, 256),)
-    cells: tuple[Literal["mingru", "minlstm", "rglru", "lru"], ...] = ("mingru", "minlstm")
+    cells: tuple[Literal["mingru", "minlstm", "rglru", "lru"], ...] = (
+        "mingru", "minlstm", "rglru", "lru",
+    )  # fmt: skip
     peers: tuple[Cell, ...] = ("gru", "lstm")
     T: tuple[int, ...] = field(default=(256, 1024, 4096), metadata=bounds(ge=1))
     B: int = field(default=16, metadata=bounds(ge=1))
