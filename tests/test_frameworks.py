@@ -135,11 +135,20 @@ LINEAR = {
     "mingru": lambda: bptt_jax.MinGRU(H),
     "rglru_parallel": lambda: bptt_jax.RGLRU(H, c=4.0, scan="parallel"),
     "stacked_biminlstm": lambda: bptt_jax.stacked(bptt_jax.MinLSTM(H), 2, bidirectional=True),
+    "lru": lambda: bptt_jax.LRU(H, scan="parallel"),
 }
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("model_name", list(LINEAR))
+def _linear_grid():
+    """Each model in one framework by default (they share the module code), the other under
+    ``-m slow``."""
+    for i, name in enumerate(LINEAR):
+        for j, framework in enumerate(FRAMEWORKS):
+            marks = () if i % 2 == j else pytest.mark.slow
+            yield pytest.param(framework, name, id=f"{name}-{framework}", marks=marks)
+
+
+@pytest.mark.parametrize("framework,model_name", list(_linear_grid()))
 def test_linear_cells_in_a_module_have_the_functional_apis_gradients(framework, model_name, rng):
     """The linear cells (their coefficient path, not a step loop) in either framework's
     module, its params drawn by the module's own init (in_features + rngs / key), float32:

@@ -71,7 +71,7 @@ def _grid():
     for i, (scan, opt, d) in enumerate(itertools.product(SCANS, OPTIONS, (H, 3))):
         fast = i % 2 == (i // 8) % 2
         for user in (False, True):
-            marks = () if fast and (not user or opt == "trunc3-clip") else pytest.mark.slow
+            marks = () if fast and user == (opt in ("trunc3-clip", "clip")) else pytest.mark.slow
             name = f"{'user-' if user else ''}{scan}-{opt}-d{d}"
             yield pytest.param(scan, opt, d, user, id=name, marks=marks)
 

@@ -183,9 +183,17 @@ def problem(cell, out, rng, t=9, b=3, d=4):
     return p, xs, h0, mask, r, ref.normal_like(rng, (jnp.zeros((t, b, out), F64), h0))
 
 
+#: Each cell and each option at least once in the default run, the rest under ``-m slow``.
+DEFAULT_RUN = {
+    "full": ("flax-lstm", "emitter", "decay-out-parallel"),
+    "trunc3-clip": ("flax-lstm", "manual-emitter", "decay-out-sequential"),
+    "checkpointed": ("decay-out-parallel",),
+}
+
+
 def _grid():
     for name, opt in itertools.product(CELLS, OPTIONS):
-        fast = opt != "checkpointed" or name in ("flax-lstm", "decay-out-parallel")
+        fast = name in DEFAULT_RUN[opt]
         yield pytest.param(name, opt, id=f"{name}-{opt}", marks=() if fast else pytest.mark.slow)
 
 
