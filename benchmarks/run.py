@@ -51,7 +51,7 @@ PARTS = {
     "models": (models, "stacked and bidirectional models: vs autodiff, the peers; memory"),
     "parallel": (parallel, "data parallelism: the gradient step on 1, 2, 4, 8 devices"),
     "precision": (precision, "the precision policy: float32 against bfloat16 compute"),
-    "linear": (linear, "linear recurrences: MinGRU vs what a user writes; the four linear cells vs GRU, LSTM"),
+    "linear": (linear, "linear recurrences: vs what a user writes, the GRU and the LSTM"),
 }
 SCHEMA_VERSION = 1
 
