@@ -658,9 +658,12 @@ def scan_options(xs, mask=None, resets=None, truncate=None, delta_clip=None):
 
 
 @cache
-def _diagonal_scan_vjp(step_fn):
+def _scan_vjp(scan, step_fn):
+    """``scan(step_fn, ...)`` (:func:`diagonal_scan` or :func:`output_scan`) and its VJP,
+    compiled once per scan, step function and shapes."""
+
     def run(p, xs, h0, ct, *options):
-        out, vjp = jax.vjp(lambda *a: diagonal_scan(step_fn, *a, *options), p, xs, h0)
+        out, vjp = jax.vjp(lambda *a: scan(step_fn, *a, *options), p, xs, h0)
         return out, vjp(ct)
 
     return jax.jit(run)
@@ -671,7 +674,7 @@ def diagonal_scan_vjp(step_fn, p, xs, h0, ct, mask=None, resets=None, truncate=N
     """``((hs, carry_T), (dp, dxs, dh0))`` of :func:`diagonal_scan` for cotangents ``ct``
     (``step_fn`` hashable and kept: one compile per step function and shape)."""
     options = scan_options(xs, mask, resets, truncate, delta_clip)
-    return _diagonal_scan_vjp(step_fn)(p, xs, h0, ct, *options)
+    return _scan_vjp(diagonal_scan, step_fn)(p, xs, h0, ct, *options)
 
 
 # ------------------------------------------------------------------ cells with an output
@@ -696,17 +699,8 @@ def output_scan(step_fn, p, xs, h0, mask, resets, truncate, delta_clip):
     return ys, carry_t
 
 
-@cache
-def _output_scan_vjp(step_fn):
-    def run(p, xs, h0, ct, *options):
-        out, vjp = jax.vjp(lambda *a: output_scan(step_fn, *a, *options), p, xs, h0)
-        return out, vjp(ct)
-
-    return jax.jit(run)
-
-
 def output_scan_vjp(step_fn, p, xs, h0, ct, mask=None, resets=None, truncate=None,
                     delta_clip=None):  # fmt: skip
     """``((ys, carry_T), (dp, dxs, dh0))`` of :func:`output_scan` for cotangents ``ct``."""
     options = scan_options(xs, mask, resets, truncate, delta_clip)
-    return _output_scan_vjp(step_fn)(p, xs, h0, ct, *options)
+    return _scan_vjp(output_scan, step_fn)(p, xs, h0, ct, *options)

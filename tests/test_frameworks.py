@@ -93,18 +93,13 @@ def _installed(module: str) -> bool:
     return True
 
 
-@pytest.mark.parametrize("model_name", ["lstm", "stacked_bilstm"])
-def test_gradients_equal_the_functional_apis(model_name, rng):
-    """``nnx.grad`` / ``eqx.filter_grad`` of a loss on the module's outputs and final carry
-    (random cotangents, padded batch, random initial carry) against ``jax.grad`` of the same
-    loss on ``bptt_jax.unroll`` (time-major, the mask built from the lengths here), float64:
-    the same hand-written backward on the same numbers, so the params' and the inputs'
-    gradients agree to a few ulps (the compiled programs differ only by a transpose)."""
-    model = MODELS[model_name]()
-    params, x, lengths, carry0 = problem(rng, model)
+def _cotangent_loss(rng, model, lengths, carry0, dtype):
+    """``(mask, loss_of, functional)``: the mask of ``lengths``; ``loss_of(carry, out)``, a
+    loss with random cotangents on the (batch-major) outputs and the final carry; and
+    ``functional(params, x)``, that loss on ``bptt_jax.unroll`` (time-major)."""
     out_shape = (B, T, bptt_jax.models.output_size(model))
-    ct_out = jnp.asarray(rng.normal(size=out_shape))
-    ct_carry = draw(rng, carry0)
+    ct_out = jnp.asarray(rng.normal(size=out_shape).astype(dtype))
+    ct_carry = draw(rng, carry0, dtype)
     mask = jnp.asarray(np.arange(T)[:, None] < np.asarray(lengths)[None, :])
 
     def loss_of(carry, out):
@@ -114,6 +109,20 @@ def test_gradients_equal_the_functional_apis(model_name, rng):
     def functional(p, x):
         hs, carry = bptt_jax.unroll(model, p, jnp.swapaxes(x, 0, 1), carry0, mask=mask)
         return loss_of(carry, jnp.swapaxes(hs, 0, 1))
+
+    return mask, loss_of, functional
+
+
+@pytest.mark.parametrize("model_name", ["lstm", "stacked_bilstm"])
+def test_gradients_equal_the_functional_apis(model_name, rng):
+    """``nnx.grad`` / ``eqx.filter_grad`` of a loss on the module's outputs and final carry
+    (random cotangents, padded batch, random initial carry) against ``jax.grad`` of the same
+    loss on ``bptt_jax.unroll`` (time-major, the mask built from the lengths here), float64:
+    the same hand-written backward on the same numbers, so the params' and the inputs'
+    gradients agree to a few ulps (the compiled programs differ only by a transpose)."""
+    model = MODELS[model_name]()
+    params, x, lengths, carry0 = problem(rng, model)
+    mask, loss_of, functional = _cotangent_loss(rng, model, lengths, carry0, np.float64)
 
     ref_p, ref_x = jax.jit(jax.grad(functional, argnums=(0, 1)))(params, x)
 
@@ -167,18 +176,7 @@ def test_linear_cells_in_a_module_have_the_functional_apis_gradients(framework, 
     assert jax.tree.structure(params) == jax.tree.structure(model.init(jax.random.key(0), D))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
     _, x, lengths, carry0 = problem(rng, model, np.float32)
-    out_shape = (B, T, bptt_jax.models.output_size(model))
-    ct_out = jnp.asarray(rng.normal(size=out_shape).astype(np.float32))
-    ct_carry = draw(rng, carry0, np.float32)
-    mask = jnp.asarray(np.arange(T)[:, None] < np.asarray(lengths)[None, :])
-
-    def loss_of(carry, out):
-        dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(carry), jax.tree.leaves(ct_carry)))
-        return jnp.sum(out * ct_out) + dot
-
-    def functional(p, x):
-        hs, carry = bptt_jax.unroll(model, p, jnp.swapaxes(x, 0, 1), carry0, mask=mask)
-        return loss_of(carry, jnp.swapaxes(hs, 0, 1))
+    mask, loss_of, functional = _cotangent_loss(rng, model, lengths, carry0, np.float32)
 
     ref_hs, ref_carry = bptt_jax.unroll(model, params, jnp.swapaxes(x, 0, 1), carry0, mask=mask)
     carry, y = rnn(x, initial_carry=carry0, seq_lengths=lengths)
