@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from bptt_jax import _engine as engine
 from bptt_jax import validation
@@ -202,6 +203,39 @@ def check_loss_args(fn, model, params, readout, xs, targets, carry0, mask, loss_
     return xs, targets, carry0, mask, valid, resets, dtype
 
 
+def burn(fn: str, model, params, burn_in, xs, targets, carry0, mask, valid, resets):
+    """R2D2's burn-in: the first ``burn_in`` steps run forward from ``carry0`` to warm the
+    state, with no loss and no gradient (to the params, the inputs or ``carry0``); the rest
+    of every per-step array, and the carry after the burn-in, go on to the loss.
+
+    Returns ``(xs, targets, carry, mask, valid, resets)`` from step ``burn_in`` on.
+    """
+    if burn_in is None:
+        return xs, targets, carry0, mask, valid, resets
+    t = xs.shape[0]
+    if isinstance(burn_in, np.integer):
+        burn_in = int(burn_in)
+    if isinstance(burn_in, bool) or not isinstance(burn_in, int) or not 0 < burn_in < t:
+        raise ValueError(
+            f"{fn}: burn_in must be an int in [1, T) = [1, {t}): the steps before the loss "
+            f"starts, fewer than the sequence's; got {burn_in!r}"
+        )
+    if is_bidirectional(model):
+        raise ValueError(
+            f"{fn}: burn_in={burn_in} is undefined for a bidirectional model (its reverse "
+            "direction reads the burn-in steps after the ones that count); use burn_in=None"
+        )
+    warm = jax.tree.map(lambda a: None if a is None else a[:burn_in], (xs, mask, resets))
+    still = lax.stop_gradient
+    _, carry, _ = engine.model_forward(
+        model, still(params), engine.Steps(still(warm[0]), warm[1], warm[2]), still(carry0),
+        keep=False,
+    )  # fmt: skip
+    rest = jax.tree.map(lambda a: a[burn_in:], (xs, targets, mask, valid, resets))
+    xs, targets, mask, valid, resets = rest
+    return xs, targets, still(carry), mask, valid, resets
+
+
 def sequence_loss(
     model,
     params,
@@ -223,6 +257,7 @@ def sequence_loss(
     return_carry: bool = False,
     dropout_key: jax.Array | None = None,
     compute_dtype=None,
+    burn_in: int | None = None,
 ):
     """Loss of a readout on every hidden state, with the whole backward written by hand.
 
@@ -255,6 +290,11 @@ def sequence_loss(
         which ``jax.grad`` differentiates: the reference).
       segment, memory_budget: for ``"checkpointed"``, as in :func:`bptt_jax.unroll`.
       return_carry: also return the final carry (for streams carried across chunks).
+      burn_in: ``None``, or k: R2D2's burn-in (Kapturowski et al. 2019). The first k steps
+        run forward from ``carry0`` (no dropout) to warm the state from a stored one: they
+        have no loss and pass no gradient to the params, the inputs or ``carry0``; the loss
+        and its BPTT cover steps ``[k, T)`` from the warmed carry (a ``truncate`` counts its
+        chunks from step k). ``1 <= k < T``; undefined for a bidirectional model.
 
     Returns:
       The scalar loss, or ``(loss, carry_T)`` with ``return_carry=True``.
@@ -282,6 +322,9 @@ def sequence_loss(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
+    xs, targets, carry0, mask, valid, resets = burn(
+        fn, model, params, burn_in, xs, targets, carry0, mask, valid, resets
+    )
     seg = engine.resolve_segment(fn, model, xs, dtype, segment, memory_budget, backward)
     drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
     head = LossHead(loss, reduction)
@@ -326,6 +369,7 @@ def loss_and_grads(
     return_deltas: bool = False,
     dropout_key: jax.Array | None = None,
     compute_dtype=None,
+    burn_in: int | None = None,
 ) -> LossAndGrads:
     """The loss of :func:`sequence_loss` and its hand-written gradients, in one call.
 
@@ -339,7 +383,9 @@ def loss_and_grads(
 
     Args:
       model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
-        truncate, delta_clip, dropout_key, compute_dtype: as in :func:`sequence_loss`.
+        truncate, delta_clip, dropout_key, compute_dtype, burn_in: as in
+        :func:`sequence_loss` (with ``burn_in``, ``carry_index`` and ``return_deltas`` are
+        refused: they would count steps from a place the caller cannot see).
       carry_index: the step whose resulting carry to return, in ``[0, T)``; ``None`` for the
         last (``carry_T``).
       return_deltas: also return ``delta^h_t`` (T, B, H): ``dL/dh_t`` in total, from the
@@ -367,6 +413,16 @@ def loss_and_grads(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
+    if burn_in is not None and (carry_index is not None or return_deltas):
+        what = "carry_index" if carry_index is not None else "return_deltas"
+        raise ValueError(
+            f"{fn}: burn_in={burn_in} cannot be combined with {what} (the burn-in steps have "
+            f"no loss and no gradient); compute the warmed carry first, then call without "
+            "burn_in"
+        )
+    xs, targets, carry0, mask, valid, resets = burn(
+        fn, model, params, burn_in, xs, targets, carry0, mask, valid, resets
+    )
     t = xs.shape[0]
     if not isinstance(return_deltas, bool):
         raise TypeError(f"{fn}: return_deltas must be True or False; got {return_deltas!r}")

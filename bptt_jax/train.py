@@ -230,6 +230,7 @@ def trainer(
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
     compute_dtype=None,
+    burn_in: int | None = None,
 ) -> Trainer:
     """A jit-compiled train step for full BPTT (``k1=None``) or TBPTT(k1, k2).
 
@@ -272,6 +273,10 @@ def trainer(
       compute_dtype: a precision policy (:mod:`bptt_jax.precision`), e.g. ``"bfloat16"``:
         the forward and backward compute in it while the params (the optimizer's master
         weights), carries and gradient sums stay in the params' dtype.
+      burn_in: R2D2's burn-in for full BPTT (:func:`bptt_jax.sequence_loss`): each batch's
+        first ``burn_in`` steps warm the carry (``state.carry``, a stored state) with no
+        loss and no gradient. Refused with TBPTT (whose windows already start from a warm
+        carry) and for a bidirectional model.
 
     Raises:
       ValueError: ``k1``/``k2`` not positive or ``k1 > k2`` (naming the argument); TBPTT for
@@ -292,12 +297,22 @@ def trainer(
             )
     elif k2 is not None:
         raise ValueError("trainer: k2 needs k1 (TBPTT(k1, k2)); got k1=None")
+    if burn_in is not None:
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 1:
+            raise ValueError(f"trainer: burn_in must be a positive int or None; got {burn_in!r}")
+        if k1 is not None or is_bidirectional(cell):
+            what = f"TBPTT (k1={k1})" if k1 is not None else "a bidirectional model"
+            raise ValueError(
+                f"trainer: burn_in={burn_in} cannot be combined with {what}: TBPTT's windows "
+                "already start from the carry the window before left, and a reverse direction "
+                "would read the burn-in steps last; use burn_in=None"
+            )
     if mesh is not None:
         parallel.axis_size("trainer", mesh, data_axis)
     if compute_dtype is not None:  # a floating dtype; checked against the params' at step 1
         precision.resolve("trainer", compute_dtype, jnp.float64)
         compute_dtype = jnp.dtype(compute_dtype).name
-    spec = _StepSpec(cell, optim, loss, reduction, k1, k2, metrics_fn, compute_dtype)
+    spec = _StepSpec(cell, optim, loss, reduction, k1, k2, metrics_fn, compute_dtype, burn_in)
     return _trainer(spec, mesh, data_axis)
 
 
@@ -313,6 +328,7 @@ class _StepSpec(NamedTuple):
     k2: int | None
     metrics_fn: Any
     compute_dtype: str | None
+    burn_in: int | None = None
 
 
 def _make_init(cell, tx: optax.GradientTransformation, mesh, data_axis: str):
@@ -430,7 +446,8 @@ def _make_step(spec: _StepSpec, update):
         p, ro = state.params, state.readout
         if spec.k1 is None:
             carry0 = None if bidirectional else state.carry
-            lg = losses.loss_and_grads(cell, p, ro, batch.xs, batch.targets, carry0, **kw)
+            lg = losses.loss_and_grads(cell, p, ro, batch.xs, batch.targets, carry0,
+                                       burn_in=spec.burn_in, **kw)  # fmt: skip
             opt_state, params, readout, metrics = update(state.opt_state, p, ro, lg, batch)
             carry = lg.carry
             metrics = jax.tree.map(lambda x: x[None], metrics)

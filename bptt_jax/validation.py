@@ -227,11 +227,8 @@ def _check_bidirectional_options(fn: str, truncate, resets) -> None:
             f"{fn}: truncate={truncate} is undefined for a bidirectional model (its reverse "
             "direction needs the whole future of every step); use truncate=None"
         )
-    if resets is not None:
-        raise ValueError(
-            f"{fn}: resets are undefined for a bidirectional model (a carried stream: the "
-            "reverse direction needs the whole future of every step); use resets=None"
-        )
+    # resets mark packed sequences: each is reversed on its own (directions.reversal)
+    del resets
 
 
 def _xs_for_params(fn: str, model, params, xs):

@@ -80,7 +80,8 @@ BIDIRECTIONAL = [n for n, m in MODELS.items() if _has_bidirectional(m)]
 #: name: (options, which models). Options are unroll's / sequence_loss's keyword arguments,
 #: except ``resets`` / ``dropout``: True draws random resets / a dropout key for the call, and
 #: ``delta_clip``: True takes CLIP_UNROLL or CLIP_LOSS. Models: "all"; "uni": without a
-#: reverse direction (truncation and resets are undefined for one); "stack": several layers.
+#: reverse direction (truncation is undefined for one; resets pack sequences, test_streams);
+#: "stack": several layers.
 SCHEDULES = {
     "manual": ({}, "all"),
     "checkpointed": ({"backward": "checkpointed", "segment": SEGMENT}, "all"),
@@ -788,15 +789,14 @@ def _call(fn, model, p, ro, xs, tg, c0, m, **kw):
     return loss_and_grads(model, p, ro, xs, tg, c0, mask=m, **kw)
 
 
-@pytest.mark.parametrize("arg", ["truncate", "resets"])
 @pytest.mark.parametrize("fn", ["unroll", "sequence_loss", "loss_and_grads"])
 @pytest.mark.parametrize("model_name", ["bi-lstm-concat", "stack-bilstm-lstm"])
-def test_bidirectional_rejects_truncate_and_resets_naming_the_argument(model_name, fn, arg, key):
+def test_bidirectional_rejects_truncate_naming_the_argument(model_name, fn, key):
+    """(Resets are packed sequences for a bidirectional model: tests/test_streams.py.)"""
     model = MODELS[model_name]
     p, ro, xs, tg, c0, m = ref.model_problem(model, key, jnp.float32, t=T, b=B, d=D, o=O)
-    value = TRUNCATE if arg == "truncate" else _random_resets(key)
-    with pytest.raises(ValueError, match=arg):
-        _call(fn, model, p, ro, xs, tg, c0, m, **{arg: value})
+    with pytest.raises(ValueError, match="truncate"):
+        _call(fn, model, p, ro, xs, tg, c0, m, truncate=TRUNCATE)
 
 
 @pytest.mark.parametrize("fn", ["unroll", "sequence_loss", "loss_and_grads"])

@@ -65,7 +65,11 @@ def _probe_norms(run: CellRun, probes, steps, key):
 def jacobians(model, probes, steps, runs, key):
     """:func:`_probe_norms` of every cell, in the model's structure; a reverse direction's,
     computed in its own time, put back in forward time."""
-    idx = engine.reversal(steps.mask, steps.xs.shape[0]) if is_bidirectional(model) else None
+    idx = (
+        engine.reversal(steps.mask, steps.xs.shape[0], steps.resets)
+        if is_bidirectional(model)
+        else None
+    )
     out = []
     for run, k in zip(runs, cell_keys(model, key, len(runs))):
         norms = _probe_norms(run, probes, steps, k)

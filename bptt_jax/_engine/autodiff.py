@@ -81,14 +81,15 @@ def unroll_autodiff(model, params, steps, carry0, truncate=None, delta_clip=None
     params = precision.compute_params(params, xs.dtype)
     layers = layers_of(model)
     ps, cs = per_layer(model, params), per_layer(model, carry0)
-    idx = reversal(mask, xs.shape[0]) if is_bidirectional(model) else None
+    idx = reversal(mask, xs.shape[0], steps.resets) if is_bidirectional(model) else None
     x, carries = xs, []
     for k, layer in enumerate(layers):
         if k and drops is not None:
             x = x * drops[k - 1]
         if isinstance(layer, Bidirectional):
-            hf, cf = _scan(layer.forward, ps[k][0], Steps(x, mask), cs[k][0], None, delta_clip)
-            x_b = Steps(reverse_time(x, idx), mask)
+            hf, cf = _scan(layer.forward, ps[k][0], Steps(x, mask, steps.resets), cs[k][0], None,
+                           delta_clip)  # fmt: skip
+            x_b = Steps(reverse_time(x, idx), mask, steps.resets)
             hb, cb = _scan(layer.backward, ps[k][1], x_b, cs[k][1], None, delta_clip)
             x = merge_outputs(layer.merge, hf, reverse_time(hb, idx))
             carries.append((cf, cb))

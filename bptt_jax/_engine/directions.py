@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from bptt_jax._engine import options
 from bptt_jax._engine.bundles import OutputError
@@ -19,18 +20,36 @@ from bptt_jax._engine.sharding import off_mesh
 from bptt_jax.cells import protocol
 
 
-def reversal(mask, length: int):
-    """Indices ``idx`` (T, B) with ``x[idx[t, b], b]`` each sequence's valid prefix reversed.
+def reversal(mask, length: int, resets=None):
+    """Indices ``idx`` (T, B) with ``x[idx[t, b], b]`` each sequence's valid prefix reversed,
+    or with ``resets`` (packed rows: a sequence starts where a reset is set) each sequence of
+    the row reversed on its own.
 
     ``len_b = sum_t mask[t, b]``: steps ``t < len_b`` map to ``len_b - 1 - t`` and padded
     steps to themselves, so the map is its own inverse and the reversed sequence is again
-    right-padded by the same mask. ``None`` (no mask): the whole time axis is flipped.
+    right-padded by the same mask. With resets, a step t of the sequence ``[s, e)`` holding
+    it maps to ``s + e - 1 - t``: every sequence stays where it is, reversed, so the reversed
+    row has its resets at the same steps. ``None`` (no mask, no resets): the whole time axis
+    is flipped.
     """
-    if mask is None:
+    if mask is None and resets is None:
         return None
-    lengths = jnp.sum(mask, axis=0, dtype=jnp.int32)
     t = jnp.arange(length, dtype=jnp.int32)[:, None]
-    return jnp.where(t < lengths, lengths - 1 - t, t)
+    if mask is None:
+        lengths = jnp.full((1, resets.shape[1]), length, jnp.int32)
+    else:
+        lengths = jnp.sum(mask, axis=0, dtype=jnp.int32)[None]
+    if resets is None:
+        start, end = jnp.zeros_like(t), lengths
+    else:
+        # the sequence holding step t: from the last start at or before t to the next after
+        starts = jnp.where(resets | (t == 0), t, 0)
+        start = lax.cummax(starts, axis=0)
+        later = jnp.where(resets, t, length)
+        after = jnp.concatenate([lax.cummin(later, axis=0, reverse=True)[1:],
+                                 jnp.full_like(later[:1], length)])  # fmt: skip
+        end = jnp.minimum(after, lengths)
+    return jnp.where(t < lengths, start + end - 1 - t, t)
 
 
 def reverse_time(x, idx):

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 
 from bptt_jax._engine import cell_scan, directions, generic_scan, linear_scan
-from bptt_jax._engine.bundles import Backprop, Steps, Stored, outputs_of
+from bptt_jax._engine.bundles import Backprop, Stored, outputs_of
 from bptt_jax._engine.directions import Paired, pair, reverse_time, unpair
 from bptt_jax.cells import protocol
 from bptt_jax.models import Bidirectional, Stack, is_bidirectional
@@ -102,6 +102,14 @@ def layer_output(layer, saved, idx):
     return outputs_of(layer, saved[0])
 
 
+def _reversal(model, steps):
+    """The Bidirectional layers' time reversal (:func:`~bptt_jax._engine.directions.reversal`:
+    each sequence's valid prefix, or each packed sequence between resets), or ``None``."""
+    if not is_bidirectional(model):
+        return None
+    return directions.reversal(steps.mask, steps.xs.shape[0], steps.resets)
+
+
 def model_forward(model, params, steps, carry0, *, keep=True, walk=FULL):
     """Run every layer over the sequence.
 
@@ -118,15 +126,19 @@ def model_forward(model, params, steps, carry0, *, keep=True, walk=FULL):
     """
     layers = layers_of(model)
     ps, cs = per_layer(model, params), per_layer(model, carry0)
-    idx = directions.reversal(steps.mask, steps.xs.shape[0]) if is_bidirectional(model) else None
+    idx = (
+        directions.reversal(steps.mask, steps.xs.shape[0], steps.resets)
+        if is_bidirectional(model)
+        else None
+    )
     x, carries, saved, inputs = steps.xs, [], [], []
     for k, layer in enumerate(layers):
         if k and steps.drops is not None:
             x = x * steps.drops[k - 1]
         inputs.append(x if k else None)
         if isinstance(layer, Bidirectional):
-            x, c, s = _bidirectional_forward(layer, ps[k], Steps(x, steps.mask), cs[k], walk, keep,
-                                             idx)  # fmt: skip
+            x, c, s = _bidirectional_forward(layer, ps[k], steps._replace(xs=x, drops=None), cs[k],
+                                             walk, keep, idx)  # fmt: skip
         else:
             x, c, s = walk.forward(layer, ps[k], steps._replace(xs=x, drops=None), cs[k], keep)
         carries.append(c)
@@ -139,16 +151,16 @@ def model_forward(model, params, steps, carry0, *, keep=True, walk=FULL):
 
 def _bidirectional_forward(layer, params, steps, carry0, walk, keep, idx):
     """One Bidirectional layer's forward: ``(outputs, (carry_f, carry_b), saved)``."""
-    x, mask = steps.xs, steps.mask
+    x = steps.xs
     if walk is FULL and directions.fusable(layer, x):  # both directions as one scan
         h2, c2, s2 = jax.vmap(
-            lambda p, x_, c: walk.forward(layer.forward, p, Steps(x_, mask), c, keep)
+            lambda p, x_, c: walk.forward(layer.forward, p, steps._replace(xs=x_), c, keep)
         )(pair(*params), pair(x, reverse_time(x, idx)), pair(*carry0))
         h = directions.merge_outputs(layer.merge, h2[0], reverse_time(h2[1], idx))
         return h, unpair(c2), Paired(s2)
     hf, cf, sf = walk.forward(layer.forward, params[0], steps, carry0[0], keep)
     x_b = reverse_time(x, idx)
-    hb, cb, sb = walk.forward(layer.backward, params[1], Steps(x_b, mask), carry0[1], keep)
+    hb, cb, sb = walk.forward(layer.backward, params[1], steps._replace(xs=x_b), carry0[1], keep)
     return directions.merge_outputs(layer.merge, hf, reverse_time(hb, idx)), (cf, cb), (sf, sb)
 
 
@@ -188,15 +200,19 @@ def model_backward(model, params, steps, carry0, saved, g, backprop=EXACT):
     layers, walk = layers_of(model), saved.walk
     dhs, dcarry_t = g
     ps, cs, dcs = per_layer(model, params), per_layer(model, carry0), per_layer(model, dcarry_t)
-    idx = directions.reversal(steps.mask, steps.xs.shape[0]) if is_bidirectional(model) else None
+    idx = (
+        directions.reversal(steps.mask, steps.xs.shape[0], steps.resets)
+        if is_bidirectional(model)
+        else None
+    )
     n = len(layers)
     grads, dcarry0, deltas = [None] * n, [None] * n, [None] * n
     for k in reversed(range(n)):
         layer, x = layers[k], _layer_input(layers, k, steps, saved, idx)
         if isinstance(layer, Bidirectional):
             grads[k], dx, dcarry0[k], deltas[k] = _bidirectional_backward(
-                layer, ps[k], Steps(x, steps.mask), cs[k], saved.layers[k], (dhs, dcs[k]),
-                _Pass(walk, backprop, idx),
+                layer, ps[k], steps._replace(xs=x, drops=None), cs[k], saved.layers[k],
+                (dhs, dcs[k]), _Pass(walk, backprop, idx),
             )  # fmt: skip
         else:
             grads[k], dx, dcarry0[k], deltas[k] = walk.backward(
@@ -233,7 +249,7 @@ def _bidirectional_backward(layer, params, steps, carry0, saved, g, bpass):
         layer.forward, params[0], steps, carry0[0], sf, (dh_f, dcarry_t[0]), backprop
     )
     gb, dxb, dcb, del_b = walk.backward(
-        layer.backward, params[1], Steps(reverse_time(steps.xs, idx), steps.mask), carry0[1],
+        layer.backward, params[1], steps._replace(xs=reverse_time(steps.xs, idx)), carry0[1],
         sb, (dh_b, dcarry_t[1]), backprop,
     )  # fmt: skip
     dx = dxf + reverse_time(dxb, idx)
@@ -247,11 +263,11 @@ def _fused_backward(layer, params, steps, carry0, saved, g, bpass):
     """:func:`_bidirectional_backward` of a fused layer: both directions as one scan."""
     walk, idx = bpass.walk, bpass.idx
     backprop = dataclasses.replace(bpass.backprop, cuts=None)
-    x, mask = steps.xs, steps.mask
+    x = steps.xs
     dhs, dcarry_t = g
     g2, dx2, dc2, del2 = jax.vmap(
         lambda p, x_, c, s, dh, dc: walk.backward(
-            layer.forward, p, Steps(x_, mask), c, s, (dh, dc), backprop
+            layer.forward, p, steps._replace(xs=x_), c, s, (dh, dc), backprop
         )
     )(
         pair(*params), pair(x, reverse_time(x, idx)), pair(*carry0), saved.saved,
