@@ -582,7 +582,7 @@ def _model_jacobian_reference(model, p, xs, c0, m, r):
 @pytest.mark.parametrize(
     "name,clipped,fused",
     [
-        pytest.param("stack", False, False, id="stack"),
+        pytest.param("stack", False, False, id="stack", marks=pytest.mark.slow),
         pytest.param("stack-bi", False, False, id="stack-bi"),
         pytest.param("stack-bi", False, True, id="stack-bi-fused-directions"),
         pytest.param("bidirectional", True, False, id="bidirectional-delta_clip"),
