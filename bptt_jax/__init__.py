@@ -50,6 +50,8 @@ from bptt_jax.losses import init_readout as init_readout
 from bptt_jax.losses import loss_and_grads as loss_and_grads
 from bptt_jax.losses import sequence_loss as sequence_loss
 from bptt_jax.models import Bidirectional as Bidirectional
+from bptt_jax.models import LearnedCarry as LearnedCarry
+from bptt_jax.models import LearnedCarryParams as LearnedCarryParams
 from bptt_jax.models import Stack as Stack
 from bptt_jax.models import stacked as stacked
 from bptt_jax.train import TrainState as TrainState
@@ -63,6 +65,8 @@ __all__ = [
     "__version__",
     "Batch",
     "Bidirectional",
+    "LearnedCarry",
+    "LearnedCarryParams",
     "Cell",
     "check_gradients",
     "checked",

@@ -14,7 +14,13 @@ from bptt_jax import _engine as engine
 from bptt_jax import validation
 from bptt_jax._engine.sharding import eager_mesh, sum_over_rows
 from bptt_jax.cells import _common
-from bptt_jax.models import is_bidirectional, output_size
+from bptt_jax.models import (
+    LearnedCarry,
+    LearnedCarryParams,
+    is_bidirectional,
+    output_size,
+    unwrap,
+)
 from bptt_jax.readout import ReadoutParams as ReadoutParams
 from bptt_jax.readout import init_readout as init_readout
 
@@ -317,6 +323,7 @@ def sequence_loss(
       ((16, 16), (16, 7))
     """
     fn = "sequence_loss"
+    model, params, carry0 = unwrap(model, params, carry0, xs)  # a LearnedCarry's carry
     validation.check_choice(fn, "backward", backward, engine.BACKWARDS)
     xs, targets, carry0, mask, valid, resets, dtype = check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
@@ -409,6 +416,9 @@ def loss_and_grads(
       ((8, 24), (2, 8), (10, 2, 8))
     """
     fn = "loss_and_grads"
+    learned = model if isinstance(model, LearnedCarry) else None
+    from_learned = learned is not None and carry0 is None and burn_in is None
+    model, params, carry0 = unwrap(model, params, carry0, xs)
     xs, targets, carry0, mask, valid, resets, _ = check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
@@ -469,4 +479,10 @@ def loss_and_grads(
                 engine.truncation_cuts(t, truncate), delta_clip=delta_clip, keep_deltas=True
             )
             *_, deltas = engine.model_backward(model, params, steps, carry0, saved, g, backprop)
+        if learned is not None:  # the learned carry's gradient: summed over the batch
+            d_carry = jax.tree.map(
+                lambda d: jnp.sum(d, axis=0, keepdims=True) * (1 if from_learned else 0),
+                cotangent.carry0,
+            )  # fmt: skip
+            grads = LearnedCarryParams(grads, d_carry)
     return LossAndGrads(value, grads, d_readout, carry, deltas)

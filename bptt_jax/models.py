@@ -25,7 +25,7 @@ the last axis of ``hidden(zero_carry(1))``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -292,20 +292,96 @@ def stacked(cell, num_layers: int = 1, *, bidirectional: bool = False, dropout: 
     return Stack((layer,) * num_layers, dropout=dropout)
 
 
+class LearnedCarryParams(NamedTuple):
+    """Params of a :class:`LearnedCarry`: the model's, and its initial carry for one example."""
+
+    model: Any  # the wrapped model's params
+    carry: Any  # the initial carry, the model's carry structure with a batch axis of 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedCarry:
+    """A model whose initial carry is a trained parameter (per layer and direction).
+
+    Wherever the carry entering step 0 is not given (``carry0=None``), the model starts from
+    its learned carry, broadcast over the batch, and the gradient reaches it: the sum over the
+    batch of the error on ``carry0`` that the hand-written BPTT returns. A given ``carry0``
+    (a stream carried from the batch before) is used as given, and its learned carry gets no
+    gradient from that call. Resets still zero the carry (:mod:`bptt_jax.streams`).
+
+    Args:
+      model: a cell, a :class:`Bidirectional` or a :class:`Stack`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bptt_jax
+      >>> model = bptt_jax.LearnedCarry(bptt_jax.LSTM(4))
+      >>> params = model.init(jax.random.key(0), input_size=3)
+      >>> params.carry.h.shape                      # one example's carry, starting at zeros
+      (1, 4)
+      >>> xs = jnp.ones((5, 2, 3))
+      >>> g = jax.grad(lambda p: bptt_jax.unroll(model, p, xs)[0].sum())(params)
+      >>> bool(jnp.abs(g.carry.c).sum() > 0)        # the gradient reaches the initial carry
+      True
+    """
+
+    model: Any
+
+    def __post_init__(self):
+        if not is_model(self.model) or isinstance(self.model, LearnedCarry):
+            also = ", a bptt_jax.Bidirectional or a bptt_jax.Stack"
+            raise TypeError(not_a_cell("LearnedCarry: model", self.model, also))
+
+    def init(self, key, input_size: int, dtype=jnp.float32) -> LearnedCarryParams:
+        """The model's params and a zero initial carry (one example)."""
+        return LearnedCarryParams(
+            self.model.init(key, input_size, dtype), self.model.zero_carry(1, dtype)
+        )
+
+    def zero_carry(self, batch_size: int, dtype=jnp.float32):
+        """The model's zero carry (the structure of the carry; a stream's start is
+        :meth:`initial_carry`)."""
+        return self.model.zero_carry(batch_size, dtype)
+
+    def initial_carry(self, params: LearnedCarryParams, batch_size: int):
+        """The learned carry broadcast over ``batch_size`` examples."""
+        return jax.tree.map(lambda c: jnp.broadcast_to(c, (batch_size, *c.shape[1:])), params.carry)
+
+    @property
+    def output_size(self) -> int:
+        return output_size(self.model)
+
+
+def unwrap(model, params, carry0, xs):
+    """``(model, params, carry0)`` for the engine: a :class:`LearnedCarry`'s model and params,
+    and its learned carry where ``carry0`` is ``None``; anything else as it is."""
+    if not isinstance(model, LearnedCarry):
+        return model, params, carry0
+    if not isinstance(params, LearnedCarryParams):
+        raise TypeError(
+            f"LearnedCarry: params must be the LearnedCarryParams(model, carry) its init "
+            f"returns; got {type(params).__name__}"
+        )
+    if carry0 is None:
+        carry0 = model.initial_carry(params, int(np.shape(xs)[1]))
+    return model.model, params.model, carry0
+
+
 def is_model(x) -> bool:
-    """A cell, a :class:`Bidirectional` or a :class:`Stack`."""
-    return is_cell(x) or isinstance(x, (Bidirectional, Stack))
+    """A cell, a :class:`Bidirectional`, a :class:`Stack` or a :class:`LearnedCarry`."""
+    return is_cell(x) or isinstance(x, (Bidirectional, Stack, LearnedCarry))
 
 
 def output_size(model) -> int:
     """Features per step of a model's output ``hs``."""
-    if isinstance(model, (Bidirectional, Stack)):
+    if isinstance(model, (Bidirectional, Stack, LearnedCarry)):
         return model.output_size
     return protocol.output_size(model)
 
 
 def is_bidirectional(model) -> bool:
     """Whether any part of ``model`` runs in reverse time."""
+    if isinstance(model, LearnedCarry):
+        return is_bidirectional(model.model)
     if isinstance(model, Stack):
         return model.bidirectional
     return isinstance(model, Bidirectional)

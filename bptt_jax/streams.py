@@ -126,13 +126,14 @@ def from_segment_ids(ids, prev_ids=None) -> Packing:
         that continues into this window keeps its state); ``None``: the row starts here.
 
     Returns:
-      :class:`Packing` ``(resets, mask)``: a reset where a document starts after step 0 (or
-      at step 0, where it differs from ``prev_ids``); the mask ``ids > 0``.
+      A :class:`Packing` ``(resets, mask)``, with a reset where a document starts after step
+      0 (or at step 0, where it differs from ``prev_ids``) and the mask ``ids > 0``.
+
 
     Raises:
-      ValueError / TypeError: ``ids`` not ``(T, B)`` integers; ids that decrease along a row,
-      or a document after padding (checked when the ids are concrete, and under ``jit`` in
-      checked mode, :mod:`bptt_jax.checking`); ``prev_ids`` not ``(B,)``.
+      ValueError / TypeError: ``ids`` not ``(T, B)`` integers, or ``prev_ids`` not
+        ``(B,)``; ids that decrease along a row, or a document after padding (checked when
+        the ids are concrete, and under ``jit`` in checked mode, :mod:`bptt_jax.checking`).
 
     Example:
       >>> import jax.numpy as jnp

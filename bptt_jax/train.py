@@ -47,7 +47,7 @@ import optax
 
 from bptt_jax import losses, parallel, precision, truncated, validation
 from bptt_jax.config import ConfigError, bounds, check_bounds
-from bptt_jax.models import Stack, is_bidirectional
+from bptt_jax.models import LearnedCarry, Stack, is_bidirectional
 from bptt_jax.models import output_size as output_size_of
 from bptt_jax.truncated import Batch
 
@@ -249,7 +249,9 @@ def trainer(
 
     A bidirectional model trains on independent sequences: every batch starts from the zero
     carry and ``batch.resets`` is not used (a carried stream is undefined for it), and TBPTT
-    raises. A :class:`~bptt_jax.Stack` with dropout draws batch s's masks (window j's with
+    raises. A :class:`~bptt_jax.LearnedCarry` model trains on independent sequences too:
+    every batch (and TBPTT's first window) starts from its learned carry. A
+    :class:`~bptt_jax.Stack` with dropout draws batch s's masks (window j's with
     TBPTT) from ``state.key``, ``s`` (and ``j``), so runs stay deterministic.
 
     **Data parallelism** (``mesh``): the batch is split along ``B`` over the devices of the
@@ -434,6 +436,8 @@ def _make_step(spec: _StepSpec, update):
     updates over its windows, from ``state.carry``."""
     cell = spec.cell
     bidirectional = is_bidirectional(cell)
+    # a LearnedCarry starts every batch from its learned carry (independent sequences)
+    fresh = bidirectional or isinstance(cell, LearnedCarry)
     dropout = isinstance(cell, Stack) and cell.dropout > 0
     options = dict(loss=spec.loss, reduction=spec.reduction, compute_dtype=spec.compute_dtype)
 
@@ -445,7 +449,7 @@ def _make_step(spec: _StepSpec, update):
             kw["dropout_key"] = key
         p, ro = state.params, state.readout
         if spec.k1 is None:
-            carry0 = None if bidirectional else state.carry
+            carry0 = None if fresh else state.carry
             lg = losses.loss_and_grads(cell, p, ro, batch.xs, batch.targets, carry0,
                                        burn_in=spec.burn_in, **kw)  # fmt: skip
             opt_state, params, readout, metrics = update(state.opt_state, p, ro, lg, batch)
@@ -453,7 +457,8 @@ def _make_step(spec: _StepSpec, update):
             metrics = jax.tree.map(lambda x: x[None], metrics)
         else:
             out = truncated.tbptt(
-                cell, p, ro, batch.xs, batch.targets, state.carry, k1=spec.k1, k2=spec.k2,
+                cell, p, ro, batch.xs, batch.targets, None if fresh else state.carry,
+                k1=spec.k1, k2=spec.k2,
                 update=update, update_state=state.opt_state, **kw,
             )  # fmt: skip
             opt_state, params, readout, carry, metrics = out

@@ -57,7 +57,7 @@ import numpy as np
 from jax import lax
 
 from bptt_jax import losses, validation
-from bptt_jax.models import is_bidirectional
+from bptt_jax.models import LearnedCarry, is_bidirectional
 
 
 class Batch(NamedTuple):
@@ -262,6 +262,8 @@ def tbptt(
             "reverse direction needs the whole future of every step); train it with full BPTT"
         )
     w = windows(xs, targets, k1=k1, k2=k2, mask=mask, loss_mask=loss_mask, resets=resets)
+    if carry0 is None and isinstance(cell, LearnedCarry):  # the stream starts from it
+        carry0 = cell.initial_carry(params, w.xs.shape[2])
     if carry0 is None:
         dtype = validation.check_model_args(fn, cell, params, w.xs[0], None, None, None)[-1]
         carry0 = cell.zero_carry(w.xs.shape[2], dtype)

@@ -316,3 +316,50 @@ def test_bad_burn_in_is_refused_naming_it(rng):
                                burn_in=2)  # fmt: skip
     with pytest.raises(ValueError, match="burn_in=2 cannot be combined with carry_index"):
         bptt_jax.loss_and_grads(cell, p, ro, xs, tg, burn_in=2, carry_index=5)
+
+
+# ------------------------------------------------------------------ a learned initial carry
+@pytest.mark.parametrize("name", ["lstm", "stack-bi"])
+def test_a_learned_initial_carry_gets_the_summed_error_on_carry0(name, rng):
+    """``LearnedCarry(model)``: the carry is broadcast from the params where carry0 is not
+    given, and ``jax.grad`` (``unroll``, ``sequence_loss``) and ``loss_and_grads`` give it
+    the error on carry0 summed over the batch: against autodiff of the reference scan of
+    the plain model from the broadcast carry, float64. A given carry0 gives it no gradient."""
+    inner = {"lstm": bptt_jax.LSTM(H), "stack-bi": MODELS["stack-bi"]()}[name]
+    model = bptt_jax.LearnedCarry(inner)
+    p = model.init(jax.random.key(0), D, F64)
+    p = ref.random_like(jax.random.key(int(rng.integers(1 << 30))), p)  # a non-zero carry
+    xs = jnp.asarray(rng.standard_normal((T, B, D)))
+    mask = jnp.asarray(np.arange(T)[:, None] < np.array([T, 7, 4])[None])
+    ro = bptt_jax.init_readout(jax.random.key(1), bptt_jax.models.output_size(model), 5, F64)
+    tg = jnp.asarray(rng.integers(0, 5, (T, B)), jnp.int32)
+
+    def reference(p):
+        carry = jax.tree.map(lambda c: jnp.broadcast_to(c, (B, *c.shape[1:])), p.carry)
+        return ref.model_loss(inner, p.model, ro, xs, tg, carry, mask, reduction="sum")
+
+    want = jax.grad(reference)(p)
+    got = jax.grad(lambda p: bptt_jax.sequence_loss(model, p, ro, xs, tg, mask=mask,
+                                                    reduction="sum"))(p)  # fmt: skip
+    ref.assert_trees_close(got, want, F64)
+    lg = bptt_jax.loss_and_grads(model, p, ro, xs, tg, mask=mask, reduction="sum")
+    ref.assert_trees_close(lg.params, want, F64)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want.carry)) > 1e-3
+    given = bptt_jax.loss_and_grads(model, p, ro, xs, tg, model.zero_carry(B, F64), mask=mask)
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(given.params.carry))
+
+
+def test_a_learned_carry_trains_with_the_trainer():
+    """Every batch starts from the learned carry, and the update moves it."""
+    from bptt_jax import tasks, train
+
+    task = tasks.AddingTask(seq_len=10)
+    model = bptt_jax.LearnedCarry(bptt_jax.GRU(8))
+    t = train.trainer(model, train.OptimConfig(name="sgd", learning_rate=0.5), loss="mse")
+    state = t.init(jax.random.key(0), task.input_size, task.output_size, batch_size=4)
+    before = state.params.carry
+    for i in range(3):
+        state, _ = t.step(state, task.batch(state.key, i, 4))
+    assert float(jnp.abs(state.params.carry - before).max()) > 0
+    with pytest.raises(TypeError, match="LearnedCarry: model"):
+        bptt_jax.LearnedCarry(object())

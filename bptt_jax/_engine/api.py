@@ -14,7 +14,7 @@ from bptt_jax._engine.options import BACKWARDS
 from bptt_jax._engine.schedules import Checkpointed, Chunked, Full
 from bptt_jax._engine.sharding import time_major_sharding
 from bptt_jax._engine.vjp import bptt
-from bptt_jax.models import Stack, is_bidirectional
+from bptt_jax.models import Stack, is_bidirectional, unwrap
 
 
 def resolve_segment(fn: str, model, xs, dtype, segment, memory_budget, backward) -> int:
@@ -176,6 +176,7 @@ def unroll(
       Werbos, "Backpropagation through time: what it does and how to do it", Proc. IEEE 1990.
     """
     fn = "unroll"
+    model, params, carry0 = unwrap(model, params, carry0, xs)  # a LearnedCarry's carry
     validation.check_choice(fn, "backward", backward, BACKWARDS)
     xs, carry0, mask, resets, dtype = validation.check_model_args(
         fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype

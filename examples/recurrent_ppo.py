@@ -2,33 +2,33 @@
 
 CartPole (gymnax's ``CartPole-v1``) with the velocities hidden: the agent sees the cart's
 position and the pole's angle only, so it must infer the velocities from what it saw before.
-A GRU reads the observations; a linear policy head and a value head read its state. The
-agent is trained by advantage actor-critic (A2C, Mnih et al. 2016, with GAE(lambda)) on
-rollouts of ``--steps`` steps from ``--envs`` environments run in parallel, in which episodes
-end mid-row (gymnax resets an environment as its episode ends):
+A GRU reads the observations; a linear policy head and a value head read its state. The agent
+is trained by PPO (Schulman et al. 2017; GAE(lambda) advantages) on rollouts of ``--steps``
+steps from ``--envs`` environments run in parallel, in which episodes end mid-row (gymnax
+resets an environment as its episode ends):
 
 * the rollout records, per step, the observation, the action and the environment's done
   flag (``done[t]``: the episode ended at step t);
 * ``bptt_jax.streams.resets_from_dones`` turns them into the engine's resets, shifted one
-  step (the state entering step t + 1 is fresh) and carried from one rollout to the next;
-* the loss re-reads the rollout with ``bptt_jax.unroll`` from the carry the rollout started
-  from; ``jax.grad`` of it runs the hand-written BPTT, truncated at the rollout's start
-  (TBPTT over rollouts: the carry is passed on, its gradient is not).
+  step (the state entering step t + 1 is fresh), the previous rollout's last done resetting
+  the first step;
+* the loss re-reads each rollout row with ``bptt_jax.unroll`` from the carry the row started
+  the rollout with; ``jax.grad`` of it runs the hand-written BPTT, truncated at the
+  rollout's start (TBPTT over rollouts: the carry is passed on, its gradient is not).
 
-A feed-forward agent (the same A2C with an MLP of the two observations) is trained beside it
-as the baseline that cannot see the velocities. CartPole's usual return is 500 (the episode
-limit); it counts as solved at an average of 475.
+A feed-forward agent (the same PPO with an MLP of the two observations) is trained beside it:
+the baseline that cannot see the velocities. CartPole's usual return is 500, the episode
+limit (it counts as solved at an average of 475).
 
     pip install -e ".[rl]"                                 # gymnax
-    python examples/recurrent_a2c.py                        # about a minute on 2 CPU cores
-    python examples/recurrent_a2c.py --tiny                 # a few seconds (CI)
+    python examples/recurrent_ppo.py                        # about a minute on 2 CPU cores
+    python examples/recurrent_ppo.py --tiny                 # a few seconds (CI)
 
 References:
-  Mnih, Badia, Mirza, Graves, Lillicrap, Harley, Silver & Kavukcuoglu, "Asynchronous methods
-  for deep reinforcement learning", ICML 2016 (A2C); Schulman, Moritz, Levine, Jordan &
-  Abbeel, "High-dimensional continuous control using generalized advantage estimation",
-  ICLR 2016 (GAE); Lange, "gymnax: a JAX-based reinforcement learning environment library",
-  2022.
+  Schulman, Wolski, Dhariwal, Radford & Klimov, "Proximal policy optimization algorithms",
+  2017 (arXiv:1707.06347); Schulman, Moritz, Levine, Jordan & Abbeel, "High-dimensional
+  continuous control using generalized advantage estimation", ICLR 2016; Lange, "gymnax: a
+  JAX-based reinforcement learning environment library", 2022.
 """
 
 import argparse
@@ -40,13 +40,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import bptt_jax
 from bptt_jax import streams
 
 VISIBLE = jnp.array([0, 2])  # cart position and pole angle; the velocities (1, 3) are hidden
+SCALE = jnp.array([1 / 2.4, 1 / 0.2095])  # each by its termination threshold: in [-1, 1]
+REWARD_SCALE = 0.1
 
 
 class Heads(NamedTuple):
@@ -75,7 +76,7 @@ class Recurrent:
     """The GRU agent: features are the GRU's hidden states, read with bptt_jax.unroll."""
 
     def __init__(self, hidden: int):
-        self.cell = bptt_jax.GRU(hidden)
+        self.cell = bptt_jax.GRU(hidden, init_scheme="orthogonal")  # LeCun-normal inputs
         self.hidden = hidden
 
     def init(self, key, actions):
@@ -118,7 +119,7 @@ class FeedForward:
         return heads_of(jnp.tanh(obs @ params[0]["w"] + params[0]["b"]), params[1])
 
 
-# ------------------------------------------------------------------ A2C
+# ------------------------------------------------------------------ PPO
 class Runner(NamedTuple):
     """What one update hands the next: the environments, the agent's carry, the last done."""
 
@@ -135,67 +136,89 @@ class Runner(NamedTuple):
 
 
 def make_update(agent, env, env_params, tx, args):
-    gamma, lam = 0.99, 0.95
+    gamma, lam, clip_eps = 0.99, 0.95, 0.2
 
     def rollout(runner: Runner):
         def step(c, key):
             carry, obs, done, env_state, ret = c
-            carry, (logits, _) = agent.act_step(runner.params, carry, obs, done)
+            carry, (logits, value) = agent.act_step(runner.params, carry, obs, done)
             k_act, k_env = jax.random.split(key)
             action = jax.random.categorical(k_act, logits)
+            logp = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], 1)[:, 0]
             keys = jax.random.split(k_env, args.envs)
-            full, env_state, reward, done, _ = jax.vmap(env.step, (0, 0, 0, None))(
+            full, env_state, reward, terminated, truncated, _ = jax.vmap(env.step, (0, 0, 0, None))(
                 keys, env_state, action, env_params
             )
+            done = terminated | truncated  # either way the next step starts a new episode
             ret = ret + reward
-            record = (obs, action, reward, done, ret)
-            return (carry, full[:, VISIBLE], done, env_state, jnp.where(done, 0.0, ret)), record
+            record = (obs, action, logp, value, reward, done, ret)
+            obs = full[:, VISIBLE] * SCALE
+            return (carry, obs, done, env_state, jnp.where(done, 0.0, ret)), record
 
         key, sub = jax.random.split(runner.key)
         init = (runner.carry, runner.obs, runner.done, runner.env_state, runner.returns)
-        final, (obs, actions, rewards, dones, rets) = jax.lax.scan(
-            step, init, jax.random.split(sub, args.steps)
-        )  # fmt: skip
-        return final, key, obs, actions, rewards, dones, rets
+        final, records = jax.lax.scan(step, init, jax.random.split(sub, args.steps))
+        return final, key, records
 
-    def loss(params, carry0, obs, actions, rewards, dones, prev_done, last_value):
-        resets, _ = streams.resets_from_dones(dones, prev_done=prev_done)
-        logits, values = agent.sequence(params, carry0, obs, resets)
-        # GAE(lambda) with the bootstrap value after the rollout; a done cuts the return
-        v_next = jnp.concatenate([values[1:], last_value[None]])
-        v_next = jax.lax.stop_gradient(jnp.where(dones, 0.0, v_next))
-        deltas = rewards + gamma * v_next - jax.lax.stop_gradient(values)
+    def advantages(values, rewards, dones, last_value):
+        """GAE(lambda) from the acting policy's values; a done cuts the return."""
+        v_next = jnp.where(dones, 0.0, jnp.concatenate([values[1:], last_value[None]]))
+        deltas = rewards + gamma * v_next - values
 
         def back(adv, x):
             delta, done = x
             adv = delta + gamma * lam * jnp.where(done, 0.0, adv)
             return adv, adv
 
-        _, adv = jax.lax.scan(back, jnp.zeros_like(last_value), (deltas, dones), reverse=True)
-        target = adv + jax.lax.stop_gradient(values)
-        logp = jax.nn.log_softmax(logits)
-        chosen = jnp.take_along_axis(logp, actions[..., None], -1)[..., 0]
-        norm_adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-        entropy = -jnp.sum(jnp.exp(logp) * logp, -1).mean()
-        return (-(chosen * norm_adv).mean() + 0.5 * ((values - target) ** 2).mean()
-                - 0.01 * entropy)  # fmt: skip
+        return jax.lax.scan(back, jnp.zeros_like(last_value), (deltas, dones), reverse=True)[1]
+
+    def loss(params, batch):
+        """PPO's clipped objective on whole rollout rows, re-read from the carry each row
+        started the rollout with: jax.grad runs the hand-written BPTT (truncated there)."""
+        carry0, obs, resets, actions, old_logp, adv, target = batch
+        logits, values = agent.sequence(params, carry0, obs, resets)
+        logp_all = jax.nn.log_softmax(logits)
+        logp = jnp.take_along_axis(logp_all, actions[..., None], -1)[..., 0]
+        ratio = jnp.exp(logp - old_logp)
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+        entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, -1).mean()
+        return -surrogate.mean() + 0.5 * ((values - target) ** 2).mean() - 0.01 * entropy
 
     def update(runner: Runner, _):
-        (carry, obs_next, done, env_state, ret), key, obs, actions, rewards, dones, rets = (
-            rollout(runner)
-        )
+        (carry, obs_next, done, env_state, ret), key, records = rollout(runner)
+        obs, actions, logp, values, rewards, dones, rets = records
         # the bootstrap value: one more step of the acting policy on the next observation
         _, (_, last_value) = agent.act_step(runner.params, carry, obs_next, done)
-        grads = jax.grad(loss)(
-            runner.params, runner.carry, obs, actions, rewards, dones, runner.done,
-            jax.lax.stop_gradient(last_value),
-        )  # fmt: skip
-        updates, opt_state = tx.update(grads, runner.opt_state, runner.params)
-        params = optax.apply_updates(runner.params, updates)
+        # rewards scaled to 0.1 a step: returns up to ~10, so that the value's error does not
+        # swamp the policy's gradient under the shared clipping of the global norm
+        adv = advantages(values, REWARD_SCALE * rewards, dones, last_value)
+        # TBPTT over rollouts: resets from the done flags, shifted one step, the previous
+        # rollout's last done resetting step 0; the carry passed on, its gradient not
+        resets, _ = streams.resets_from_dones(dones, prev_done=runner.done)
+        data = (runner.carry, obs, resets, actions, logp, adv, adv + values)
+        by_row = (0, 1, 1, 1, 1, 1, 1)  # the env (row) axis of each
+
+        def epoch(c, key):
+            params, opt_state = c
+            rows = jax.random.permutation(key, args.envs).reshape(args.minibatches, -1)
+
+            def minibatch(c, idx):
+                params, opt_state = c
+                batch = tuple(jnp.take(a, idx, axis=ax) for a, ax in zip(data, by_row))
+                grads = jax.grad(loss)(params, batch)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), None
+
+            return jax.lax.scan(minibatch, (params, opt_state), rows)[0], None
+
+        key, sub = jax.random.split(key)
+        (params, opt_state), _ = jax.lax.scan(
+            epoch, (runner.params, runner.opt_state), jax.random.split(sub, args.epochs)
+        )
         finished = jnp.sum(jnp.where(dones, rets, 0.0))
-        count = jnp.sum(dones)
         return Runner(params, opt_state, env_state, obs_next, carry, done, key, ret,
-                      runner.finished + finished, runner.count + count), None  # fmt: skip
+                      runner.finished + finished, runner.count + jnp.sum(dones)), None  # fmt: skip
 
     @partial(jax.jit, static_argnums=1)
     def run(runner, n):
@@ -210,12 +233,14 @@ def train(agent, args, seed: int):
     import gymnax
 
     env, env_params = gymnax.make("CartPole-v1")
-    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(args.lr))
+    steps_total = args.updates * args.epochs * args.minibatches
+    lr = optax.linear_schedule(args.lr, 0.0, steps_total)  # annealed to 0, as PPO does
+    tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(lr))
     key = jax.random.key(seed)
     k_init, k_env, key = jax.random.split(key, 3)
     params = agent.init(k_init, env.action_space(env_params).n)
     obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(k_env, args.envs), env_params)
-    runner = Runner(params, tx.init(params), env_state, obs[:, VISIBLE],
+    runner = Runner(params, tx.init(params), env_state, obs[:, VISIBLE] * SCALE,
                     agent.zero_carry(args.envs), jnp.zeros((args.envs,), bool), key,
                     jnp.zeros((args.envs,)), jnp.zeros(()), jnp.zeros((), jnp.int32))  # fmt: skip
     run = make_update(agent, env, env_params, tx, args)
@@ -227,27 +252,36 @@ def train(agent, args, seed: int):
     return curve
 
 
-def main():
+def make_parser() -> argparse.ArgumentParser:
+    """The script's options (``make_parser().parse_args([])``: the defaults)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--envs", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=32, help="rollout length (TBPTT window)")
+    parser.add_argument("--steps", type=int, default=64, help="rollout length (TBPTT window)")
     parser.add_argument("--updates", type=int, default=1500)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--minibatches", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--reports", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a few updates (CI)")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = make_parser().parse_args()
     if importlib.util.find_spec("gymnax") is None:
         print("gymnax is not installed: skipping (pip install -e '.[rl]')")
         return 0
     if args.tiny:
         args.envs, args.steps, args.updates, args.hidden, args.reports = 4, 8, 6, 8, 2
+        args.epochs, args.minibatches = 2, 2
     steps = args.envs * args.steps * args.updates
-    print(f"A2C on CartPole-v1 with the velocities hidden: {args.envs} envs x {args.steps} "
+    print(f"PPO on CartPole-v1 with the velocities hidden: {args.envs} envs x {args.steps} "
           f"steps per rollout, {args.updates} updates ({steps:,} environment steps)")  # fmt: skip
     results = {}
-    for name, agent in (("gru", Recurrent(args.hidden)), ("feed-forward", FeedForward(args.hidden))):
+    agents = {"gru": Recurrent(args.hidden), "feed-forward": FeedForward(args.hidden)}
+    for name, agent in agents.items():
         start = time.perf_counter()
         curve = train(agent, args, args.seed)
         took = time.perf_counter() - start
