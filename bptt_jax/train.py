@@ -250,7 +250,8 @@ def trainer(
     A bidirectional model trains on independent sequences: every batch starts from the zero
     carry and ``batch.resets`` is not used (a carried stream is undefined for it), and TBPTT
     raises. A :class:`~bptt_jax.LearnedCarry` model trains on independent sequences too:
-    every batch (and TBPTT's first window) starts from its learned carry. A
+    every batch (and TBPTT's first window) starts from its learned carry (a reset at step 0
+    is that start; later resets zero the carry). A
     :class:`~bptt_jax.Stack` with dropout draws batch s's masks (window j's with
     TBPTT) from ``state.key``, ``s`` (and ``j``), so runs stay deterministic.
 
@@ -441,8 +442,12 @@ def _make_step(spec: _StepSpec, update):
     dropout = isinstance(cell, Stack) and cell.dropout > 0
     options = dict(loss=spec.loss, reduction=spec.reduction, compute_dtype=spec.compute_dtype)
 
+    learned = isinstance(cell, LearnedCarry)
+
     def step(state: TrainState, batch: Batch):
         resets = None if bidirectional else batch.resets
+        if learned and resets is not None:  # step 0 starts from the learned carry already
+            resets = resets.at[0].set(False)
         kw = dict(options, mask=batch.mask, loss_mask=batch.loss_mask, resets=resets)
         if dropout:  # its own stream, apart from the data's (key, s)
             key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT_STREAM), state.step)

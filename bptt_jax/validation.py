@@ -50,6 +50,7 @@ from bptt_jax._validation_cells import check_step, is_builtin
 from bptt_jax.cells import protocol
 from bptt_jax.models import (
     Bidirectional,
+    LearnedCarry,
     Stack,
     is_bidirectional,
     is_model,
@@ -140,6 +141,9 @@ def check_model(fn: str, model, where: str = "model") -> None:
         raise TypeError(
             not_a_cell(f"{fn}: {where}", model, ", a bptt_jax.Bidirectional or a bptt_jax.Stack")
         )
+    if isinstance(model, LearnedCarry):  # its model (checked when it was made)
+        check_model(fn, model.model, where)
+        return
     if not isinstance(model, (Stack, Bidirectional)):
         check_cell(fn, model, where)
         return
