@@ -42,10 +42,13 @@ def _set_chunk(monkeypatch, n):
     jax.clear_caches()
 
 
-@pytest.fixture(params=[None, 2], ids=["chunk-default", "chunk-2"])
+@pytest.fixture(
+    params=[pytest.param(None, marks=pytest.mark.slow), 2], ids=["chunk-default", "chunk-2"]
+)
 def chunk(request, monkeypatch):
-    """Each test twice: one chunk over its few steps (the backend's length), and chunks of 2
-    steps (T=9: four and a tail of one), so that the state and its error cross chunks."""
+    """Each test twice: chunks of 2 steps (T=9: four and a tail of one), so that the state
+    and its error cross chunks; and, under ``-m slow``, one chunk over its few steps (the
+    backend's length, which the float64 grid above runs by default)."""
     _set_chunk(monkeypatch, request.param)
     yield request.param
     monkeypatch.delenv("BPTT_JAX_LINEAR_CHUNK", raising=False)
@@ -212,10 +215,17 @@ def test_float32_within_1e5_and_both_scans_agree(name, rng):
     ref.assert_trees_close(grads["parallel"], grads["sequential"], F32)
 
 
-@pytest.mark.parametrize(
-    "name,scan", list(itertools.product(("mingru", "minlstm", "decay"), SCANS))
-)
-@pytest.mark.parametrize("size", [2, 5])
+def _chunk_grid():
+    """cell x scan x chunk size: each cell once, each scan and size in turn, by default."""
+    for i, (name, scan, size) in enumerate(
+        itertools.product(("mingru", "minlstm", "decay"), SCANS, (2, 5))
+    ):
+        fast = i in (0, 7, 9)  # mingru-parallel-2, minlstm-sequential-5, decay-parallel-5
+        yield pytest.param(name, scan, size, id=f"{size}-{name}-{scan}",
+                           marks=() if fast else pytest.mark.slow)  # fmt: skip
+
+
+@pytest.mark.parametrize("name,scan,size", list(_chunk_grid()))
 def test_chunks_of_any_length_match_the_plain_scan(name, scan, size, rng, monkeypatch):
     """T=13 in chunks of at most 2 (six and a tail of one) or 5 (two and a tail of three):
     the state, its error, the truncation cuts and the clipping cross the chunks' edges."""

@@ -76,7 +76,7 @@ def test_reset_starts_a_fresh_sequence(name, rng):
 
 @pytest.mark.parametrize(
     "name,dtype,reduction",
-    list(_rotating([{"f64": jnp.float64, "f32": jnp.float32}, {"sum": "sum", "mean": "mean"}], 2)),
+    list(_rotating([{"f64": jnp.float64, "f32": jnp.float32}, {"sum": "sum", "mean": "mean"}], 1)),
 )
 def test_loss_mask_counts_only_its_tokens(name, dtype, reduction, rng):
     cell = ref.CELLS[name]
