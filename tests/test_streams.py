@@ -319,7 +319,7 @@ def test_bad_burn_in_is_refused_naming_it(rng):
 
 
 # ------------------------------------------------------------------ a learned initial carry
-@pytest.mark.parametrize("name", ["lstm", "stack-bi"])
+@pytest.mark.parametrize("name", ["lstm", pytest.param("stack-bi", marks=pytest.mark.slow)])
 def test_a_learned_initial_carry_gets_the_summed_error_on_carry0(name, rng):
     """``LearnedCarry(model)``: the carry is broadcast from the params where carry0 is not
     given, and ``jax.grad`` (``unroll``, ``sequence_loss``) and ``loss_and_grads`` give it
