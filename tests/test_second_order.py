@@ -32,9 +32,8 @@ MODELS = {
     "bi-gru": bptt_jax.Bidirectional(bptt_jax.GRU(5)),
 }
 #: (model, unroll options): every model kind, the checkpointed walk and clipping; the Elman
-#: and GRU cells alone and the Stack under ``-m slow`` (the bidirectional layer holds a GRU,
-#: and test_second_order_of_a_truncated_gradient_is_its_exact_derivative a Stack, slow too).
-SLOW_ALONE = ("elman", "gru", "stack-lstm-gru")
+#: and GRU cells alone under ``-m slow`` (the stack and the bidirectional layer hold them).
+SLOW_ALONE = ("elman", "gru")
 CASES = [
     *[
         pytest.param(name, {}, marks=pytest.mark.slow if name in SLOW_ALONE else ())
