@@ -12,7 +12,7 @@ differ only in what a built-in cell and a cell of your own need. Where each mess
 
 * here: a model's layout (a Stack's one params entry and one carry per layer, a
   Bidirectional layer's pairs, layer k's input size against layer k-1's output size, one
-  dtype for all params) and what a bidirectional model refuses (truncation, resets);
+  dtype for all params) and what a bidirectional model refuses (truncation);
 * :mod:`bptt_jax._validation_cells`: one cell: its contract, params, carry and step;
 * :mod:`bptt_jax._validation_arrays`: the arrays and options around a model: xs, masks and
   resets, targets, the readout, keys, positive numbers, choices.

@@ -123,8 +123,9 @@ def unroll(
         concrete, i.e. not traced by ``jit``).
       resets: optional ``(T, B)`` bool, for streams of concatenated sequences: where set, a
         new sequence starts at step t, so the carry entering step t is replaced by zeros
-        (before the mask applies) and no error flows back across it. Every layer resets.
-        Undefined for bidirectional models (``ValueError``).
+        (before the mask applies) and no error flows back across it. Every layer resets. For
+        a bidirectional model the resets mark packed sequences, each reversed on its own
+        (:mod:`bptt_jax.streams`: resets from done flags and segment ids).
       truncate: ``None`` for full BPTT, or k: truncated BPTT in chunks ``[0, k), [k, 2k),
         ...``; the forward is unchanged and the backward drops the error on every layer's
         carry entering steps k, 2k, ... (exactly ``lax.stop_gradient`` there). ``carry0``
