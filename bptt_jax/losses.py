@@ -480,9 +480,8 @@ def loss_and_grads(
             )
             *_, deltas = engine.model_backward(model, params, steps, carry0, saved, g, backprop)
         if learned is not None:  # the learned carry's gradient: summed over the batch
-            d_carry = jax.tree.map(
-                lambda d: jnp.sum(d, axis=0, keepdims=True) * (1 if from_learned else 0),
-                cotangent.carry0,
-            )  # fmt: skip
+            d_carry = jax.tree.map(lambda d: jnp.sum(d, axis=0, keepdims=True), cotangent.carry0)
+            if not from_learned:  # a given carry0 (or a burn-in's warmed one): not learned
+                d_carry = jax.tree.map(jnp.zeros_like, d_carry)
             grads = LearnedCarryParams(grads, d_carry)
     return LossAndGrads(value, grads, d_readout, carry, deltas)

@@ -63,6 +63,21 @@ def _flags(fn: str, name: str, x):
     return x
 
 
+def _previous(fn: str, name: str, prev, flags, what: str):
+    """``prev`` (``None``, or ``(B,)``: each row's value at the previous window's last step)
+    as an array, its shape checked against ``flags`` (T, B)."""
+    if prev is None:
+        return None
+    prev = as_array(fn, name, prev)
+    b = shape_of(flags)[1]
+    if shape_of(prev) != (b,):
+        raise ValueError(
+            f"{fn}: {name} must have shape (B,) = ({b},), {what} of each row's previous "
+            f"window; got shape {shape_of(prev)}"
+        )
+    return prev
+
+
 def resets_from_dones(dones, prev_done=None) -> tuple[jax.Array, jax.Array]:
     """The engine's resets for rollouts with episode ends: ``resets[t] = dones[t - 1]``.
 
@@ -101,17 +116,8 @@ def resets_from_dones(dones, prev_done=None) -> tuple[jax.Array, jax.Array]:
             raise ValueError(f"{fn}: dones must hold only 0 and 1; got {values[t, b]} at "
                              f"(t, b) = ({t}, {b})")  # fmt: skip
         dones = dones.astype(bool)
-    b = shape_of(dones)[1]
-    if prev_done is None:
-        first = jnp.zeros((1, b), bool)
-    else:
-        prev_done = as_array(fn, "prev_done", prev_done)
-        if shape_of(prev_done) != (b,):
-            raise ValueError(
-                f"{fn}: prev_done must have shape (B,) = ({b},), the last done of each row's "
-                f"previous window; got shape {shape_of(prev_done)}"
-            )
-        first = prev_done.astype(bool)[None]
+    prev_done = _previous(fn, "prev_done", prev_done, dones, "the last done")
+    first = jnp.zeros_like(dones[:1]) if prev_done is None else prev_done.astype(bool)[None]
     return jnp.concatenate([first, dones[:-1]]), dones[-1]
 
 
@@ -148,19 +154,12 @@ def from_segment_ids(ids, prev_ids=None) -> Packing:
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"{fn}: ids must be integers (0 for padding); got dtype {ids.dtype}")
     _check_packed(fn, ids)
-    b = shape_of(ids)[1]
-    if prev_ids is None:
-        first = jnp.zeros((1, b), bool)
-    else:
-        prev_ids = as_array(fn, "prev_ids", prev_ids)
-        if shape_of(prev_ids) != (b,):
-            raise ValueError(
-                f"{fn}: prev_ids must have shape (B,) = ({b},), each row's last id in the "
-                f"previous window; got shape {shape_of(prev_ids)}"
-            )
-        first = (ids[:1] != prev_ids[None]) & (ids[:1] > 0)
-    starts = (ids[1:] != ids[:-1]) & (ids[1:] > 0)
-    return Packing(jnp.concatenate([first, starts]), ids > 0)
+    prev_ids = _previous(fn, "prev_ids", prev_ids, ids, "the last id")
+    # a document starts where the id changes (and is not padding); at step 0, where it
+    # differs from the previous window's last
+    before = ids[:1] if prev_ids is None else prev_ids[None]
+    changes = jnp.concatenate([ids[:1] != before, ids[1:] != ids[:-1]]) & (ids > 0)
+    return Packing(changes, ids > 0)
 
 
 def _check_packed(fn: str, ids) -> None:

@@ -36,9 +36,10 @@ def step_backward(cell):
     both = protocol.has_output(cell)
 
     def vjp(params, carry, x, new, dnew):
-        # allowed autodiff: the one-step backward of a tier-1 user cell that brings no
-        # step_backward (the contract's one exception); the sequence around it, the reverse
-        # scan and the sum over steps, stays hand-written
+        # allowed autodiff (the contract's exception, "a user cell's one-step backward"): the
+        # VJP of one step of a tier-1 user cell that brings no step_backward (of its whole
+        # step, new carry and output, when its outputs are not its carry); the sequence
+        # around it, the reverse scan and the sum over steps, stays hand-written
         del new
         step = cell.step if both else lambda p, c, x_: cell.step(p, c, x_)[0]
         _, pullback = jax.vjp(step, params, carry, x)

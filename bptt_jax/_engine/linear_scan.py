@@ -268,8 +268,9 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
         if callable(getattr(cell, "output_backward", None)):
             return lambda dy: cell.output_backward(cparams, hs, x, dy)
 
-        # allowed autodiff, as for the coefficients: the output map is one step's function
-        # of h_t and x_t, parallel in time; never a VJP of the sequence
+        # allowed autodiff (the contract's exception, "a user cell's one-step backward"): a
+        # user linear cell without output_backward gets the VJP of its output map, a function
+        # of one step's h_t and x_t (parallel in time); never a VJP of the sequence
         def output(p, h, x_):
             return cell.output(precision.compute_params(p, xs.dtype), h, x_)
 
@@ -322,12 +323,13 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
         dparams = jax.tree.map(lambda s, d: s + d.astype(s.dtype), dparams, dp)
         return (d_prev, dparams), (dx.astype(xs.dtype), kept)
 
-    d_carry = _field_of_carry(cell, cparams, xs, acc).enter(dcarry_t.astype(acc))
+    field = _field_of_carry(cell, cparams, xs, acc)  # how the carry holds the state
+    d_carry = field.enter(dcarry_t.astype(acc))
     init = (d_carry, vary_like(step_rules.zeros_like(params), xs) if grads else None)
     (dcarry0, dparams), (dxs, kept) = _over_chunks(
         chunk, init, xs.shape[0], _step_bytes(carry0), reverse=True
     )
-    dcarry0 = _field_of_carry(cell, cparams, xs, acc).leave(dcarry0)
+    dcarry0 = field.leave(dcarry0)
     return dcarry0, ((dparams, dxs) if grads else None), kept
 
 
