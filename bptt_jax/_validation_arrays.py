@@ -260,12 +260,15 @@ def check_right_padded(fn: str, mask) -> None:
     message = (
         f"{fn}: a bidirectional model needs right-padded sequences (the mask's valid "
         "steps first, then padding); mask[:, {b}] has a padded step at t={t} and a valid "
-        "one at the step after it. Move each sequence's steps to the front (left-padded "
+        "one after it. Move each sequence's steps to the front (left-padded "
         "batches are read wrongly by the reverse direction)."
     )
     if checking.traced(mask):
-        if mask.shape[0] > 1:
-            checking.check_all(~(mask[1:] & ~mask[:-1]), message)
+        # valid exactly before each length (no slicing in time: the mask may be split over
+        # devices in time, sequence parallelism), so its first failure is a padded step
+        # with a valid one after it
+        lengths = jnp.sum(mask, axis=0, dtype=jnp.int32)
+        checking.check_all(mask == (jnp.arange(mask.shape[0])[:, None] < lengths), message)
         return
     m = concrete(mask)
     if m is None:

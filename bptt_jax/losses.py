@@ -242,6 +242,18 @@ def burn(fn: str, model, params, burn_in, xs, targets, carry0, mask, valid, rese
     return xs, targets, still(carry), mask, valid, resets
 
 
+def _time_axis(fn, model, xs, time_axis, backward, delta_clip, resets, burn_in):
+    """:func:`bptt_jax._engine.api.resolve_time_axis`, burn-in refused with a split."""
+    time_axis = engine.resolve_time_axis(fn, model, xs, time_axis, backward=backward,
+                                         delta_clip=delta_clip, resets=resets)  # fmt: skip
+    if time_axis is not None and burn_in is not None:
+        raise ValueError(
+            f"{fn}: time_axis={time_axis!r} cannot be combined with burn_in={burn_in} (the "
+            "burn-in steps would run on the first device alone); warm the carry first"
+        )
+    return time_axis
+
+
 def sequence_loss(
     model,
     params,
@@ -264,6 +276,7 @@ def sequence_loss(
     dropout_key: jax.Array | None = None,
     compute_dtype=None,
     burn_in: int | None = None,
+    time_axis: str | None = None,
 ):
     """Loss of a readout on every hidden state, with the whole backward written by hand.
 
@@ -301,6 +314,9 @@ def sequence_loss(
         have no loss and pass no gradient to the params, the inputs or ``carry0``; the loss
         and its BPTT cover steps ``[k, T)`` from the warmed carry (a ``truncate`` counts its
         chunks from step k). ``1 <= k < T``; undefined for a bidirectional model.
+      time_axis: sequence parallelism, as in :func:`bptt_jax.unroll` (not with
+        ``burn_in``). Inside ``jax.shard_map`` the loss is the local steps' (with
+        ``reduction="mean"`` over the local tokens): sum it over the time axis yourself.
 
     Returns:
       The scalar loss, or ``(loss, carry_T)`` with ``return_carry=True``.
@@ -329,6 +345,7 @@ def sequence_loss(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
+    time_axis = _time_axis(fn, model, xs, time_axis, backward, delta_clip, resets, burn_in)
     xs, targets, carry0, mask, valid, resets = burn(
         fn, model, params, burn_in, xs, targets, carry0, mask, valid, resets
     )
@@ -341,7 +358,8 @@ def sequence_loss(
         hs, carry_t = engine.unroll_autodiff(model, params, steps, carry0, truncate, delta_clip)
         value = head.value(inputs, hs)
     else:
-        schedule = engine.plan(model, backward, truncate, delta_clip, seg, xs.shape[0], head)
+        schedule = engine.plan(model, backward, truncate, delta_clip, seg, xs.shape[0], head,
+                               time_axis)  # fmt: skip
         primals = engine.Primals(params, steps, carry0, inputs)
         value, carry_t = engine.bptt(model, head, schedule, primals)
     return (value, carry_t) if return_carry else value
@@ -377,6 +395,7 @@ def loss_and_grads(
     dropout_key: jax.Array | None = None,
     compute_dtype=None,
     burn_in: int | None = None,
+    time_axis: str | None = None,
 ) -> LossAndGrads:
     """The loss of :func:`sequence_loss` and its hand-written gradients, in one call.
 
@@ -390,9 +409,10 @@ def loss_and_grads(
 
     Args:
       model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss, reduction,
-        truncate, delta_clip, dropout_key, compute_dtype, burn_in: as in
+        truncate, delta_clip, dropout_key, compute_dtype, burn_in, time_axis: as in
         :func:`sequence_loss` (with ``burn_in``, ``carry_index`` and ``return_deltas`` are
-        refused: they would count steps from a place the caller cannot see).
+        refused: they would count steps from a place the caller cannot see; so are they
+        with ``time_axis``).
       carry_index: the step whose resulting carry to return, in ``[0, T)``; ``None`` for the
         last (``carry_T``).
       return_deltas: also return ``delta^h_t`` (T, B, H): ``dL/dh_t`` in total, from the
@@ -423,6 +443,14 @@ def loss_and_grads(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
+    time_axis = _time_axis(fn, model, xs, time_axis, "manual", delta_clip, resets, burn_in)
+    if time_axis is not None and (carry_index is not None or return_deltas):
+        what = "carry_index" if carry_index is not None else "return_deltas"
+        raise ValueError(
+            f"{fn}: time_axis={time_axis!r} cannot be combined with {what} (a prefix of the "
+            "steps, or every step's error, gathered from every device); call without time_axis "
+            "for diagnostics"
+        )
     if burn_in is not None and (carry_index is not None or return_deltas):
         what = "carry_index" if carry_index is not None else "return_deltas"
         raise ValueError(
@@ -455,7 +483,7 @@ def loss_and_grads(
     with eager_mesh(xs):
         drops = engine.dropout_multipliers(fn, model, dropout_key, xs)
         head = LossHead(loss, reduction)
-        schedule = engine.plan(model, "manual", truncate, delta_clip, None, t, head)
+        schedule = engine.plan(model, "manual", truncate, delta_clip, None, t, head, time_axis)
         steps = engine.Steps(xs, mask, resets, drops)
         inputs = engine.HeadInputs(readout, targets, valid)
 

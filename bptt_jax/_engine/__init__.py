@@ -11,6 +11,8 @@ One module per axis, from the bottom up (none imports one above it):
 * :mod:`.linear_scan`: a linear cell, chunk by chunk: coefficients at once, one scan;
 * :mod:`.directions` and :mod:`.layers`: Bidirectional layers, Stacks, whole models;
 * :mod:`.memory`: what is stored per step, segment and chunk-group sizes;
+* :mod:`.time_sharded`: sequence parallelism, a linear cell's walk with time split over
+  devices;
 * :mod:`.schedules`: the full, checkpointed and chunked walks through time;
 * :mod:`.autodiff`: the plain-scan reference (``backward="autodiff"``);
 * :mod:`.vjp`: the one ``custom_vjp``; :mod:`.api`: :func:`unroll` and option resolution.
@@ -22,6 +24,7 @@ constants.
 from bptt_jax._engine.api import dropout_multipliers as dropout_multipliers
 from bptt_jax._engine.api import plan as plan
 from bptt_jax._engine.api import resolve_segment as resolve_segment
+from bptt_jax._engine.api import resolve_time_axis as resolve_time_axis
 from bptt_jax._engine.api import unroll as unroll
 from bptt_jax._engine.autodiff import unroll_autodiff as unroll_autodiff
 from bptt_jax._engine.bundles import Backprop as Backprop

@@ -12,7 +12,9 @@ from bptt_jax._engine.bundles import Primals, Steps
 from bptt_jax._engine.memory import default_segment, segment_for_budget
 from bptt_jax._engine.options import BACKWARDS
 from bptt_jax._engine.schedules import Checkpointed, Chunked, Full
-from bptt_jax._engine.sharding import time_major_sharding
+from bptt_jax._engine.layers import cells_of
+from bptt_jax._engine.sharding import _explicit_batch, _varying, time_major_sharding
+from bptt_jax._engine.time_sharded import check_cell
 from bptt_jax._engine.vjp import bptt
 from bptt_jax.models import Stack, is_bidirectional, unwrap
 
@@ -55,8 +57,81 @@ def dropout_multipliers(fn: str, model, key, xs):
     return model.dropout_masks(key, xs.shape[0], xs.shape[1], xs.dtype, out_sharding=out)
 
 
-def plan(model, backward: str, truncate, delta_clip, segment, length: int, head=None):
-    """The schedule (:mod:`~bptt_jax._engine.schedules`) for ``backward`` and its options."""
+def resolve_time_axis(fn: str, model, xs, time_axis, *, backward, delta_clip, resets):
+    """The mesh axis the time axis of ``xs`` is split over (sequence parallelism), or
+    ``None``: ``time_axis`` as given, else the one that splits time in ``xs``'s type under an
+    Explicit mesh. A model or option the split cannot run is a ``ValueError`` saying why."""
+    if time_axis is not None and (not isinstance(time_axis, str) or not time_axis):
+        raise TypeError(
+            f"{fn}: time_axis must be a mesh axis name (a non-empty str) or None; got "
+            f"{time_axis!r}"
+        )
+    split = _explicit_batch(xs, 0)  # the axes the inputs' time axis is laid out over
+    if split is not None and not isinstance(split, str):
+        raise ValueError(
+            f"{fn}: the time axis of xs is split over the mesh axes {split}; sequence "
+            "parallelism splits it over one mesh axis"
+        )
+    if time_axis is not None and split is not None and split != time_axis:
+        raise ValueError(
+            f"{fn}: time_axis={time_axis!r}, but xs's time axis is laid out over mesh axis "
+            f"{split!r}"
+        )
+    time_axis = time_axis if time_axis is not None else split
+    if time_axis is None:
+        return None
+    for cell in cells_of(model):
+        check_cell(fn, cell, time_axis)
+    refusals = (
+        (backward == "autodiff", f"backward={backward!r} is a plain sequential scan",
+         "use backward='manual'"),
+        (delta_clip is not None, f"delta_clip={delta_clip} (per-step clipping) is not linear, "
+         "so the error entering a device's steps cannot be composed from summaries",
+         "clip the gradient instead (optax.clip_by_global_norm)"),
+        (resets is not None and is_bidirectional(model), "resets of a bidirectional model "
+         "(packed sequences, each reversed on its own) would move every sequence's steps "
+         "between devices", "split the batch instead"),
+    )  # fmt: skip
+    for refused, why, instead in refusals:
+        if refused:
+            raise ValueError(f"{fn}: time_axis={time_axis!r}: {why}; {instead}")
+    size = _axis_size(fn, xs, time_axis)
+    if size is not None and xs.shape[0] % size:
+        raise ValueError(
+            f"{fn}: time_axis={time_axis!r}: the sequence's {xs.shape[0]} steps must split "
+            f"evenly over the axis's {size} devices; pad it (with mask) to a multiple of {size}"
+        )
+    return time_axis
+
+
+def _axis_size(fn: str, xs, axis: str):
+    """The size of mesh ``axis`` that xs's global time axis is split over (``None`` inside a
+    shard_map over it, where ``xs`` holds one device's steps); a ``ValueError`` when no
+    mesh has the axis."""
+    if axis in _varying(xs):
+        return None
+    sharding = getattr(jax.typeof(xs), "sharding", None)
+    mesh = sharding.mesh if sharding is not None and not sharding.mesh.empty else None
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.axis_names:
+        raise ValueError(
+            f"{fn}: time_axis={axis!r}, but the inputs are split along no such axis: no "
+            "shard_map over it is running, xs is not laid out on a mesh with it, and no mesh "
+            f"with it is set (jax.set_mesh); mesh axes: {tuple(mesh.axis_names) or None}"
+        )
+    return mesh.shape[axis]
+
+
+def plan(model, backward: str, truncate, delta_clip, segment, length: int, head=None,
+         time_axis=None):  # fmt: skip
+    """The schedule (:mod:`~bptt_jax._engine.schedules`) for ``backward`` and its options.
+
+    With ``time_axis`` (sequence parallelism) it is :class:`Full` over the split time axis
+    whatever ``backward`` asks: each device stores only its own steps, so checkpointing
+    would save little, and the chunked truncation's cuts are full BPTT's (the same
+    gradient)."""
+    if time_axis is not None:  # (the length may be one device's steps: cuts count globally)
+        return Full(truncate, delta_clip, time_axis=time_axis)
     truncate = None if truncate is None or truncate >= length else truncate
     walkable = not is_bidirectional(model)  # its layers can walk through time together
     if backward == "checkpointed":
@@ -83,6 +158,7 @@ def unroll(
     memory_budget=None,
     dropout_key=None,
     compute_dtype=None,
+    time_axis=None,
 ):
     """Run a cell or model over a time-major sequence; ``jax.grad`` uses the hand-written BPTT.
 
@@ -154,6 +230,12 @@ def unroll(
       compute_dtype: ``None`` (compute in the params' dtype) or a narrower floating dtype,
         e.g. ``jnp.bfloat16``: matmul operands and stored residuals in it, carries, errors
         and sums in the params' dtype (:mod:`bptt_jax.precision`).
+      time_axis: sequence parallelism (:doc:`/guides/sequence_parallel`): the mesh axis
+        ``xs``'s time axis is split over, each device walking its own steps; found from
+        ``xs``'s type under an Explicit mesh, to be given under an Auto mesh
+        (``jax.set_mesh``) and inside ``jax.shard_map`` (where ``xs`` holds one device's
+        steps). Linear cells only; not with ``backward="autodiff"`` or ``delta_clip``;
+        ``backward="checkpointed"`` runs as full BPTT (each device stores its own steps).
 
     Returns:
       ``(hs, carry_T)``: the (last layer's) outputs ``(T, B, F)``, in the compute dtype, and
@@ -183,10 +265,12 @@ def unroll(
         fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
     )
     validation.check_positive(fn, "delta_clip", delta_clip)
+    time_axis = resolve_time_axis(fn, model, xs, time_axis, backward=backward,
+                                  delta_clip=delta_clip, resets=resets)  # fmt: skip
     seg = resolve_segment(fn, model, xs, dtype, segment, memory_budget, backward)
     drops = dropout_multipliers(fn, model, dropout_key, xs)
     steps = Steps(xs, mask, resets, drops)
     if backward == "autodiff":
         return unroll_autodiff(model, params, steps, carry0, truncate, delta_clip)
-    schedule = plan(model, backward, truncate, delta_clip, seg, xs.shape[0])
+    schedule = plan(model, backward, truncate, delta_clip, seg, xs.shape[0], None, time_axis)
     return bptt(model, None, schedule, Primals(params, steps, carry0))

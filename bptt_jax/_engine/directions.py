@@ -67,16 +67,18 @@ def merge_outputs(merge: str, hf, hb):
     return total * jnp.asarray(0.5, total.dtype) if merge == "mean" else total
 
 
-def split_error(layer, dhs, idx):
+def split_error(layer, dhs, idx, reverse: bool = True):
     """The error on a Bidirectional layer's outputs, split into its directions' errors.
 
-    The reverse direction's comes in its own (reversed) time. An :class:`OutputError` stays
-    one: its readout kernel is split by rows, its ``dy`` reversed.
+    The reverse direction's comes in its own (reversed) time, or with ``reverse=False`` in
+    forward time. An :class:`OutputError` stays one: its readout kernel is split by rows, its
+    ``dy`` reversed.
     """
     hf, merge = protocol.output_size(layer.forward), layer.merge
+    backwards = (lambda x: reverse_time(x, idx)) if reverse else (lambda x: x)  # noqa: E731
     if isinstance(dhs, OutputError):
         dy, w = dhs
-        dy_b = reverse_time(dy, idx)
+        dy_b = backwards(dy)
         if merge == "concat":
             return OutputError(dy, w[:hf]), OutputError(dy_b, w[hf:])
         if merge == "mean":
@@ -86,7 +88,7 @@ def split_error(layer, dhs, idx):
         f, b = dhs[..., :hf], dhs[..., hf:]
     else:
         f = b = dhs * jnp.asarray(0.5, dhs.dtype) if merge == "mean" else dhs
-    return f, reverse_time(b, idx)
+    return f, backwards(b)
 
 
 class Paired(NamedTuple):

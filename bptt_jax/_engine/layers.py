@@ -102,10 +102,11 @@ def layer_output(layer, saved, idx):
     return outputs_of(layer, saved[0])
 
 
-def _reversal(model, steps):
+def _reversal(model, steps, walk):
     """The Bidirectional layers' time reversal (:func:`~bptt_jax._engine.directions.reversal`:
-    each sequence's valid prefix, or each packed sequence between resets), or ``None``."""
-    if not is_bidirectional(model):
+    each sequence's valid prefix, or each packed sequence between resets), or ``None`` (a
+    time-sharded walk runs the reverse direction in reverse time instead)."""
+    if not is_bidirectional(model) or _in_reverse_time(walk):
         return None
     return directions.reversal(steps.mask, steps.xs.shape[0], steps.resets)
 
@@ -126,11 +127,7 @@ def model_forward(model, params, steps, carry0, *, keep=True, walk=FULL):
     """
     layers = layers_of(model)
     ps, cs = per_layer(model, params), per_layer(model, carry0)
-    idx = (
-        directions.reversal(steps.mask, steps.xs.shape[0], steps.resets)
-        if is_bidirectional(model)
-        else None
-    )
+    idx = _reversal(model, steps, walk)
     x, carries, saved, inputs = steps.xs, [], [], []
     for k, layer in enumerate(layers):
         if k and steps.drops is not None:
@@ -149,9 +146,20 @@ def model_forward(model, params, steps, carry0, *, keep=True, walk=FULL):
     return x, from_layers(model, carries), ModelSaved(tuple(saved), kept_inputs, walk)
 
 
+def _in_reverse_time(walk) -> bool:
+    """Whether ``walk`` runs a reverse direction itself, as a recurrence in reverse time
+    (``walk.forward``/``walk.backward`` with ``reverse=True``, forward-time arrays in and
+    out), instead of over reversed inputs."""
+    return getattr(walk, "time_sharded", False)
+
+
 def _bidirectional_forward(layer, params, steps, carry0, walk, keep, idx):
     """One Bidirectional layer's forward: ``(outputs, (carry_f, carry_b), saved)``."""
     x = steps.xs
+    if _in_reverse_time(walk):
+        hf, cf, sf = walk.forward(layer.forward, params[0], steps, carry0[0], keep)
+        hb, cb, sb = walk.forward(layer.backward, params[1], steps, carry0[1], keep, reverse=True)
+        return directions.merge_outputs(layer.merge, hf, hb), (cf, cb), (sf, sb)
     if walk is FULL and directions.fusable(layer, x):  # both directions as one scan
         h2, c2, s2 = jax.vmap(
             lambda p, x_, c: walk.forward(layer.forward, p, steps._replace(xs=x_), c, keep)
@@ -200,11 +208,7 @@ def model_backward(model, params, steps, carry0, saved, g, backprop=EXACT):
     layers, walk = layers_of(model), saved.walk
     dhs, dcarry_t = g
     ps, cs, dcs = per_layer(model, params), per_layer(model, carry0), per_layer(model, dcarry_t)
-    idx = (
-        directions.reversal(steps.mask, steps.xs.shape[0], steps.resets)
-        if is_bidirectional(model)
-        else None
-    )
+    idx = _reversal(model, steps, walk)
     n = len(layers)
     grads, dcarry0, deltas = [None] * n, [None] * n, [None] * n
     for k in reversed(range(n)):
@@ -243,6 +247,16 @@ def _bidirectional_backward(layer, params, steps, carry0, saved, g, bpass):
     walk, idx = bpass.walk, bpass.idx
     backprop = dataclasses.replace(bpass.backprop, cuts=None)
     dhs, dcarry_t = g
+    if _in_reverse_time(walk):
+        dh_f, dh_b = directions.split_error(layer, dhs, idx, reverse=False)
+        sf, sb = saved
+        gf, dxf, dcf, del_f = walk.backward(
+            layer.forward, params[0], steps, carry0[0], sf, (dh_f, dcarry_t[0]), backprop
+        )
+        gb, dxb, dcb, del_b = walk.backward(layer.backward, params[1], steps, carry0[1], sb,
+                                            (dh_b, dcarry_t[1]), backprop, reverse=True)  # fmt: skip
+        deltas = (del_f, del_b) if backprop.keep_deltas else None
+        return (gf, gb), dxf + dxb, (dcf, dcb), deltas
     dh_f, dh_b = directions.split_error(layer, dhs, idx)
     sf, sb = saved
     gf, dxf, dcf, del_f = walk.backward(

@@ -183,7 +183,38 @@ def _masked(m, y):
     return y if m is None else jnp.where(m[..., None], y, 0)
 
 
+def _passing_coefficients(cell, cparams, steps, x, t0, size, acc):
+    """``(field, a, b)`` of the steps ``[t0, t0 + size)`` as the scan multiplies and adds
+    them (:func:`passing`; ``b`` zero at a padded step); ``x`` their inputs in ``acc``."""
+    (a, b), _ = _coefficients(cell, cparams, x, acc)
+    m, r = _rows(steps.mask, t0, size), _rows(steps.resets, t0, size)
+    return _field(a), passing(a, m, r), _masked(m, b)
+
+
 # ------------------------------------------------------------------ forward
+def summary(cell, params, steps, carry0):
+    """What the steps do to any carry entering them, ``h -> A * h + h0``: the product ``A``
+    of their ``a_t`` (masks and resets included) and the state ``h0`` they leave from a zero
+    carry, both (B, N) in the field the scan runs in (complex for complex coefficients).
+    ``carry0`` gives the carry's shape and dtype only. Sequence parallelism
+    (:mod:`~bptt_jax._engine.time_sharded`) exchanges one such summary per device."""
+    xs = steps.xs
+    acc = carry0.dtype
+    cparams = precision.compute_params(params, xs.dtype)
+    mode = options.linear_scan(cell)
+    field = _field_of_carry(cell, cparams, xs, acc)
+    h = field.enter(like_batch(jnp.zeros_like(carry0), xs))
+
+    def chunk(carry, t0, size):
+        prod, h = carry
+        x = _rows(xs, t0, size).astype(acc)
+        _, a, b = _passing_coefficients(cell, cparams, steps, x, t0, size, acc)
+        return (prod * jnp.prod(a, axis=0), recurrence(a, b, h, mode)[-1]), None
+
+    (prod, h), _ = _over_chunks(chunk, (jnp.ones_like(h), h), xs.shape[0], _step_bytes(carry0))
+    return prod, h
+
+
 def forward(cell, params, steps, carry0, keep: bool = True):
     """The scan over ``steps`` (its ``drops`` are not read), chunk by chunk.
 
@@ -192,7 +223,7 @@ def forward(cell, params, steps, carry0, keep: bool = True):
       dtype; ``(xs,)`` (the backward re-computes the coefficients), ``None`` unless
       ``keep``; the final carry, in the carry's dtype.
     """
-    xs, mask, resets = steps.xs, steps.mask, steps.resets
+    xs, mask = steps.xs, steps.mask
     carry0 = like_batch(carry0, xs)
     acc, store = carry0.dtype, xs.dtype
     cparams = precision.compute_params(params, xs.dtype)  # matrices in the compute dtype
@@ -202,14 +233,11 @@ def forward(cell, params, steps, carry0, keep: bool = True):
 
     def chunk(h, t0, size):
         x = _rows(xs, t0, size).astype(acc)
-        (a, b), _ = _coefficients(cell, cparams, x, acc)
-        field = _field(a)
-        m, r = _rows(mask, t0, size), _rows(resets, t0, size)
-        hs = field.leave(recurrence(passing(a, m, r), _masked(m, b), field.enter(h), mode))
-        hs = hs.astype(acc)
+        field, a, b = _passing_coefficients(cell, cparams, steps, x, t0, size, acc)
+        hs = field.leave(recurrence(a, b, field.enter(h), mode)).astype(acc)
         if not both:
             return hs[-1], hs.astype(store)
-        ys = _masked(m, cell.output(cparams, hs, x))  # zeros at a padded step
+        ys = _masked(_rows(mask, t0, size), cell.output(cparams, hs, x))  # zeros if padded
         return hs[-1], WithOutputs(hs.astype(store), ys.astype(store))
 
     carry_t, states = _over_chunks(chunk, carry0, xs.shape[0], _step_bytes(carry0))
@@ -217,16 +245,18 @@ def forward(cell, params, steps, carry0, keep: bool = True):
 
 
 # ------------------------------------------------------------------ backward
-def _walk_back(cell, params, steps, carry0, stored, g, backprop, grads: bool):
+def _walk_back(cell, params, steps, carry0, stored, g, backprop, grads: bool, product=False):
     """The chunks in reverse: ``(dcarry0, (dparams, dxs), kept)``; ``(dparams, dxs)`` is
     ``None`` unless ``grads``. On a mesh it runs on each device's rows (``per_device``):
-    the params' gradient crosses the devices once, after the loop, not at every chunk."""
-    walk = lambda *a: _walk_back_local(cell, grads, *a)  # noqa: E731
-    out_axes = (0, (SUMMED, 1) if grads else None, 1)
+    the params' gradient crosses the devices once, after the loop, not at every chunk.
+    With ``product``, also the product of the steps' ``a_t`` as the error travels back
+    through them (conjugated, cuts included), in the field the scan runs in."""
+    walk = lambda *a: _walk_back_local(cell, grads, product, *a)  # noqa: E731
+    out_axes = (0, (SUMMED, 1) if grads else None, 1) + ((0,) if product else ())
     return reverse_per_device(walk, params, steps, carry0, stored, g, backprop, out_axes)
 
 
-def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
+def _walk_back_local(cell, grads, product, params, steps, carry0, stored, g, backprop):
     """:func:`_walk_back` on one device's rows (or a whole batch off a mesh)."""
     states, (xs,) = stored
     states = carries_of(states)
@@ -277,7 +307,7 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
         return jax.vjp(output, vary_like(params, xs), hs, x)[1]
 
     def chunk(carry, t0, size):
-        d_next, dparams = carry  # a_{t+1} delta_{t+1} of the chunk after; the sum so far
+        d_next, dparams, prod = carry  # a_{t+1} delta_{t+1} of the chunk after; the sums
         x = _rows(xs, t0, size).astype(acc)
         m, r = _rows(steps.mask, t0, size), _rows(steps.resets, t0, size)
         cut, real = _rows(backprop.cuts, t0, size), _rows(backprop.real, t0, size)
@@ -306,8 +336,9 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
         if backprop.keep_deltas:
             kept = jax.vmap(step_rules.keeper(cell, backprop))(field.leave(deltas))
         d_prev = a_back[0] * deltas[0]
+        prod = None if prod is None else prod * jnp.prod(a_back, axis=0)
         if not grads:
-            return (d_prev, dparams), (None, kept)
+            return (d_prev, dparams, prod), (None, kept)
         h_in = step_rules.carry_entering(carry0, states, t0, None)
         h_prev = field.enter(jnp.concatenate([h_in[None], hs[:-1]]))
         da, db = deltas * field.conj(h_prev), deltas
@@ -321,16 +352,18 @@ def _walk_back_local(cell, grads, params, steps, carry0, stored, g, backprop):
             dp = jax.tree.map(lambda u, v: u + v.astype(u.dtype), dp, dp_out)
             dx = dx + dx_out.astype(dx.dtype)
         dparams = jax.tree.map(lambda s, d: s + d.astype(s.dtype), dparams, dp)
-        return (d_prev, dparams), (dx.astype(xs.dtype), kept)
+        return (d_prev, dparams, prod), (dx.astype(xs.dtype), kept)
 
     field = _field_of_carry(cell, cparams, xs, acc)  # how the carry holds the state
     d_carry = field.enter(dcarry_t.astype(acc))
-    init = (d_carry, vary_like(step_rules.zeros_like(params), xs) if grads else None)
-    (dcarry0, dparams), (dxs, kept) = _over_chunks(
+    prod = jnp.ones_like(d_carry) if product else None
+    init = (d_carry, vary_like(step_rules.zeros_like(params), xs) if grads else None, prod)
+    (dcarry0, dparams, prod), (dxs, kept) = _over_chunks(
         chunk, init, xs.shape[0], _step_bytes(carry0), reverse=True
     )
     dcarry0 = field.leave(dcarry0)
-    return dcarry0, ((dparams, dxs) if grads else None), kept
+    out = dcarry0, ((dparams, dxs) if grads else None), kept
+    return out + (prod,) if product else out
 
 
 def _field_of_carry(cell, cparams, xs, acc):
@@ -361,6 +394,20 @@ def _clipped(field, a_next, e, d_last, real, delta_clip, incoming=None):
     last = jnp.arange(e.shape[0]) == e.shape[0] - 1
     init = d_last
     return lax.scan(body, init, (a_next, e, real, last), reverse=True)[1]
+
+
+def back_summary(cell, params, steps, carry0, stored, dhs, backprop):
+    """What the steps do to an error ``g`` arriving at their last carry from the right,
+    ``g -> P * g + d0``: the product ``P`` of their ``a_t`` as the error travels back
+    (conjugated, cuts included) and the error ``d0`` on the carry entering them for the
+    errors ``dhs`` on their outputs alone (a zero ``g``), both (B, N) in the scan's field.
+    Sequence parallelism (:mod:`~bptt_jax._engine.time_sharded`) exchanges one such summary
+    per device."""
+    zero = jnp.zeros_like(carry0)
+    out = _walk_back(cell, params, steps, carry0, stored, (dhs, zero), backprop, grads=False,
+                     product=True)  # fmt: skip
+    d0, prod = out[0], out[3]
+    return prod, _field(prod).enter(d0.astype(carry0.dtype))
 
 
 def reverse_scan(cell, params, steps, carry0, stored, g, backprop):

@@ -58,6 +58,7 @@ from bptt_jax._engine.layers import (
 )
 from bptt_jax._engine.sharding import SUMMED, batch_split, like_batch, per_device, vary_like
 from bptt_jax._engine.step_rules import truncation_cuts, zeros_like
+from bptt_jax._engine.time_sharded import TimeSharded
 
 
 # ------------------------------------------------------------------ the segment loop
@@ -254,14 +255,19 @@ class FullResiduals(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Full:
     """Full BPTT: each layer over the whole sequence, every step stored; with ``segment``,
-    each cell checkpointed on its own instead (:class:`CheckpointedCell`)."""
+    each cell checkpointed on its own instead (:class:`CheckpointedCell`); with
+    ``time_axis``, the time axis split over that mesh axis
+    (:class:`~bptt_jax._engine.time_sharded.TimeSharded`)."""
 
     truncate: int | None = None
     delta_clip: float | None = None
     segment: int | None = None
+    time_axis: str | None = None
 
     @property
     def walk(self):
+        if self.time_axis is not None:
+            return TimeSharded(self.time_axis, self.truncate)
         return FULL if self.segment is None else CheckpointedCell(self.segment)
 
     def forward(self, model, head, primals):

@@ -151,9 +151,12 @@ def _reshard(x, spec, mesh):
 
 def time_major_sharding(xs):
     """``out_sharding`` for a new (T, B, ...) array laid out like ``xs`` under an Explicit
-    mesh (e.g. dropout masks drawn per example); ``None`` otherwise."""
-    batch = _explicit_batch(xs)
-    return None if batch is None else NamedSharding(jax.typeof(xs).sharding.mesh, P(None, batch))
+    mesh (e.g. dropout masks drawn per example, or per step of a split time axis);
+    ``None`` otherwise."""
+    time, batch = _explicit_batch(xs, 0), _explicit_batch(xs)
+    if time is None and batch is None:
+        return None
+    return NamedSharding(jax.typeof(xs).sharding.mesh, P(time, batch))
 
 
 def like_batch(tree, xs):

@@ -13,7 +13,7 @@ from functools import partial
 import jax
 
 from bptt_jax._engine.bundles import HeadInputs, Primals, Steps
-from bptt_jax._engine.layers import model_forward
+from bptt_jax._engine.layers import FULL, model_forward
 from bptt_jax._engine.sharding import finish_cotangents
 
 
@@ -31,7 +31,8 @@ def bptt(model, head, schedule, primals):
         differentiable: masks, resets, dropout multipliers, class targets).
     """
     params, steps, carry0, head_in = primals
-    hs, carry_t, _ = model_forward(model, params, steps, carry0, keep=False)
+    walk = getattr(schedule, "walk", FULL)  # a time-split sequence's walk (Full's)
+    hs, carry_t, _ = model_forward(model, params, steps, carry0, keep=False, walk=walk)
     out = hs if head is None else head.value(head_in, hs)
     return out, carry_t
 
