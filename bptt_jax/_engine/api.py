@@ -9,10 +9,10 @@ import jax.numpy as jnp
 from bptt_jax import validation
 from bptt_jax._engine.autodiff import unroll_autodiff
 from bptt_jax._engine.bundles import Primals, Steps
+from bptt_jax._engine.layers import cells_of
 from bptt_jax._engine.memory import default_segment, segment_for_budget
 from bptt_jax._engine.options import BACKWARDS
 from bptt_jax._engine.schedules import Checkpointed, Chunked, Full
-from bptt_jax._engine.layers import cells_of
 from bptt_jax._engine.sharding import _explicit_batch, _varying, time_major_sharding
 from bptt_jax._engine.time_sharded import check_cell
 from bptt_jax._engine.vjp import bptt

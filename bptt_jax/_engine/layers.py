@@ -253,8 +253,10 @@ def _bidirectional_backward(layer, params, steps, carry0, saved, g, bpass):
         gf, dxf, dcf, del_f = walk.backward(
             layer.forward, params[0], steps, carry0[0], sf, (dh_f, dcarry_t[0]), backprop
         )
-        gb, dxb, dcb, del_b = walk.backward(layer.backward, params[1], steps, carry0[1], sb,
-                                            (dh_b, dcarry_t[1]), backprop, reverse=True)  # fmt: skip
+        gb, dxb, dcb, del_b = walk.backward(
+            layer.backward, params[1], steps, carry0[1], sb, (dh_b, dcarry_t[1]), backprop,
+            reverse=True,
+        )  # fmt: skip
         deltas = (del_f, del_b) if backprop.keep_deltas else None
         return (gf, gb), dxf + dxb, (dcf, dcb), deltas
     dh_f, dh_b = directions.split_error(layer, dhs, idx)

@@ -35,11 +35,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from bptt_jax._engine import linear_scan
-from bptt_jax._engine.bundles import Backprop, Steps, Stored, dense, outputs_of
+from bptt_jax._engine.bundles import Steps, Stored, dense, outputs_of
 from bptt_jax._engine.sharding import _explicit_batch, _mesh_of, _reshard, _varying
 from bptt_jax.cells import protocol
 
@@ -215,8 +215,8 @@ def _layout(xs, axis: str):
 def run_sharded(axis: str, xs, fn, args, kinds_in, kinds_out):
     """``fn(*args, opened=...)`` on each device's steps: directly inside a user's shard_map
     over ``axis`` (``opened=False``), else inside one opened here (time along ``axis``, the
-    batch along the axes it is split over). ``kinds_in``/``kinds_out``: prefixes of ``args``/the result, each leaf
-    a kind (:data:`TIME` (T, B, ...), :data:`CARRY` (B, ...), :data:`PARAMS` replicated,
+    batch along the axes it is split over). ``kinds_in``/``kinds_out``: prefixes of
+    ``args``/the result, each leaf a kind (:data:`TIME` (T, B, ...), :data:`CARRY` (B, ...), :data:`PARAMS` replicated,
     :data:`SUMMED` each device's part summed over all of them) or ``None`` (no array)."""
     layout = _layout(xs, axis)
     if layout is None:
