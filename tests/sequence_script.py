@@ -182,8 +182,9 @@ def grad_entry(model_name, schedule, mode, seed) -> dict:
         value_err=rel_err(got[0], want[0]),
         grad_err={
             name: rel_err(g, w)
-            for name, g, w in zip(("params", "readout", "xs", "carry0"), got[1], want[1],
-                                  strict=True)  # fmt: skip
+            for name, g, w in zip(
+                ("params", "readout", "xs", "carry0"), got[1], want[1], strict=True
+            )  # fmt: skip
             if g is not None
         },
         xs_grad_spec=str(got[1][2].sharding.spec),
@@ -265,10 +266,10 @@ def error_entries() -> dict:
         "autodiff": lambda: bptt_jax.unroll(cell, p, xs_s, backward="autodiff"),
         "packed_bidirectional": lambda: bptt_jax.unroll(bi, pb, xs_s, resets=resets),
         "uneven": lambda: bptt_jax.unroll(cell, p, xs_odd[:36], time_axis="time"),
-
         "not_a_name": lambda: bptt_jax.unroll(cell, p, xs_s, time_axis=3),
-        "return_deltas": lambda: losses.loss_and_grads(cell, p, ro, xs_s, ys,
-                                                       return_deltas=True),  # fmt: skip
+        "return_deltas": lambda: losses.loss_and_grads(
+            cell, p, ro, xs_s, ys, return_deltas=True
+        ),  # fmt: skip
     }
     out = {}
     for name, fn in cases.items():

@@ -63,8 +63,7 @@ def resolve_time_axis(fn: str, model, xs, time_axis, *, backward, delta_clip, re
     Explicit mesh. A model or option the split cannot run is a ``ValueError`` saying why."""
     if time_axis is not None and (not isinstance(time_axis, str) or not time_axis):
         raise TypeError(
-            f"{fn}: time_axis must be a mesh axis name (a non-empty str) or None; got "
-            f"{time_axis!r}"
+            f"{fn}: time_axis must be a mesh axis name (a non-empty str) or None; got {time_axis!r}"
         )
     split = _explicit_batch(xs, 0)  # the axes the inputs' time axis is laid out over
     if split is not None and not isinstance(split, str):

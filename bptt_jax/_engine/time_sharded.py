@@ -216,8 +216,9 @@ def run_sharded(axis: str, xs, fn, args, kinds_in, kinds_out):
     """``fn(*args, opened=...)`` on each device's steps: directly inside a user's shard_map
     over ``axis`` (``opened=False``), else inside one opened here (time along ``axis``, the
     batch along the axes it is split over). ``kinds_in``/``kinds_out``: prefixes of
-    ``args``/the result, each leaf a kind (:data:`TIME` (T, B, ...), :data:`CARRY` (B, ...), :data:`PARAMS` replicated,
-    :data:`SUMMED` each device's part summed over all of them) or ``None`` (no array)."""
+    ``args``/the result, each leaf a kind (:data:`TIME` (T, B, ...), :data:`CARRY`
+    (B, ...), :data:`PARAMS` replicated, :data:`SUMMED` each device's part summed over all
+    of them) or ``None`` (no array)."""
     layout = _layout(xs, axis)
     if layout is None:
         return fn(*args, opened=False)
