@@ -224,10 +224,10 @@ def collective_entries() -> dict:
 
 def memory_entries(t: int) -> dict:
     """Per-device temp memory of the split gradient at T = ``t`` against one device's (a
-    MinGRU, B=4, D=32, H=64, float32: the program each device runs)."""
-    model = bptt_jax.MinGRU(64)
-    p, ro, xs, ys, _, _ = ref.model_problem(model, jax.random.key(0), jnp.float32, t=t, b=4,
-                                            d=32, o=8, mask=False)  # fmt: skip
+    MinGRU, B=16, D=128, H=256, float32, the bench's layer; compiled, not run)."""
+    model = bptt_jax.MinGRU(256)
+    p, ro, xs, ys, _, _ = ref.model_problem(model, jax.random.key(0), jnp.float32, t=t, b=16,
+                                            d=128, o=8, mask=False)  # fmt: skip
 
     def grad(p, ro, xs, ys):
         return jax.grad(losses.sequence_loss, argnums=(1, 2))(model, p, ro, xs, ys)
@@ -298,7 +298,7 @@ def main():
         except Exception:
             results["failures"][name] = traceback.format_exc()
     for name, fn in (("collectives", collective_entries), ("errors", error_entries),
-                     ("memory", lambda: memory_entries(65536 if full else 8192))):  # fmt: skip
+                     ("memory", lambda: memory_entries(65536))):  # fmt: skip
         try:
             results[name] = fn()
         except Exception:

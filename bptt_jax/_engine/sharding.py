@@ -232,6 +232,16 @@ def off_mesh(x) -> bool:
     return (sharding is None or sharding.mesh.empty) and not _varying(x)
 
 
+def _time_split_only(x) -> bool:
+    """``x`` (T, B, ...) is laid out on an Explicit mesh with its time axis split and
+    nothing else (sequence parallelism): merging (T, B) keeps each device's rows its own."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    if sharding is None or sharding.mesh.empty or _varying(x):
+        return False
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return _explicit_batch(x, 0) is not None and all(s is None for s in spec[1:])
+
+
 def sum_over_rows(x, a, dtype, *, x_t=None):
     """``sum_{t,b} x[t, b]^T a[t, b]``: (T, B, D), (T, B, N) -> (D, N), accumulated in ``dtype``.
 
@@ -241,11 +251,12 @@ def sum_over_rows(x, a, dtype, *, x_t=None):
     for a compute-dtype sum, it is one ``dot_general`` over both (T, B) axes, which keeps a
     sharded B apart (README.md: why each form).
     """
-    if off_mesh(x) and x.dtype == dtype:
+    out = _summed_out(x)
+    if x.dtype == dtype and (off_mesh(x) or _time_split_only(x)):
         rows = x.shape[0] * x.shape[1]
         lhs = x.reshape(rows, x.shape[-1]).T if x_t is None else x_t.reshape(x_t.shape[0], rows)
-        return jnp.matmul(lhs, a.reshape(rows, a.shape[-1]), preferred_element_type=dtype)
-    out = _summed_out(x)
+        a = a.reshape(rows, a.shape[-1])
+        return jnp.matmul(lhs, a, preferred_element_type=dtype, out_sharding=out)
     # contracting axes in (t, b) order: jnp.einsum sorts them to (b, t), and XLA copies both
     if x_t is None:
         dims = (((0, 1), (0, 1)), ((), ()))

@@ -39,7 +39,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from bptt_jax._engine import linear_scan
-from bptt_jax._engine.bundles import Steps, Stored, dense, outputs_of
+from bptt_jax._engine.bundles import OutputError, Steps, Stored, outputs_of
 from bptt_jax._engine.sharding import _explicit_batch, _mesh_of, _reshard, _varying
 from bptt_jax.cells import protocol
 
@@ -107,6 +107,14 @@ def incoming_errors(prod, d0, dcarry_t, axis: str, reverse: bool, extra=None):
     return field.leave(g), field.leave(out[0])
 
 
+def _on_error(dhs, fn):
+    """``fn`` applied to an error on the outputs, per step: to an :class:`OutputError`'s
+    ``dy``; ``None`` stays ``None``."""
+    if dhs is None:
+        return None
+    return dhs._replace(dy=fn(dhs.dy)) if isinstance(dhs, OutputError) else fn(dhs)
+
+
 def _flip(tree):
     return jax.tree.map(lambda x: None if x is None else jnp.flip(x, 0), tree)
 
@@ -135,7 +143,9 @@ def _forward_local(cell, axis, keep, reverse, params, steps, carry0, opened):
     prod, h0 = linear_scan.summary(cell, params, local, carry0)
     entering, final = entering_carries(prod, h0, carry0, axis, reverse)
     states, bufs, _ = linear_scan.forward(cell, params, local, entering, keep)
-    hs = outputs_of(cell, states)
+    hs = None
+    if reverse or not keep:  # (else the stored states are read as the outputs: no copy)
+        hs = outputs_of(cell, states)
     if reverse:
         hs = jnp.flip(hs, 0)
         if steps.mask is not None and not protocol.has_output(cell):  # padded: the final carry
@@ -163,10 +173,13 @@ def _backward_local(cell, axis, truncate, reverse, params, steps, carry0, saved,
         if dhs is not None and steps.mask is not None and not protocol.has_output(cell):
             # a padded step shows the final carry: its error joins the final carry's
             m = steps.mask[..., None]
-            share = jnp.sum(jnp.where(m, 0, dhs), axis=0).astype(dcarry_t.dtype)
-            padded = share if padded is None else padded + share
-            dhs = jnp.where(m, dhs, 0)
-        steps, dhs = _flip(steps), _flip(dhs)
+            dy = dhs.dy if isinstance(dhs, OutputError) else dhs
+            share = jnp.sum(jnp.where(m, 0, dy), axis=0)
+            if isinstance(dhs, OutputError):
+                share = share @ dhs.w.T
+            padded = share.astype(dcarry_t.dtype) + (0 if padded is None else padded)
+            dhs = _on_error(dhs, lambda d: jnp.where(m, d, 0))
+        steps, dhs = _flip(steps), _on_error(dhs, lambda d: jnp.flip(d, 0))
     cuts = None if reverse else _local_cuts(axis, steps.xs.shape[0], truncate)
     backprop = dataclasses.replace(backprop, cuts=cuts)
     stored = Stored(states, bufs)
@@ -252,6 +265,12 @@ def run_sharded(axis: str, xs, fn, args, kinds_in, kinds_out):
     return jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs)(args)
 
 
+def _error_kinds(dhs):
+    if dhs is None:
+        return None
+    return OutputError(TIME, PARAMS) if isinstance(dhs, OutputError) else TIME
+
+
 def _steps_kinds(steps):
     return Steps(TIME, TIME if steps.mask is not None else None,
                  TIME if steps.resets is not None else None, None)  # fmt: skip
@@ -273,20 +292,21 @@ class TimeSharded:
         check_cell("the engine", cell, self.axis)
         steps = steps._replace(drops=None)
         fn = partial(_forward_local, cell, self.axis, keep, reverse)
-        kinds_out = (TIME, CARRY, ShardSaved(TIME, TIME, TIME) if keep else None)
-        return run_sharded(self.axis, steps.xs, fn, (params, steps, carry0),
-                           (PARAMS, _steps_kinds(steps), CARRY), kinds_out)  # fmt: skip
+        outputs = TIME if reverse or not keep else None
+        kinds_out = (outputs, CARRY, ShardSaved(TIME, TIME, TIME) if keep else None)
+        args, kinds_in = (params, steps, carry0), (PARAMS, _steps_kinds(steps), CARRY)
+        hs, carry_t, saved = run_sharded(self.axis, steps.xs, fn, args, kinds_in, kinds_out)
+        return (outputs_of(cell, saved.states) if hs is None else hs), carry_t, saved
 
     def backward(self, cell, params, steps, carry0, saved, g, backprop, reverse=False):
         """``(dparams, dxs, dcarry0, deltas)``, as :data:`~bptt_jax._engine.layers.FULL`'s."""
         steps = steps._replace(drops=None)
         dhs, dcarry_t = g
-        dhs = None if dhs is None else dense(dhs)
         backprop = dataclasses.replace(backprop, cuts=None, real=None)
         fn = partial(_backward_local, cell, self.axis, self.truncate, reverse)
         args = (params, steps, carry0, saved, (dhs, dcarry_t), backprop)
         kinds_in = (PARAMS, _steps_kinds(steps), CARRY, ShardSaved(TIME, TIME, TIME),
-                    (None if dhs is None else TIME, CARRY), None)  # fmt: skip
+                    (_error_kinds(dhs), CARRY), None)  # fmt: skip
         kept = TIME if backprop.keep_deltas else None
         return run_sharded(self.axis, steps.xs, fn, args, kinds_in, (SUMMED, TIME, CARRY, kept))
 
