@@ -33,6 +33,35 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
 # ---------------------------------------------------------------------------- the mesh
+def _chosen_devices(fn: str, devices: int) -> list:
+    """``devices`` devices (0: all), each process giving ``devices / processes`` of its own
+    (its first ones), in process order; ``ValueError`` naming ``devices`` if that cannot be."""
+    if isinstance(devices, bool) or not isinstance(devices, int | np.integer) or devices < 0:
+        raise ValueError(f"{fn}: devices must be an int >= 0 (0: all devices); got {devices!r}")
+    everything = jax.devices()
+    if devices == 0:
+        return everything
+    procs = jax.process_count()
+    if devices > len(everything) or devices % procs:
+        raise ValueError(
+            f"{fn}: devices must be at most the {len(everything)} devices there are and a "
+            f"multiple of the {procs} process(es) (each gives devices / processes of its "
+            f"own); got devices={devices}"
+        )
+    per = devices // procs
+    chosen = []
+    for p in range(procs):
+        own = sorted((d for d in everything if d.process_index == p), key=lambda d: d.id)
+        if len(own) < per:
+            raise ValueError(
+                f"{fn}: devices={devices} over {procs} processes needs {per} devices of "
+                f"each process; process {p} has {len(own)} (use devices=0 for all of "
+                f"them, or at most {procs * min(len(own), per)})"
+            )
+        chosen += own[:per]
+    return chosen
+
+
 def data_mesh(
     devices: int = 0, axis: str = "data", *, axis_type: AxisType = AxisType.Explicit
 ) -> Mesh:
@@ -48,33 +77,48 @@ def data_mesh(
         number of processes (naming ``devices``).
     """
     fn = "data_mesh"
-    if isinstance(devices, bool) or not isinstance(devices, int | np.integer) or devices < 0:
-        raise ValueError(f"{fn}: devices must be an int >= 0 (0: all devices); got {devices!r}")
     if not isinstance(axis, str) or not axis:
         raise ValueError(f"{fn}: axis must be a non-empty string (a mesh axis name); got {axis!r}")
-    everything = jax.devices()
-    if devices == 0:
-        chosen = everything
-    else:
-        procs = jax.process_count()
-        if devices > len(everything) or devices % procs:
-            raise ValueError(
-                f"{fn}: devices must be at most the {len(everything)} devices there are and a "
-                f"multiple of the {procs} process(es) (each gives devices / processes of its "
-                f"own); got devices={devices}"
-            )
-        per = devices // procs
-        chosen = []
-        for p in range(procs):
-            own = sorted((d for d in everything if d.process_index == p), key=lambda d: d.id)
-            if len(own) < per:
-                raise ValueError(
-                    f"{fn}: devices={devices} over {procs} processes needs {per} devices of "
-                    f"each process; process {p} has {len(own)} (use devices=0 for all of "
-                    f"them, or at most {procs * min(len(own), per)})"
-                )
-            chosen += own[:per]
+    chosen = _chosen_devices(fn, devices)
     return jax.make_mesh((len(chosen),), (axis,), axis_types=(axis_type,), devices=chosen)
+
+
+def sequence_mesh(
+    devices: int = 0,
+    time: int = 0,
+    *,
+    data_axis: str = "data",
+    time_axis: str = "time",
+    axis_type: AxisType = AxisType.Explicit,
+) -> Mesh:
+    """A ``(data, time)`` mesh for sequence parallelism: each sequence's time axis split over
+    ``time`` devices, the batch over the other ``devices / time`` (``time=0``: all of
+    ``devices`` along time, a data axis of 1). ``devices`` is :func:`data_mesh`'s (0: all).
+
+    Neighbouring devices along ``time`` hold neighbouring steps; the only traffic along it
+    is one small exchange per layer and direction (:doc:`/guides/sequence_parallel`).
+
+    Raises:
+      ValueError: ``devices`` as in :func:`data_mesh`; ``time`` negative or not dividing the
+        devices; equal or empty axis names.
+    """
+    fn = "sequence_mesh"
+    for name, value in (("data_axis", data_axis), ("time_axis", time_axis)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{fn}: {name} must be a non-empty mesh axis name; got {value!r}")
+    if data_axis == time_axis:
+        raise ValueError(f"{fn}: data_axis and time_axis must differ; both are {time_axis!r}")
+    chosen = _chosen_devices(fn, devices)
+    if isinstance(time, bool) or not isinstance(time, int | np.integer) or time < 0:
+        raise ValueError(f"{fn}: time must be an int >= 0 (0: every device); got {time!r}")
+    time = time or len(chosen)
+    if len(chosen) % time:
+        raise ValueError(
+            f"{fn}: time={time} must divide the {len(chosen)} devices (the rest split the batch)"
+        )
+    shape = (len(chosen) // time, time)
+    return jax.make_mesh(shape, (data_axis, time_axis), axis_types=(axis_type,) * 2,
+                         devices=chosen)  # fmt: skip
 
 
 def axis_size(fn: str, mesh: Mesh, axis: str) -> int:
@@ -107,13 +151,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
-    """A time-major ``(T, B, ...)`` array split along ``B``: each device has ``B / n`` rows."""
-    return NamedSharding(mesh, PartitionSpec(None, axis))
+def batch_sharding(mesh: Mesh, axis: str | None = "data", time_axis: str | None = None):
+    """A time-major ``(T, B, ...)`` array split along ``B``: each device has ``B / n`` rows;
+    with ``time_axis`` (sequence parallelism) its steps split along that axis too (``axis``
+    ``None``: the batch not split)."""
+    return NamedSharding(mesh, PartitionSpec(time_axis, axis))
 
 
-def carry_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
-    """A carry ``(B, ...)`` split along ``B`` like the batch it belongs to."""
+def carry_sharding(mesh: Mesh, axis: str | None = "data") -> NamedSharding:
+    """A carry ``(B, ...)`` split along ``B`` like the batch it belongs to (``None``: whole
+    on every device)."""
     return NamedSharding(mesh, PartitionSpec(axis))
 
 

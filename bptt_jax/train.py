@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bptt_jax import _engine as engine
 from bptt_jax import losses, parallel, precision, truncated, validation
 from bptt_jax.config import ConfigError, bounds, check_bounds
 from bptt_jax.models import LearnedCarry, Stack, is_bidirectional
@@ -195,17 +196,19 @@ class Trainer(NamedTuple):
     init: Callable[..., TrainState]  # init(key, input_size, output_size, batch_size, dtype)
     step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # jit-compiled
     mesh: jax.sharding.Mesh | None = None  # data parallelism: the batch split along data_axis
-    data_axis: str = "data"
+    data_axis: str | None = "data"  # None: the batch not split (a time-only mesh)
+    time_axis: str | None = None  # sequence parallelism: each sequence's steps split along it
 
     def put_batch(self, batch: Batch) -> Batch:
-        """A global batch ``(T, B, ...)`` split along ``B`` over the mesh (unchanged without
-        one); each process places only its own devices' rows (:func:`parallel.put_global`)."""
+        """A global batch ``(T, B, ...)`` split along ``B`` over the mesh (and along ``T``
+        with ``time_axis``; unchanged without a mesh); each process places only its own
+        devices' rows (:func:`parallel.put_global`)."""
         if self.mesh is None:
             return batch
-        b = np.shape(batch.xs)[1]
-        parallel.check_batch_size("Trainer.put_batch", "batch.xs.shape[1] (B)", b, self.mesh,
-                                  self.data_axis)  # fmt: skip
-        return parallel.put_global(batch, parallel.batch_sharding(self.mesh, self.data_axis))
+        _check_split("Trainer.put_batch", np.shape(batch.xs), self.mesh, self.data_axis,
+                     self.time_axis)  # fmt: skip
+        sharding = parallel.batch_sharding(self.mesh, self.data_axis, self.time_axis)
+        return parallel.put_global(batch, sharding)
 
     def state_sharding(self) -> TrainState | None:
         """The :class:`TrainState` of shardings (a prefix of the state): every field
@@ -213,7 +216,20 @@ class Trainer(NamedTuple):
         return None if self.mesh is None else _state_sharding(self.mesh, self.data_axis)
 
 
-def _state_sharding(mesh, axis: str) -> TrainState:
+def _check_split(fn: str, shape, mesh, data_axis, time_axis) -> None:
+    """A batch of ``shape`` (T, B, ...) splits evenly over the mesh's data and time axes."""
+    if data_axis is not None:
+        parallel.check_batch_size(fn, "batch.xs.shape[1] (B)", shape[1], mesh, data_axis)
+    if time_axis is not None and shape[0] % mesh.shape[time_axis]:
+        n = mesh.shape[time_axis]
+        raise ValueError(
+            f"{fn}: batch.xs.shape[0] (T) must be divisible by the {n} devices along mesh "
+            f"axis {time_axis!r} (each device takes T / {n} steps); got {shape[0]}; pad the "
+            f"sequences (with mask) to a multiple of {n}"
+        )
+
+
+def _state_sharding(mesh, axis: str | None) -> TrainState:
     rep = parallel.replicated(mesh)
     return TrainState(rep, rep, rep, parallel.carry_sharding(mesh, axis), rep, rep)
 
@@ -231,6 +247,7 @@ def trainer(
     data_axis: str = "data",
     compute_dtype=None,
     burn_in: int | None = None,
+    time_axis: str | None = None,
 ) -> Trainer:
     """A jit-compiled train step for full BPTT (``k1=None``) or TBPTT(k1, k2).
 
@@ -264,6 +281,11 @@ def trainer(
     once per update. The results are the single-device step's, up to the order of that sum.
     Give the step a batch placed by :meth:`Trainer.put_batch`.
 
+    **Sequence parallelism** (``time_axis``, a model of linear cells): each sequence's steps
+    are split along the mesh's ``time_axis`` too (e.g. :func:`bptt_jax.parallel.sequence_mesh`,
+    whose ``data`` axis may have one device), as :func:`bptt_jax.unroll`'s ``time_axis``
+    says; the carry of a stream is the same on every device along it. Full BPTT only.
+
     Args:
       cell: the cell or model (:class:`~bptt_jax.Stack`, :class:`~bptt_jax.Bidirectional`).
       optim: clipping and optimizer (:func:`make_optimizer`).
@@ -272,7 +294,10 @@ def trainer(
       metrics_fn: extra per-update metrics (see :data:`MetricsFn`).
       mesh: a ``jax.sharding.Mesh`` with an axis ``data_axis`` (e.g.
         :func:`bptt_jax.parallel.data_mesh`), or ``None`` for one device.
-      data_axis: the mesh axis the batch is split along.
+      data_axis: the mesh axis the batch is split along (with ``time_axis``, a mesh without
+        it leaves the batch whole on every device along time).
+      time_axis: sequence parallelism: the mesh axis each sequence's steps are split along,
+        or ``None``.
       compute_dtype: a precision policy (:mod:`bptt_jax.precision`), e.g. ``"bfloat16"``:
         the forward and backward compute in it while the params (the optimizer's master
         weights), carries and gradient sums stay in the params' dtype.
@@ -310,12 +335,31 @@ def trainer(
                 "already start from the carry the window before left, and a reverse direction "
                 "would read the burn-in steps last; use burn_in=None"
             )
-    if mesh is not None:
+    if time_axis is not None:
+        if mesh is None:
+            raise ValueError(
+                f"trainer: time_axis={time_axis!r} needs a mesh with that axis "
+                "(bptt_jax.parallel.sequence_mesh)"
+            )
+        parallel.axis_size("trainer", mesh, time_axis)
+        inner = cell.model if isinstance(cell, LearnedCarry) else cell
+        for c in engine.cells_of(inner):
+            engine.check_cell("trainer", c, time_axis)
+        if k1 is not None or burn_in is not None:
+            what = f"TBPTT (k1={k1})" if k1 is not None else f"burn_in={burn_in}"
+            raise ValueError(
+                f"trainer: time_axis={time_axis!r} cannot be combined with {what}: the split "
+                "runs full BPTT over each batch's sequence"
+            )
+        if data_axis not in mesh.axis_names:
+            data_axis = None
+    if mesh is not None and data_axis is not None:
         parallel.axis_size("trainer", mesh, data_axis)
     if compute_dtype is not None:  # a floating dtype; checked against the params' at step 1
         precision.resolve("trainer", compute_dtype, jnp.float64)
         compute_dtype = jnp.dtype(compute_dtype).name
-    spec = _StepSpec(cell, optim, loss, reduction, k1, k2, metrics_fn, compute_dtype, burn_in)
+    spec = _StepSpec(cell, optim, loss, reduction, k1, k2, metrics_fn, compute_dtype, burn_in,
+                     time_axis)  # fmt: skip
     return _trainer(spec, mesh, data_axis)
 
 
@@ -332,6 +376,7 @@ class _StepSpec(NamedTuple):
     metrics_fn: Any
     compute_dtype: str | None
     burn_in: int | None = None
+    time_axis: str | None = None
 
 
 def _make_init(cell, tx: optax.GradientTransformation, mesh, data_axis: str):
@@ -362,7 +407,9 @@ def _make_init(cell, tx: optax.GradientTransformation, mesh, data_axis: str):
             return make_state(key, input_size, output_size, batch_size, dtype)
 
         def init(key, input_size: int, output_size: int, batch_size: int, dtype=jnp.float32):
-            parallel.check_batch_size("trainer.init", "batch_size", batch_size, mesh, data_axis)
+            if data_axis is not None:
+                parallel.check_batch_size("trainer.init", "batch_size", batch_size, mesh,
+                                          data_axis)  # fmt: skip
             # the key as host data: the same in every process, an input of the mesh program
             key_data = np.asarray(jax.random.key_data(key))
             impl = jax.random.key_impl(key)
@@ -424,12 +471,14 @@ def _trainer(spec: _StepSpec, mesh, data_axis: str) -> Trainer:
     if mesh is None:
         checked = _CheckedStep(jax.jit(step), None, data_axis, spec.loss, bidirectional)
         return Trainer(tx, init, checked)
-    shardings = (_state_sharding(mesh, data_axis), parallel.batch_sharding(mesh, data_axis))
+    batch = parallel.batch_sharding(mesh, data_axis, spec.time_axis)
+    shardings = (_state_sharding(mesh, data_axis), batch)
     step_on_mesh = jax.jit(
         step, in_shardings=shardings, out_shardings=(shardings[0], parallel.replicated(mesh))
     )
-    checked = _CheckedStep(step_on_mesh, mesh, data_axis, spec.loss, bidirectional)
-    return Trainer(tx, init, checked, mesh, data_axis)
+    checked = _CheckedStep(step_on_mesh, mesh, data_axis, spec.loss, bidirectional,
+                           spec.time_axis)  # fmt: skip
+    return Trainer(tx, init, checked, mesh, data_axis, spec.time_axis)
 
 
 def _make_step(spec: _StepSpec, update):
@@ -456,7 +505,8 @@ def _make_step(spec: _StepSpec, update):
         if spec.k1 is None:
             carry0 = None if fresh else state.carry
             lg = losses.loss_and_grads(cell, p, ro, batch.xs, batch.targets, carry0,
-                                       burn_in=spec.burn_in, **kw)  # fmt: skip
+                                       burn_in=spec.burn_in, time_axis=spec.time_axis,
+                                       **kw)  # fmt: skip
             opt_state, params, readout, metrics = update(state.opt_state, p, ro, lg, batch)
             carry = lg.carry
             metrics = jax.tree.map(lambda x: x[None], metrics)
@@ -500,15 +550,15 @@ class _CheckedStep(NamedTuple):
 
     jitted: Any  # jax.jit(step[, in_shardings=..., out_shardings=...])
     mesh: jax.sharding.Mesh | None
-    axis: str
+    axis: str | None
     loss: str
     bidirectional: bool = False
+    time_axis: str | None = None
 
     def _check(self, state: TrainState, batch: Batch) -> None:
         fn = "trainer.step"
         if self.mesh is not None:
-            b = np.shape(batch.xs)[1]
-            parallel.check_batch_size(fn, "batch.xs.shape[1] (B)", b, self.mesh, self.axis)
+            _check_split(fn, np.shape(batch.xs), self.mesh, self.axis, self.time_axis)
         for name in ("mask", "loss_mask", "resets"):
             m = getattr(batch, name)
             if isinstance(m, np.ndarray) and m.ndim == 2:  # (other shapes: the step says)

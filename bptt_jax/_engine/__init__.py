@@ -48,6 +48,7 @@ from bptt_jax._engine.memory import default_segment as default_segment
 from bptt_jax._engine.memory import segment_for_budget as segment_for_budget
 from bptt_jax._engine.options import BACKWARDS as BACKWARDS
 from bptt_jax._engine.step_rules import truncation_cuts as truncation_cuts
+from bptt_jax._engine.time_sharded import check_cell as check_cell
 from bptt_jax._engine.vjp import bptt as bptt
 from bptt_jax._engine.vjp import bptt_bwd as bptt_bwd
 from bptt_jax._engine.vjp import bptt_fwd as bptt_fwd
