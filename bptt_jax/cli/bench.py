@@ -26,9 +26,10 @@ from dataclasses import field
 from pathlib import Path
 from typing import Literal, get_args
 
+from bptt_jax.cells import LinearCell
 from bptt_jax.cli import config
 from bptt_jax.config import ConfigError, bounds, check_bounds
-from bptt_jax.models import parse_spec
+from bptt_jax.models import CELLS, parse_spec
 
 Cell = Literal["elman", "lstm", "gru"]
 Part = Literal[
@@ -41,6 +42,7 @@ Part = Literal[
     "parallel",
     "precision",
     "linear",
+    "sequence",
 ]
 Library = Literal["torch", "flax", "cudnn", "torch_bf16"]
 PARTS: tuple[str, ...] = get_args(Part)  # every part, in the order they run
@@ -231,6 +233,32 @@ class Linear:
 
 
 @dataclasses.dataclass(frozen=True)
+class Sequence:
+    """Part 10: sequence parallelism: the gradient step with the time axis split over n devices.
+
+    For each n of ``devices`` (up to the devices there are), the gradient step of a linear
+    recurrence with the sequence (inputs and targets) split along T over an n-device mesh
+    (``time_axis``; 1 device: the plain program), checked against the 1-device program and
+    timed side by side; with the collectives of each compiled program, the bytes they
+    exchange per step and the temp memory per device. On a CPU with fewer devices, in a fresh
+    interpreter with ``simulate`` simulated CPU devices (they share the cores: overhead, not
+    speedup).
+    """
+
+    # a model spec, [bi]<cell>[:<layers>], of linear cells: mingru, minlstm, rglru, lru
+    model: str = "mingru"
+    size: Size = (65536, 16, 128, 256)  # [T, B, D, H]; T divisible by every device count
+    devices: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata=bounds(ge=1))
+    backward: Literal["manual", "checkpointed"] = "manual"
+    # CPU devices of the fresh interpreter on a CPU; 0: only those there are
+    simulate: int = field(default=8, metadata=bounds(ge=0))
+    # timed samples per entry; none: timing.repeats
+    repeats: int | None = field(default=None, metadata=bounds(ge=1))
+    # untimed calls per entry; none: timing.warmup
+    warmup: int | None = field(default=None, metadata=bounds(ge=0))
+
+
+@dataclasses.dataclass(frozen=True)
 class BenchConfig:
     """Everything ``bptt-jax bench`` runs; each table is one part (see ``benchmarks/``)."""
 
@@ -255,13 +283,33 @@ class BenchConfig:
     parallel: Parallel = Parallel()
     precision: Precision = Precision()
     linear: Linear = Linear()
+    sequence: Sequence = Sequence()
 
 
-def _check_spec(key: str, spec: str) -> None:
+def _check_spec(key: str, spec: str) -> str:
+    """The cell a model spec names (a ConfigError naming ``key`` when it is no spec)."""
     try:
-        parse_spec(spec)
+        return parse_spec(spec)[0]
     except ValueError as e:
         raise ConfigError(f"config: '{key}': {e}") from None
+
+
+def _check_devices(part: str, size: Size, devices: tuple[int, ...], axis: int) -> None:
+    """``<part>.size`` is [T, B, D, H] and each of ``<part>.devices`` divides its ``axis``."""
+    if len(size) != 4 or min(size) < 1:
+        raise ConfigError(
+            f"config: '{part}.size' must be [T, B, D, H], four positive ints; got {list(size)}"
+        )
+    if not devices:
+        raise ConfigError(f"config: '{part}.devices' must list at least one count")
+    what = ("the sequence length T", "steps") if axis == 0 else ("the batch B", "examples")
+    for i, n in enumerate(devices):
+        if size[axis] % n:
+            raise ConfigError(
+                f"config: '{part}.devices[{i}]' = {n} does not divide {what[0]} = "
+                f"{size[axis]} ('{part}.size'[{axis}]); each device takes "
+                f"{'TB'[axis]} / n {what[1]}"
+            )
 
 
 def check_config(cfg: BenchConfig) -> BenchConfig:
@@ -287,20 +335,18 @@ def check_config(cfg: BenchConfig) -> BenchConfig:
     for key in ("models", "memory_models"):
         for i, spec in enumerate(getattr(cfg.models, key)):
             _check_spec(f"models.{key}[{i}]", spec)
-    pc = cfg.parallel
-    _check_spec("parallel.model", pc.model)
-    if len(pc.size) != 4 or min(pc.size) < 1:
+    _check_spec("parallel.model", cfg.parallel.model)
+    _check_devices("parallel", cfg.parallel.size, cfg.parallel.devices, axis=1)
+    sc = cfg.sequence
+    cell = _check_spec("sequence.model", sc.model)
+    if not issubclass(CELLS[cell], LinearCell):
+        linear = ", ".join(k for k, v in CELLS.items() if issubclass(v, LinearCell))
         raise ConfigError(
-            f"config: 'parallel.size' must be [T, B, D, H], four positive ints; got {list(pc.size)}"
+            f"config: 'sequence.model' = {sc.model!r}: {cell} is not a linear recurrence, so "
+            f"its steps cannot be split over devices; sequence parallelism needs a model of "
+            f"linear cells: {linear} (e.g. 'mingru', 'biminlstm', 'lru:2')"
         )
-    if not pc.devices:
-        raise ConfigError("config: 'parallel.devices' must list at least one count")
-    for i, n in enumerate(pc.devices):
-        if pc.size[1] % n:
-            raise ConfigError(
-                f"config: 'parallel.devices[{i}]' = {n} does not divide the batch B = "
-                f"{pc.size[1]} ('parallel.size'[1]); each device takes B / n examples"
-            )
+    _check_devices("sequence", sc.size, sc.devices, axis=0)
     if len(set(cfg.parts)) != len(cfg.parts):
         raise ConfigError(f"config: 'parts' lists a part twice: {list(cfg.parts)}")
     config.check_directory("out", cfg.out)

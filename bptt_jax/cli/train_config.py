@@ -96,11 +96,15 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """Data parallelism (table ``[parallel]``): the batch split over devices
-    (:mod:`bptt_jax.parallel`)."""
+    (:mod:`bptt_jax.parallel`); with ``time_devices`` > 1, sequence parallelism too: each
+    sequence's steps split over that many of them (linear cells, full BPTT)."""
 
-    # devices along the batch axis: 0 for all (every process's), else a count
+    # devices in all (the batch axis's, times time_devices): 0 for all (every process's)
     devices: int = field(default=0, metadata=bounds(ge=0, note="0: all devices"))
-    axis: str = "data"  # the mesh axis's name
+    axis: str = "data"  # the batch axis's name
+    # devices each sequence's time axis is split over (mingru, minlstm, rglru, lru): 1 for none
+    time_devices: int = field(default=1, metadata=bounds(ge=1, note="1: time not split"))
+    time_axis: str = "time"  # the time axis's name
 
 
 #: Largest seed + 1: ``jax.random.key`` keeps 32 bits of a seed (without x64), so larger or
@@ -144,6 +148,10 @@ def _check_paths(cfg: Config) -> None:
             raise ConfigError(
                 f"config: 'train.log_file' {f!r}: its directory {str(path.parent)!r} does not exist"
             )
+
+
+#: The cells whose steps may be split over devices in time (``parallel.time_devices``).
+LINEAR_CELLS = frozenset({"mingru", "minlstm", "rglru", "lru"})
 
 
 def check_config(cfg: Config) -> None:
@@ -202,8 +210,27 @@ def check_config(cfg: Config) -> None:
             "config: 'train.k1' (TBPTT) is undefined for a bidirectional model (its reverse "
             "direction needs the whole future); set model.bidirectional=false or train.k1=none"
         )
-    if not cfg.parallel.axis:
-        raise ConfigError("config: 'parallel.axis' must be a non-empty mesh axis name")
+    pc = cfg.parallel
+    for key in ("axis", "time_axis"):
+        if not getattr(pc, key):
+            raise ConfigError(f"config: 'parallel.{key}' must be a non-empty mesh axis name")
+    if pc.time_devices > 1:
+        if pc.axis == pc.time_axis:
+            raise ConfigError(
+                f"config: 'parallel.axis' and 'parallel.time_axis' must differ; both are "
+                f"{pc.axis!r}"
+            )
+        if m.cell not in LINEAR_CELLS:
+            raise ConfigError(
+                f"config: 'parallel.time_devices' ({pc.time_devices}) splits each sequence's "
+                f"steps over devices, which only a linear recurrence allows; model.cell is "
+                f"{m.cell!r}: use one of {sorted(LINEAR_CELLS)} or parallel.time_devices=1"
+            )
+        if t.k1 is not None:
+            raise ConfigError(
+                f"config: 'parallel.time_devices' ({pc.time_devices}) runs full BPTT over each "
+                f"batch's sequence; set train.k1=none (got {t.k1})"
+            )
     distributed_args(cfg.distributed)  # every value, the environment's too
     if m.bidirectional and cfg.task != "adding":
         raise ConfigError(
@@ -428,6 +455,8 @@ def build(cfg: Config, mesh: jax.sharding.Mesh | None = None):
 def trainer_of(cfg: Config, task, cell, mesh) -> Trainer:
     """The :func:`bptt_jax.train.trainer` of ``cfg`` for ``task`` and ``cell`` (on ``mesh``)."""
     kwargs = {} if mesh is None else dict(mesh=mesh, data_axis=cfg.parallel.axis)
+    if mesh is not None and cfg.parallel.time_devices > 1:
+        kwargs["time_axis"] = cfg.parallel.time_axis
     kwargs["compute_dtype"] = cfg.model.compute_dtype or None
     return trainer(cell, cfg.optim, loss=task.loss, k1=cfg.train.k1, k2=cfg.train.k2, **kwargs)
 
@@ -447,12 +476,23 @@ def make_mesh(cfg: Config) -> jax.sharding.Mesh | None:
     initialize(cfg.distributed)
     pc = cfg.parallel
     try:
-        mesh = parallel.data_mesh(pc.devices, pc.axis)
+        if pc.time_devices > 1:
+            mesh = parallel.sequence_mesh(pc.devices, pc.time_devices, data_axis=pc.axis,
+                                          time_axis=pc.time_axis)  # fmt: skip
+        else:
+            mesh = parallel.data_mesh(pc.devices, pc.axis)
     except ValueError as e:
-        raise ConfigError(f"config: 'parallel.devices': {e}") from None
+        raise ConfigError(f"config: 'parallel.devices' / 'parallel.time_devices': {e}") from None
     n = mesh.shape[pc.axis]
-    if n == 1 and jax.process_count() == 1:
+    if mesh.size == 1 and jax.process_count() == 1:
         return None  # one device: the plain step
+    seq = getattr(cfg, cfg.task).seq_len
+    if pc.time_devices > 1 and seq % pc.time_devices:
+        raise ConfigError(
+            f"config: '{cfg.task}.seq_len' ({seq}) must be divisible by "
+            f"'parallel.time_devices' ({pc.time_devices}), each device taking seq_len / "
+            f"{pc.time_devices} steps"
+        )
     if cfg.train.batch_size % n:
         raise ConfigError(
             f"config: 'train.batch_size' ({cfg.train.batch_size}) must be divisible by the {n} "
