@@ -6,9 +6,10 @@
 Parts, in the order ``parts`` lists them (each is a script here, also runnable alone):
 ``manual_vs_autodiff``, ``scaling`` (tokens/s and memory vs T), ``truncation``, ``peers``,
 ``floor``, ``models`` (stacked and bidirectional), ``parallel`` (the batch split over
-devices), ``precision`` (bfloat16 compute), ``linear`` (MinGRU and MinLSTM). Every timed
-gradient path is checked against autodiff first; an entry that fails its check is reported
-loudly and never timed, and the run exits 1.
+devices), ``precision`` (bfloat16 compute), ``linear`` (MinGRU and MinLSTM), ``sequence``
+(the time axis of a linear recurrence split over devices). Every timed gradient path is
+checked against autodiff first (the sequence part's splits: against the 1-device program); an
+entry that fails its check is reported loudly and never timed, and the run exits 1.
 
 Writes to the config's ``out`` folder: ``bench.json`` (every number: environment, config,
 each part's rows with all samples, the suite's targets and whether they were met,
@@ -38,6 +39,7 @@ import peers
 import plots
 import precision
 import scaling
+import sequence
 import truncation
 
 from bptt_jax.cli import bench, config
@@ -52,6 +54,7 @@ PARTS = {
     "parallel": (parallel, "data parallelism: the gradient step on 1, 2, 4, 8 devices"),
     "precision": (precision, "the precision policy: float32 against bfloat16 compute"),
     "linear": (linear, "linear recurrences: vs what a user writes, the GRU and the LSTM"),
+    "sequence": (sequence, "sequence parallelism: the time axis split over 1, 2, 4, 8 devices"),
 }
 SCHEMA_VERSION = 1
 

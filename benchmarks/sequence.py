@@ -1,4 +1,4 @@
-"""Part 10: sequence parallelism: the gradient step with the time axis split over 1, 2, 4, 8 devices.
+"""Part 10: sequence parallelism: the gradient step with the time axis split over n devices.
 
 One problem (``sequence.model``, a model of linear cells, at ``sequence.size`` = [T, B, D, H]);
 for each device count n of ``sequence.devices``, the gradient step
@@ -130,9 +130,9 @@ def _program(problem: harness.Problem, backward: str, n: int):
         )
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    args = (problem.params, problem.readout, problem.xs, problem.targets)
-    start = time.perf_counter()
     if n == 1:
+        args = (problem.params, problem.readout, problem.xs, problem.targets)
+        start = time.perf_counter()
         compiled = grad.lower(*args).compile()
         return compiled, args, time.perf_counter() - start
     mesh = jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Explicit,), devices=jax.devices()[:n])

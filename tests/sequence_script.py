@@ -10,6 +10,8 @@ float64, against the same computation on one device:
   ``jax.shard_map`` ("shard_map"), for random masks, resets, initial carries, truncation
   and a bf16 policy; each compiled program's collectives and how many loops enclose each;
 * ``memory``: per-device temp memory of the split gradient at a long T against one device's;
+* ``train``: the trainer's steps on ``data x time`` meshes against one device;
+* ``guide``: the example of docs/guides/sequence_parallel.md;
 * ``errors``: the messages of what the split refuses.
 
     python tests/sequence_script.py OUT_DIR [--full]     # writes OUT_DIR/results.json
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -287,6 +290,64 @@ def error_entries() -> dict:
     return out
 
 
+def train_entries() -> dict:
+    """The trainer's full-BPTT step of a carried stream (a Stack of a MinGRU and an LRU, adam
+    with clipping, random masked batches) on a (2, 4) ``data x time`` mesh and an (1, 8) one
+    against one device: three steps."""
+    from bptt_jax import parallel, train
+    from bptt_jax.truncated import Batch
+
+    model = bptt_jax.Stack((bptt_jax.MinGRU(6), bptt_jax.LRU(5)))
+    opt = train.OptimConfig(name="adam", learning_rate=0.05, clip="global_norm", max_norm=0.5)
+    rng = np.random.default_rng(0)
+    batches = [
+        Batch(rng.standard_normal((T, B, D)), rng.integers(0, O, (T, B)).astype(np.int32),
+              None, rng.random((T, B)) < 0.8, None)
+        for _ in range(3)
+    ]  # fmt: skip
+
+    def run(t):
+        state = t.init(jax.random.key(0), D, O, B, DTYPE)
+        values = []
+        for batch in batches:
+            state, metrics = t.step(state, t.put_batch(batch))
+            values.append(float(metrics["loss"][0]))
+        return state, values
+
+    one, want = run(train.trainer(model, opt))
+    out = {}
+    for time in (4, 8):
+        mesh = parallel.sequence_mesh(0, time)
+        state, got = run(train.trainer(model, opt, mesh=mesh, time_axis="time"))
+        out[f"time{time}"] = dict(
+            loss_err=max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True)),
+            params_err=rel_err(state.params, one.params),
+            carry_err=rel_err(state.carry, one.carry),
+            carry_spec=str(jax.tree.leaves(state.carry)[0].sharding.spec),
+        )
+    return out
+
+
+#: The guide page whose example runs here (tests/test_guides.py leaves it out: its fence is
+#: marked ``<!-- test: elsewhere tests/sequence_script.py ... -->``).
+GUIDE = "docs/guides/sequence_parallel.md"
+
+
+def guide_entry() -> dict:
+    """The guide's example, run here on 8 devices; what it prints."""
+    import contextlib
+    import io
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / GUIDE).read_text()
+    marked = r"<!-- test: elsewhere tests/sequence_script\.py[^>]*-->\n```python\n(.*?)^```"
+    (code,) = re.findall(marked, text, re.S | re.M)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), jax.enable_x64(False):
+        exec(compile(code, GUIDE, "exec"), {"__name__": "__main__"})
+    return dict(printed=out.getvalue())
+
+
 def main():
     out_dir = Path(sys.argv[1])
     full = "--full" in sys.argv
@@ -297,8 +358,10 @@ def main():
             results["grads"][name] = grad_entry(m, s, mode, seed=100 + i)
         except Exception:
             results["failures"][name] = traceback.format_exc()
-    for name, fn in (("collectives", collective_entries), ("errors", error_entries),
-                     ("memory", lambda: memory_entries(65536))):  # fmt: skip
+    parts = (("collectives", collective_entries), ("errors", error_entries),
+             ("memory", lambda: memory_entries(65536)), ("train", train_entries),
+             ("guide", guide_entry))  # fmt: skip
+    for name, fn in parts:
         try:
             results[name] = fn()
         except Exception:

@@ -7,16 +7,20 @@ and consistent.
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import pytest
 
 from bptt_jax import cli
 from bptt_jax.cli import bench, config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STATS = ("median_s", "q25_s", "q75_s", "iqr_s", "min_s", "max_s", "tokens_per_s", "compile_s")
 MEMORY = ("temp_bytes", "argument_bytes", "output_bytes")
@@ -273,6 +277,60 @@ def test_parallel_part_times_the_device_counts_there_are(tiny_run):
     assert any("[2, 4, 8] devices skipped" in n for n in res["notes"]), res["notes"]
 
 
+def test_sequence_part_times_the_device_counts_there_are(tiny_run):
+    """bench_tiny runs the sequence-parallel part in-process (simulate = 0): the plain
+    one-device program here, no collectives, the split counts noted as skipped (the split
+    runs: test_the_sequence_bench_part_on_simulated_devices, slow)."""
+    res, _, _ = tiny_run
+    part = res["sequence"]
+    (row,) = part["rows"]
+    assert row["devices"] == 1 and row["speedup"] == 1.0 and row["model"] == "mingru"
+    assert row["collectives"] == {} and row["collective_bytes"] == 0
+    assert row["collectives_in_loops"] == 0 and row["flops_vs_one_device"] == 1.0
+    assert row["temp_vs_one_device"] == 1.0 and row["temp_bytes"] > 0
+    assert row["check"]["reference"] == "1 device" and row["check"]["max_rel_err"] == 0.0
+    _check_timed(row, row["T"] * row["B"])
+    assert part["simulated"] is False and row["simulated"] is False
+    assert any("sequence: [2] devices skipped" in n for n in res["notes"]), res["notes"]
+
+
+@pytest.mark.slow
+def test_the_sequence_bench_part_on_simulated_devices(tmp_path):
+    """``benchmarks/sequence.py`` from a 1-device process: a fresh interpreter with 4
+    simulated devices; a 2-layer bidirectional MinLSTM with its steps split over 1, 2 and 4
+    of them, each checked against the 1-device program and timed; per layer and direction
+    one all-gather each way and the gradient's all-reduce, none inside a loop; less temp
+    memory per device; the overhead-not-speedup note and heading."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sequence.py"), "bench_tiny",
+         f"out={tmp_path}", "plots=false", "sequence.simulate=4", "sequence.devices=[1, 2, 4]",
+         "sequence.model='biminlstm:2'", "sequence.size=[64, 2, 3, 4]"],
+        env={**env, "JAX_PLATFORMS": "cpu"}, cwd=ROOT, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "sequence.json").read_text())
+    assert res["passed"] is True and res["failures"] == []
+    part = res["sequence"]
+    rows = part["rows"]
+    assert [r["devices"] for r in rows] == [1, 2, 4] and part["simulated"] is True
+    for r in rows:
+        _check_timed(r, r["T"] * r["B"])
+        assert r["check"]["reference"] == "1 device" and r["collectives_in_loops"] == 0, r
+        assert _close(r["speedup"], rows[0]["median_s"] / r["median_s"])
+        assert _close(r["temp_vs_one_device"], r["temp_bytes"] / rows[0]["temp_bytes"])
+    for r in rows[1:]:
+        # 2 layers x 2 directions, one all-gather of the summaries forward, one backward
+        assert r["collectives"]["all-gather"] == 2 * 2 * 2, r["collectives"]
+        assert set(r["collectives"]) == {"all-gather", "all-reduce"}, r["collectives"]
+        assert r["collective_bytes"] >= r["gradient_bytes"]
+        assert r["temp_vs_one_device"] < 1
+    assert any("sequence: the devices are simulated" in n and "not a speedup" in n
+               for n in res["notes"])  # fmt: skip
+    assert "x 1 dev is overhead, not speedup" in proc.stdout
+
+
 def test_precision_part_checks_and_compares_bf16_compute_with_float32(tiny_run):
     """bench_tiny's precision row: float32 and bfloat16 compute, each checked against float32
     autodiff (bf16 within the policy tolerance, and visibly above float32's error), timed,
@@ -382,6 +440,12 @@ def test_plots_are_written(tiny_run):
         ("parallel.devices=[1, 3]", "parallel.devices[1]"),
         ("linear.sizes=[[4, 2, 3]]", "linear.sizes[0]"),
         ("linear.cells=['gru']", "linear.cells[0]"),
+        ("sequence.model='lstm'", "sequence.model"),
+        ("sequence.model='mingru:0'", "sequence.model"),
+        ("sequence.devices=[1, 3]", "sequence.devices[1]"),
+        ("sequence.devices=[]", "sequence.devices"),
+        ("sequence.size=[64, 2, 3]", "sequence.size"),
+        ("sequence.repeats=0", "sequence.repeats"),
     ],
 )
 def test_config_error_names_the_key_and_exits_2(override, key, tmp_path, capsys):
@@ -391,6 +455,31 @@ def test_config_error_names_the_key_and_exits_2(override, key, tmp_path, capsys)
     assert status == 2, err
     assert f"'{key}'" in err
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("spec", ["gru", "bilstm", "elman:2"])
+def test_the_sequence_part_refuses_a_model_of_nonlinear_cells(spec):
+    with pytest.raises(config.ConfigError) as e:
+        bench.load_config("bench_tiny", [f"sequence.model='{spec}'"])
+    msg = str(e.value)
+    assert msg.startswith(f"config: 'sequence.model' = '{spec}': ")
+    assert "is not a linear recurrence" in msg and "mingru, minlstm, rglru, lru" in msg
+
+
+@pytest.mark.parametrize("spec", ["mingru", "biminlstm", "rglru:2", "bilru:3"])
+def test_the_sequence_part_takes_any_model_of_linear_cells(spec):
+    assert bench.load_config("bench_tiny", [f"sequence.model='{spec}'"]).sequence.model == spec
+
+
+def test_the_sequence_part_refuses_a_length_the_devices_do_not_divide():
+    with pytest.raises(config.ConfigError) as e:
+        bench.load_config("bench_tiny", ["sequence.size=[63, 2, 3, 4]"])
+    assert str(e.value) == (
+        "config: 'sequence.devices[1]' = 2 does not divide the sequence length T = 63 "
+        "('sequence.size'[0]); each device takes T / n steps"
+    )
+    # the default size divides every default count
+    assert bench.Sequence().size[0] % math.lcm(*bench.Sequence().devices) == 0
 
 
 def test_an_out_folder_under_a_file_exits_2_before_any_work(tmp_path):

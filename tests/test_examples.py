@@ -26,6 +26,7 @@ EXAMPLES = {
     "equinox_train.py": ("equinox", "test_mse"),
     "custom_cell.py": (None, "test_mse"),
     "data_parallel.py": (None, "train_mse"),
+    "long_sequence.py": (None, "bpc"),
     "recurrent_ppo.py": ("gymnax", "return"),
 }
 
