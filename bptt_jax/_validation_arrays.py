@@ -268,7 +268,8 @@ def check_right_padded(fn: str, mask) -> None:
         # devices in time, sequence parallelism), so its first failure is a padded step
         # with a valid one after it
         lengths = jnp.sum(mask, axis=0, dtype=jnp.int32)
-        checking.check_all(mask == (jnp.arange(mask.shape[0])[:, None] < lengths), message)
+        steps = jnp.arange(mask.shape[0], dtype=jnp.int32)[:, None]
+        checking.check_all(mask == (steps < lengths), message)
         return
     m = concrete(mask)
     if m is None:

@@ -125,7 +125,7 @@ def _local_cuts(axis: str, length: int, truncate):
     if truncate is None:
         return None
     k, _ = _device(axis, False)
-    t = k * length + jnp.arange(length)
+    t = k * length + jnp.arange(length, dtype=jnp.int32)
     return (t % truncate == 0) & (t > 0)
 
 
