@@ -73,7 +73,8 @@ def rng(request):
 #: Test files whose tests share one expensive module-scoped fixture: each file runs on one
 #: xdist worker (else every worker builds the fixture): test_bench's smoke run of
 #: ``bptt-jax bench``, test_docs' interpreter running every docstring example,
-#: test_parallel's 8-device interpreter and 2-process run, test_wheel's installed wheel.
+#: test_parallel's and test_sequence_parallel's 8-device interpreters and 2-process runs,
+#: test_wheel's installed wheel.
 #: (``--dist loadgroup`` cannot do it: xdist 3.8 marks a group in the test ids, which pytest
 #: 9.2 no longer lets it change.)
 ONE_WORKER_FILES = (
@@ -81,6 +82,7 @@ ONE_WORKER_FILES = (
     "tests/test_docs.py",
     "tests/test_guides.py",
     "tests/test_parallel.py",
+    "tests/test_sequence_parallel.py",
     "tests/test_wheel.py",
 )
 

@@ -205,12 +205,14 @@ def test_inside_shard_map_on_one_device_the_split_is_the_plain_walk():
     def loss(p, x, axis):
         return jnp.sum(jnp.sin(bptt_jax.unroll(cell, p, x, time_axis=axis)[0]))
 
-    plain = jax.grad(loss)(params, xs, None)
-    split = jax.shard_map(
-        lambda p, x: jax.grad(loss)(p, x, "time"),
-        mesh=mesh,
-        in_specs=(jax.P(), jax.P("time")),
-        out_specs=jax.P(),
+    plain = jax.jit(jax.grad(loss), static_argnums=2)(params, xs, None)
+    split = jax.jit(
+        jax.shard_map(
+            lambda p, x: jax.grad(loss)(p, x, "time"),
+            mesh=mesh,
+            in_specs=(jax.P(), jax.P("time")),
+            out_specs=jax.P(),
+        )
     )(params, xs)
     assert rel_err(split, plain) <= F64
     gru = bptt_jax.GRU(3)

@@ -13,7 +13,7 @@ from bptt_jax._engine.layers import cells_of
 from bptt_jax._engine.memory import default_segment, segment_for_budget
 from bptt_jax._engine.options import BACKWARDS
 from bptt_jax._engine.schedules import Checkpointed, Chunked, Full
-from bptt_jax._engine.sharding import _explicit_batch, _varying, time_major_sharding
+from bptt_jax._engine.sharding import split_axes, time_major_sharding, varying_axes
 from bptt_jax._engine.time_sharded import check_cell
 from bptt_jax._engine.vjp import bptt
 from bptt_jax.models import Stack, is_bidirectional, unwrap
@@ -65,7 +65,7 @@ def resolve_time_axis(fn: str, model, xs, time_axis, *, backward, delta_clip, re
         raise TypeError(
             f"{fn}: time_axis must be a mesh axis name (a non-empty str) or None; got {time_axis!r}"
         )
-    split = _explicit_batch(xs, 0)  # the axes the inputs' time axis is laid out over
+    split = split_axes(xs, 0)  # the axes the inputs' time axis is laid out over
     if split is not None and not isinstance(split, str):
         raise ValueError(
             f"{fn}: the time axis of xs is split over the mesh axes {split}; sequence "
@@ -107,7 +107,7 @@ def _axis_size(fn: str, xs, axis: str):
     """The size of mesh ``axis`` that xs's global time axis is split over (``None`` inside a
     shard_map over it, where ``xs`` holds one device's steps); a ``ValueError`` when no
     mesh has the axis."""
-    if axis in _varying(xs):
+    if axis in varying_axes(xs):
         return None
     sharding = getattr(jax.typeof(xs), "sharding", None)
     mesh = sharding.mesh if sharding is not None and not sharding.mesh.empty else None

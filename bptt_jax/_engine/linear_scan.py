@@ -173,7 +173,7 @@ class _Complex:
     conj = staticmethod(jnp.conj)
 
 
-def _field(a):
+def field_of(a):
     """:class:`_Complex` for complex coefficients, else :class:`_Real`."""
     return _Complex if jnp.iscomplexobj(a) else _Real
 
@@ -188,7 +188,7 @@ def _passing_coefficients(cell, cparams, steps, x, t0, size, acc):
     them (:func:`passing`; ``b`` zero at a padded step); ``x`` their inputs in ``acc``."""
     (a, b), _ = _coefficients(cell, cparams, x, acc)
     m, r = _rows(steps.mask, t0, size), _rows(steps.resets, t0, size)
-    return _field(a), passing(a, m, r), _masked(m, b)
+    return field_of(a), passing(a, m, r), _masked(m, b)
 
 
 # ------------------------------------------------------------------ forward
@@ -287,7 +287,7 @@ def _walk_back_local(cell, grads, product, params, steps, carry0, stored, g, bac
             return cell.coefficients(precision.compute_params(p, xs.dtype), x_)[0]
 
         (a, b), pullback = jax.vjp(coefficients, vary_like(params, xs), x)
-        field = _field(a)  # JAX's cotangent of a complex output is conj(dL/dRe + i dL/dIm)
+        field = field_of(a)  # JAX's cotangent of a complex output is conj(dL/dRe + i dL/dIm)
         back = lambda da, db: pullback(  # noqa: E731
             (field.conj(da).astype(a.dtype), field.conj(db).astype(b.dtype))
         )
@@ -312,7 +312,7 @@ def _walk_back_local(cell, grads, product, params, steps, carry0, stored, g, bac
         m, r = _rows(steps.mask, t0, size), _rows(steps.resets, t0, size)
         cut, real = _rows(backprop.cuts, t0, size), _rows(backprop.real, t0, size)
         a, pullback = coefficients_vjp(x)
-        field = _field(a)
+        field = field_of(a)
         a_back = field.conj(passing(a, m, r))  # the error travels back through conj(a)
         if cut is not None:  # no error crosses into the carry entering a cut step
             a_back = jnp.where(cut[:, None, None], 0, a_back)
@@ -367,7 +367,7 @@ def _walk_back_local(cell, grads, product, params, steps, carry0, stored, g, bac
 
 
 def _field_of_carry(cell, cparams, xs, acc):
-    """:func:`_field` of the cell's coefficients (traced for their dtype only)."""
+    """:func:`field_of` of the cell's coefficients (traced for their dtype only)."""
     a = jax.eval_shape(lambda: cell.coefficients(cparams, xs[:1].astype(acc))[0][0])
     return _Complex if jnp.issubdtype(a.dtype, jnp.complexfloating) else _Real
 
@@ -407,7 +407,7 @@ def back_summary(cell, params, steps, carry0, stored, dhs, backprop):
     out = _walk_back(cell, params, steps, carry0, stored, (dhs, zero), backprop, grads=False,
                      product=True)  # fmt: skip
     d0, prod = out[0], out[3]
-    return prod, _field(prod).enter(d0.astype(carry0.dtype))
+    return prod, field_of(prod).enter(d0.astype(carry0.dtype))
 
 
 def reverse_scan(cell, params, steps, carry0, stored, g, backprop):

@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def _varying(x) -> frozenset:
+def varying_axes(x) -> frozenset:
     """The mesh axes along which ``x`` varies inside ``shard_map`` (empty elsewhere)."""
     mat = getattr(jax.typeof(x), "manual_axis_type", None)
     return frozenset(getattr(mat, "varying", ()) or ())
@@ -32,19 +32,20 @@ def _varying(x) -> frozenset:
 
 def vary_like(tree, like):
     """``tree`` made device-varying along every axis some leaf of ``like`` varies along."""
-    axes = frozenset().union(*(_varying(x) for x in jax.tree.leaves(like)))
+    axes = frozenset().union(*(varying_axes(x) for x in jax.tree.leaves(like)))
     if not axes:
         return tree
 
     def cast(x):
-        missing = tuple(sorted(axes - _varying(x)))
+        missing = tuple(sorted(axes - varying_axes(x)))
         return lax.pcast(x, missing, to="varying") if missing else x
 
     return jax.tree.map(cast, tree)
 
 
-def _explicit_batch(xs, axis: int = 1):
-    """The mesh axes sharding ``xs``'s batch ``axis``, if they are Explicit; else None."""
+def split_axes(xs, axis: int = 1):
+    """The mesh axes splitting ``xs``'s ``axis`` (1: the batch, 0: time), if they are
+    Explicit; else None."""
     sharding = getattr(jax.typeof(xs), "sharding", None)
     if sharding is None or sharding.mesh.empty or len(sharding.spec) <= axis:
         return None
@@ -79,10 +80,10 @@ def batch_split(xs, axis: int = 1) -> Split | None:
     over every axis of the mesh (data parallelism over all its devices), the layout
     ``shard_map`` then moves it to if it was not already.
     """
-    batch = _explicit_batch(xs, axis)
+    batch = split_axes(xs, axis)
     if batch is not None:
         return Split(jax.typeof(xs).sharding.mesh, batch)
-    if _varying(xs):
+    if varying_axes(xs):
         return None
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or any(t != AxisType.Auto for t in mesh.axis_types):
@@ -127,14 +128,14 @@ def per_device(split: Split, fn, args, in_axes, out_axes):
     if all(t == AxisType.Explicit for t in mesh.axis_types):
         # every input laid out as its spec says (e.g. a mask made on one device is split too)
         args = jax.tree.map(
-            lambda s, a: jax.tree.map(lambda x: _reshard(x, s, mesh), a), in_specs, args,
+            lambda s, a: jax.tree.map(lambda x: reshard(x, s, mesh), a), in_specs, args,
             is_leaf=lambda x: isinstance(x, P),
         )  # fmt: skip
     out_specs = jax.tree.map(spec, out_axes)
     return jax.shard_map(local, mesh=mesh, in_specs=(in_specs,), out_specs=out_specs)(args)
 
 
-def _reshard(x, spec, mesh):
+def reshard(x, spec, mesh):
     """``x`` laid out as ``spec`` on ``mesh`` (an Explicit mesh's, from an array's type: a
     bare spec would need ``jax.set_mesh``, which arrays placed on a mesh by ``device_put``
     and passed to ``jit`` do not have)."""
@@ -153,7 +154,7 @@ def time_major_sharding(xs):
     """``out_sharding`` for a new (T, B, ...) array laid out like ``xs`` under an Explicit
     mesh (e.g. dropout masks drawn per example, or per step of a split time axis);
     ``None`` otherwise."""
-    time, batch = _explicit_batch(xs, 0), _explicit_batch(xs)
+    time, batch = split_axes(xs, 0), split_axes(xs)
     if time is None and batch is None:
         return None
     return NamedSharding(jax.typeof(xs).sharding.mesh, P(time, batch))
@@ -167,27 +168,27 @@ def like_batch(tree, xs):
     carry must keep one type from step to step).
     """
     tree = vary_like(tree, xs)
-    batch = _explicit_batch(xs)
+    batch = split_axes(xs)
     if batch is None:
         return tree
 
-    mesh = _mesh_of(xs)
-    return jax.tree.map(lambda x: _reshard(x, P(batch), mesh), tree)
+    mesh = mesh_of(xs)
+    return jax.tree.map(lambda x: reshard(x, P(batch), mesh), tree)
 
 
 def eager_mesh(xs):
     """``jax.set_mesh`` of the batch's mesh for an eager (un-jitted) call on ``xs`` placed on
     an Explicit mesh outside any mesh context: JAX's eager operations on such arrays need
     one (under ``jit`` the arrays' types carry it). Else a context that does nothing."""
-    if isinstance(xs, jax.core.Tracer) or _explicit_batch(xs) is None:
+    if isinstance(xs, jax.core.Tracer) or split_axes(xs) is None:
         return contextlib.nullcontext()
     if not jax.sharding.get_abstract_mesh().empty:
         return contextlib.nullcontext()
-    mesh = _mesh_of(xs)
+    mesh = mesh_of(xs)
     return jax.set_mesh(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext()
 
 
-def _mesh_of(xs):
+def mesh_of(xs):
     """The mesh ``xs`` is laid out on: the concrete :class:`Mesh` of a placed array (what an
     eager call needs to place others beside it), else its type's (abstract) mesh."""
     sharding = None if isinstance(xs, jax.core.Tracer) else getattr(xs, "sharding", None)
@@ -209,7 +210,7 @@ def finish_cotangents(cotangents, primals):
         if g is None or p is None:  # no cotangent, or one left as it is
             return g
         g = g.astype(p.dtype) if g.dtype != p.dtype else g
-        extra = tuple(sorted(_varying(g) - _varying(p)))
+        extra = tuple(sorted(varying_axes(g) - varying_axes(p)))
         return lax.psum(g, extra) if extra else g
 
     return jax.tree.map(finish, cotangents, primals, is_leaf=lambda x: x is None)
@@ -229,17 +230,17 @@ def off_mesh(x) -> bool:
     ``shard_map``): a single-device run (or a plain ``jit`` whose layout comes only from its
     inputs' shardings, which XLA's propagation carries through)."""
     sharding = getattr(jax.typeof(x), "sharding", None)
-    return (sharding is None or sharding.mesh.empty) and not _varying(x)
+    return (sharding is None or sharding.mesh.empty) and not varying_axes(x)
 
 
 def _time_split_only(x) -> bool:
     """``x`` (T, B, ...) is laid out on an Explicit mesh with its time axis split and
     nothing else (sequence parallelism): merging (T, B) keeps each device's rows its own."""
     sharding = getattr(jax.typeof(x), "sharding", None)
-    if sharding is None or sharding.mesh.empty or _varying(x):
+    if sharding is None or sharding.mesh.empty or varying_axes(x):
         return False
     spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-    return _explicit_batch(x, 0) is not None and all(s is None for s in spec[1:])
+    return split_axes(x, 0) is not None and all(s is None for s in spec[1:])
 
 
 def sum_over_rows(x, a, dtype, *, x_t=None):

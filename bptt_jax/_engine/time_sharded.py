@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from bptt_jax._engine import linear_scan
 from bptt_jax._engine.bundles import OutputError, Steps, Stored, outputs_of
-from bptt_jax._engine.sharding import _explicit_batch, _mesh_of, _reshard, _varying
+from bptt_jax._engine.sharding import mesh_of, reshard, split_axes, varying_axes
 from bptt_jax.cells import protocol
 
 try:  # an all-gather whose result every device holds alike (an invariant value)
@@ -55,10 +55,6 @@ def gather(x, axis: str):
         return _all_gather_invariant(x, axis)
     n, k = lax.axis_size(axis), lax.axis_index(axis)
     return lax.psum(jnp.zeros((n,) + x.shape, x.dtype).at[k].set(x), axis)
-
-
-def _field(z):
-    return linear_scan._Complex if jnp.iscomplexobj(z) else linear_scan._Real
 
 
 def _device(axis: str, reverse: bool):
@@ -79,7 +75,7 @@ def _exchange(parts, axis: str, reverse: bool):
 def entering_carries(prod, h0, carry0, axis: str, reverse: bool):
     """The carry entering this device's steps and the carry leaving the last device's (the
     final carry), from each device's ``(A, h0)`` (:func:`linear_scan.summary`)."""
-    field = _field(prod)
+    field = linear_scan.field_of(prod)
     prods, finals = _exchange((prod, h0.astype(prod.dtype)), axis, reverse)
     c0 = field.enter(carry0).astype(prod.dtype)
     after = linear_scan.recurrence(prods, finals, c0, "sequential")  # the carry after device j
@@ -93,7 +89,7 @@ def incoming_errors(prod, d0, dcarry_t, axis: str, reverse: bool, extra=None):
     carry entering the first device (``dcarry0``), from each device's ``(P, d0)``
     (:func:`linear_scan.back_summary`) and the error on the final carry; ``extra``: each
     device's share of the final carry's error, summed in the same exchange."""
-    field = _field(prod)
+    field = linear_scan.field_of(prod)
     parts = (prod, d0.astype(prod.dtype))
     if extra is not None:
         parts += (field.enter(extra).astype(prod.dtype),)
@@ -167,7 +163,7 @@ def _backward_local(cell, axis, truncate, reverse, params, steps, carry0, saved,
     entering = entering[0]
     dhs, dcarry_t = g
     padded = None
-    if not opened and axis in _varying(dcarry_t):  # each device's share of the final error
+    if not opened and axis in varying_axes(dcarry_t):  # each device's share of the final error
         padded, dcarry_t = dcarry_t, jnp.zeros_like(dcarry_t)
     if reverse:
         if dhs is not None and steps.mask is not None and not protocol.has_output(cell):
@@ -203,11 +199,11 @@ TIME, CARRY, PARAMS, SUMMED = "time", "carry", "params", "summed"
 def _layout(xs, axis: str):
     """``(mesh, batch)`` of the shard_map the walk opens over ``xs`` (T, B, ...), or
     ``None`` inside a user's shard_map over ``axis`` (the arrays are already local)."""
-    if axis in _varying(xs):
+    if axis in varying_axes(xs):
         return None
     sharding = getattr(jax.typeof(xs), "sharding", None)
     if sharding is not None and not sharding.mesh.empty and axis in sharding.mesh.axis_names:
-        return _mesh_of(xs), _explicit_batch(xs, 1)  # an Explicit mesh: laid out as its type
+        return mesh_of(xs), split_axes(xs, 1)  # an Explicit mesh: laid out as its type
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or axis not in mesh.axis_names:
         raise ValueError(
@@ -248,7 +244,7 @@ def run_sharded(axis: str, xs, fn, args, kinds_in, kinds_out):
     out_specs = jax.tree.map(spec, kinds_out, is_leaf=is_kind)
     if all(t == AxisType.Explicit for t in mesh.axis_types):
         args = jax.tree.map(
-            lambda s, a: jax.tree.map(lambda x: _reshard(x, s, mesh), a), in_specs, args,
+            lambda s, a: jax.tree.map(lambda x: reshard(x, s, mesh), a), in_specs, args,
             is_leaf=lambda x: isinstance(x, P),
         )  # fmt: skip
 
@@ -258,7 +254,9 @@ def run_sharded(axis: str, xs, fn, args, kinds_in, kinds_out):
         def finish(kind, o):
             if kind != SUMMED:
                 return o
-            return jax.tree.map(lambda x: lax.psum(x, tuple(sorted(_varying(x) & set(names)))), o)
+            return jax.tree.map(
+                lambda x: lax.psum(x, tuple(sorted(varying_axes(x) & set(names)))), o
+            )
 
         return jax.tree.map(finish, kinds_out, out, is_leaf=is_kind)
 
