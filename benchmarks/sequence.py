@@ -33,89 +33,27 @@ are run in-process.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import harness
 import jax
+import simulated
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bptt_jax
-from bptt_jax.cli import config, hlo
+from bptt_jax.cli import hlo
 
-HERE = Path(__file__).resolve().parent
 #: The name of the mesh axis the time axis is split over.
 AXIS = "time"
 
 
 def run(session: harness.Session, cfg) -> dict[str, Any]:
-    part = cfg.sequence
-    want = max(part.devices)
-    if jax.device_count() < want and jax.default_backend() == "cpu" and part.simulate:
-        return _in_subprocess(session, cfg)
-    return measure(session, cfg, simulated=False)
-
-
-def _in_subprocess(session: harness.Session, cfg) -> dict[str, Any]:
-    """This part in a fresh interpreter with ``sequence.simulate`` CPU devices."""
-    n = cfg.sequence.simulate
-    session.print(
-        f"  running in a fresh interpreter with {n} simulated CPU devices "
-        f"(jax_num_cpu_devices={n}); this process has {jax.device_count()}",
-        flush=True,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_file, out_file = Path(tmp) / "config.json", Path(tmp) / "out.json"
-        cfg_file.write_text(json.dumps(config.to_dict(cfg)))
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "sequence.py"), "--worker", str(cfg_file), str(out_file)],
-            cwd=HERE.parent,
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
-        for line in proc.stdout.splitlines():
-            session.print(line, flush=True)
-        if proc.returncode != 0 or not out_file.is_file():
-            raise RuntimeError(
-                f"the {n}-device interpreter failed (exit {proc.returncode}): "
-                f"{proc.stderr.strip()[-2000:]}"
-            )
-        out = json.loads(out_file.read_text())
-    for f in out.pop("failures"):
-        session.failures.append(f)
-    for note in out.pop("notes"):
-        session.notes.append(note)
-    return out["result"]
-
-
-def _worker(cfg_file: str, out_file: str) -> int:
-    from bptt_jax.cli import bench
-
-    cfg = config.from_dict(bench.BenchConfig, json.loads(Path(cfg_file).read_text()))
-    jax.config.update("jax_num_cpu_devices", cfg.sequence.simulate)
-    precision = None if cfg.matmul_precision == "default" else cfg.matmul_precision
-    jax.config.update("jax_default_matmul_precision", precision)
-    session = harness.Session(cfg, lambda *a, **k: print(*a, **{**k, "flush": True}))
-    try:
-        result = measure(session, cfg, simulated=True)
-    except Exception as e:  # noqa: BLE001 - a crash is this part's failure, reported above
-        session.failures.append(
-            dict(part="sequence", entry="(the whole part)", error=f"{type(e).__name__}: {e}")
-        )
-        result = None
-    Path(out_file).write_text(
-        json.dumps(dict(result=result, failures=session.failures, notes=session.notes))
-    )
-    return 0
+    return simulated.run(session, cfg, "sequence", measure)
 
 
 def _program(problem: harness.Problem, backward: str, n: int):
@@ -290,7 +228,7 @@ def table(result: dict | None) -> list[str]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        raise SystemExit(_worker(sys.argv[2], sys.argv[3]))
+        raise SystemExit(simulated.worker("sequence", measure, sys.argv[2], sys.argv[3]))
     import run as runner
 
     raise SystemExit(runner.main(parts=["sequence"]))

@@ -86,10 +86,7 @@ def grid(full: bool):
     ]
 
 
-def rel_err(a, b) -> float:
-    return max(
-        ref.rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
+rel_err = ref.tree_rel_err
 
 
 def collective_summary(compiled) -> dict:

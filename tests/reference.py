@@ -195,6 +195,11 @@ def rel_err(a, b) -> float:
 TOL = {jnp.float64: 1e-12, jnp.float32: 1e-5}
 
 
+def tree_rel_err(a, b) -> float:
+    """The largest :func:`rel_err` over the leaves of two pytrees of one structure."""
+    return max(rel_err(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def assert_trees_close(actual, expected, dtype):
     """Every leaf within TOL[dtype] (normwise relative), same structure, same dtype."""
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
