@@ -242,10 +242,10 @@ def burn(fn: str, model, params, burn_in, xs, targets, carry0, mask, valid, rese
     return xs, targets, still(carry), mask, valid, resets
 
 
-def _time_axis(fn, model, xs, time_axis, backward, delta_clip, resets, burn_in):
+def _time_axis(fn, model, xs, time_axis, backward, resets, burn_in):
     """:func:`bptt_jax._engine.api.resolve_time_axis`, burn-in refused with a split."""
     time_axis = engine.resolve_time_axis(fn, model, xs, time_axis, backward=backward,
-                                         delta_clip=delta_clip, resets=resets)  # fmt: skip
+                                         resets=resets)  # fmt: skip
     if time_axis is not None and burn_in is not None:
         raise ValueError(
             f"{fn}: time_axis={time_axis!r} cannot be combined with burn_in={burn_in} (the "
@@ -345,7 +345,7 @@ def sequence_loss(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
-    time_axis = _time_axis(fn, model, xs, time_axis, backward, delta_clip, resets, burn_in)
+    time_axis = _time_axis(fn, model, xs, time_axis, backward, resets, burn_in)
     xs, targets, carry0, mask, valid, resets = burn(
         fn, model, params, burn_in, xs, targets, carry0, mask, valid, resets
     )
@@ -443,7 +443,7 @@ def loss_and_grads(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
         reduction, truncate, delta_clip, compute_dtype,
     )  # fmt: skip
-    time_axis = _time_axis(fn, model, xs, time_axis, "manual", delta_clip, resets, burn_in)
+    time_axis = _time_axis(fn, model, xs, time_axis, "manual", resets, burn_in)
     if time_axis is not None and (carry_index is not None or return_deltas):
         what = "carry_index" if carry_index is not None else "return_deltas"
         raise ValueError(

@@ -25,6 +25,7 @@ import json
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -49,11 +50,14 @@ MODELS = {
     "lru": lambda: bptt_jax.LRU(4, state_size=3, r_min=0.5),  # complex, an output map, D != H
     "stack": lambda: bptt_jax.Stack((bptt_jax.MinLSTM(4), bptt_jax.RGLRU(4)), dropout=0.25),
     "bidirectional": lambda: bptt_jax.Bidirectional(bptt_jax.MinGRU(3), bptt_jax.LRU(3)),
+    # the reverse direction without an output map: its padded steps show the final carry
+    "bi_swapped": lambda: bptt_jax.Bidirectional(bptt_jax.LRU(3), bptt_jax.MinGRU(3)),
 }
 SCHEDULES = {
     "full": dict(backward="manual"),
     "checkpointed": dict(backward="checkpointed", segment=5),
     "truncated": dict(truncate=5),  # cuts inside devices and at a device's first step
+    "clipped": dict(delta_clip=0.5),  # per-step clipping: the errors passed device by device
 }
 MODES = ("explicit", "data_time", "auto", "shard_map")
 
@@ -64,13 +68,15 @@ def grid(full: bool):
     if full:
         return [
             (m, s, mode) for m, s, mode in itertools.product(MODELS, SCHEDULES, MODES)
-            if not (m == "bidirectional" and s == "truncated")
+            if not (m.startswith("bi") and s == "truncated")
         ]  # fmt: skip
     return [
         ("mingru", "truncated", "shard_map"),
         ("lru", "checkpointed", "auto"),
         ("stack", "truncated", "data_time"),
         ("bidirectional", "full", "explicit"),
+        ("bidirectional", "clipped", "data_time"),
+        ("bi_swapped", "clipped", "shard_map"),
     ]
 
 
@@ -123,7 +129,7 @@ def grad_entry(model_name, schedule, mode, seed) -> dict:
     dkey = None if mode == "shard_map" else dkey
     time_axis = "time" if mode in ("auto", "shard_map") else None
 
-    def objective(p, ro, xs, carry0, ys, mask, resets, loss_mask, ct_hs, axis):
+    def objective(p, ro, xs, carry0, ys, mask, resets, loss_mask, ct_hs, axis, opts=opts):
         value = losses.sequence_loss(
             model, p, ro, xs, ys, carry0, mask=mask, loss_mask=loss_mask, resets=resets,
             reduction=reduction, dropout_key=dkey, time_axis=axis, **opts,
@@ -139,8 +145,8 @@ def grad_entry(model_name, schedule, mode, seed) -> dict:
             on_carry = jnp.where(jax.lax.axis_index(axis) == 0, on_carry, 0)
         return value, jnp.sum(hs * ct_hs) + on_carry
 
-    def total(*args):
-        value, extra = objective(*args)
+    def total(*args, opts=opts):
+        value, extra = objective(*args, opts=opts)
         return value + extra
 
     names = ("p", "ro", "xs", "carry0", "ys", "mask", "resets", "loss_mask")
@@ -148,6 +154,11 @@ def grad_entry(model_name, schedule, mode, seed) -> dict:
     vg = jax.value_and_grad(total, argnums=(0, 1, 2, 3))
     single = jax.jit(lambda *x: vg(*x, None)).lower(*args).compile()
     want = single(*args)
+    clip_effect = None
+    if "delta_clip" in opts:  # the clipping must act, or the entry would test the plain path
+        plain = {k: v for k, v in opts.items() if k != "delta_clip"}
+        grad = jax.grad(partial(total, opts=plain), argnums=(0, 1, 2, 3))
+        clip_effect = rel_err(want[1], jax.jit(lambda *x: grad(*x, None))(*args))
 
     mesh = mesh_for(mode)
     batch = "data" if mode == "data_time" else None
@@ -185,6 +196,7 @@ def grad_entry(model_name, schedule, mode, seed) -> dict:
             if g is not None
         },
         xs_grad_spec=str(got[1][2].sharding.spec),
+        clip_effect=clip_effect,
         dropout=dkey is not None,
         collectives=collective_summary(sharded),
     )
@@ -259,7 +271,6 @@ def error_entries() -> dict:
                             axis_types=(AxisType.Explicit,)), P(None)))  # fmt: skip
     cases = {
         "nonlinear": lambda: bptt_jax.unroll(gru, pg, xs_s),
-        "delta_clip": lambda: bptt_jax.unroll(cell, p, xs_s, delta_clip=1.0),
         "autodiff": lambda: bptt_jax.unroll(cell, p, xs_s, backward="autodiff"),
         "packed_bidirectional": lambda: bptt_jax.unroll(bi, pb, xs_s, resets=resets),
         "uneven": lambda: bptt_jax.unroll(cell, p, xs_odd[:36], time_axis="time"),

@@ -57,7 +57,7 @@ def dropout_multipliers(fn: str, model, key, xs):
     return model.dropout_masks(key, xs.shape[0], xs.shape[1], xs.dtype, out_sharding=out)
 
 
-def resolve_time_axis(fn: str, model, xs, time_axis, *, backward, delta_clip, resets):
+def resolve_time_axis(fn: str, model, xs, time_axis, *, backward, resets):
     """The mesh axis the time axis of ``xs`` is split over (sequence parallelism), or
     ``None``: ``time_axis`` as given, else the one that splits time in ``xs``'s type under an
     Explicit mesh. A model or option the split cannot run is a ``ValueError`` saying why."""
@@ -84,9 +84,6 @@ def resolve_time_axis(fn: str, model, xs, time_axis, *, backward, delta_clip, re
     refusals = (
         (backward == "autodiff", f"backward={backward!r} is a plain sequential scan",
          "use backward='manual'"),
-        (delta_clip is not None, f"delta_clip={delta_clip} (per-step clipping) is not linear, "
-         "so the error entering a device's steps cannot be composed from summaries",
-         "clip the gradient instead (optax.clip_by_global_norm)"),
         (resets is not None and is_bidirectional(model), "resets of a bidirectional model "
          "(packed sequences, each reversed on its own) would move every sequence's steps "
          "between devices", "split the batch instead"),
@@ -233,7 +230,7 @@ def unroll(
         ``xs``'s time axis is split over, each device walking its own steps; found from
         ``xs``'s type under an Explicit mesh, to be given under an Auto mesh
         (``jax.set_mesh``) and inside ``jax.shard_map`` (where ``xs`` holds one device's
-        steps). Linear cells only; not with ``backward="autodiff"`` or ``delta_clip``;
+        steps). Linear cells only; not with ``backward="autodiff"``;
         ``backward="checkpointed"`` runs as full BPTT (each device stores its own steps).
 
     Returns:
@@ -264,8 +261,7 @@ def unroll(
         fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
     )
     validation.check_positive(fn, "delta_clip", delta_clip)
-    time_axis = resolve_time_axis(fn, model, xs, time_axis, backward=backward,
-                                  delta_clip=delta_clip, resets=resets)  # fmt: skip
+    time_axis = resolve_time_axis(fn, model, xs, time_axis, backward=backward, resets=resets)
     seg = resolve_segment(fn, model, xs, dtype, segment, memory_budget, backward)
     drops = dropout_multipliers(fn, model, dropout_key, xs)
     steps = Steps(xs, mask, resets, drops)

@@ -65,7 +65,7 @@ class Backprop:
     """
 
     cuts: jax.Array | None = None  # (T,) bool: the carry entering step t gets no error
-    real: jax.Array | None = None  # (T,) bool: the steps that exist (clipping acts there)
+    real: jax.Array | None = None  # (T,) or (T, B) bool: the steps where clipping acts
     delta_clip: float | None = None  # each example's error clipped to this norm per step
     # True: keep the error reaching each hidden state; a callable: keep what it returns
     # from the error on the whole carry

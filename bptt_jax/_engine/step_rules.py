@@ -123,12 +123,16 @@ def clip_and_keep(cell, dstate, real_t, backprop):
 
 
 def clip(dstate, real_t, delta_clip):
-    """The error clipped by ``delta_clip`` (``None``: off) where the step exists (``real_t``,
-    ``None``: everywhere)."""
+    """The error clipped by ``delta_clip`` (``None``: off) where the step exists (``real_t``:
+    a scalar, or (B,) per example; ``None``: everywhere)."""
     if delta_clip is None:
         return dstate
     clipped = clip_delta(dstate, delta_clip)
-    return clipped if real_t is None else select_all(real_t, clipped, dstate)
+    if real_t is None:
+        return clipped
+    return (
+        select(real_t, clipped, dstate) if jnp.ndim(real_t) else select_all(real_t, clipped, dstate)
+    )
 
 
 def keeper(cell, backprop):

@@ -13,7 +13,8 @@ right (:func:`~bptt_jax._engine.linear_scan.back_summary`), one all-gather, and 
 the hand-written backward (:func:`~bptt_jax._engine.linear_scan.backward`) with its exact
 incoming error. The params' gradient crosses the devices once, at the end. Per layer and
 direction: one collective in the forward, one in the backward plus the params' sum, none
-inside a loop; each device stores only its own steps.
+inside a loop; each device stores only its own steps. Per-step clipping is not linear: with
+it the incoming errors are passed from device to device, right to left (``_passed_left``).
 
 A Bidirectional layer's reverse direction runs as a recurrence in reverse time: each device
 flips its own steps (no data moves) and the summaries are composed in reverse device order.
@@ -38,9 +39,9 @@ from jax import lax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from bptt_jax._engine import linear_scan
-from bptt_jax._engine.bundles import OutputError, Steps, Stored, outputs_of
-from bptt_jax._engine.sharding import mesh_of, reshard, split_axes, varying_axes
+from bptt_jax._engine import linear_scan, step_rules
+from bptt_jax._engine.bundles import OutputError, Steps, Stored, dense, outputs_of
+from bptt_jax._engine.sharding import mesh_of, reshard, split_axes, vary_like, varying_axes
 from bptt_jax.cells import protocol
 
 try:  # an all-gather whose result every device holds alike (an invariant value)
@@ -111,6 +112,40 @@ def _on_error(dhs, fn):
     return dhs._replace(dy=fn(dhs.dy)) if isinstance(dhs, OutputError) else fn(dhs)
 
 
+def _passed_left(walk, d_t, axis: str, reverse: bool, like):
+    """The error arriving at this device's last carry from the right, and ``dcarry0``, when
+    no summary composes them (per-step clipping): the last device walks its steps back from
+    the final carry's error ``d_t`` and passes the error on its entering carry to the device
+    before (a collective-permute), which walks its own, and so on: ``n - 1`` walks one after
+    the other (as long as one device's walk of the whole sequence) and permutes, none inside
+    a loop; device 0's result, summed over the devices (an all-reduce), is ``dcarry0``.
+    ``like``: this device's steps (what the walk's result varies with over the devices)."""
+    k, n = _device(axis, reverse)
+    step = 1 if reverse else -1  # the device before, in the walk's order, in mesh positions
+    pairs = [(i, i + step) for i in range(n) if 0 <= i + step < n]
+    skip = lambda g: vary_like(jnp.zeros_like(g), like)  # noqa: E731
+    walk_here = lambda g: vary_like(walk(g), like)  # noqa: E731
+    g = d_t
+    for src in range(n - 1, 0, -1):  # src's error on its entering carry reaches src - 1
+        left = lax.cond(k == src, walk_here, skip, g)
+        g = jnp.where(k == src - 1, lax.ppermute(left, axis, pairs), g)
+    dcarry0 = lax.psum(lax.cond(k == 0, walk_here, skip, g), axis)
+    return g, dcarry0
+
+
+def _padded_back(errors, mask, delta_clip, d):
+    """The error ``d`` on the final carry walked back through this device's steps, in time
+    order, gathering the errors of the padded ones (which show the final carry) and clipped
+    at each of them, as the reverse direction's walk on one device does there; valid steps
+    pass it unchanged."""
+
+    def body(d, row):
+        e, m = row
+        return jnp.where(m[:, None], d, step_rules.clip(e + d, None, delta_clip)), None
+
+    return lax.scan(body, vary_like(d, errors), (errors, mask), reverse=True)[0]
+
+
 def _flip(tree):
     return jax.tree.map(lambda x: None if x is None else jnp.flip(x, 0), tree)
 
@@ -162,25 +197,41 @@ def _backward_local(cell, axis, truncate, reverse, params, steps, carry0, saved,
     states, bufs, entering = saved
     entering = entering[0]
     dhs, dcarry_t = g
-    padded = None
+    padded = chain = None
     if not opened and axis in varying_axes(dcarry_t):  # each device's share of the final error
         padded, dcarry_t = dcarry_t, jnp.zeros_like(dcarry_t)
     if reverse:
         if dhs is not None and steps.mask is not None and not protocol.has_output(cell):
-            # a padded step shows the final carry: its error joins the final carry's
+            # a padded step shows the final carry: its error joins the final carry's (step by
+            # step from the end, clipped at each, under per-step clipping, as on one device)
             m = steps.mask[..., None]
-            dy = dhs.dy if isinstance(dhs, OutputError) else dhs
-            share = jnp.sum(jnp.where(m, 0, dy), axis=0)
-            if isinstance(dhs, OutputError):
-                share = share @ dhs.w.T
-            padded = share.astype(dcarry_t.dtype) + (0 if padded is None else padded)
+            if backprop.delta_clip is not None:
+                chain = (jnp.where(m, 0, dense(dhs)).astype(dcarry_t.dtype), steps.mask)
+            else:
+                dy = dhs.dy if isinstance(dhs, OutputError) else dhs
+                share = jnp.sum(jnp.where(m, 0, dy), axis=0)
+                if isinstance(dhs, OutputError):
+                    share = share @ dhs.w.T
+                padded = share.astype(dcarry_t.dtype) + (0 if padded is None else padded)
             dhs = _on_error(dhs, lambda d: jnp.where(m, d, 0))
         steps, dhs = _flip(steps), _on_error(dhs, lambda d: jnp.flip(d, 0))
     cuts = None if reverse else _local_cuts(axis, steps.xs.shape[0], truncate)
-    backprop = dataclasses.replace(backprop, cuts=cuts)
+    # the reverse direction's padded steps come first here, last on one device: no clipping
+    # there of the error on its initial carry (their own errors are walked apart, above)
+    real = steps.mask if reverse and backprop.delta_clip is not None else None
+    backprop = dataclasses.replace(backprop, cuts=cuts, real=real)
     stored = Stored(states, bufs)
-    prod, d0 = linear_scan.back_summary(cell, params, steps, entering, stored, dhs, backprop)
-    g_in, dcarry0 = incoming_errors(prod, d0, dcarry_t, axis, reverse, padded)
+    if backprop.delta_clip is None:
+        prod, d0 = linear_scan.back_summary(cell, params, steps, entering, stored, dhs, backprop)
+        g_in, dcarry0 = incoming_errors(prod, d0, dcarry_t, axis, reverse, padded)
+    else:  # clipping is not linear: the incoming errors device by device, right to left
+        d_t = dcarry_t if padded is None else dcarry_t + lax.psum(padded, axis)
+        if chain is not None:  # the padded steps' errors, from the end, device by device
+            back = partial(_padded_back, *chain, backprop.delta_clip)
+            _, d_t = _passed_left(back, d_t, axis, False, steps.xs)
+        walk = partial(linear_scan.reverse_scan, cell, params, steps, entering, stored)
+        g_in, dcarry0 = _passed_left(lambda g: walk((dhs, g), backprop)[0], d_t, axis, reverse,
+                                     steps.xs)  # fmt: skip
     dparams, dxs, _, kept = linear_scan.backward(
         cell, params, steps, entering, stored, (dhs, g_in.astype(dcarry_t.dtype)), backprop
     )
