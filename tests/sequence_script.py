@@ -11,6 +11,7 @@ float64, against the same computation on one device:
   and a bf16 policy; each compiled program's collectives and how many loops enclose each;
 * ``memory``: per-device temp memory of the split gradient at a long T against one device's;
 * ``train``: the trainer's steps on ``data x time`` meshes against one device;
+* ``policy``: a bfloat16 compute policy, split against one device;
 * ``guide``: the example of docs/guides/sequence_parallel.md;
 * ``errors``: the messages of what the split refuses.
 
@@ -295,6 +296,41 @@ def error_entries() -> dict:
     return out
 
 
+def policy_entries() -> dict:
+    """Under a bfloat16 compute policy (float32 params, carries and sums), T = 512: the split
+    gradient of ``sequence_loss`` against one device's under the same policy and against
+    float32 compute on one device, for a Stack (a MinGRU and an LRU) and a Bidirectional
+    MinLSTM over right-padded sequences."""
+    out = {}
+    models = {
+        "stack": bptt_jax.Stack((bptt_jax.MinGRU(16), bptt_jax.LRU(16))),
+        "bidirectional": bptt_jax.Bidirectional(bptt_jax.MinLSTM(16)),
+    }
+    mesh = mesh_for("explicit")
+    for name, model in models.items():
+        p, ro, xs, ys, _, mask = ref.model_problem(model, jax.random.key(1), jnp.float32, t=512,
+                                                   b=B, d=8, o=O)  # fmt: skip
+
+        def grad(p, ro, xs, ys, mask, dtype, model=model):
+            def loss(p, ro, xs):
+                return losses.sequence_loss(model, p, ro, xs, ys, mask=mask, compute_dtype=dtype)
+
+            return jax.grad(loss, argnums=(0, 1, 2))(p, ro, xs)
+
+        g = jax.jit(grad, static_argnums=5)
+        one = g(p, ro, xs, ys, mask, jnp.bfloat16)
+        f32 = g(p, ro, xs, ys, mask, None)
+        split = g(*jax.device_put((p, ro), NamedSharding(mesh, P())),
+                  *jax.device_put((xs, ys, mask), NamedSharding(mesh, P("time"))),
+                  jnp.bfloat16)  # fmt: skip
+        out[name] = dict(
+            split_vs_one=rel_err(split, one),
+            split_vs_f32=rel_err(split, f32),
+            one_vs_f32=rel_err(one, f32),
+        )
+    return out
+
+
 def train_entries() -> dict:
     """The trainer's full-BPTT step of a carried stream (a Stack of a MinGRU and an LRU, adam
     with clipping, random masked batches) on a (2, 4) ``data x time`` mesh (and with
@@ -378,6 +414,7 @@ def main():
         results["seconds"][name] = time.perf_counter() - start
     parts = (("collectives", collective_entries), ("errors", error_entries),
              ("memory", lambda: memory_entries(65536)), ("train", train_entries),
+             ("policy", policy_entries),
              ("guide", guide_entry))  # fmt: skip
     for name, fn in parts:
         start = time.perf_counter()
