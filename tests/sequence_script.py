@@ -332,13 +332,13 @@ def policy_entries() -> dict:
 
 
 def train_entries() -> dict:
-    """The trainer's full-BPTT step of a carried stream (a Stack of a MinGRU and an LRU, adam
+    """The trainer's full-BPTT step of a carried stream (a Stack of a MinGRU and a MinLSTM, adam
     with clipping, random masked batches) on a (2, 4) ``data x time`` mesh (and with
     ``--full`` an (1, 8) one) against one device: three steps."""
     from bptt_jax import train
     from bptt_jax.truncated import Batch
 
-    model = bptt_jax.Stack((bptt_jax.MinGRU(6), bptt_jax.LRU(5)))
+    model = bptt_jax.Stack((bptt_jax.MinGRU(6), bptt_jax.MinLSTM(5)))
     opt = train.OptimConfig(name="adam", learning_rate=0.05, clip="global_norm", max_norm=0.5)
     rng = np.random.default_rng(0)
     batches = [
