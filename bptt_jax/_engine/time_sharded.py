@@ -20,7 +20,9 @@ A Bidirectional layer's reverse direction runs as a recurrence in reverse time: 
 flips its own steps (no data moves) and the summaries are composed in reverse device order.
 With right padding (``mask``), the padded steps at the end are then walked first, passing
 the entering carry, and afterwards show the direction's final carry, as the engine's
-reversal of each valid prefix does; their error joins the error on the final carry.
+reversal of each valid prefix does; their error joins the error on the final carry (under
+per-step clipping step by step from the end, clipped at each, ``_padded_back``, and the
+error on the initial carry is not clipped while it passes them: both as on one device).
 
 The walk (:class:`TimeSharded`) runs inside ``shard_map`` over the time axis (and the batch
 axes, under a 2-D mesh): a user's own (the arrays are then already local), or one it opens
