@@ -191,11 +191,21 @@ class LossHead:
 
 
 def check_loss_args(fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets,
-                     loss, reduction, truncate, delta_clip, compute_dtype=None):  # fmt: skip
+                     loss, reduction, truncate, delta_clip, compute_dtype=None, *,
+                     time_split=False):  # fmt: skip
     validation.check_choice(fn, "loss", loss, LOSSES)
     validation.check_choice(fn, "reduction", reduction, REDUCTIONS)
     xs, carry0, mask, resets, dtype = validation.check_model_args(
-        fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
+        fn,
+        model,
+        params,
+        xs,
+        carry0,
+        mask,
+        truncate,
+        resets,
+        compute_dtype,
+        time_split=time_split,
     )
     t, b, _ = xs.shape
     loss_mask = validation.check_mask(fn, loss_mask, t, b, name="loss_mask")
@@ -343,7 +353,7 @@ def sequence_loss(
     validation.check_choice(fn, "backward", backward, engine.BACKWARDS)
     xs, targets, carry0, mask, valid, resets, dtype = check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
-        reduction, truncate, delta_clip, compute_dtype,
+        reduction, truncate, delta_clip, compute_dtype, time_split=True,
     )  # fmt: skip
     time_axis = _time_axis(fn, model, xs, time_axis, backward, resets, burn_in)
     xs, targets, carry0, mask, valid, resets = burn(
@@ -441,7 +451,7 @@ def loss_and_grads(
     model, params, carry0 = unwrap(model, params, carry0, xs)
     xs, targets, carry0, mask, valid, resets, _ = check_loss_args(
         fn, model, params, readout, xs, targets, carry0, mask, loss_mask, resets, loss,
-        reduction, truncate, delta_clip, compute_dtype,
+        reduction, truncate, delta_clip, compute_dtype, time_split=True,
     )  # fmt: skip
     time_axis = _time_axis(fn, model, xs, time_axis, "manual", resets, burn_in)
     if time_axis is not None and (carry_index is not None or return_deltas):

@@ -261,6 +261,7 @@ def tbptt(
             f"{fn}: TBPTT(k1={k1}, k2={k2}) is undefined for a bidirectional model (its "
             "reverse direction needs the whole future of every step); train it with full BPTT"
         )
+    validation.check_whole_in_time(fn, xs)  # (windows are cut from the whole sequence)
     w = windows(xs, targets, k1=k1, k2=k2, mask=mask, loss_mask=loss_mask, resets=resets)
     if carry0 is None and isinstance(cell, LearnedCarry):  # the stream starts from it
         carry0 = cell.initial_carry(params, w.xs.shape[2])

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import jax
 
 from bptt_jax import precision
-from bptt_jax._engine.sharding import like_batch
+from bptt_jax._engine.sharding import like_batch, split_axes
 from bptt_jax._validation_arrays import as_array as as_array
 from bptt_jax._validation_arrays import check_choice as check_choice
 from bptt_jax._validation_arrays import check_class_range as check_class_range
@@ -176,8 +176,21 @@ class _ModelArgs(NamedTuple):
     resets: Any
 
 
+def check_whole_in_time(fn: str, xs) -> None:
+    """A ``ValueError`` for ``xs`` whose time axis is split over a mesh axis (sequence
+    parallelism), for an entry point that does not run it (else XLA's own error)."""
+    split = split_axes(xs, 0) if hasattr(xs, "shape") else None
+    if split is not None:
+        raise ValueError(
+            f"{fn}: xs's time axis is split over mesh axis {split!r} (sequence parallelism), "
+            f"which {fn} does not run; lay xs out whole in time (jax.device_put(xs, "
+            "NamedSharding(mesh, P(None, ...)))), or use unroll, sequence_loss, "
+            "loss_and_grads or the trainer, which split it (time_axis)"
+        )
+
+
 def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=None,
-                     compute_dtype=None):  # fmt: skip
+                     compute_dtype=None, *, time_split: bool = False):  # fmt: skip
     """The shared checks of every entry point, for a cell or a model.
 
     Returns ``(xs, carry0, mask, resets, dtype)`` with ``carry0`` filled in (zeros, varying
@@ -185,9 +198,13 @@ def check_model_args(fn: str, model, params, xs, carry0, mask, truncate, resets=
     cast to ``compute_dtype`` (:mod:`bptt_jax.precision`) when one is given. A
     :class:`~bptt_jax.Stack` 's params and carry are checked layer by layer
     (layer k's input size against layer k-1's output size), a
-    :class:`~bptt_jax.Bidirectional` 's direction by direction.
+    :class:`~bptt_jax.Bidirectional` 's direction by direction. Unless ``time_split`` (the
+    entry point runs sequence parallelism), an ``xs`` whose time axis is split over a mesh
+    axis is a ``ValueError`` (else XLA's own error, or a silent gather).
     """
     check_model(fn, model)
+    if not time_split:
+        check_whole_in_time(fn, xs)
     for name, value in (("params", params), ("xs", xs), ("carry0", carry0)):
         check_real(fn, name, value)  # before any other check reads a complex dtype
     args = _ModelArgs(params, xs, carry0, mask, resets)

@@ -276,6 +276,7 @@ def error_entries() -> dict:
         "packed_bidirectional": lambda: bptt_jax.unroll(bi, pb, xs_s, resets=resets),
         "uneven": lambda: bptt_jax.unroll(cell, p, xs_odd[:36], time_axis="time"),
         "not_a_name": lambda: bptt_jax.unroll(cell, p, xs_s, time_axis=3),
+        "tbptt": lambda: bptt_jax.tbptt(cell, p, ro, xs_s, ys, k1=6, update=lambda *a: a[:3]),
         "return_deltas": lambda: losses.loss_and_grads(
             cell, p, ro, xs_s, ys, return_deltas=True
         ),  # fmt: skip

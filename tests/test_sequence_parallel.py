@@ -147,6 +147,8 @@ def test_the_guide_example_runs_on_8_devices(runs):
         ("return_deltas", r"loss_and_grads: time_axis='time' cannot be combined with "
                           r"return_deltas"),
         ("no_mesh", r"unroll: time_axis='time', but the inputs are split along no such axis"),
+        ("tbptt", r"tbptt: xs's time axis is split over mesh axis 'time' \(sequence "
+                  r"parallelism\), which tbptt does not run"),
     ],
 )  # fmt: skip
 def test_what_the_split_refuses_is_named(runs, name, match):

@@ -258,7 +258,7 @@ def unroll(
     model, params, carry0 = unwrap(model, params, carry0, xs)  # a LearnedCarry's carry
     validation.check_choice(fn, "backward", backward, BACKWARDS)
     xs, carry0, mask, resets, dtype = validation.check_model_args(
-        fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype
+        fn, model, params, xs, carry0, mask, truncate, resets, compute_dtype, time_split=True
     )
     validation.check_positive(fn, "delta_clip", delta_clip)
     time_axis = resolve_time_axis(fn, model, xs, time_axis, backward=backward, resets=resets)
