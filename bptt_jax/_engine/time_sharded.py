@@ -340,7 +340,6 @@ class TimeSharded:
 
     def forward(self, cell, params, steps, carry0, keep, reverse=False):
         """``(hs, carry_T, saved)``, as :data:`~bptt_jax._engine.layers.FULL`'s."""
-        check_cell("the engine", cell, self.axis)
         steps = steps._replace(drops=None)
         fn = partial(_forward_local, cell, self.axis, keep, reverse)
         outputs = TIME if reverse or not keep else None

@@ -31,7 +31,8 @@ def bptt(model, head, schedule, primals):
         differentiable: masks, resets, dropout multipliers, class targets).
     """
     params, steps, carry0, head_in = primals
-    walk = getattr(schedule, "walk", FULL)  # a time-split sequence's walk (Full's)
+    # a time-split sequence has its own walk (Full's); any other primal runs unsegmented
+    walk = schedule.walk if getattr(schedule, "time_axis", None) is not None else FULL
     hs, carry_t, _ = model_forward(model, params, steps, carry0, keep=False, walk=walk)
     out = hs if head is None else head.value(head_in, hs)
     return out, carry_t
